@@ -1,0 +1,366 @@
+"""A decoder-only transformer as pure functions over an explicit params pytree.
+
+Shape vocabulary (used in einsum strings and long-lived names):
+  B batch          T query length      S key length (cache slots)
+  L layers         D model width       F MLP hidden width      V vocabulary
+  N query heads    K key/value heads   G = N // K query heads per KV head
+  H head dim
+
+Families: Llama (Llama 2/3, SmolLM2; RoPE with Llama-3 scaling), Mistral
+(sliding window), Qwen2 (q/k/v biases) and Gemma 3 (1+w norms, QK-norm,
+sandwich norms, scaled embeddings, local/global layers with their own RoPE
+bases). Layers are stacked on a leading L axis and run under `lax.scan`, so a
+30-layer model compiles as fast as a 1-layer one.
+
+The KV cache is an explicit pytree, passed in and returned:
+  k, v   [L, B, S, K, H]   keys and values per slot
+  pos    [B, S] int32      the token position stored in each slot, -1 if empty
+  index  [] int32          the next slot to write
+Rows may be left-padded: a padded token gets slot position -1 and is never
+attended to, so each row sees exactly its own tokens at its own positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax.model.config import ModelConfig
+from cai_jax.model.sharding import Sharder, constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+# --- Parameters ----------------------------------------------------------------
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  """Shapes and logical axes of every parameter: {path: (shape, axes)}."""
+  L, D, N, K, H, F, V = (cfg.num_layers, cfg.dim, cfg.num_heads,
+                         cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
+                         cfg.vocab_size)
+  attn = {
+      "q": ((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
+      "k": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+      "v": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+      "o": ((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
+  }
+  if cfg.qkv_bias:
+    attn["q_bias"] = ((L, N, H), ("layers", "heads", "head_dim"))
+    attn["k_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
+    attn["v_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
+  if cfg.qk_norm:
+    attn["q_norm"] = ((L, H), ("layers", "head_dim"))
+    attn["k_norm"] = ((L, H), ("layers", "head_dim"))
+  layers = {
+      "attn_norm": ((L, D), ("layers", "embed")),
+      "attn": attn,
+      "mlp_norm": ((L, D), ("layers", "embed")),
+      "mlp": {
+          "gate": ((L, D, F), ("layers", "embed", "mlp")),
+          "up": ((L, D, F), ("layers", "embed", "mlp")),
+          "down": ((L, F, D), ("layers", "mlp", "embed")),
+      },
+  }
+  if cfg.post_norms:
+    layers["post_attn_norm"] = ((L, D), ("layers", "embed"))
+    layers["post_mlp_norm"] = ((L, D), ("layers", "embed"))
+  tree = {
+      "embed": ((V, D), ("vocab", "embed")),
+      "layers": layers,
+      "final_norm": ((D,), ("embed",)),
+  }
+  if not cfg.tie_embeddings:
+    tree["unembed"] = ((D, V), ("embed", "vocab"))
+  return tree
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple) and (
+      all(isinstance(a, int) for a in x[0]))
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+  """The logical axis names of every parameter, as a params-shaped pytree."""
+  return jax.tree.map(lambda s: s[1], param_shapes(cfg), is_leaf=_is_spec)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+  """`jax.ShapeDtypeStruct`s of every parameter (no memory)."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], cfg.weight_dtype),
+                      param_shapes(cfg), is_leaf=_is_spec)
+
+
+def param_shardings(cfg: ModelConfig, sharder: Sharder) -> Params:
+  return jax.tree.map(lambda s: sharder.sharding(s[1], s[0]), param_shapes(cfg),
+                      is_leaf=_is_spec)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Random parameters (normal(0.02) matrices, identity norms, zero biases)."""
+  specs, treedef = jax.tree.flatten(param_shapes(cfg), is_leaf=_is_spec)
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_spec)[0]]
+  keys = jax.random.split(key, len(specs))
+  leaves = []
+  for (shape, _), path, k in zip(specs, paths, keys):
+    if "norm" in path:
+      value = jnp.zeros(shape) if cfg.norm_plus_one else jnp.ones(shape)
+    else:
+      value = 0.02 * jax.random.normal(k, shape)
+    leaves.append(value.astype(cfg.weight_dtype))
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def init_params_sharded(cfg: ModelConfig, key: jax.Array, sharder: Sharder) -> Params:
+  """Random parameters created directly in their shardings (no host copy)."""
+  init = jax.jit(init_params, static_argnums=0,
+                 out_shardings=param_shardings(cfg, sharder))
+  return init(cfg, key)
+
+
+# --- Building blocks -------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, cfg: ModelConfig) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+  w = scale.astype(jnp.float32)
+  if cfg.norm_plus_one:
+    w = 1.0 + w
+  return (normed * w).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, theta: float) -> np.ndarray:
+  """Inverse frequencies [H/2], in float32 as Hugging Face computes them."""
+  h = cfg.head_dim
+  exponent = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
+  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+  s = cfg.rope_scaling
+  if s is None:
+    return inv_freq
+  # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth
+  # interpolation between.
+  old_ctx = s.original_max_position_embeddings
+  low_wavelen = old_ctx / s.low_freq_factor
+  high_wavelen = old_ctx / s.high_freq_factor
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_sin_cos(positions_BT: jax.Array, inv_freq: np.ndarray):
+  freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+  return jnp.sin(emb_BTH), jnp.cos(emb_BTH)
+
+
+def apply_rope(x_BTNH: jax.Array, sin_BTH: jax.Array, cos_BTH: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (the Hugging Face layout: halves, not interleaved pairs)."""
+  x = x_BTNH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+  return out.astype(x_BTNH.dtype)
+
+
+def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+  if cfg.activation == "silu":
+    return jax.nn.silu(x)
+  return jax.nn.gelu(x, approximate=True)
+
+
+def attention_mask(q_slot_T, q_pos_BT, k_pos_BS, window: int | None) -> jax.Array:
+  """[B, T, S] bool: key is a real token, not in the future, inside the window."""
+  S = k_pos_BS.shape[1]
+  k_slot_S = jnp.arange(S, dtype=jnp.int32)
+  mask = (k_pos_BS[:, None, :] >= 0) & (k_slot_S[None, None, :] <= q_slot_T[None, :, None])
+  if window is not None:
+    mask &= (q_pos_BT[:, :, None] - k_pos_BS[:, None, :]) < window
+  return mask
+
+
+def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharder):
+  dt = cfg.compute_dtype
+  w = lambda name: lp["attn"][name].astype(dt)
+  q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, w("q"))
+  k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, w("k"))
+  v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, w("v"))
+  if cfg.qkv_bias:
+    q_BTNH += w("q_bias")
+    k_BTKH += w("k_bias")
+    v_BTKH += w("v_bias")
+  if cfg.qk_norm:
+    q_BTNH = rms_norm(q_BTNH, lp["attn"]["q_norm"], cfg)
+    k_BTKH = rms_norm(k_BTKH, lp["attn"]["k_norm"], cfg)
+  sin_BTH, cos_BTH = sin_cos
+  q_BTNH = apply_rope(q_BTNH, sin_BTH, cos_BTH)
+  k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
+  q_BTNH = constrain(sharder, q_BTNH, ("batch", "seq", "heads", "head_dim"))
+
+  if cache_kv is None:
+    k_BSKH, v_BSKH = k_BTKH, v_BTKH
+    new_kv = None
+  else:
+    cache_k, cache_v = cache_kv
+    start = (layer, 0, index, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k_BTKH[None].astype(cache_k.dtype), start)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v_BTKH[None].astype(cache_v.dtype), start)
+    k_BSKH = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False).astype(dt)
+    v_BSKH = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False).astype(dt)
+    new_kv = (cache_k, cache_v)
+
+  B, T, N, H = q_BTNH.shape
+  K = cfg.num_kv_heads
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) * cfg.scale
+  if cfg.attn_logit_softcap:
+    cap = cfg.attn_logit_softcap
+    logits_BKGTS = jnp.tanh(logits_BKGTS / cap) * cap
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
+  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+  out_BTNH = out_BTKGH.reshape(B, T, N, H)
+  out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w("o"))
+  return out_BTD, new_kv
+
+
+def _mlp(lp, x_BTD, cfg, sharder):
+  dt = cfg.compute_dtype
+  gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, lp["mlp"]["gate"].astype(dt))
+  up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, lp["mlp"]["up"].astype(dt))
+  h_BTF = constrain(sharder, _activation(cfg, gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+  return jnp.einsum("BTF,FD->BTD", h_BTF, lp["mlp"]["down"].astype(dt))
+
+
+# --- The model -------------------------------------------------------------------
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+  """An empty KV cache of `length` slots."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.compute_dtype
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "pos": jnp.full((batch, length), -1, jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def cache_axes() -> dict[str, tuple]:
+  kv = ("layers", "batch", "kv_seq", "kv_heads", "head_dim")
+  return {"k": kv, "v": kv, "pos": ("batch", "kv_seq"), "index": ()}
+
+
+def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
+                  mask_BT: jax.Array | None = None,
+                  positions_BT: jax.Array | None = None,
+                  cache: Cache | None = None,
+                  sharder: Sharder | None = None) -> tuple[jax.Array, Cache | None]:
+  """Final-normed hidden states [B, T, D] and the updated cache.
+
+  Args:
+    tokens_BT: token ids.
+    mask_BT: True for real tokens, False for padding (default: all real).
+    positions_BT: RoPE positions (default: count of real tokens before each).
+    cache: a KV cache; the T tokens are written at slots [index, index + T)
+      and attend to every earlier filled slot. Without a cache, the T tokens
+      attend causally to each other.
+  """
+  B, T = tokens_BT.shape
+  dt = cfg.compute_dtype
+  if mask_BT is None:
+    mask_BT = jnp.ones((B, T), bool)
+  if positions_BT is None:
+    positions_BT = jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1
+  positions_BT = positions_BT.astype(jnp.int32)
+  new_pos_BT = jnp.where(mask_BT, positions_BT, -1)
+
+  if cache is None:
+    index = jnp.zeros((), jnp.int32)
+    k_pos_BS = new_pos_BT
+  else:
+    index = cache["index"]
+    k_pos_BS = jax.lax.dynamic_update_slice(cache["pos"], new_pos_BT, (0, index))
+  q_slot_T = index + jnp.arange(T, dtype=jnp.int32)
+
+  global_mask = attention_mask(q_slot_T, positions_BT, k_pos_BS, None)
+  local_mask = attention_mask(q_slot_T, positions_BT, k_pos_BS, cfg.sliding_window)
+  global_rope = rope_sin_cos(positions_BT, rope_inv_freq(cfg, cfg.rope_theta))
+  local_rope = rope_sin_cos(
+      positions_BT, rope_inv_freq(cfg.replace(rope_scaling=None),
+                                  cfg.local_rope_theta or cfg.rope_theta))
+  is_local_L = jnp.asarray([t == "local" for t in cfg.resolved_layer_types])
+
+  x_BTD = params["embed"].astype(dt)[tokens_BT]
+  if cfg.scale_embeddings:
+    x_BTD = x_BTD * jnp.asarray(cfg.dim**0.5, dtype=dt)
+  x_BTD = constrain(sharder, x_BTD, ("batch", "seq", "act_embed"))
+
+  def layer_fn(carry, xs):
+    x, kv = carry
+    lp, is_local, layer = xs
+    mask = jnp.where(is_local, local_mask, global_mask)
+    sin_cos = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local_rope, global_rope)
+    h = rms_norm(x, lp["attn_norm"], cfg)
+    h, kv = _attention(lp, h, sin_cos, mask, kv, layer, index, cfg, sharder)
+    if cfg.post_norms:
+      h = rms_norm(h, lp["post_attn_norm"], cfg)
+    x = x + h
+    h = _mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg, sharder)
+    if cfg.post_norms:
+      h = rms_norm(h, lp["post_mlp_norm"], cfg)
+    x = constrain(sharder, x + h, ("batch", "seq", "act_embed"))
+    return (x, kv), None
+
+  if cfg.remat == "full":
+    layer_fn = jax.checkpoint(layer_fn, prevent_cse=False)
+  kv = None if cache is None else (cache["k"], cache["v"])
+  layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+  (x_BTD, kv), _ = jax.lax.scan(layer_fn, (x_BTD, kv), (params["layers"], is_local_L, layers))
+  x_BTD = rms_norm(x_BTD, params["final_norm"], cfg)
+
+  new_cache = None
+  if cache is not None:
+    new_cache = {"k": kv[0], "v": kv[1], "pos": k_pos_BS, "index": index + T}
+  return x_BTD, new_cache
+
+
+def logits_from_hidden(params: Params, x_BTD: jax.Array, cfg: ModelConfig,
+                       sharder: Sharder | None = None) -> jax.Array:
+  """Vocabulary logits in float32."""
+  dt = cfg.compute_dtype
+  if cfg.tie_embeddings:
+    logits = jnp.einsum("...D,VD->...V", x_BTD, params["embed"].astype(dt),
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("...D,DV->...V", x_BTD, params["unembed"].astype(dt),
+                        preferred_element_type=jnp.float32)
+  if cfg.final_logit_softcap:
+    cap = cfg.final_logit_softcap
+    logits = jnp.tanh(logits / cap) * cap
+  if logits.ndim == 3:
+    logits = constrain(sharder, logits, ("batch", "seq", "vocab"))
+  return logits
+
+
+def forward(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
+            mask_BT: jax.Array | None = None,
+            positions_BT: jax.Array | None = None,
+            cache: Cache | None = None,
+            sharder: Sharder | None = None) -> tuple[jax.Array, Cache | None]:
+  """Logits [B, T, V] (float32) and the updated cache. See `hidden_states`."""
+  x_BTD, cache = hidden_states(params, tokens_BT, cfg, mask_BT=mask_BT,
+                               positions_BT=positions_BT, cache=cache, sharder=sharder)
+  return logits_from_hidden(params, x_BTD, cfg, sharder), cache
