@@ -1,0 +1,89 @@
+"""Logits parity against Hugging Face transformers (PyTorch, CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cai_jax.checkpoints import hf
+from cai_jax.model import transformer
+from conftest import TINY_PRESETS, left_pad
+
+torch = pytest.importorskip("torch")
+
+
+def _hf_logits(model, ids, mask):
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
+                 position_ids=torch.tensor(positions)).logits.float().numpy()
+
+
+def test_logits_match_transformers(tiny_hf):
+  family, model, cfg, params = tiny_hf
+  rs = np.random.RandomState(0)
+  # Longer than the tiny sliding windows, and left-padded rows.
+  ids, mask = left_pad([list(rs.randint(3, 256, size=n)) for n in (30, 19, 7)])
+  ours, _ = jax.jit(transformer.forward, static_argnums=2)(
+      params, jnp.asarray(ids), cfg, mask_BT=jnp.asarray(mask))
+  ref = _hf_logits(model, ids, mask)
+  diff = np.abs(np.asarray(ours) - ref)[mask]
+  assert diff.max() <= 1e-4, f"{family}: max |logit diff| {diff.max()}"
+
+
+def test_unjitted_equals_jitted(tiny_hf):
+  _, _, cfg, params = tiny_hf
+  tokens = jnp.asarray(np.random.RandomState(1).randint(0, 256, size=(2, 9)))
+  eager, _ = transformer.forward(params, tokens, cfg)
+  jitted, _ = jax.jit(transformer.forward, static_argnums=2)(params, tokens, cfg)
+  np.testing.assert_allclose(eager, jitted, atol=1e-4, rtol=1e-5)
+
+
+def test_bf16_error_no_worse_than_transformers_bf16(tiny_hf):
+  """bf16 compute: our error against fp32 is of the size of transformers' own."""
+  import copy
+  family, model, cfg, params = tiny_hf
+  ids, mask = left_pad([list(np.random.RandomState(2).randint(3, 256, size=12))] * 2)
+  ref = _hf_logits(model, ids, mask)
+  theirs = _hf_logits(copy.deepcopy(model).to(torch.bfloat16), ids, mask)
+  ours, _ = transformer.forward(params, jnp.asarray(ids), cfg.replace(dtype="bfloat16"))
+  assert ours.dtype == jnp.float32  # logits stay fp32
+  err_ours = np.abs(np.asarray(ours) - ref).mean()
+  err_theirs = np.abs(theirs.astype(np.float32) - ref).mean()
+  assert 0 < err_ours <= 2 * err_theirs, f"{family}: {err_ours} vs transformers {err_theirs}"
+
+
+def test_causal_mask_gradient():
+  """d logits[t] / d tokens[t'] is zero for t' > t: no peeking at the future."""
+  cfg = TINY_PRESETS["llama"]()
+  params = transformer.init_params(cfg, jax.random.key(0))
+  tokens = jnp.arange(3, 13)[None]
+  x = params["embed"][tokens]
+
+  def logits_at(emb, t):
+    # Give each position its own embedding row, so the gradient per position shows.
+    table = jnp.concatenate([params["embed"], emb[0]], axis=0)
+    ids = cfg.vocab_size + jnp.arange(emb.shape[1])[None]
+    out, _ = transformer.forward({**params, "embed": table}, ids,
+                                 cfg.replace(vocab_size=table.shape[0]))
+    return out[0, t, :cfg.vocab_size].sum()
+
+  for t in (0, 4, 9):
+    grad = jax.grad(logits_at)(x, t)
+    norms = np.abs(np.asarray(grad[0])).sum(-1)
+    assert np.all(norms[t + 1:] == 0), f"position {t} depends on the future"
+    assert np.all(norms[:t + 1] > 0)
+
+
+def test_config_round_trip_through_hf_json():
+  for make in TINY_PRESETS.values():
+    cfg = make()
+    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+
+
+def test_param_count_matches_transformers(tiny_hf):
+  _, model, cfg, params = tiny_hf
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert ours == cfg.num_params()
+  theirs = sum(p.numel() for p in model.parameters())
+  assert ours == theirs
