@@ -272,7 +272,9 @@ class Tokenizer:
 
     "hf": transformers' save_pretrained, so `AutoTokenizer.from_pretrained(path)`
     loads it. "sp": tokenizer.model + chat_template.jinja + a
-    tokenizer_config.json; `Tokenizer.from_dir(path)` reloads it exactly.
+    tokenizer_config.json; `Tokenizer.from_dir(path)` reloads it exactly, and
+    transformers reads it as a LlamaTokenizer, which agrees on plain text but
+    may place the word-boundary prefix differently around user-defined pieces.
     """
     os.makedirs(path, exist_ok=True)
     if self.kind == "hf":

@@ -53,3 +53,45 @@ def left_pad(prompts, pad_id=0):
     ids[i, T - len(p):] = p
     mask[i, T - len(p):] = True
   return ids, mask
+
+
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def train_tiny_tokenizer(vocab_size: int = 512):
+  """A byte-level BPE with a ChatML template, trained in-process (SmolLM2 style)."""
+  from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+  from cai_jax.tokenizer import Tokenizer
+  corpus = ["Critique the response, then revise it to remove anything harmful.",
+            "The quick brown fox jumps over the lazy dog. How do I bake bread?",
+            "I cannot help with that, but here is a safer alternative."] * 20
+  raw = RawTokenizer(models.BPE())
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  raw.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  raw.train_from_iterator(corpus, trainer)
+  return Tokenizer.from_tokenizers(raw, bos_token=None, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+  """A random tiny Llama with a real tokenizer, as a Hugging Face directory.
+
+  Phases load it through the same `load_model` path as a real checkpoint.
+  """
+  import jax
+  from cai_jax.model import transformer
+  tok = train_tiny_tokenizer()
+  cfg = model_config.tiny_llama(vocab_size=512, bos_token_id=None,
+                                eos_token_ids=(0,), pad_token_id=0, max_seq_len=2048)
+  params = transformer.init_params(cfg, jax.random.key(0))
+  path = str(tmp_path_factory.mktemp("tiny_model") / "hf")
+  hf.save_hf(params, cfg, path, tokenizer=tok)
+  return path

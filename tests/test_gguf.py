@@ -269,7 +269,7 @@ def test_cache_root_env(monkeypatch, tmp_path):
 def test_load_model_from_gguf_and_dir(tiny_llama_gguf, tmp_path):
   path, cfg, params, raw = tiny_llama_gguf
   root = str(tmp_path / "cache")
-  got_cfg, got, tok = load_model(path, cache_dir=root)
+  got_cfg, got, tok = load_model(path, cache_root=root)
   im_end = raw.token_to_id("<|im_end|>")
   # The chat end token joins the model's EOS list, so sampling stops after a turn.
   assert got_cfg.eos_token_ids == (cfg.eos_token_ids[0], im_end)
@@ -400,13 +400,13 @@ def test_real_model_matches_transformers(name, real_cache):
   path = assets.gguf_path(name, real_cache)
 
   start = time.time()
-  cfg, params, tok = load_model(name, cache_dir=real_cache)
+  cfg, params, tok = load_model(name, cache_root=real_cache)
   first = time.time() - start
   start = time.time()
-  cfg2, params2, _ = load_model(name, cache_dir=real_cache)
+  cfg2, params2, _ = load_model(name, cache_root=real_cache)
   again = time.time() - start
   print(f"\n{name}: first load (GGUF -> cache) {first:.1f}s, cached reload {again:.2f}s")
-  assert cfg2 == cfg and again < max(10.0, first / 2)
+  assert cfg2 == cfg and again < first / 2  # the cache is used
   assert cfg.family == family
   del params2
 

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from cai_jax.assets import cache_root
-from cai_jax.checkpoints.hf import CheckpointError, Params, params_from_tensors
+from cai_jax.checkpoints.hf import CheckpointError, Params, params_from_tensors, save_hf
 from cai_jax.model import transformer
 from cai_jax.model.config import Llama3RopeScaling, ModelConfig
 from cai_jax.model.sharding import Sharder
+from cai_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 # Bumped when the conversion changes, so stale caches are not reused.
@@ -61,6 +62,8 @@ _LAYER_NAMES = {
 _FFN_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
              "gemma3": "pre_feedforward_layernorm"}
 _GEMMA_END_OF_TURN = 106
+_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+               "tokenizer.ggml.token_type")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -72,10 +75,6 @@ def _reader(path: str):
     return gguf.GGUFReader(path)
   except Exception as e:  # gguf raises ValueError/struct errors on bad files
     raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
-
-
-_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
-               "tokenizer.ggml.token_type")
 
 
 def _fields(reader) -> dict[str, Any]:
@@ -322,7 +321,8 @@ def cached_dir_for(path: str, root: str | None = None) -> str:
   return os.path.join(cache_root(root), "hf", f"{stem}-{cache_key(path)}")
 
 
-def cached_hf_dir(path: str, root: str | None = None, tokenizer=None) -> str:
+def cached_hf_dir(path: str, root: str | None = None,
+                  tokenizer: Tokenizer | None = None) -> str:
   """A Hugging Face directory converted from the GGUF at `path`, made once.
 
   The directory (config.json, fp32 safetensors, tokenizer files, chat
@@ -332,9 +332,6 @@ def cached_hf_dir(path: str, root: str | None = None, tokenizer=None) -> str:
   one; concurrent converters race harmlessly (the first rename wins).
   `tokenizer`: a `cai_jax.tokenizer.Tokenizer` to save (default: the GGUF's).
   """
-  from cai_jax.checkpoints import hf
-  from cai_jax.tokenizer import Tokenizer
-
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such GGUF file")
   final = cached_dir_for(path, root)
@@ -348,7 +345,7 @@ def cached_hf_dir(path: str, root: str | None = None, tokenizer=None) -> str:
     cfg, params = load_gguf(path)
     tok = tokenizer if tokenizer is not None else Tokenizer.from_gguf(path)
     out = os.path.join(work, "model")
-    hf.save_hf(params, cfg, out, tokenizer=tok)
+    save_hf(params, cfg, out, tokenizer=tok)
     del params
     with open(os.path.join(out, "cai_jax_source.json"), "w") as f:
       json.dump({"gguf": os.path.realpath(path), "size": os.path.getsize(path),

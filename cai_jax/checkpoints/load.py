@@ -28,7 +28,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 
 
 def load_model(spec: str = assets.DEFAULT_ASSET, sharder: Sharder | None = None, *,
-               cache: bool = True, cache_dir: str | None = None, **overrides
+               cache: bool = True, cache_root: str | None = None, **overrides
                ) -> tuple[ModelConfig, Params, Tokenizer]:
   """(config, params, tokenizer) for `spec` (see the module docstring).
 
@@ -40,7 +40,7 @@ def load_model(spec: str = assets.DEFAULT_ASSET, sharder: Sharder | None = None,
   if spec in assets.ASSETS:
     asset = assets.get_asset(spec)
     system_prompt = asset.system_prompt
-    path = assets.gguf_path(spec, cache_dir)
+    path = assets.gguf_path(spec, cache_root)
   elif os.path.exists(spec):
     path = spec
   elif spec.endswith(".gguf"):
@@ -59,7 +59,7 @@ def load_model(spec: str = assets.DEFAULT_ASSET, sharder: Sharder | None = None,
     cfg, params = gguf_ckpt.load_gguf(path, sharder, **overrides)
     tok = Tokenizer.from_gguf(path)
   elif path.endswith(".gguf"):
-    hf_dir = gguf_ckpt.cached_hf_dir(path, cache_dir)
+    hf_dir = gguf_ckpt.cached_hf_dir(path, cache_root)
     cfg, params = load_hf(hf_dir, sharder, **overrides)
     tok = Tokenizer.from_dir(hf_dir)
   else:

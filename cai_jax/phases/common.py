@@ -8,7 +8,6 @@ import jax
 import ml_collections
 
 from cai_jax.checkpoints.load import load_model
-from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax.sampling.sampler import Sampler, SamplingParams
 
@@ -30,8 +29,7 @@ def load_for_sampling(model_spec: str, sharder: Sharder, dtype: str):
 
 def make_sampler(cfg, tok, sharder: Sharder, max_new_tokens: int) -> Sampler:
   return Sampler(cfg, max_new_tokens=max_new_tokens, stop_ids=cfg.eos_token_ids,
-                 pad_id=tok.pad_id, sharder=sharder,
-                 param_shardings=transformer.param_shardings(cfg, sharder))
+                 pad_id=tok.pad_id, sharder=sharder)
 
 
 def sampling_from_config(c: ml_collections.ConfigDict) -> SamplingParams:

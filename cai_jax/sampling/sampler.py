@@ -12,7 +12,9 @@ policy's log-probs that PPO needs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import flax.struct
@@ -182,50 +184,53 @@ def sequence_keys(seed: int | jax.Array, sequence_ids: Sequence[int]) -> jax.Arr
       jnp.asarray(sequence_ids, jnp.uint32))
 
 
+_TRACES: collections.Counter = collections.Counter()
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_sample(cfg: ModelConfig, sampling: SamplingParams, max_new_tokens: int,
+                     stop_ids: tuple[int, ...], pad_id: int, sharder: Sharder | None):
+  """One jitted `sample` per static setting, shared by every Sampler."""
+  key = (cfg, sampling, max_new_tokens, stop_ids, pad_id, sharder)
+
+  def traced(params, prompt, mask, keys):
+    _TRACES[key] += 1
+    return sample(params, prompt, mask, keys, cfg=cfg, sampling=sampling,
+                  max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                  sharder=sharder)
+
+  if sharder is None:
+    return jax.jit(traced)
+  batch2 = sharder.sharding(("batch", None))
+  batch1 = sharder.sharding(("batch",))
+  out = SampleOutput(tokens=batch2, logprobs=batch2, lengths=batch1)
+  return jax.jit(traced, in_shardings=(transformer.param_shardings(cfg, sharder), batch2,
+                                       batch2, batch1), out_shardings=out)
+
+
 class Sampler:
   """Pads prompts to buckets and calls one compiled `sample` per bucket.
 
-  Attributes:
-    num_traces: how many times `sample` was traced (tests use it to prove a
-      new batch in an old bucket does not recompile).
+  Compiled functions are cached per (model config, sampling, lengths, stop
+  ids, mesh), so a new Sampler for the same model does not recompile.
   """
 
   def __init__(self, cfg: ModelConfig, *, max_new_tokens: int, stop_ids: Sequence[int],
                pad_id: int, sharder: Sharder | None = None,
-               length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-               param_shardings=None):
+               length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS):
     self.cfg = cfg
     self.max_new_tokens = max_new_tokens
     self.stop_ids = tuple(int(i) for i in stop_ids)
     self.pad_id = int(pad_id)
     self.sharder = sharder
     self.length_buckets = tuple(length_buckets)
-    self.num_traces = 0
-    self._param_shardings = param_shardings
-    if sharder is not None and param_shardings is None:
-      self._param_shardings = transformer.param_shardings(cfg, sharder)
-    self._compiled = {}
 
-  def _fn(self, sampling: SamplingParams):
-    if sampling in self._compiled:
-      return self._compiled[sampling]
+  def _key(self, sampling: SamplingParams):
+    return (self.cfg, sampling, self.max_new_tokens, self.stop_ids, self.pad_id, self.sharder)
 
-    def traced(params, prompt, mask, keys):
-      self.num_traces += 1
-      return sample(params, prompt, mask, keys, cfg=self.cfg, sampling=sampling,
-                    max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                    pad_id=self.pad_id, sharder=self.sharder)
-
-    if self.sharder is None:
-      fn = jax.jit(traced)
-    else:
-      batch2 = self.sharder.sharding(("batch", None))
-      batch1 = self.sharder.sharding(("batch",))
-      out = SampleOutput(tokens=batch2, logprobs=batch2, lengths=batch1)
-      fn = jax.jit(traced, in_shardings=(self._param_shardings, batch2, batch2, batch1),
-                   out_shardings=out)
-    self._compiled[sampling] = fn
-    return fn
+  def num_traces(self, sampling: SamplingParams = SamplingParams()) -> int:
+    """How often `sample` was traced for this setting (tests prove no recompiles)."""
+    return _TRACES[self._key(sampling)]
 
   def batch_multiple(self) -> int:
     if self.sharder is None:
@@ -244,10 +249,12 @@ class Sampler:
     if any(len(p) == 0 for p in prompts):
       raise ValueError("empty prompt: every prompt needs at least one token")
     n = len(prompts)
-    T = bucket(max(len(p) for p in prompts), self.length_buckets)
-    if T + self.max_new_tokens > self.cfg.max_seq_len:
-      raise ValueError(f"prompt bucket {T} + max_new_tokens {self.max_new_tokens}"
+    longest = max(len(p) for p in prompts)
+    room = self.cfg.max_seq_len - self.max_new_tokens
+    if longest > room:
+      raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {self.max_new_tokens}"
                        f" exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+    T = min(bucket(longest, self.length_buckets), room)
     B = batch_bucket(n, self.batch_multiple())
     prompt = np.full((B, T), self.pad_id, np.int32)
     mask = np.zeros((B, T), bool)
@@ -260,7 +267,7 @@ class Sampler:
       raise ValueError(f"got {keys.shape[0]} keys for {n} prompts")
     if B > n:
       keys = jnp.concatenate([keys, jnp.repeat(keys[:1], B - n, axis=0)])
-    out = self._fn(sampling)(params, prompt, mask, keys)
+    out = _compiled_sample(*self._key(sampling))(params, prompt, mask, keys)
     return SampleOutput(tokens=np.asarray(out.tokens)[:n],
                         logprobs=np.asarray(out.logprobs)[:n],
                         lengths=np.asarray(out.lengths)[:n])

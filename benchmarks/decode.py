@@ -1,0 +1,132 @@
+"""Decode throughput: our jit sampler vs transformers `generate`, same weights.
+
+  python benchmarks/decode.py --model=smollm2-135m-instruct --batch_sizes=1,8,32 \
+      --prompt_len=64 --new_tokens=128 --out=benchmarks/results/decode_cpu.json
+
+Both sides run greedy decoding with a KV cache, fp32 weights, the same prompt
+tokens and exactly `new_tokens` new tokens per sequence (no early stop). The
+batch-1 rate is also given as a fraction of the memory-bandwidth limit: each
+decode step must read every weight once, so the limit is
+bandwidth / weight bytes tokens per second; bandwidth is measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from cai_jax.checkpoints import hf
+from cai_jax.checkpoints.load import load_model
+from cai_jax.sampling.sampler import Sampler, sequence_keys
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Model spec.")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per sequence.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time transformers generate.")
+_THREADS = flags.DEFINE_integer("torch_threads", os.cpu_count() or 1, "torch threads.")
+_OUT = flags.DEFINE_string("out", None, "Write results JSON here.")
+
+
+def memory_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+  """Best read bandwidth of a large array sum, GB/s (a machine limit to compare to)."""
+  x = np.ones(size_bytes // 8, np.float64)
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    x.sum()
+    best = min(best, time.perf_counter() - t)
+  return size_bytes / best / 1e9
+
+
+def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+  rs = np.random.RandomState(0)
+  return [list(rs.randint(100, min(vocab, 30000), size=length)) for _ in range(batch)]
+
+
+def time_ours(cfg, params, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
+  sampler = Sampler(cfg, max_new_tokens=new, stop_ids=(), pad_id=0,
+                    length_buckets=(prompt_len,))
+  prompts = _prompts(batch, prompt_len, cfg.vocab_size)
+  keys = sequence_keys(0, range(batch))
+  t = time.perf_counter()
+  out = sampler.generate(params, prompts, keys)
+  first = time.perf_counter() - t
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    out = sampler.generate(params, prompts, keys)
+    best = min(best, time.perf_counter() - t)
+  assert (out.lengths == new).all()
+  return {"seconds": best, "tokens_per_s": batch * new / best,
+          "compile_seconds": max(first - best, 0.0), "tokens": out.tokens}
+
+
+def time_torch(model, batch: int, prompt_len: int, new: int, repeats: int, vocab: int) -> dict:
+  import torch
+  ids = torch.tensor(_prompts(batch, prompt_len, vocab))
+  mask = torch.ones_like(ids)
+  kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+            pad_token_id=0)
+  with torch.inference_mode():
+    model.generate(input_ids=ids, attention_mask=mask, **kw)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+      t = time.perf_counter()
+      out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+      best = min(best, time.perf_counter() - t)
+  return {"seconds": best, "tokens_per_s": batch * new / best,
+          "tokens": out[:, prompt_len:].numpy()}
+
+
+def main(argv):
+  del argv
+  cfg, params, tok = load_model(_MODEL.value)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  bandwidth = memory_bandwidth_gbs()
+  results = {"model": _MODEL.value, "device": str(jax.devices()[0].device_kind),
+             "platform": platform.platform(), "cpu_count": os.cpu_count(),
+             "prompt_len": _PROMPT.value, "new_tokens": _NEW.value,
+             "weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth,
+             "bandwidth_limit_tokens_per_s": bandwidth * 1e9 / weight_bytes, "runs": []}
+  model = None
+  if _TORCH.value:
+    import torch
+    import transformers
+    torch.set_num_threads(_THREADS.value)
+    with tempfile.TemporaryDirectory() as d:
+      hf.save_hf(params, cfg, d)  # the same fp32 weights for both sides
+      model = transformers.AutoModelForCausalLM.from_pretrained(
+          d, dtype=torch.float32).eval()
+  for b in (int(x) for x in _BATCHES.value):
+    ours = time_ours(cfg, params, b, _PROMPT.value, _NEW.value, _REPEATS.value)
+    row = {"batch": b, "ours_tokens_per_s": ours["tokens_per_s"],
+           "ours_compile_s": ours["compile_seconds"]}
+    if model is not None:
+      ref = time_torch(model, b, _PROMPT.value, _NEW.value, _REPEATS.value, cfg.vocab_size)
+      row["hf_tokens_per_s"] = ref["tokens_per_s"]
+      row["ratio"] = ours["tokens_per_s"] / ref["tokens_per_s"]
+      row["greedy_tokens_agree"] = float(np.mean(ours["tokens"] == ref["tokens"]))
+    if b == 1:
+      row["fraction_of_bandwidth_limit"] = (
+          ours["tokens_per_s"] / results["bandwidth_limit_tokens_per_s"])
+    results["runs"].append(row)
+    print(json.dumps(row))
+  print(f"bandwidth {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB;"
+        f" limit {results['bandwidth_limit_tokens_per_s']:.1f} tok/s at batch 1")
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

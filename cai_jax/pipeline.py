@@ -1,0 +1,43 @@
+"""Runs the pipeline stages in order; each skips what is complete and resumes
+what is partial, so rerunning after a kill picks up where it stopped.
+
+  python -m cai_jax.pipeline --config=configs/pipeline.py:cpu --workdir=runs/cai
+
+Writes `<workdir>/pipeline_timings.json` (wall seconds per stage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import ml_collections
+
+from cai_jax.phases import cli, p1_prompts, p2_critique_revision
+
+# In pipeline order; a stage runs when the config has its section.
+STAGES = (
+    ("prompts", p1_prompts),
+    ("critique_revision", p2_critique_revision),
+)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  os.makedirs(workdir, exist_ok=True)
+  timings: dict[str, float] = {}
+  for name, stage in STAGES:
+    if name not in config:
+      continue
+    logging.info("=== stage %s ===", name)
+    start = time.perf_counter()
+    stage.run(config[name], workdir)
+    timings[name] = time.perf_counter() - start
+    with open(os.path.join(workdir, "pipeline_timings.json"), "w") as f:
+      json.dump(timings, f, indent=1)
+  return timings
+
+
+if __name__ == "__main__":
+  cli.main(run)

