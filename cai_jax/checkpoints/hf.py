@@ -377,7 +377,7 @@ def params_from_tensors(tensors: Iterator[tuple[str, np.ndarray]], cfg: ModelCon
       if value.shape != shape:
         raise CheckpointError(f"{where}: tensor {name!r} has shape {array.shape},"
                               f" config.json implies {shape}")
-      place(path, value.astype(dtype))
+      place(path, value.astype(dtype, copy=False))
       continue
     if path not in buffers:
       buffers[path] = np.empty(shape, dtype)
