@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from cai_jax import distributed
+
 R = TypeVar("R")
 
 
@@ -86,6 +88,35 @@ def from_dict(cls: type[R], d: dict) -> R:
   return cls(**kwargs)
 
 
+def check_same_config(directory: str, config: Any) -> None:
+  """Records the config of a phase output; refuses to resume under another one.
+
+  `config` is an `ml_collections.ConfigDict`. Multi-process safe: every
+  process looks before process 0 writes.
+  """
+  path = os.path.join(directory, "config.json")
+  current = json.loads(config.to_json())
+  existed = os.path.exists(path)
+  distributed.barrier(f"{directory}/config-check")  # all look before any process writes
+  if existed:
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != current:
+      changed = sorted(k for k in set(previous) | set(current)
+                       if previous.get(k) != current.get(k))
+      raise ValueError(
+          f"{directory}: holds records made with a different config (fields {changed});"
+          " rerun with the same config to resume, or delete the directory to start over")
+    return
+  if distributed.is_leader():
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(current, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+  distributed.barrier(f"{directory}/config")
+
+
+
 # --- Sharded, resumable JSONL ----------------------------------------------------------
 
 
@@ -130,7 +161,10 @@ def run_sharded(directory: str, inputs: Sequence[Any], shard_size: int,
     if i in done:
       continue
     chunk = inputs[i * shard_size:(i + 1) * shard_size]
-    write_shard(directory, i, process(chunk))
+    results = process(chunk)  # every process computes (collectives) ...
+    if distributed.is_leader():  # ... one writes
+      write_shard(directory, i, results)
+    distributed.barrier(f"{directory}/shard-{i}")
     computed += 1
     if on_shard is not None:
       on_shard(i, num_shards)

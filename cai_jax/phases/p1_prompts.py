@@ -15,7 +15,7 @@ import os
 import ml_collections
 import numpy as np
 
-from cai_jax import prompts
+from cai_jax import distributed, prompts
 from cai_jax.phases import cli
 
 OUT = "p1_prompts"
@@ -50,8 +50,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     train, held_out = prompts.split(records, c.held_out_fraction, config.seed)
     for s, recs, limit in (("train", train, n_train), ("held_out", held_out, n_held)):
       chosen = _subsample(recs, limit, config.seed)
-      counts[f"{kind}_{s}"] = prompts.write_jsonl(chosen, paths[s])
+      if distributed.is_leader():
+        prompts.write_jsonl(chosen, paths[s])
+      counts[f"{kind}_{s}"] = len(chosen)
       logging.info("%s %s: %d of %d prompts -> %s", kind, s, len(chosen), len(recs), paths[s])
+  distributed.barrier("p1_prompts")
   return counts
 
 

@@ -17,7 +17,6 @@ first missing shard and ends with exactly the records of an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -130,26 +129,6 @@ class CritiqueReviser:
             for i, p in enumerate(chunk)]
 
 
-def _check_same_config(directory: str, config: ml_collections.ConfigDict) -> None:
-  """Refuse to resume into records made with another config."""
-  path = os.path.join(directory, "config.json")
-  current = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    if previous != current:
-      changed = sorted(k for k in set(previous) | set(current)
-                       if previous.get(k) != current.get(k))
-      raise ValueError(
-          f"{directory}: holds records made with a different config (fields {changed});"
-          " rerun with the same config to resume, or delete the directory to start over")
-    return
-  os.makedirs(directory, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(current, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes (or completes) the critique/revision records; returns their directory."""
   if config.mode not in ("critique", "direct"):
@@ -162,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
                               " (python -m cai_jax.phases.p1_prompts ...)")
     inputs += prompts.read_jsonl(path)
   out = output_dir(workdir)
-  _check_same_config(out, config)
+  records.check_same_config(out, config)
   num_shards = -(-len(inputs) // config.shard_size)
   todo = num_shards - len(records.completed_shards(out) & set(range(num_shards)))
   if todo == 0:

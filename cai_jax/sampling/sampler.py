@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cai_jax import distributed
 from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder, constrain
@@ -193,8 +194,9 @@ def _compiled_sample(cfg: ModelConfig, sampling: SamplingParams, max_new_tokens:
   """One jitted `sample` per static setting, shared by every Sampler."""
   key = (cfg, sampling, max_new_tokens, stop_ids, pad_id, sharder)
 
-  def traced(params, prompt, mask, keys):
+  def traced(params, prompt, mask, key_data):
     _TRACES[key] += 1
+    keys = jax.random.wrap_key_data(key_data)
     return sample(params, prompt, mask, keys, cfg=cfg, sampling=sampling,
                   max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                   sharder=sharder)
@@ -205,7 +207,7 @@ def _compiled_sample(cfg: ModelConfig, sampling: SamplingParams, max_new_tokens:
   batch1 = sharder.sharding(("batch",))
   out = SampleOutput(tokens=batch2, logprobs=batch2, lengths=batch1)
   return jax.jit(traced, in_shardings=(transformer.param_shardings(cfg, sharder), batch2,
-                                       batch2, batch1), out_shardings=out)
+                                       batch2, batch2), out_shardings=out)
 
 
 class Sampler:
@@ -267,7 +269,12 @@ class Sampler:
       raise ValueError(f"got {keys.shape[0]} keys for {n} prompts")
     if B > n:
       keys = jnp.concatenate([keys, jnp.repeat(keys[:1], B - n, axis=0)])
-    out = _compiled_sample(*self._key(sampling))(params, prompt, mask, keys)
-    return SampleOutput(tokens=np.asarray(out.tokens)[:n],
-                        logprobs=np.asarray(out.logprobs)[:n],
-                        lengths=np.asarray(out.lengths)[:n])
+    key_data = np.asarray(jax.random.key_data(keys))
+    if self.sharder is not None:  # global arrays, so several hosts can share a batch
+      batch2 = self.sharder.sharding(("batch", None))
+      prompt, mask, key_data = (distributed.to_global(x, batch2)
+                                for x in (prompt, mask, key_data))
+    out = _compiled_sample(*self._key(sampling))(params, prompt, mask, key_data)
+    return SampleOutput(tokens=distributed.to_host(out.tokens)[:n],
+                        logprobs=distributed.to_host(out.logprobs)[:n],
+                        lengths=distributed.to_host(out.lengths)[:n])

@@ -1,0 +1,344 @@
+"""SFT training throughput: our jitted step vs TRL's SFTTrainer vs a plain PyTorch loop.
+
+  PYTHONPATH=. python benchmarks/sft_throughput.py --out=/tmp/sft_throughput.json
+
+Same model (SmolLM2-135M-Instruct, fp32, no remat), same token batches
+(seq 512, batch 8; loss on the second half of each row, like a response),
+AdamW with clipping in all three. Each implementation runs in its own
+subprocess, one after the other, so peak RSS (ru_maxrss) is its own. FLOP
+utilisation is the training FLOPs (3 x forward, attention over the full T, as
+in PaLM's MFU) per second over the best fp32 matmul rate this script measures
+on this machine, with JAX for our step and with PyTorch for the other two.
+
+Implementations (--impls):
+  jax          p3_sft.train_step, plain [B, T, V] logits (loss_chunk=0)
+  jax_chunked  p3_sft.train_step, logits in chunks of --loss_chunk tokens
+  torch        transformers model, forward/backward, torch.optim.AdamW(fused)
+  trl          trl.SFTTrainer on the pre-tokenized rows (labels -100 on prompts)
+
+Quick check of the script itself (not a measurement):
+  PYTHONPATH=. python benchmarks/sft_throughput.py --batch=2 --seq=64 --steps=2 \
+      --warmup=1 --out=/tmp/sft_check.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", None, "Where to write the results (JSON).")
+_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Bundled asset name.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
+_SEQ = flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (compilation, allocator).")
+_IMPLS = flags.DEFINE_list("impls", ["jax", "jax_chunked", "torch", "trl"], "What to run.")
+_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 128, "Tokens per logits chunk (jax_chunked).")
+_LR = flags.DEFINE_float("lr", 1e-5, "Learning rate (constant).")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one implementation.")
+_DATA = flags.DEFINE_string("data", None, "Internal: the token rows (.npz).")
+_RESULT = flags.DEFINE_string("result", None, "Internal: the worker's JSON output.")
+
+MATMUL_SIZES = (512, 1024, 2048)
+
+
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def best_rate(run_once, sizes=MATMUL_SIZES, reps: int = 5) -> float:
+  """Best FLOP/s of an n x n x n fp32 matmul over `sizes`, as `run_once(n)` times it."""
+  best = 0.0
+  for n in sizes:
+    run_once(n)  # warm up (compile, allocate)
+    secs = min(run_once(n) for _ in range(reps))
+    best = max(best, 2 * n**3 / secs)
+  return best
+
+
+def response_mask(T: int):
+  """[T] over input positions t: the target token t+1 is in the second half.
+
+  The last target (token T, which a transformers model never predicts) is
+  left out, so every implementation trains on the same T/2 - 1 tokens a row.
+  """
+  import numpy as np
+  t = np.arange(T)
+  return (t + 1 >= T // 2) & (t + 1 <= T - 1)
+
+
+# --- Workers (each in its own process) -------------------------------------------------------
+
+
+def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int) -> dict:
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+
+  from cai_jax.checkpoints.load import load_model
+  from cai_jax.model.sharding import Sharder, make_mesh
+  from cai_jax.model import transformer
+  from cai_jax.phases import p3_sft
+  from cai_jax.training import optim
+
+  sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))
+  cfg, params, _ = load_model(_MODEL.value, sharder, param_dtype="float32",
+                              dtype="float32", remat="none")
+  c = ml_collections.ConfigDict(dict(lr=_LR.value, warmup_steps=0, decay="constant",
+                                     end_lr_ratio=1.0, b1=0.9, b2=0.999, eps=1e-8,
+                                     weight_decay=0.0, clip_norm=1.0))
+  abstract = transformer.abstract_params(cfg)
+  tx, schedule = optim.make_optimizer(c, warmup + steps, abstract)
+  state_sh = optim.train_state_shardings(
+      tx, abstract, transformer.param_shardings(cfg, sharder), sharder)
+  state = jax.jit(lambda p, k: optim.init_train_state(p, tx, k), out_shardings=state_sh,
+                  donate_argnums=0)(params, jax.random.key(0))
+  del params
+  batch_sh = sharder.sharding(("batch", "seq"))
+  step = jax.jit(functools.partial(p3_sft.train_step, cfg=cfg, tx=tx, schedule=schedule,
+                                   sharder=sharder, microbatches=1, loss_chunk=loss_chunk),
+                 in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharder.replicated), donate_argnums=0)
+  mask = np.broadcast_to(response_mask(T), (B, T))
+
+  def batch_at(i):
+    r = rows[(i * B + np.arange(B)) % len(rows)]
+    b = {"inputs": r[:, :T], "targets": r[:, 1:T + 1], "input_mask": np.ones((B, T), bool),
+         "loss_mask": mask}
+    return jax.device_put(b, batch_sh)
+
+  losses, t0 = [], None
+  for i in range(warmup + steps):
+    if i == warmup:
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+    state, m = step(state, batch_at(i))
+    losses.append(m["loss"])
+  jax.block_until_ready(state)
+  secs = time.perf_counter() - t0
+
+  def matmul(n):
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, a))
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    return time.perf_counter() - start
+
+  return {"seconds": secs, "losses": [float(x) for x in losses],
+          "peak_rss_mib": peak_rss_mib(), "matmul_flops": best_rate(matmul),
+          "backend": jax.default_backend(),
+          "version": f"jax {jax.__version__}"}
+
+
+def _torch_model(hf_dir: str):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  model.config.use_cache = False
+  return model.train()
+
+
+def _labels(rows, T: int):
+  import numpy as np
+  labels = rows[:, :T].astype(np.int64).copy()
+  # transformers shifts: labels[t] is predicted at t - 1, i.e. our target t - 1.
+  keep = np.concatenate([[False], response_mask(T)[:-1]])
+  labels[:, ~keep] = -100
+  return labels
+
+
+def _torch_matmul_rate() -> float:
+  import torch
+
+  def matmul(n):
+    a = torch.ones(n, n, dtype=torch.float32)
+    torch.mm(a, a)
+    start = time.perf_counter()
+    torch.mm(a, a)
+    return time.perf_counter() - start
+  return best_rate(matmul)
+
+
+def worker_torch(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> dict:
+  import numpy as np
+  import torch
+
+  model = _torch_model(hf_dir)
+  try:
+    opt = torch.optim.AdamW(model.parameters(), lr=_LR.value, weight_decay=0.0, fused=True)
+    fused = True
+  except (RuntimeError, TypeError):
+    opt = torch.optim.AdamW(model.parameters(), lr=_LR.value, weight_decay=0.0, foreach=True)
+    fused = False
+  labels = _labels(rows, T)
+  losses, t0 = [], None
+  for i in range(warmup + steps):
+    if i == warmup:
+      t0 = time.perf_counter()
+    idx = (i * B + np.arange(B)) % len(rows)
+    ids = torch.from_numpy(rows[idx, :T].astype(np.int64))
+    out = model(input_ids=ids, labels=torch.from_numpy(labels[idx]))
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(out.loss.item())
+  secs = time.perf_counter() - t0
+  return {"seconds": secs, "losses": losses, "peak_rss_mib": peak_rss_mib(),
+          "matmul_flops": _torch_matmul_rate(), "fused_adamw": fused,
+          "threads": torch.get_num_threads(), "version": f"torch {torch.__version__}",
+          "attn_implementation": model.config._attn_implementation}
+
+
+def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> dict:
+  import datasets
+  import numpy as np
+  import torch
+  import transformers
+  import trl
+
+  model = _torch_model(hf_dir)
+  tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  n = (warmup + steps) * B
+  idx = np.arange(n) % len(rows)
+  data = datasets.Dataset.from_dict({"input_ids": rows[idx, :T].astype(np.int64).tolist(),
+                                     "labels": _labels(rows, T)[idx].tolist()})
+  stamps: list[float] = []
+  losses: list[float] = []
+
+  class Clock(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+      stamps.append(time.perf_counter())
+
+    def on_log(self, args, state, control, logs=None, **kw):
+      if logs and "loss" in logs:
+        losses.append(float(logs["loss"]))
+
+  class InOrder(trl.SFTTrainer):
+    """The rows in the order the other implementations see them (no shuffling)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+      return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+  with tempfile.TemporaryDirectory() as out:
+    args = trl.SFTConfig(
+        output_dir=out, per_device_train_batch_size=B, max_length=T, packing=False,
+        max_steps=warmup + steps, learning_rate=_LR.value, lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
+        dataloader_num_workers=0, disable_tqdm=True, seed=0, shuffle_dataset=False)
+    trainer = InOrder(model=model, args=args, train_dataset=data, processing_class=tok,
+                      callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+  # Seconds from the end of the last warmup step to the end of the last step.
+  first = stamps[warmup - 1] if warmup else start
+  return {"seconds": stamps[-1] - first, "losses": losses, "peak_rss_mib": peak_rss_mib(),
+          "matmul_flops": _torch_matmul_rate(), "threads": torch.get_num_threads(),
+          "version": f"trl {trl.__version__}, transformers {transformers.__version__}"}
+
+
+def run_worker(name: str) -> None:
+  import numpy as np
+  rows = np.load(_DATA.value)["rows"]
+  B, T, steps, warmup = _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value
+  if name in ("jax", "jax_chunked"):
+    chunk = _LOSS_CHUNK.value if name == "jax_chunked" else 0
+    result = worker_jax(rows, B, T, steps, warmup, chunk)
+  else:
+    from cai_jax import assets
+    from cai_jax.checkpoints import gguf
+    hf_dir = gguf.cached_hf_dir(assets.gguf_path(_MODEL.value))
+    fn = worker_torch if name == "torch" else worker_trl
+    result = fn(rows, B, T, steps, warmup, hf_dir)
+  with open(_RESULT.value, "w") as f:
+    json.dump(result, f)
+
+
+# --- The comparison ------------------------------------------------------------------------
+
+
+def main(argv) -> None:
+  del argv
+  if _WORKER.value:
+    run_worker(_WORKER.value)
+    return
+  if not _OUT.value:
+    raise app.UsageError("--out=<results.json> is required")
+  import numpy as np
+
+  from cai_jax import assets
+  from cai_jax.checkpoints import gguf
+
+  B, T, steps = _BATCH.value, _SEQ.value, _STEPS.value
+  gguf.cached_hf_dir(assets.gguf_path(_MODEL.value))  # convert once, outside the timings
+  # Token ids the model knows (not special ones), the same rows for everyone.
+  rows = np.random.default_rng(0).integers(100, 49152, (max(4 * B, 32), T + 1), np.int32)
+  results: dict = {"model": _MODEL.value, "batch": B, "seq": T, "steps": steps,
+                   "warmup": _WARMUP.value, "dtype": "float32", "remat": "none",
+                   "cpu_count": os.cpu_count(), "impls": {}}
+  with tempfile.TemporaryDirectory() as tmp:
+    data = os.path.join(tmp, "rows.npz")
+    np.savez(data, rows=rows)
+    for name in _IMPLS.value:
+      result_path = os.path.join(tmp, f"{name}.json")
+      cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--data={data}",
+             f"--result={result_path}", f"--batch={B}", f"--seq={T}", f"--steps={steps}",
+             f"--warmup={_WARMUP.value}", f"--loss_chunk={_LOSS_CHUNK.value}",
+             f"--lr={_LR.value}", f"--model={_MODEL.value}"]
+      env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+      print(f"running {name} ...", flush=True)
+      start = time.perf_counter()
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+      if proc.returncode != 0:
+        results["impls"][name] = {"error": proc.stderr[-4000:]}
+        print(f"{name} failed:\n{proc.stderr[-4000:]}", flush=True)
+        continue
+      with open(result_path) as f:
+        r = json.load(f)
+      r["wall_s_including_load"] = time.perf_counter() - start
+      r["tokens_per_s"] = B * T * steps / r["seconds"]
+      flops_per_token = 3 * _flops_per_token(_MODEL.value, T)
+      r["model_flops_per_s"] = r["tokens_per_s"] * flops_per_token
+      r["flop_utilization"] = r["model_flops_per_s"] / r["matmul_flops"]
+      results["impls"][name] = r
+      print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB,"
+            f" {100 * r['flop_utilization']:.1f}% of {r['matmul_flops'] / 1e9:.0f} GFLOP/s"
+            f" matmul, first loss {r['losses'][0] if r['losses'] else float('nan'):.4f}",
+            flush=True)
+  ok = {k: v for k, v in results["impls"].items() if "tokens_per_s" in v}
+  for ours in ("jax", "jax_chunked"):
+    for other in ("torch", "trl"):
+      if ours in ok and other in ok:
+        results[f"speedup_{ours}_vs_{other}"] = (ok[ours]["tokens_per_s"]
+                                                 / ok[other]["tokens_per_s"])
+  results["train_flops_per_token"] = 3 * _flops_per_token(_MODEL.value, T)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(results, f, indent=1)
+  print(json.dumps({k: v for k, v in results.items() if k != "impls"}, indent=1))
+
+
+def _flops_per_token(model: str, T: int) -> float:
+  """Forward FLOPs per token of the model's config, attention over T keys."""
+  from cai_jax import assets
+  from cai_jax.checkpoints import gguf
+  from cai_jax.checkpoints.hf import read_hf_config
+  cfg = read_hf_config(gguf.cached_hf_dir(assets.gguf_path(model)))
+  return cfg.flops_per_token(T)
+
+
+if __name__ == "__main__":
+  app.run(main)

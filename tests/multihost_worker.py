@@ -1,0 +1,25 @@
+"""One process of a multi-process test job (launched by tests/test_multihost.py).
+
+  python tests/multihost_worker.py <coordinator> <num_processes> <process_id> <workdir> <model_dir>
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
+
+from cai_jax import distributed  # noqa: E402
+
+
+def main():
+  coordinator, n, pid, workdir, model_dir = sys.argv[1:6]
+  distributed.initialize("on", coordinator, int(n), int(pid))
+  from test_critique_revision import _config  # the same config as the 1-process run
+  from cai_jax.phases import p2_critique_revision
+  p2_critique_revision.run(_config(model_dir), workdir)
+
+
+if __name__ == "__main__":
+  main()
