@@ -62,13 +62,43 @@ class CritiqueRevisionRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ResponsePair:
-  """Stage 5: two samples of the SL-CAI model for one prompt."""
+  """Stage 4: two samples of the SL-CAI model for one prompt."""
 
   id: str
   prompt: str
   kind: str
   response_a: str
   response_b: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRecord:
+  """Stage 5: the feedback model's soft preference for one `ResponsePair`.
+
+  `p_a` is P(response_a is better), the label the preference model trains
+  on. Everything it was computed from is kept, so labels can be re-derived
+  (other clamps, combinations, subsets of principles or models) without
+  running a model again. `logprobs[m][k][s]` holds the two answer-token
+  log-probs of feedback model m, principle k, slot s: in "multiple_choice"
+  mode s is the presentation order (0: a shown as (A), 1: swapped; only 0
+  without order swapping) and the pair is (log P("A"), log P("B")); in "pointwise" mode s is the response
+  (0: a, 1: b) and the pair is (log P(" Yes"), log P(" No")). `cot[m][k][s]`
+  is the chain-of-thought reasoning (empty without chain of thought).
+  JSON round trips turn the tuples into lists.
+  """
+
+  id: str
+  prompt: str
+  kind: str
+  response_a: str
+  response_b: str
+  mode: str  # "multiple_choice" | "pointwise"
+  models: tuple[str, ...]
+  principle_ids: tuple[str, ...]
+  logprobs: tuple  # [model][principle][slot][2] floats
+  cot: tuple  # [model][principle][slot] str, or () without chain of thought
+  model_p_a: tuple[float, ...]  # each feedback model's label
+  p_a: float
 
 
 def to_json(record: Any) -> str:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,6 +18,7 @@ from cai_jax.checkpoints import hf
 from cai_jax.model import config as model_config
 from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
+from cai_jax.checkpoints import load
 from cai_jax.phases import p3_sft
 from cai_jax.records import CritiqueRevisionRecord, RevisionRound
 from cai_jax.training import checkpoint, losses, optim
@@ -53,7 +53,7 @@ def records_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok():
-  return p3_sft.byte_tokenizer()
+  return load.byte_tokenizer()
 
 
 def tiny_config(records_dir: str, **train):
@@ -81,7 +81,7 @@ def tiny_batch(tok, n: int = 8, seq_len: int = 128):
 
 
 def tiny_model(tok, sharder, seed: int = 0):
-  return p3_sft.random_model("tiny_llama", tok, sharder, jax.random.key(seed))
+  return load.random_model("tiny_llama", tok, sharder, jax.random.key(seed))
 
 
 # --- Examples and masks ---------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_prompt_labels_do_not_change_the_loss(tok):
   assert float(loss_fn(params, changed)[0][0]) != float(loss)
 
 
-@pytest.mark.parametrize("chunk", [8, 24, 64])
+@pytest.mark.parametrize("chunk", [24, 32])
 def test_chunked_loss_equals_plain(tok, chunk):
   sharder = single_device_sharder()
   cfg, params = tiny_model(tok, sharder)
@@ -355,4 +355,4 @@ def test_phase_binary_end_to_end(tmp_path, records_dir):
   with open(os.path.join(out, "hf", "config.json")) as f:
     assert json.load(f)["vocab_size"] == 264
   reloaded = p3_sft.Tokenizer.from_dir(os.path.join(out, "hf"))
-  assert reloaded.encode("hi <|im_end|>") == p3_sft.byte_tokenizer().encode("hi <|im_end|>")
+  assert reloaded.encode("hi <|im_end|>") == load.byte_tokenizer().encode("hi <|im_end|>")

@@ -8,7 +8,11 @@
   * a `.gguf` file, converted once into the cache (or read directly with
     cache=False);
   * a Hugging Face hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"), downloaded
-    with `huggingface_hub` (needs network access; safetensors only).
+    with `huggingface_hub` (needs network access; safetensors only);
+  * "random:<preset>": a randomly initialised `cai_jax.model.config.PRESETS`
+    entry (tests, smoke runs, benchmarks), with `tokenizer` = "bytes" (a
+    261-id byte tokenizer with ChatML specials, built in memory) or a
+    tokenizer path.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from __future__ import annotations
 import os
 import re
 
+import jax
+
 from cai_jax import assets
 from cai_jax.checkpoints import gguf as gguf_ckpt
 from cai_jax.checkpoints.hf import CheckpointError, Params, load_hf
+from cai_jax.model import config as model_config
+from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
 from cai_jax.tokenizer import Tokenizer
@@ -28,14 +36,22 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 
 
 def load_model(spec: str = assets.DEFAULT_ASSET, sharder: Sharder | None = None, *,
-               cache: bool = True, cache_root: str | None = None, **overrides
+               cache: bool = True, cache_root: str | None = None,
+               tokenizer: str = "bytes", key: jax.Array | None = None, **overrides
                ) -> tuple[ModelConfig, Params, Tokenizer]:
   """(config, params, tokenizer) for `spec` (see the module docstring).
+
+  `tokenizer` and `key` matter only for "random:<preset>" (key default: key(0)).
 
   `overrides` replace ModelConfig fields (e.g. param_dtype="bfloat16"). The
   config's eos_token_ids are extended with the tokenizer's end-of-turn token
   (e.g. <|im_end|>), so sampling stops at the end of a chat turn.
   """
+  if spec.startswith("random:"):
+    tok = byte_tokenizer() if tokenizer == "bytes" else Tokenizer.load(tokenizer)
+    key = jax.random.key(0) if key is None else key
+    cfg, params = random_model(spec[len("random:"):], tok, sharder, key, **overrides)
+    return cfg, params, tok
   system_prompt = None
   if spec in assets.ASSETS:
     asset = assets.get_asset(spec)
@@ -87,3 +103,42 @@ def _download(repo_id: str) -> str:
         f" {e}). Without network access pass a local directory, a .gguf file or a"
         f" bundled asset ({sorted(assets.ASSETS)}); for gated models run"
         " `huggingface-cli login` first") from e
+
+
+# --- Random models ----------------------------------------------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+          "{% endif %}")
+
+
+def byte_tokenizer() -> Tokenizer:
+  """Bytes as tokens plus ChatML specials: 261 ids, no training, no files.
+
+  Ids 0-4 are <pad> <s> </s> <|im_start|> <|im_end|>, matching the tiny
+  presets' pad/bos/eos ids.
+  """
+  from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+  specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+  raw = RawTokenizer(models.BPE(vocab=vocab, merges=[]))
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  raw.decoder = decoders.ByteLevel()
+  raw.add_special_tokens(specials)
+  return Tokenizer.from_tokenizers(raw, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", chat_template=CHATML)
+
+
+def random_model(preset: str, tok: Tokenizer, sharder: Sharder | None, key: jax.Array,
+                 **overrides) -> tuple[ModelConfig, Params]:
+  """A random `preset` model sized to `tok` (vocab rounded up to a multiple of 8)."""
+  if preset not in model_config.PRESETS:
+    raise ValueError(f"random:{preset}: unknown preset; have {sorted(model_config.PRESETS)}")
+  cfg = model_config.PRESETS[preset](**overrides)
+  vocab = max(cfg.vocab_size, -(-tok.vocab_size // 8) * 8)
+  cfg = cfg.replace(vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_ids=tok.eos_ids,
+                    pad_token_id=tok.pad_id)
+  if sharder is None:
+    return cfg, transformer.init_params(cfg, key)
+  return cfg, transformer.init_params_sharded(cfg, key, sharder)

@@ -41,10 +41,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cai_jax import records
+from cai_jax import distributed, records
 from cai_jax.checkpoints import hf
 from cai_jax.checkpoints.load import load_model
-from cai_jax.model import config as model_config
 from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
@@ -61,55 +60,14 @@ def output_dir(workdir: str) -> str:
 
 
 # --- Model ------------------------------------------------------------------------------
-# `config.model` is anything `load_model` takes, or "random:<preset>" (a
-# randomly initialised `model_config.PRESETS` entry, for tests and smoke runs)
-# whose tokenizer is `config.tokenizer`: "bytes" (built in memory, below) or a
-# tokenizer path. TODO(load.py owner): move the random path into load_model.
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-          "{% endif %}")
-
-
-def byte_tokenizer() -> Tokenizer:
-  """Bytes as tokens plus ChatML specials: 261 ids, no training, no files.
-
-  Ids 0-4 are <pad> <s> </s> <|im_start|> <|im_end|>, matching the tiny
-  presets' pad/bos/eos ids.
-  """
-  from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
-  specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
-  raw = RawTokenizer(models.BPE(vocab=vocab, merges=[]))
-  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  raw.decoder = decoders.ByteLevel()
-  raw.add_special_tokens(specials)
-  return Tokenizer.from_tokenizers(raw, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", chat_template=CHATML)
-
-
-def random_model(preset: str, tok: Tokenizer, sharder: Sharder, key: jax.Array,
-                 **overrides) -> tuple[ModelConfig, transformer.Params]:
-  """A random `preset` model sized to `tok` (vocab rounded up to a multiple of 8)."""
-  if preset not in model_config.PRESETS:
-    raise ValueError(f"random:{preset}: unknown preset; have {sorted(model_config.PRESETS)}")
-  cfg = model_config.PRESETS[preset](**overrides)
-  vocab = max(cfg.vocab_size, -(-tok.vocab_size // 8) * 8)
-  cfg = cfg.replace(vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_ids=tok.eos_ids,
-                    pad_token_id=tok.pad_id)
-  return cfg, transformer.init_params_sharded(cfg, key, sharder)
 
 
 def load_sft_model(config: ml_collections.ConfigDict, sharder: Sharder, key: jax.Array
                    ) -> tuple[ModelConfig, transformer.Params, Tokenizer]:
   """(cfg, params in their shardings, tokenizer) for `config.model`."""
   overrides = dict(config.model_overrides)
-  if config.model.startswith("random:"):
-    tok = byte_tokenizer() if config.tokenizer == "bytes" else Tokenizer.load(config.tokenizer)
-    cfg, params = random_model(config.model[len("random:"):], tok, sharder, key, **overrides)
-  else:
-    cfg, params, tok = load_model(config.model, sharder, **overrides)
+  cfg, params, tok = load_model(config.model, sharder, tokenizer=config.tokenizer,
+                                key=key, **overrides)
   logging.info("model %s: %s, %.1fM params; %r", config.model, cfg.family,
                cfg.num_params() / 1e6, tok)
   return cfg, params, tok
@@ -331,8 +289,7 @@ def batches_per_epoch(buckets_N: np.ndarray, batch_size: int) -> int:
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
               ) -> dict[str, jax.Array]:
   """Host batch -> global arrays; every process holds the whole (small) batch."""
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
+  return {k: distributed.to_global(v, sharding) for k, v in batch.items()}
 
 
 # --- The train step ----------------------------------------------------------------------
@@ -464,18 +421,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                  max_to_keep=t.keep_checkpoints)
   data_info = {"fingerprint": train.fingerprint(), "num_examples": train.size,
                "batch_size": t.batch_size, "seed": config.seed}
+  init = jax.jit(lambda p, k: optim.init_train_state(p, tx, k),
+                 out_shardings=state_sh, donate_argnums=0)
   if ckpt.latest_step() is not None:
-    del params
-    state, saved = ckpt.restore(optim.abstract_train_state(tx, abstract, state_sh))
-    if {k: saved.get(k) for k in data_info} != data_info:
-      raise ValueError(f"{ckpt.directory}: the checkpoint was trained on other data or"
-                       f" batching ({ {k: saved.get(k) for k in data_info} } vs"
-                       f" {data_info}); use a fresh workdir")
-    logging.info("resumed from step %d", saved["step"])
-  else:
-    init = jax.jit(lambda p, k: optim.init_train_state(p, tx, k),
-                   out_shardings=state_sh, donate_argnums=0)
-    state = init(params, state_key)
+    params = None  # superseded by the checkpoint: free it before restoring
+  state = checkpoint.restore_or_init(
+      ckpt, optim.abstract_train_state(tx, abstract, state_sh),
+      lambda: init(params, state_key), expect=data_info)
+  del params
   start = int(jax.device_get(state.step))
 
   # --- Jitted steps ---
@@ -560,13 +513,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         preempt = should_stop is not None and should_stop(done)
         preempt = preempt or stop.requested or ckpt.reached_preemption(done)
         save = done % t.save_every == 0 or done == total_steps or preempt
-        if done % t.log_every == 0 or save or done == total_steps:
+        run_eval = held.size and (done % t.eval_every == 0 or done == total_steps)
+        if done % t.log_every == 0 or save or run_eval:
           sync(done, log=True)
-        if held.size and (done % t.eval_every == 0 or done == total_steps):
+        if run_eval:
           last["eval_loss"] = evaluate(state.params)
           writer.write(done, {"eval_loss": last["eval_loss"]})
         if save:
           ckpt.save(state, position(done), force=True)
+        if run_eval or save:  # keep eval and checkpoint time out of tokens/s
+          window.update(t=time.perf_counter(), tokens=0.0)
         if preempt and done < total_steps:
           status = "preempted"
           logging.warning("stopping at step %d (preemption); resume with the same"

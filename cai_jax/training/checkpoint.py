@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -109,6 +109,25 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def restore_or_init(ckpt: Checkpointer, abstract_state: TrainState,
+                    init: Callable[[], TrainState], expect: dict[str, Any]) -> TrainState:
+  """The latest checkpoint's state if there is one, else `init()`.
+
+  `expect`: data facts (dataset fingerprint, batch size, seed) that the
+  checkpoint's data item must match; resuming on other data is refused, since
+  the data position would mean something else.
+  """
+  if ckpt.latest_step() is None:
+    return init()
+  state, data = ckpt.restore(abstract_state)
+  saved = {k: data.get(k) for k in expect}
+  if saved != dict(expect):
+    raise ValueError(f"{ckpt.directory}: the checkpoint was made with other data or"
+                     f" batching ({saved} vs now {dict(expect)}); use a fresh workdir")
+  logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+  return state
 
 
 def restore_params(directory: str, abstract_params: Params, step: int | None = None

@@ -46,10 +46,13 @@ def chunked_sft_loss(x_BTD: jax.Array, unembed: Callable[[jax.Array], jax.Array]
   T is cut into chunks of `chunk_size`; each chunk's logits are made, reduced
   to a masked NLL sum and dropped. The chunk body is rematerialised
   (`jax.checkpoint`), so the backward pass also holds one chunk of logits at
-  a time instead of saving every chunk's softmax: extra cost is one more
-  unembedding matmul, saved memory is ~2 x B*T*V*4 bytes.
+  a time instead of saving every chunk's softmax. Extra cost: one more
+  unembedding matmul. Measured (XLA CPU, SmolLM2-135M, B=8, T=512, fp32,
+  chunk 128): compiled step temp memory 13628 -> 12694 MiB without remat
+  (attention dominates), 2251 -> 1317 MiB with remat="full".
   """
   B, T, D = x_BTD.shape
+  chunk_size = min(chunk_size, T)
   n = -(-T // chunk_size)
   pad = n * chunk_size - T
   if pad:
