@@ -15,12 +15,13 @@ import time
 
 import ml_collections
 
-from cai_jax.phases import cli, p1_prompts, p2_critique_revision
+from cai_jax.phases import cli, p1_prompts, p2_critique_revision, p3_sft
 
 # In pipeline order; a stage runs when the config has its section.
 STAGES = (
     ("prompts", p1_prompts),
     ("critique_revision", p2_critique_revision),
+    ("sft", p3_sft),
 )
 
 

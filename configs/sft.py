@@ -91,10 +91,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2
     c.optim.weight_decay = 0.0
   elif arg == "cpu":
-    c.data.eval_size = 32
+    # The pipeline's laptop run has a few dozen records: a short epoch.
+    c.data.eval_size = 8
     c.train.num_epochs = 1
-    c.train.eval_every = 50
-    c.train.save_every = 50
+    c.train.eval_every = 20
+    c.train.save_every = 20
     c.optim.warmup_steps = 10
   elif arg == "full":
     c.model_overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat": "full"})

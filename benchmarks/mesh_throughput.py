@@ -1,0 +1,194 @@
+"""Step throughput across mesh shapes: SFT train step and decode (more as they land).
+
+  # 8 CPU devices (as in CI):
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/mesh_throughput.py \
+      --model=random:smollm2_135m --meshes='8,1,1;1,8,1;1,1,8;2,2,2;4,2,1' \
+      --out=benchmarks/results/mesh_cpu8.json
+  # one GPU:
+  python benchmarks/mesh_throughput.py --model=smollm2-135m-instruct --meshes='1,1,1' \
+      --batch=32 --seq_len=1024 --dtype=bfloat16
+
+For every (workload, mesh): compile seconds, steady-state seconds per step,
+tokens/s, tokens/s per device and MFU = model FLOPs per second / (peak FLOP/s
+x devices). Peak: the device's bf16 datasheet number on GPU/TPU, and on CPU
+the best fp32 matmul rate measured here (so CPU MFU says how close the step
+is to what this machine's matmuls can do).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from cai_jax.checkpoints.load import load_model
+from cai_jax.model import transformer
+from cai_jax.model.sharding import Sharder, make_mesh
+from cai_jax.phases import p3_sft
+from cai_jax.sampling.sampler import Sampler, sequence_keys
+from cai_jax.training import optim
+
+_MODEL = flags.DEFINE_string("model", "random:smollm2_135m", "load_model spec.")
+_MESHES = flags.DEFINE_string("meshes", "8,1,1;1,8,1;1,1,8;2,2,2;4,2,1",
+                              "';'-separated (data,fsdp,tensor) shapes.")
+_WORKLOADS = flags.DEFINE_list("workloads", ["sft", "decode"], "sft, decode.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
+_SEQ = flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
+_NEW = flags.DEFINE_integer("new_tokens", 32, "Decode: new tokens (prompt = seq_len / 4).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full"], "Layer rematerialisation.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak; 0: datasheet/measured.")
+_OUT = flags.DEFINE_string("out", None, "JSON results path (a CSV is written beside it).")
+
+# Dense bf16 datasheet peaks, TFLOP/s per device.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
+                    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+                    "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+def measured_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
+  """Best fp32 matmul rate of one device here (the CPU's practical peak)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best / 1e12
+
+
+def device_peak_tflops() -> tuple[float, str]:
+  if _PEAK.value:
+    return _PEAK.value, "flag"
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_BF16_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, f"{name} bf16 datasheet"
+  # CPU: the forced host devices share the same cores, so the whole machine's
+  # rate is the budget of all of them together.
+  return measured_matmul_tflops() / len(jax.devices()), "measured fp32 matmul / devices"
+
+
+@dataclasses.dataclass
+class Workload:
+  name: str
+  step: Callable[[], object]  # runs one step, returns something to block on
+  tokens_per_step: int
+  flops_per_step: float
+
+
+def sft_workload(cfg, params, sharder: Sharder) -> Workload:
+  B, T = _BATCH.value, _SEQ.value
+  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
+  abstract = transformer.abstract_params(cfg)
+  param_sh = transformer.param_shardings(cfg, sharder)
+  import ml_collections
+  ocfg = ml_collections.ConfigDict(dict(lr=1e-5, pretrain_lr=1e-5, warmup_steps=1,
+                                        decay="constant", end_lr_ratio=1.0, b1=0.9,
+                                        b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  tx, schedule = optim.make_optimizer(ocfg, 100, abstract)
+  state_sh = optim.train_state_shardings(tx, abstract, param_sh, sharder)
+  state = jax.jit(lambda p: optim.init_train_state(p, tx, jax.random.key(0)),
+                  out_shardings=state_sh)(params)
+  batch_sh = sharder.sharding(("batch", "seq"))
+  rs = np.random.RandomState(0)
+  tokens = rs.randint(0, cfg.vocab_size, size=(B, T + 1)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "input_mask": np.ones((B, T), bool), "loss_mask": np.ones((B, T), bool)}
+  batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+  step = jax.jit(functools.partial(p3_sft.train_step, cfg=cfg, tx=tx, schedule=schedule,
+                                   sharder=sharder, microbatches=1, loss_chunk=128),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharder.replicated),
+                 donate_argnums=0)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step(holder["state"], batch)
+    return metrics["loss"]
+
+  # Forward + backward = 3x the forward FLOPs.
+  return Workload("sft", run, B * T, 3 * B * T * cfg.flops_per_token(T // 2))
+
+
+def decode_workload(cfg, params, sharder: Sharder) -> Workload:
+  B, M = _BATCH.value, _NEW.value
+  P = max(_SEQ.value // 4, 1)
+  cfg = cfg.replace(dtype=_DTYPE.value)
+  sampler = Sampler(cfg, max_new_tokens=M, stop_ids=(), pad_id=0, sharder=sharder,
+                    length_buckets=(P,))
+  prompts = [list(range(1, P + 1))] * B
+  keys = sequence_keys(0, range(B))
+  return Workload("decode", lambda: sampler.generate(params, prompts, keys).tokens, B * M,
+                  B * (P * cfg.flops_per_token(P // 2) + M * cfg.flops_per_token(P + M // 2)))
+
+
+WORKLOADS = {"sft": sft_workload, "decode": decode_workload}
+
+
+def measure(w: Workload) -> tuple[float, float]:
+  t = time.perf_counter()
+  jax.block_until_ready(w.step())
+  first = time.perf_counter() - t
+  times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    jax.block_until_ready(w.step())
+    times.append(time.perf_counter() - t)
+  step = float(np.median(times))
+  return max(first - step, 0.0), step
+
+
+def main(argv):
+  del argv
+  peak, peak_source = device_peak_tflops()
+  rows = []
+  for shape_text in _MESHES.value.split(";"):
+    shape = tuple(int(x) for x in shape_text.split(","))
+    sharder = Sharder(make_mesh(shape))
+    n = sharder.mesh.devices.size
+    cfg, params, _ = load_model(_MODEL.value, sharder)
+    for name in _WORKLOADS.value:
+      w = WORKLOADS[name](cfg, params, sharder)
+      compile_s, step_s = measure(w)
+      tps = w.tokens_per_step / step_s
+      row = {"workload": name, "mesh": "x".join(map(str, shape)), "devices": n,
+             "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
+             "tokens_per_s": round(tps, 1), "tokens_per_s_per_device": round(tps / n, 1),
+             "mfu": round(w.flops_per_step / step_s / (peak * 1e12 * n), 4)}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+    del params
+  header = ["workload", "mesh", "devices", "compile_s", "step_s", "tokens_per_s",
+            "tokens_per_s_per_device", "mfu"]
+  print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+  for r in rows:
+    print("| " + " | ".join(str(r[h]) for h in header) + " |")
+  print(f"\npeak per device: {peak:.3f} TFLOP/s ({peak_source}); device:"
+        f" {jax.devices()[0].device_kind}; model {_MODEL.value}")
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump({"peak_tflops_per_device": peak, "peak_source": peak_source,
+                 "device": jax.devices()[0].device_kind, "model": _MODEL.value,
+                 "batch": _BATCH.value, "seq_len": _SEQ.value, "dtype": _DTYPE.value,
+                 "rows": rows}, f, indent=1)
+    with open(os.path.splitext(_OUT.value)[0] + ".csv", "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=header)
+      writer.writeheader()
+      writer.writerows(rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
