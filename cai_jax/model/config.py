@@ -70,6 +70,10 @@ class ModelConfig:
   dtype: str = "float32"
   # Rematerialise each layer in the backward pass: "none" or "full".
   remat: Literal["none", "full"] = "none"
+  # > 0: attention runs over query chunks of this many tokens, each
+  # rematerialised in the backward pass, so [B, N, T, S] logits never exist
+  # at once (memory O(T * chunk) instead of O(T^2) per layer).
+  attention_chunk: int = 0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

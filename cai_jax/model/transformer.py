@@ -222,17 +222,32 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharde
   B, T, N, H = q_BTNH.shape
   K = cfg.num_kv_heads
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  C = cfg.attention_chunk
+  if C and T > C and T % C == 0:
+    # Query chunks under remat: the backward pass recomputes each chunk's
+    # probabilities instead of keeping all of them.
+    chunk_fn = jax.checkpoint(lambda q, m: _attend(q, k_BSKH, v_BSKH, m, cfg))
+    q_nBCKGH = jnp.moveaxis(q_BTKGH.reshape(B, T // C, C, K, N // K, H), 1, 0)
+    mask_nBCS = jnp.moveaxis(mask_BTS.reshape(B, T // C, C, -1), 1, 0)
+    out_nBCKGH = jax.lax.map(lambda qm: chunk_fn(*qm), (q_nBCKGH, mask_nBCS))
+    out_BTKGH = jnp.moveaxis(out_nBCKGH, 0, 1).reshape(B, T, K, N // K, H)
+  else:
+    out_BTKGH = _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cfg)
+  out_BTNH = out_BTKGH.reshape(B, T, N, H)
+  out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w("o"))
+  return out_BTD, new_kv
+
+
+def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Array:
+  """softmax(q.k * scale, masked) . v, with fp32 logits and softmax."""
   logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
                             preferred_element_type=jnp.float32) * cfg.scale
   if cfg.attn_logit_softcap:
     cap = cfg.attn_logit_softcap
     logits_BKGTS = jnp.tanh(logits_BKGTS / cap) * cap
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-  out_BTNH = out_BTKGH.reshape(B, T, N, H)
-  out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w("o"))
-  return out_BTD, new_kv
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTKGH.dtype)
+  return jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
 
 
 def _mlp(lp, x_BTD, cfg, sharder):
