@@ -1,15 +1,24 @@
 """The absl entry point every phase shares: --config=<file>[:variant] --workdir=<dir>.
 
 Flags are defined only in the process that runs a phase, so phase modules
-import each other freely.
+import each other freely. Bad input (a missing file, a malformed
+constitution, a mesh that does not fit, ...) raises one of the errors below
+with a message that names the file or field and the fix; the binary prints
+that one line and exits with status 2 instead of a traceback. Anything else
+is a bug and keeps its traceback.
 """
 
+import logging
+import sys
 from collections.abc import Callable
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from cai_jax import distributed
+
+# Errors that mean "the input is wrong", not "the code is wrong".
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def main(run: Callable) -> None:
@@ -29,8 +38,29 @@ def main(run: Callable) -> None:
       raise app.UsageError("--config is required, e.g. --config=configs/sft.py:cpu")
     distributed.initialize(mode.value, coordinator.value, num_processes.value,
                            process_id.value)
-    result = run(config.value, workdir.value)
+    try:
+      result = run(config.value, workdir.value)
+    except INPUT_ERRORS as e:
+      message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+      logging.error("%s: %s", type(e).__name__, message)
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(2)
     if result is not None and distributed.is_leader():
       print(result)
 
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config override mistakes as one-line errors."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: bad config override {bad}: {str(e).strip(chr(34)).strip(chr(39))}"
+          " is not a field of that config or has the wrong type; see the config file"
+          " for its fields", file=sys.stderr)
+    sys.exit(2)
