@@ -1,0 +1,304 @@
+"""The run's Markdown report: `<workdir>/report/report.md` plus PNG plots.
+
+Every number is read from the run's files: stage 8's `results.json`, stage 7's
+`metrics.jsonl`, stage 6's `calibration/step-*.json`. A section whose input
+is missing says which file is missing instead of being left out, so a report
+of a partial pipeline shows what is still to run.
+
+  python -m cai_jax.report --workdir=runs/cai
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+REPORT_DIR = "report"
+JUDGES = (("pm", "preference model (stage 6)"), ("judge", "judge model (config `judge`)"))
+SECTIONS = ("Models", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
+            "PPO training curves", "Feedback-model accuracy", "Labeler calibration",
+            "Sample answers", "Notes")
+PPO_CURVES = (("reward", "PM reward"), ("kl", "KL(policy || SL-CAI)"),
+              ("response_length", "response length (tokens)"))
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+  """A number as the report prints it; "n/a" for missing or non-finite values."""
+  if x is None or isinstance(x, str) or not np.isfinite(x):
+    return "n/a"
+  return f"{x:.{digits}f}"
+
+
+def cell(text: str, limit: int = 300) -> str:
+  """Text safe inside a Markdown table cell."""
+  text = text if len(text) <= limit else text[:limit] + "…"
+  return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "(empty)"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(r) + " |" for r in rows] + [""])
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, name), dpi=110)
+  _plt().close(fig)
+  return name
+
+
+def _missing(lines: list[str], why: str) -> None:
+  lines += [f"_Not available: {why}_", ""]
+
+
+# --- Sections ------------------------------------------------------------------------------
+
+
+def models_section(results: dict, lines: list[str]) -> None:
+  rows = [[name, m["status"], f"`{m['spec']}`", str(m.get("answers", "n/a")),
+           fmt(m.get("mean_answer_chars"), 1)] for name, m in results["models"].items()]
+  lines += table(["model", "status", "spec", "answers", "mean answer chars"], rows)
+  p = results["prompts"]
+  lines += [f"Held-out prompts: {p['red_team']} red-team, {p['helpful']} helpfulness.", ""]
+
+
+def elo_section(results: dict, out_dir: str, lines: list[str]) -> None:
+  names = results["evaluated_models"]
+  for key, title in JUDGES:
+    data = results.get(key, {})
+    lines += [f"### Judged by the {title}", ""]
+    if key == "judge" and data.get("spec"):
+      lines += [f"Judge: `{data['spec']}` ({data['mode']}); independent of training:"
+                f" {'yes' if data['independent'] else 'NO'} ({data['note']}).", ""]
+    if "missing" in data or not names:
+      _missing(lines, data.get("missing", "no model was evaluated"))
+      continue
+    harm, helpf = data["harmlessness"], data["helpfulness"]
+    rows = [[n, fmt(harm["elo"][n], 1), fmt(helpf["elo"][n], 1),
+             fmt(harm["overall_win_rate"][n]), fmt(helpf["overall_win_rate"][n])]
+            for n in names]
+    lines += [f"Elo: Bradley-Terry maximum likelihood, {names[0]} = 0;"
+              f" {harm['num_games']} harmlessness and {helpf['num_games']} helpfulness"
+              " comparisons.", ""]
+    lines += table(["model", "harmlessness Elo", "helpfulness Elo", "harmlessness win rate",
+                    "helpfulness win rate"], rows)
+    pair_rows = [[f"{a} vs {b}", fmt(harm["win_rate"][a][b]), fmt(helpf["win_rate"][a][b])]
+                 for i, a in enumerate(names) for b in names[i + 1:]]
+    if pair_rows:
+      lines += table(["pair", "harmlessness win rate (first)", "helpfulness win rate (first)"],
+                     pair_rows)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for n in names:
+      ax.scatter(helpf["elo"][n], harm["elo"][n], s=60)
+      ax.annotate(n, (helpf["elo"][n], harm["elo"][n]), textcoords="offset points",
+                  xytext=(5, 5))
+    ax.set_xlabel("helpfulness Elo")
+    ax.set_ylabel("harmlessness Elo")
+    ax.set_title(f"Harmlessness vs helpfulness ({key})")
+    ax.grid(alpha=0.3)
+    lines += [f"![Elo ({key})]({_save(fig, out_dir, f'elo_{key}.png')})", ""]
+
+
+def rounds_section(results: dict, out_dir: str, lines: list[str]) -> None:
+  r = results.get("revision_rounds", {})
+  if "missing" in r:
+    _missing(lines, r["missing"])
+    return
+  lines += [f"{r['count']} stage-2 red-team prompts ({r['mode']} mode); round 0 is the"
+            " initial answer. Fraction whose last revision scores above the initial"
+            f" answer: {fmt(r['improved_fraction'])}.", ""]
+  lines += table(["revision round", "mean PM score", "std. error"],
+                 [[str(k), fmt(m), fmt(s)] for k, m, s in zip(r["rounds"], r["mean"],
+                                                              r["stderr"])])
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.errorbar(r["rounds"], r["mean"], yerr=r["stderr"], marker="o", capsize=3)
+  ax.set_xlabel("number of revisions")
+  ax.set_ylabel("PM harmlessness score")
+  ax.set_xticks(r["rounds"])
+  ax.grid(alpha=0.3)
+  lines += [f"![PM score by revision round]({_save(fig, out_dir, 'revision_rounds.png')})", ""]
+
+
+def ppo_section(workdir: str, out_dir: str, lines: list[str]) -> None:
+  from cai_jax.training.metrics import METRICS_FILE, read_metrics
+  d = os.path.join(workdir, "p7_ppo")
+  if not os.path.exists(os.path.join(d, METRICS_FILE)):
+    _missing(lines, f"{os.path.join(d, METRICS_FILE)} (stage 7 has not run)")
+    return
+  rows = read_metrics(d)
+  present = [(k, label) for k, label in PPO_CURVES if any(k in m for m in rows)]
+  if not present:
+    _missing(lines, f"{d}/{METRICS_FILE} has none of {[k for k, _ in PPO_CURVES]}")
+    return
+  summary = []
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
+  for ax, (k, label) in zip(axes[0], present):
+    pts = [(m["step"], float(m[k])) for m in rows if k in m]
+    steps, vals = zip(*pts)
+    ax.plot(steps, vals, marker=".")
+    ax.set_xlabel("PPO iteration")
+    ax.set_title(label)
+    ax.grid(alpha=0.3)
+    summary.append([k, str(len(pts)), fmt(vals[0]), fmt(vals[-1]), str(steps[-1])])
+  lines += table(["metric", "points", "first", "last", "last iteration"], summary)
+  lines += [f"![PPO curves]({_save(fig, out_dir, 'ppo_curves.png')})", ""]
+
+
+def accuracy_section(results: dict, out_dir: str, lines: list[str]) -> None:
+  acc = results.get("labeler_accuracy", {})
+  if "missing" in acc:
+    _missing(lines, acc["missing"])
+    return
+  if not acc["models"]:
+    _missing(lines, "no feedback model could be loaded")
+    return
+  specs = list(acc["models"])
+  settings = [r["setting"] for r in acc["models"][specs[0]]["rows"]]
+  lines += [f"{acc['num_pairs']} PyRIT human-scored harm pairs (the less harmful response"
+            f" is correct; a is better in {fmt(acc['frac_a_better'])} of them); ensemble ="
+            f" {', '.join(acc['principles'])}.", ""]
+  by = {s: {r["setting"]: r for r in acc["models"][s]["rows"]} for s in specs}
+  lines += table(["setting"] + [f"{s} ({fmt(acc['models'][s]['params_millions'], 1)}M)"
+                                f" acc / ECE" for s in specs],
+                 [[st] + [f"{fmt(by[s][st]['accuracy'])} / {fmt(by[s][st]['ece'])}"
+                          if st in by[s] else "n/a" for s in specs] for st in settings])
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(settings)), 3.5))
+  width = 0.8 / len(specs)
+  for k, s in enumerate(specs):
+    ax.bar(np.arange(len(settings)) + k * width,
+           [by[s][st]["accuracy"] if st in by[s] else np.nan for st in settings], width,
+           label=s)
+  ax.axhline(0.5, color="gray", ls="--", lw=1)
+  ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
+  ax.set_xticklabels(settings, rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1)
+  ax.legend(fontsize=7)
+  lines += [f"![Feedback-model accuracy]({_save(fig, out_dir, 'labeler_accuracy.png')})", ""]
+
+
+def latest_pm_calibration(workdir: str) -> dict | None:
+  files = sorted(glob.glob(os.path.join(workdir, "p6_preference_model", "calibration",
+                                        "step-*.json")))
+  if not files:
+    return None
+  with open(files[-1]) as f:
+    return json.load(f)
+
+
+def calibration_section(results: dict, workdir: str, out_dir: str, lines: list[str]) -> None:
+  curves = []  # (label, [(mean predicted, observed, count)])
+  acc = results.get("labeler_accuracy", {})
+  for spec, m in acc.get("models", {}).items():
+    for row in m["rows"]:
+      curves.append((f"{spec}: {row['setting']}",
+                     [(b["mean_pred"], b["mean_label"], b["count"]) for b in row["reliability"]]))
+  if not curves:
+    _missing(lines, "labeler reliability tables (labeler accuracy above)")
+  pm = latest_pm_calibration(workdir)
+  if pm is None:
+    _missing(lines, f"{workdir}/p6_preference_model/calibration/step-*.json (stage 6)")
+  else:
+    lines += [f"Preference model, held-out AI-labelled pairs at step {pm['step']}:"
+              f" ECE {fmt(pm.get('eval_ece'))}, accuracy {fmt(pm.get('eval_accuracy'))}.", ""]
+    curves.append((f"PM step {pm['step']}",
+                   [(b["mean_pred"], b["mean_label"], b["count"]) for b in pm["bins"]
+                    if b["count"]]))
+  if not curves:
+    return
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5.5, 5))
+  ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1)
+  for label, pts in curves:
+    if pts:
+      x, y, _ = zip(*pts)
+      ax.plot(x, y, marker="o", label=label)
+  ax.set_xlabel("predicted P(a better)")
+  ax.set_ylabel("observed frequency (label)")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.legend(fontsize=6)
+  lines += [f"![Reliability diagram]({_save(fig, out_dir, 'calibration.png')})", ""]
+
+
+def samples_section(results: dict, lines: list[str]) -> None:
+  samples = results.get("samples", [])
+  if not samples:
+    _missing(lines, "no stage-2 records to take sample prompts from")
+    return
+  names = results["evaluated_models"]
+  header = ["prompt", "initial (stage 2)", "revised (stage 2)"] + [f"{n} answer" for n in names]
+  lines += table(header, [[cell(s["prompt"]), cell(s["initial"]), cell(s["revised"])]
+                          + [cell(s["answers"].get(n, "")) for n in names] for s in samples])
+
+
+def build_report(results: dict | None, workdir: str, out_dir: str) -> str:
+  """The Markdown text (plots are written to `out_dir` as a side effect)."""
+  lines = ["# Constitutional AI evaluation report", "",
+           f"Run directory: `{os.path.abspath(workdir)}`.", ""]
+  res_path = os.path.join(workdir, "p8_evaluation", "results.json")
+  for title in SECTIONS:
+    lines += [f"## {title}", ""]
+    if title == "PPO training curves":
+      ppo_section(workdir, out_dir, lines)
+    elif results is None:
+      _missing(lines, f"{res_path} (stage 8 has not run)")
+    elif title == "Models":
+      models_section(results, lines)
+    elif title == "Harmlessness vs helpfulness Elo":
+      elo_section(results, out_dir, lines)
+    elif title == "PM harmlessness score by revision round":
+      rounds_section(results, out_dir, lines)
+    elif title == "Feedback-model accuracy":
+      accuracy_section(results, out_dir, lines)
+    elif title == "Labeler calibration":
+      calibration_section(results, workdir, out_dir, lines)
+    elif title == "Sample answers":
+      samples_section(results, lines)
+    elif title == "Notes":
+      lines += [f"- {n}" for n in results.get("notes", [])] or ["None."]
+      lines.append("")
+  return "\n".join(lines)
+
+
+def write_report(workdir: str) -> str:
+  """Writes `<workdir>/report/report.md` and its plots; returns the report's path."""
+  out_dir = os.path.join(workdir, REPORT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  res_path = os.path.join(workdir, "p8_evaluation", "results.json")
+  results = None
+  if os.path.exists(res_path):
+    with open(res_path) as f:
+      results = json.load(f)
+  text = build_report(results, workdir, out_dir)
+  path = os.path.join(out_dir, "report.md")
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def main() -> None:
+  from absl import app, flags
+  workdir = flags.DEFINE_string("workdir", None, "Pipeline working directory.", required=True)
+  app.run(lambda argv: print(write_report(workdir.value)))
+
+
+if __name__ == "__main__":
+  main()
