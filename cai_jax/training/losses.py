@@ -1,4 +1,4 @@
-"""Token losses: pure float32 array functions returning (sum, count).
+"""Losses: pure float32 array functions returning (sum, count).
 
 A sum and a count (not a mean) compose: microbatches, devices and eval
 batches add up their sums and counts, and the mean is taken once, over the
@@ -71,3 +71,29 @@ def chunked_sft_loss(x_BTD: jax.Array, unembed: Callable[[jax.Array], jax.Array]
   sums_n = jax.lax.map(chunk_sum, (to_chunks(x_BTD), to_chunks(targets_BT),
                                    to_chunks(loss_mask_BT)))
   return jnp.sum(sums_n), jnp.sum(loss_mask_BT.astype(jnp.float32))
+
+
+def bradley_terry_loss(rewards_a_B: jax.Array, rewards_b_B: jax.Array, p_a_B: jax.Array,
+                       mask_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Bradley-Terry NLL of soft preference labels, as (sum, count) over pairs.
+
+    d     = r_a - r_b
+    loss  = -[p log sigma(d) + (1 - p) log sigma(-d)]
+          = p softplus(-d) + (1 - p) softplus(d)
+    dloss/dr_a = sigma(d) - p = -dloss/dr_b
+
+  p = P(a preferred) may be soft (AI labels): the loss is the cross entropy
+  of the model's P(a > b) = sigma(d) against p, minimal (= the entropy of p)
+  at sigma(d) = p. softplus keeps it finite for any |d|. Masked pairs (mask
+  False, e.g. batch padding) add nothing and get no gradient.
+  """
+  d_B = rewards_a_B.astype(jnp.float32) - rewards_b_B.astype(jnp.float32)
+  p_B = p_a_B.astype(jnp.float32)
+  if mask_B is None:
+    mask_B = jnp.ones(d_B.shape, jnp.float32)
+  mask_B = mask_B.astype(jnp.float32)
+  # where before softplus too: a NaN in a masked pair would reach the gradient.
+  d_B = jnp.where(mask_B > 0, d_B, 0.0)
+  p_B = jnp.where(mask_B > 0, p_B, 0.5)
+  nll_B = p_B * jax.nn.softplus(-d_B) + (1.0 - p_B) * jax.nn.softplus(d_B)
+  return jnp.sum(jnp.where(mask_B > 0, nll_B * mask_B, 0.0)), jnp.sum(mask_B)
