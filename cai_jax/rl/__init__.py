@@ -1,0 +1,1 @@
+"""Reinforcement-learning pieces as pure array functions (PPO with a KL penalty)."""

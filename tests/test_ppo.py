@@ -1,0 +1,222 @@
+"""PPO with a KL penalty: the pure pieces against hand computations, then the phase
+on a tiny random model (learning a programmatic reward, exact resume, the binary)."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cai_jax import prompts
+from cai_jax.checkpoints import load
+from cai_jax.phases import p1_prompts, p7_ppo
+from cai_jax.rl import ppo
+from cai_jax.training import checkpoint
+from cai_jax.training.metrics import read_metrics
+from configs import ppo as ppo_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- Pure pieces ---------------------------------------------------------------------------
+
+
+def gae_reference(rewards, values, mask, gamma, lam):
+  """The textbook backwards loop, one sequence at a time."""
+  B, T = rewards.shape
+  adv = np.zeros((B, T))
+  for b in range(B):
+    n = int(mask[b].sum())
+    last = 0.0
+    for t in reversed(range(n)):
+      next_v = values[b, t + 1] if t + 1 < n else 0.0
+      delta = rewards[b, t] + gamma * next_v - values[b, t]
+      last = delta + gamma * lam * last
+      adv[b, t] = last
+  return adv, (adv + values) * mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0)])
+def test_gae_matches_a_numpy_loop(gamma, lam):
+  rng = np.random.default_rng(0)
+  B, T = 4, 9
+  rewards, values = rng.normal(size=(B, T)), rng.normal(size=(B, T))
+  lengths = np.array([9, 5, 1, 7])
+  mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+  rewards = rewards * mask  # padding carries garbage values but no reward
+  adv, ret = jax.jit(ppo.gae, static_argnums=(3, 4))(rewards, values, mask, gamma, lam)
+  ref_adv, ref_ret = gae_reference(rewards, values, mask, gamma, lam)
+  np.testing.assert_allclose(adv, ref_adv, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_estimators():
+  rng = np.random.default_rng(1)
+  logp = np.log(rng.uniform(0.05, 1, size=(3, 5))).astype(np.float32)
+  ref = np.log(rng.uniform(0.05, 1, size=(3, 5))).astype(np.float32)
+  np.testing.assert_allclose(ppo.kl_k1(logp, ref), logp - ref, rtol=1e-6)
+  r = np.exp(ref - logp)
+  np.testing.assert_allclose(ppo.kl_k3(logp, ref), (r - 1) - np.log(r), rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(ppo.kl_k3(logp, ref)) >= 0)
+  for est in (ppo.kl_k1, ppo.kl_k3):
+    assert np.all(np.asarray(est(logp, logp)) == 0.0)
+
+
+def test_clipped_losses_match_a_hand_computation():
+  logp = np.log([[0.5, 0.5, 0.2, 0.9]])
+  old = np.log([[0.25, 0.5, 0.4, 0.1]])  # ratios 2, 1, 0.5, 9
+  adv = np.array([[1.0, -2.0, -1.0, 3.0]])
+  mask = np.array([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
+  total, count = ppo.policy_loss(logp, old, adv, mask, 0.2)
+  # max(-A r, -A clip(r)): t0 max(-2, -1.2) = -1.2; t1 max(2, 2) = 2; t2 max(0.5, 0.8) = 0.8.
+  assert float(count) == 3.0
+  np.testing.assert_allclose(float(total), -1.2 + 2.0 + 0.8, rtol=1e-6)
+  clipped, _ = ppo.clipped_count(logp, old, adv, mask, 0.2)
+  assert float(clipped) == 2.0  # t0 (r > 1.2, A > 0) and t2 (r < 0.8, A < 0)
+
+  values, old_v, ret = np.array([[1.0, 0.0, 2.0]]), np.array([[0.5, 0.0, 2.5]]), np.array(
+      [[0.0, 1.0, 3.0]])
+  vl, vc = ppo.value_loss(values, old_v, ret, np.ones((1, 3)), 0.2)
+  # t0: max(1, 0.7^2); t1: max(1, 1); t2: max(1, 0.7^2 vs clip 2.3 -> 0.49) -> 1.
+  np.testing.assert_allclose(float(vl), 0.5 * (1.0 + 1.0 + 1.0), rtol=1e-6)
+  assert float(vc) == 3.0
+
+
+def test_token_logprobs_equal_full_log_softmax():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 7, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 11)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 11, size=(2, 7)), jnp.int32)
+  logp, ent = ppo.token_logprobs(x, lambda h: h @ w, y, temperature=0.7, chunk_size=3)
+  full = jax.nn.log_softmax((x @ w) / 0.7, axis=-1)
+  np.testing.assert_allclose(logp, np.take_along_axis(full, y[..., None], -1)[..., 0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ent, -np.sum(np.exp(full) * full, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_whiten_and_token_rewards():
+  x = np.array([[1.0, 2.0, 3.0, 100.0]])
+  mask = np.array([[1.0, 1.0, 1.0, 0.0]])
+  w = np.asarray(ppo.whiten(x, mask))
+  np.testing.assert_allclose(w[0, :3], (x[0, :3] - 2.0) / np.std(x[0, :3]), rtol=1e-4)
+  assert w[0, 3] == 0.0
+  r = ppo.token_rewards(np.array([5.0]), np.array([[0.1, 0.2, 0.3, 9.0]]), mask, 0.5)
+  np.testing.assert_allclose(r, [[-0.05, -0.1, -0.15 + 5.0, 0.0]], rtol=1e-6)
+
+
+def test_adaptive_kl_controller_moves_beta_towards_the_target():
+  assert ppo.adaptive_kl_coef(0.1, kl=12.0, target=6.0, horizon=100, n_steps=10) == \
+      pytest.approx(0.1 * (1 + 0.2 * 0.1))  # too much KL: beta up (error clipped to 0.2)
+  assert ppo.adaptive_kl_coef(0.1, kl=5.7, target=6.0, horizon=100, n_steps=10) == \
+      pytest.approx(0.1 * (1 - 0.05 * 0.1))  # too little: beta down
+  assert ppo.adaptive_kl_coef(0.1, kl=6.0, target=6.0, horizon=100, n_steps=10) == 0.1
+
+
+# --- The phase on a tiny model ---------------------------------------------------------------
+
+
+def write_prompts(workdir: str, n: int = 12) -> None:
+  for kind in ("red_team", "helpful"):
+    recs = [prompts.PromptRecord(id=f"{kind}-{i}", prompt=f"{kind} prompt number {i}?",
+                                 source="test", kind=kind) for i in range(n)]
+    prompts.write_jsonl(recs, p1_prompts.output_path(workdir, kind, "train"))
+
+
+TARGET = load.byte_tokenizer().encode("e", add_bos=False)[0]
+
+
+def target_frequency(texts, tokens_BM, lengths_B):
+  """A programmatic reward: how often the response says the target token."""
+  del texts
+  return np.array([np.mean(t[:n] == TARGET) for t, n in zip(tokens_BM, lengths_B)],
+                  np.float32)
+
+
+def tiny_config(**ppo_fields):
+  c = ppo_config.get_config("tiny")
+  c.reward.no_eos_penalty = 0.0
+  c.ppo.update(ppo_fields)
+  return c
+
+
+def tree_hashes(tree):
+  return [hashlib.sha256(np.asarray(x).tobytes()).hexdigest()
+          for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tmp_path):
+  workdir = str(tmp_path)
+  write_prompts(workdir)
+  c = tiny_config(iterations=14, epochs=4)
+  c.kl.estimator, c.kl.coef = "k3", 0.02
+  c.optim.lr = 3e-3
+  c.train.save_every = 100
+  result = p7_ppo.run(c, workdir, reward_fn=target_frequency)
+  log = read_metrics(result.output_dir)
+  first = log[0]
+  # Policy == reference at iteration 1: both KL estimators are exactly 0, and the
+  # trainer's log-probs of the sampled tokens match the sampler's.
+  assert first["kl"] == 0.0 and first["kl_k1"] == 0.0
+  assert first["logprob_gap_max"] < 1e-4
+  before = np.mean([m["reward"] for m in log[:2]])
+  after = np.mean([m["reward"] for m in log[-3:]])
+  print(f"target-token frequency: {before:.4f} -> {after:.4f}; KL per sequence"
+        f" {[round(m['kl'], 2) for m in log]}")
+  assert after > 0.04 and after > 5 * before
+  assert max(m["kl"] for m in log) < 40.0  # 16 tokens: < 2.5 nats a token
+  assert all(m["logprob_gap_max"] < 1e-3 for m in log)
+
+
+def test_resume_is_bit_identical(tmp_path):
+  for d in ("full", "resumed"):
+    write_prompts(str(tmp_path / d))
+  c = tiny_config(iterations=3)
+  c.kl.target, c.kl.horizon = 1.0, 100  # adaptive beta: it must be restored too
+  full = p7_ppo.run(c, str(tmp_path / "full"), reward_fn=target_frequency)
+  part = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency,
+                    should_stop=lambda it: it == 1)
+  assert part.status == "preempted" and part.iteration == 1
+  resumed = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency)
+  assert resumed.status == "done" and resumed.iteration == 3
+  for name in ("params", "opt_state", "key"):
+    a, b = getattr(full.state, name), getattr(resumed.state, name)
+    if name == "key":
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    assert tree_hashes(a) == tree_hashes(b), name
+  untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
+  assert untimed(full.metrics) == untimed(resumed.metrics)
+  assert [m["step"] for m in read_metrics(resumed.output_dir)] == [1, 2, 3]
+
+
+def test_bad_input_errors(tmp_path):
+  c = tiny_config()
+  with pytest.raises(FileNotFoundError, match="run stage 1"):
+    p7_ppo.run(c, str(tmp_path), reward_fn=target_frequency)
+  write_prompts(str(tmp_path), n=2)
+  with pytest.raises(ValueError, match="fewer than rollout.batch_size"):
+    p7_ppo.run(c, str(tmp_path), reward_fn=target_frequency)
+
+
+@pytest.mark.slow
+def test_phase_binary_end_to_end(tmp_path):
+  """The absl binary with the random preference model: checkpoint, metrics, HF export."""
+  workdir = str(tmp_path / "cai")
+  write_prompts(workdir)
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "cai_jax.phases.p7_ppo", "--config=configs/ppo.py:tiny",
+         f"--workdir={workdir}", "--config.ppo.iterations=2", "--config.kl.estimator=k3"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "status='done'" in proc.stdout
+  out = p7_ppo.output_dir(workdir)
+  with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
+    assert ckpt.latest_step() == 2 * 2 * 2  # iterations x epochs x minibatches
+    assert ckpt.restore_data()["iteration"] == 2
+  log = read_metrics(out)
+  assert [m["step"] for m in log] == [1, 2]
+  assert log[0]["kl"] == 0.0 and np.isfinite(log[1]["reward"])
+  assert os.path.exists(os.path.join(out, "hf", "config.json"))
