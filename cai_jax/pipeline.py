@@ -15,13 +15,19 @@ import time
 
 import ml_collections
 
-from cai_jax.phases import cli, p1_prompts, p2_critique_revision, p3_sft
+from cai_jax.phases import (cli, p1_prompts, p2_critique_revision, p3_sft, p4_pairs,
+                            p5_ai_labels, p6_preference_model, p7_ppo, p8_evaluation)
 
 # In pipeline order; a stage runs when the config has its section.
 STAGES = (
     ("prompts", p1_prompts),
     ("critique_revision", p2_critique_revision),
     ("sft", p3_sft),
+    ("pairs", p4_pairs),
+    ("ai_labels", p5_ai_labels),
+    ("preference_model", p6_preference_model),
+    ("ppo", p7_ppo),
+    ("evaluation", p8_evaluation),
 )
 
 

@@ -12,7 +12,8 @@ import os
 
 import ml_collections
 
-STAGES = ("prompts", "critique_revision", "sft")
+STAGES = ("prompts", "critique_revision", "sft", "pairs", "ai_labels", "preference_model",
+          "ppo", "evaluation")
 
 
 def _stage_config(name: str, arg: str) -> ml_collections.ConfigDict:
