@@ -126,7 +126,9 @@ def check_same_config(directory: str, config: Any) -> None:
   """
   path = os.path.join(directory, "config.json")
   current = json.loads(config.to_json())
-  existed = os.path.exists(path)
+  # The config binds the directory only once it holds records: a run that
+  # failed before its first shard (bad model path, ...) may be rerun fixed.
+  existed = os.path.exists(path) and bool(completed_shards(directory))
   distributed.barrier(f"{directory}/config-check")  # all look before any process writes
   if existed:
     with open(path) as f:

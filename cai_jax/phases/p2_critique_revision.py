@@ -140,6 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       raise FileNotFoundError(f"{path}: missing; run stage 1 first"
                               " (python -m cai_jax.phases.p1_prompts ...)")
     inputs += prompts.read_jsonl(path)
+  load_constitution(config.constitution)  # fail on a bad file before touching outputs
   out = output_dir(workdir)
   records.check_same_config(out, config)
   num_shards = -(-len(inputs) // config.shard_size)
