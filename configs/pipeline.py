@@ -27,6 +27,28 @@ def _stage_config(name: str, arg: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   for name in STAGES:
-    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")):
-      c[name] = _stage_config(name, arg)
+    c[name] = _stage_config(name, arg)
+  if arg == "cpu":
+    _fit_laptop_budget(c)
   return c
+
+
+def _fit_laptop_budget(c: ml_collections.ConfigDict) -> None:
+  """The whole pipeline in about 30 minutes on 2 CPU cores: fewer prompts,
+  shorter answers, a few PPO iterations. Each stage's own `cpu` variant is
+  larger (a standalone run of that stage)."""
+  c.prompts.prompts.num_red_team_train = 16
+  c.prompts.prompts.num_helpful_train = 8
+  c.prompts.prompts.num_red_team_held_out = 8
+  c.prompts.prompts.num_helpful_held_out = 8
+  c.critique_revision.max_new_tokens = 48
+  c.pairs.max_new_tokens = 48
+  c.preference_model.data.eval_size = 4
+  c.ppo.ppo.iterations = 3
+  c.ppo.rollout.batch_size = 16
+  c.ppo.rollout.max_new_tokens = 32
+  c.evaluation.num_red_team = 8
+  c.evaluation.num_helpful = 8
+  c.evaluation.max_new_tokens = 48
+  c.evaluation.pm.num_revision_prompts = 16
+  c.evaluation.accuracy.num_pairs = 8
