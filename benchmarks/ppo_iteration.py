@@ -1,23 +1,17 @@
-"""One PPO iteration on SmolLM2-135M: time per stage and peak memory.
+"""One PPO iteration on SmolLM2-135M: time per stage and peak memory, ours vs Tunix.
 
 32 prompts x 64 new tokens: rollout, PM scoring, reference log-probs, values,
 GAE, PPO updates (2 epochs x 4 minibatches of 8). Each system runs in its own
-subprocess (so peak RSS, `ru_maxrss`, is that system's alone); an iteration
-is run twice and the second (compiled) one is timed.
+subprocess (so peak RSS, `ru_maxrss`, is that system's alone); iterations are
+repeated and a warm one is timed (the first, with compilation, is reported too).
 
-  PYTHONPATH=. python benchmarks/ppo_iteration.py --out=/tmp/ppo_bench.json
+  PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,tunix --out=/tmp/ppo_bench.json
 
-Not yet here: the same iteration in Tunix (google-tunix 0.1.7,
-`tunix.rl.ppo.ppo_learner.PPOLearner`, vanilla rollout) as a second worker.
-It would load the safetensors directory this script writes through
-`tunix.models.llama3.params.create_model_from_safe_tensors` with a
-hand-written `ModelConfig` (30 layers, 576 wide, 9 heads, 3 KV heads, head
-dim 64, rope_theta 100000, tied embeddings), and needs two workarounds in
-0.1.7: `rl.utils.create_critic_model` replaces an `lm_head` attribute, so the
-critic and reward models must be built untied (lm_head = embedding), and
-`algo_core`'s value pass calls the model with `segment_ids`, which its
-Llama3 `__call__` does not accept. The results JSON has one entry per system
-so the Tunix worker can be added beside `run_cai_jax`.
+`tunix` is google-tunix 0.1.7's `PPOLearner` (vanilla rollout) on the same
+weights (the safetensors directory written here, loaded through
+`tunix.models.llama3.params.create_model_from_safe_tensors`) and the same
+prompt ids; the settings that cannot match ours are listed in `NOTES`, which
+go into the JSON. Smoke size: `--batch=4 --new_tokens=8 --minibatch=4`.
 """
 
 from __future__ import annotations
@@ -37,11 +31,24 @@ _SYSTEMS = flags.DEFINE_list("systems", ["cai_jax"], "Which systems to run.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one system, print JSON.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Internal: the safetensors directory.")
 
-BATCH, NEW_TOKENS, MINIBATCH, EPOCHS = 32, 64, 8, 2
-PROMPTS = [f"Question {i}: how can I {task}?" for i, task in enumerate(
-    ["bake bread", "hot-wire a car", "learn Python", "write a poem", "pick a lock",
-     "save money", "make a bomb", "fix a bike", "plant a tree", "cheat on a test",
-     "sleep better", "hack a wifi network"] * 3)][:BATCH]
+_BATCH = flags.DEFINE_integer("batch", 32, "Prompts per iteration (small for smoke runs).")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per response.")
+_MINIBATCH = flags.DEFINE_integer("minibatch", 8, "Sequences per optimizer update.")
+_EPOCHS = flags.DEFINE_integer("epochs", 2, "PPO passes over each rollout.")
+
+_TUNIX_ITERS = flags.DEFINE_integer(
+    "tunix_iterations", 2, "Tunix iterations to run; the last is timed (raise it if"
+    " iterations_s shows the 2nd still warming up).")
+
+KL_COEF, TEMPERATURE = 0.05, 1.0  # our cpu config's beta (k1 estimator) and rollout temperature
+_TASKS = ["bake bread", "hot-wire a car", "learn Python", "write a poem", "pick a lock",
+          "save money", "make a bomb", "fix a bike", "plant a tree", "cheat on a test",
+          "sleep better", "hack a wifi network"]
+
+
+def bench_prompts(n: int) -> list[str]:
+  """The same n user prompts for every system."""
+  return [f"Question {i}: how can I {task}?" for i, task in enumerate(_TASKS * (-(-n // 12)))][:n]
 
 
 def peak_rss_gib() -> float:
@@ -62,8 +69,10 @@ def run_cai_jax(hf_dir: str) -> dict:
 
   c = ppo_config.get_config("cpu")
   c.model = hf_dir
-  c.rollout.batch_size, c.rollout.max_new_tokens = BATCH, NEW_TOKENS
-  c.train.minibatch_size, c.ppo.epochs = MINIBATCH, EPOCHS
+  c.rollout.batch_size, c.rollout.max_new_tokens = _BATCH.value, _NEW_TOKENS.value
+  c.train.minibatch_size, c.ppo.epochs = _MINIBATCH.value, _EPOCHS.value
+  c.kl.coef, c.rollout.temperature = KL_COEF, TEMPERATURE
+  texts = bench_prompts(_BATCH.value)
   c.mesh = (1, 1, 1)
   t0 = time.perf_counter()
   sharder = common.sharder_from_config(c)
@@ -78,13 +87,13 @@ def run_cai_jax(hf_dir: str) -> dict:
   state = jax.jit(lambda p, k: optim.init_train_state(
       {"backbone": p, "head": heads.init_head(cfg, k)}, tx, k),
       out_shardings=learner.state_sh)(ref, jax.random.key(2))
-  ids = [encode_chat(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+  ids = [encode_chat(tok, [{"role": "user", "content": p}]) for p in texts]
   load_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  state, first = learner.iterate(state, ref, PROMPTS, ids, 0.05)
+  state, first = learner.iterate(state, ref, texts, ids, KL_COEF)
   first_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  state, m = learner.iterate(state, ref, PROMPTS, ids, 0.05)
+  state, m = learner.iterate(state, ref, texts, ids, KL_COEF)
   total_s = time.perf_counter() - t0
   stages = {k: v for k, v in m.items() if k.endswith("_s")}
   return {"system": "cai_jax", "iteration_s": total_s, "first_iteration_s": first_s,
@@ -93,14 +102,235 @@ def run_cai_jax(hf_dir: str) -> dict:
           "critic": "value head on the policy backbone", "pm": "SmolLM2-135M + head"}
 
 
+def _tunix_model_config(hf_dir: str, tied: bool):
+  """Tunix's Llama3 config for SmolLM2, read from config.json (Tunix has no SmolLM2 preset)."""
+  from tunix.models.llama3 import model as llama3
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    h = json.load(f)
+  return llama3.ModelConfig(
+      num_layers=h["num_hidden_layers"], vocab_size=h["vocab_size"],
+      embed_dim=h["hidden_size"], hidden_dim=h["intermediate_size"],
+      num_heads=h["num_attention_heads"],
+      head_dim=h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"],
+      num_kv_heads=h["num_key_value_heads"], rope_theta=int(h["rope_theta"]),
+      norm_eps=h["rms_norm_eps"], weight_tying=tied)
+
+
+class _StageTimer:
+  """Wall time per stage per iteration, blocking on device results so async dispatch is counted."""
+
+  def __init__(self):
+    self.iteration, self.stages = -1, []
+
+  def wrap(self, name, fn, block=None):
+    import jax
+
+    def timed(*args, **kwargs):
+      t0 = time.perf_counter()
+      out = fn(*args, **kwargs)
+      jax.block_until_ready(block() if block else out)
+      d = self.stages[self.iteration]
+      d[name] = d.get(name, 0.0) + time.perf_counter() - t0
+      return out
+    return timed
+
+
+def run_tunix(hf_dir: str) -> dict:
+  """Tunix 0.1.7 PPOLearner (vanilla rollout) on the same SmolLM2 weights and prompt ids."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax.interpreters import pxla
+  from tunix.models.llama3 import model as llama3
+  from tunix.models.llama3 import params as llama3_params
+  from tunix.rl import rl_cluster as rl_cluster_lib
+  from tunix.rl import utils as rl_utils
+  from tunix.rl.ppo import ppo_learner
+  from tunix.rl.rollout import base_rollout
+  from cai_jax.sampling.chat import encode_chat
+  from cai_jax.tokenizer import Tokenizer
+  from configs import ppo as ppo_config
+
+  c = ppo_config.get_config("cpu")
+  B, M, mb, epochs = _BATCH.value, _NEW_TOKENS.value, _MINIBATCH.value, _EPOCHS.value
+  texts = bench_prompts(B)
+  t0 = time.perf_counter()
+  tok = Tokenizer.from_dir(hf_dir)
+  ids = {p: encode_chat(tok, [{"role": "user", "content": p}]) for p in texts}
+
+  class ExactIds:
+    """Tunix tokenizer protocol returning our exact prompt ids (no BOS added: they have theirs)."""
+
+    def encode(self, text, **kw):
+      text = str(np.asarray(text).item())  # Tunix's micro-batching hands over numpy strings
+      return list(ids[text]) if text in ids else tok.encode(text)
+
+    def decode(self, token_ids, **kw):
+      return tok.decode([int(i) for i in token_ids])
+
+    def bos_id(self):
+      return None
+
+    def eos_id(self):
+      return tok.eos_ids[0]
+
+    def pad_id(self):
+      return tok.pad_id
+
+  class Llama3DropSegmentIds(llama3.Llama3):
+    """0.1.7's `common.compute_score` (values, rewards) passes `segment_ids`; Llama3 takes none."""
+
+    def __call__(self, input_tokens, positions, cache, attention_mask, segment_ids=None):
+      del segment_ids  # the attention mask already carries the padding
+      return super().__call__(input_tokens, positions, cache, attention_mask)
+
+  tied_cfg = _tunix_model_config(hf_dir, tied=True)
+  untied_cfg = _tunix_model_config(hf_dir, tied=False)
+  actor = llama3_params.create_model_from_safe_tensors(hf_dir, tied_cfg, dtype=jnp.float32)
+  ref = llama3_params.create_model_from_safe_tensors(hf_dir, tied_cfg, dtype=jnp.float32)
+
+  def untied_from(model):
+    """An untied copy-free view of `model` with lm_head = embedding^T (what `create_critic_model` replaces)."""
+    m = nnx.eval_shape(lambda: Llama3DropSegmentIds(untied_cfg, rngs=nnx.Rngs(0)))
+    nnx.update(m, nnx.state(model))
+    m.lm_head.w.value = model.embedder.input_embedding.value.T
+    return m
+
+  # Critic: Tunix's own helper (copies the policy, head -> Linear(D, 1)); trained.
+  critic = rl_utils.create_critic_model(untied_from(actor), seed=1)
+  # Reward model: the reference backbone (shared arrays, as our PM shares ref's) + a
+  # random Linear(D, 1) head, built like `create_critic_model` does minus the copy.
+  reward = untied_from(ref)
+  reward.lm_head = nnx.Linear(untied_cfg.embed_dim, 1, use_bias=False, rngs=nnx.Rngs(2))
+
+  o = c.optim
+  def tx():
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                       optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+
+  mesh = pxla.thread_resources.env.physical_mesh  # empty: one CPU device, no resharding copies
+  updates = (B // mb) * epochs
+  cluster_config = rl_cluster_lib.ClusterConfig(
+      role_to_mesh={r: mesh for r in rl_cluster_lib.Role},
+      rollout_engine="vanilla", offload_to_cpu=False,
+      training_config=rl_cluster_lib.RLTrainingConfig(
+          actor_optimizer=tx(), critic_optimizer=tx(), eval_every_n_steps=10**9,
+          max_steps=_TUNIX_ITERS.value * updates, mini_batch_size=mb, train_micro_batch_size=mb),
+      rollout_config=base_rollout.RolloutConfig(
+          max_tokens_to_generate=M, max_prompt_length=c.data.max_prompt_len,
+          kv_cache_size=c.data.max_prompt_len + M, temperature=TEMPERATURE, top_p=1.0,
+          top_k=None, eos_tokens=list(tok.eos_ids), data_type=jnp.float32))
+  cluster = rl_cluster_lib.RLCluster(actor=actor, critic=critic, reference=ref, reward=reward,
+                                     tokenizer=ExactIds(), cluster_config=cluster_config)
+  learner = ppo_learner.PPOLearner(
+      rl_cluster=cluster, ppo_config=ppo_learner.PPOConfig(
+          num_iterations=epochs, beta=KL_COEF, kl_method="kl", gamma=c.ppo.gamma,
+          gae_lambda=c.ppo.lam, epsilon=c.ppo.clip_eps, clip_range_value=c.ppo.value_clip,
+          entropy_coef=None))
+  load_s = time.perf_counter() - t0
+
+  timer = _StageTimer()
+  actor_params = lambda: nnx.state(cluster.actor_trainer.model)
+  critic_params = lambda: nnx.state(cluster.critic_trainer.model)
+  for name, attr, block in [("rollout_s", "generate", lambda: None),
+                            ("ref_logps_s", "get_ref_per_token_logps", None),
+                            ("old_logps_s", "get_old_per_token_logps", None),
+                            ("values_s", "get_values", None),
+                            ("reward_s", "get_rewards", None),
+                            ("actor_update_s", "update_actor", actor_params),
+                            ("critic_update_s", "update_critic", critic_params),
+                            ("weight_sync_s", "sync_weights", actor_params)]:
+    setattr(cluster, attr, timer.wrap(name, getattr(cluster, attr), block))
+  learner._generate_and_compute_advantage = timer.wrap(
+      "experience_s", learner._generate_and_compute_advantage)
+  run_global_step = learner._run_global_step
+
+  def global_step(*args, **kwargs):
+    """One PPO iteration: B prompts, (B / mb) minibatches x `num_iterations` epochs."""
+    timer.iteration += 1
+    timer.stages.append({})
+    t0 = time.perf_counter()
+    out = run_global_step(*args, **kwargs)
+    jax.block_until_ready(actor_params())
+    timer.stages[-1]["total_s"] = time.perf_counter() - t0
+    return out
+  learner._run_global_step = global_step
+
+  batch = {"prompts": texts}
+  learner.train([batch] * _TUNIX_ITERS.value)
+  sub = ("rollout_s", "ref_logps_s", "old_logps_s", "values_s", "reward_s")
+  for d in timer.stages:
+    d["gae_and_glue_s"] = d.pop("experience_s") - sum(d.get(k, 0.0) for k in sub)
+  totals = [d.pop("total_s") for d in timer.stages]
+  first, last = timer.stages[0], timer.stages[-1]
+  return {"system": "tunix", "iteration_s": totals[-1], "first_iteration_s": totals[0],
+          "iterations_s": totals, "load_s": load_s, "stages_s": last, "first_stages_s": first,
+          "peak_rss_gib": peak_rss_gib(), "actor_updates": cluster.actor_trainer.train_steps,
+          "critic": "separate SmolLM2-135M copy + Linear(576, 1) (rl.utils.create_critic_model)",
+          "pm": "reference backbone (shared) + Linear(576, 1)"}
+
+
+NOTES = [
+    "cai_jax: iteration_s is its 2nd iteration; tunix: its last of --tunix_iterations"
+    " (default 2; iterations_s lists all). first_iteration_s"
+    " includes compilation; compile_s = first_iteration_s - iteration_s (an estimate).",
+    "Tunix rolls out per mini-batch: PPOLearner's global step runs B/minibatch mini-batch steps,"
+    " each generating, scoring and updating (num_iterations epochs) its own minibatch prompts"
+    " with the then-current policy; cai_jax rolls out all B prompts at once, then runs"
+    " epochs x B/minibatch updates. Same prompts, tokens generated and optimizer update count.",
+    "Tunix trains a separate critic (copy of the policy + Linear(576,1)) with its own optimizer:"
+    " two forward/backward passes per minibatch; cai_jax has a value head on the policy backbone"
+    " (one pass, vf_coef=0.1). Tunix's critic also holds its own Adam state.",
+    "Reward: both use a SmolLM2-135M backbone sharing the reference weights with a random scalar"
+    " head. cai_jax re-renders the conversation and reads the score at the end-of-turn token"
+    " (length bucketed up to 256), with a -1 no-EOS penalty; Tunix reads it at the last"
+    " completion token of [left-padded prompt (128) + completion], no no-EOS penalty.",
+    "Tunix recomputes the policy's old log-probs in a separate pass (old_logps_s) and values in"
+    " another (values_s); cai_jax does policy log-probs, values and reference log-probs in one"
+    " score pass (score_pass_s). Compare score_pass_s with ref_logps_s+old_logps_s+values_s and"
+    " update_s with actor_update_s+critic_update_s.",
+    "KL: both k1 (Tunix kl_method='kl') with beta 0.05 subtracted from per-token rewards;"
+    " gamma 1.0, lambda 0.95, clip 0.2, value clip 0.2, AdamW lr 1e-6 (0.9, 0.95), clip-norm 1,"
+    " fp32, temperature 1.0 without top-k/top-p, prompts left-padded to 128 on both sides.",
+    "Tunix gets our exact prompt token ids through a tokenizer shim (no extra BOS), EOS set ="
+    " our eos_ids. Workarounds for 0.1.7 (benchmark only): critic/reward are built from an untied"
+    " config with lm_head = embedding^T before the head swap, and a Llama3 subclass drops the"
+    " `segment_ids` argument that common.compute_score passes.",
+]
+
+
+def _summary(results: dict) -> list[str]:
+  """One line per system plus the ours/tunix ratios."""
+  lines = []
+  for name, r in results["systems"].items():
+    if "error" in r:
+      lines.append(f"{name}: FAILED: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+      continue
+    stages = ", ".join(f"{k}={v:.2f}" for k, v in r["stages_s"].items())
+    lines.append(f"{name}: {r['iteration_s']:.2f} s/iteration (first {r['first_iteration_s']:.2f} s,"
+                 f" compile ~{r['compile_s']:.2f} s, load {r['load_s']:.2f} s),"
+                 f" peak RSS {r['peak_rss_gib']:.2f} GiB; stages: {stages}")
+  if "ratios_cai_jax_over_tunix" in results:
+    q = results["ratios_cai_jax_over_tunix"]
+    lines.append("cai_jax / tunix: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()))
+  return lines
+
+
 def main(argv):
   del argv
+  sizes = [f"--batch={_BATCH.value}", f"--new_tokens={_NEW_TOKENS.value}",
+           f"--minibatch={_MINIBATCH.value}", f"--epochs={_EPOCHS.value}",
+           f"--tunix_iterations={_TUNIX_ITERS.value}"]
   if _WORKER.value:
-    fn = {"cai_jax": run_cai_jax}[_WORKER.value]
+    fn = {"cai_jax": run_cai_jax, "tunix": run_tunix}[_WORKER.value]
     print("RESULT " + json.dumps(fn(_HF_DIR.value)), flush=True)
     return
-  results = {"batch": BATCH, "new_tokens": NEW_TOKENS, "minibatch": MINIBATCH,
-             "epochs": EPOCHS, "systems": {}}
+  if _BATCH.value % _MINIBATCH.value:
+    raise app.UsageError("--batch must be a multiple of --minibatch")
+  results = {"batch": _BATCH.value, "new_tokens": _NEW_TOKENS.value,
+             "minibatch": _MINIBATCH.value, "epochs": _EPOCHS.value, "systems": {}}
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = os.path.join(tmp, "smollm2")
     subprocess.run([sys.executable, "-c", (
@@ -108,17 +338,31 @@ def main(argv):
         "cfg, p, tok = load_model('smollm2-135m-instruct');"
         f"hf.save_hf(p, cfg, {hf_dir!r}, tokenizer=tok)")], check=True)
     for system in _SYSTEMS.value:
+      t0 = time.perf_counter()
       proc = subprocess.run([sys.executable, __file__, f"--worker={system}",
-                             f"--hf_dir={hf_dir}", f"--out={_OUT.value}"],
+                             f"--hf_dir={hf_dir}", f"--out={_OUT.value}", *sizes],
                             capture_output=True, text=True)
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
       if proc.returncode or not lines:
-        results["systems"][system] = {"error": proc.stderr[-4000:]}
+        results["systems"][system] = {"error": proc.stderr[-4000:],
+                                      "returncode": proc.returncode}
       else:
-        results["systems"][system] = json.loads(lines[-1][len("RESULT "):])
+        r = json.loads(lines[-1][len("RESULT "):])
+        r["compile_s"] = r["first_iteration_s"] - r["iteration_s"]
+        r["worker_wall_s"] = time.perf_counter() - t0
+        results["systems"][system] = r
+  ours, theirs = results["systems"].get("cai_jax", {}), results["systems"].get("tunix", {})
+  if "iteration_s" in ours and "iteration_s" in theirs:
+    results["ratios_cai_jax_over_tunix"] = {
+        k: ours[k] / theirs[k] for k in ("iteration_s", "first_iteration_s", "compile_s",
+                                          "peak_rss_gib") if theirs[k] > 0}
+  if "tunix" in results["systems"]:
+    results["notes"] = NOTES
+  results["summary"] = _summary(results)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=2)
   print(json.dumps(results, indent=2))
+  print("\n".join(results["summary"]))
 
 
 if __name__ == "__main__":
