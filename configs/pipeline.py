@@ -47,6 +47,7 @@ def _fit_laptop_budget(c: ml_collections.ConfigDict) -> None:
   c.ppo.ppo.iterations = 3
   c.ppo.rollout.batch_size = 16
   c.ppo.rollout.max_new_tokens = 32
+  c.ppo.data.max_prompt_len = 256  # keep every stage-1 prompt
   c.evaluation.num_red_team = 8
   c.evaluation.num_helpful = 8
   c.evaluation.max_new_tokens = 48

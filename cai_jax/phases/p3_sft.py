@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -534,17 +535,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   step = int(jax.device_get(state.step))
   if status == "done":
-    export_hf(state.params, cfg, tok, os.path.join(out, "hf"))
+    export_hf(state.params, cfg, tok, os.path.join(out, "hf"), step)
   return SFTResult(status, step, last, out, state)
 
 
-def export_hf(params, cfg: ModelConfig, tok: Tokenizer, path: str) -> None:
-  """The final params as a Hugging Face directory (gathered to process 0)."""
+def export_hf(params, cfg: ModelConfig, tok: Tokenizer, path: str, step: int) -> None:
+  """The final params as a Hugging Face directory (gathered to process 0).
+
+  Skipped when `path` already holds the export of this step, so rerunning a
+  finished stage leaves its files (and what later stages derived from them)
+  untouched.
+  """
+  marker = os.path.join(path, "cai_jax_export.json")
+  if os.path.exists(marker):
+    with open(marker) as f:
+      if json.load(f).get("step") == step:
+        return
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     hf.save_hf(params, cfg, path, tokenizer=tok)
+    with open(marker, "w") as f:
+      json.dump({"step": step}, f)
     logging.info("exported %s", path)
 
 

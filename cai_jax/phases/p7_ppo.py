@@ -541,7 +541,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       ckpt.close()
 
   if status == "done":
-    p3_sft.export_hf(state.params["backbone"], cfg, tok, os.path.join(out, "hf"))
+    p3_sft.export_hf(state.params["backbone"], cfg, tok, os.path.join(out, "hf"), start)
   return PPOResult(status, start, last, out, state)
 
 
