@@ -1,0 +1,64 @@
+"""Stage 5 (AI feedback labels): soft A/B preferences from a feedback model.
+
+  python -m cai_jax.phases.p5_ai_labels --config=configs/ai_labels.py:cpu --workdir=runs/cai
+
+Variants: `tiny` (tests: set `feedback_models` to a tiny model directory),
+`cpu` (the bundled model and mode that labelled best in our measurements,
+see below), `full` (the paper's recipe for a large pretrained feedback
+model: multiple choice, few-shot, both orders, an ensemble of principles;
+point `feedback_models` at it, e.g. `--config.feedback_models='("/ckpt/llama3-70b-hf",)'`).
+
+DEFAULT_CHOICE_RATIONALE
+"""
+
+import ml_collections
+
+# Chosen from benchmarks/labeler_accuracy.py (see the docstring above).
+DEFAULT_FEEDBACK_MODELS = ("qwen2.5-coder-0.5b-instruct",)
+DEFAULT_MODE = "pointwise"
+
+
+def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.feedback_models = DEFAULT_FEEDBACK_MODELS  # load_model specs; several = an ensemble
+  c.model_ensemble = "mean"  # or "majority" (vote share) across feedback models
+  c.dtype = "float32"
+  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): scoring is data-parallel
+  c.constitution = "harmless"
+  c.kinds = ("red_team", "helpful")  # which stage-4 pairs to label
+  c.mode = DEFAULT_MODE  # "multiple_choice" or "pointwise"
+  c.num_principles = 1  # principles drawn per pair; the label is their mean
+  c.principle_ids = ()  # fixed principles for every pair instead of draws
+  c.num_few_shot = 0  # comparison_few_shot examples in the A/B prompt
+  c.order_swap = True  # ask in both orders (removes position bias)
+  c.order_combine = "logit"  # mean log-odds over orders ("prob": mean probability)
+  c.chain_of_thought = False
+  c.cot_clamp = (0.4, 0.6)  # the paper's clamp for chain-of-thought probabilities
+  c.cot_max_new_tokens = 96
+  c.cot_temperature = 0.0
+  c.pointwise_temperature = 1.0
+  c.prompt_format = "plain"  # or "chat": the question in the model's chat template
+  c.max_response_tokens = 256  # each response cut to this many tokens (0: never)
+  c.batch_size = 8
+  c.shard_size = 64
+  if arg == "cpu":
+    c.shard_size = 16
+  elif arg == "tiny":
+    c.feedback_models = ()  # tests set a tiny model directory
+    c.mode = "multiple_choice"
+    c.max_response_tokens = 16
+    c.cot_max_new_tokens = 8
+    c.batch_size = 8
+    c.shard_size = 3
+  elif arg == "full":
+    c.dtype = "bfloat16"
+    c.mode = "multiple_choice"
+    c.num_principles = 4
+    c.num_few_shot = 2
+    c.max_response_tokens = 1024
+    c.batch_size = 64
+    c.shard_size = 1024
+  else:
+    raise ValueError(f"configs/ai_labels.py: unknown variant {arg!r}; use cpu, tiny or full")
+  return c

@@ -1,0 +1,41 @@
+"""Stage 4 (response pairs): two samples per prompt from the SL-CAI model.
+
+  python -m cai_jax.phases.p4_pairs --config=configs/pairs.py:cpu --workdir=runs/cai
+
+`model` defaults to "" = stage 3's export `<workdir>/p3_sft/hf` (the SL-CAI
+model); set it to sample from another model, e.g.
+`--config.model=smollm2-135m-instruct` to skip SFT in a smoke run.
+
+Variants: `tiny` (tests), `cpu` (short answers on a laptop), `full`
+(accelerators; long answers, big shards).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ""  # "": <workdir>/p3_sft/hf; else any load_model spec
+  c.dtype = "float32"
+  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): sampling is data-parallel
+  c.max_new_tokens = 256
+  c.max_prompt_tokens = 1024
+  c.shard_size = 64
+  # Two independent samples at temperature 1 (the policy's own distribution),
+  # so the pair differs and the feedback model has something to choose between.
+  c.sampling = dict(temperature=1.0, top_k=0, top_p=0.95)
+  if arg == "cpu":
+    c.max_new_tokens = 96
+    c.shard_size = 8
+  elif arg == "tiny":
+    c.max_new_tokens = 8
+    c.shard_size = 4
+  elif arg == "full":
+    c.dtype = "bfloat16"
+    c.max_new_tokens = 512
+    c.max_prompt_tokens = 2048
+    c.shard_size = 512
+  else:
+    raise ValueError(f"configs/pairs.py: unknown variant {arg!r}; use cpu, tiny or full")
+  return c

