@@ -74,8 +74,8 @@ def time_torch(model, batch: int, prompt_len: int, new: int, repeats: int, vocab
   import torch
   ids = torch.tensor(_prompts(batch, prompt_len, vocab))
   mask = torch.ones_like(ids)
-  kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
-            pad_token_id=0)
+  model.generation_config.eos_token_id = None  # no early stop, as on our side
+  kw = dict(max_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
   with torch.inference_mode():
     model.generate(input_ids=ids, attention_mask=mask, **kw)  # warm-up
     best = float("inf")

@@ -37,6 +37,8 @@ def hf_reference():
   d, name = os.path.split(path)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       d, gguf_file=name, dtype=torch.float32).eval()
+  # Neither side stops at or suppresses EOS: 32 tokens, EOS included if chosen.
+  model.generation_config.eos_token_id = None
   return model
 
 
@@ -51,8 +53,9 @@ def test_greedy_generation_matches_transformers(smollm2, hf_reference):
   with torch.no_grad():
     ref = hf_reference.generate(
         input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
-        max_new_tokens=32, min_new_tokens=32, do_sample=False,
+        max_new_tokens=32, do_sample=False,
         pad_token_id=tok.pad_id)[:, ids.shape[1]:].numpy()
+  assert ref.shape == (4, 32)
   np.testing.assert_array_equal(ours.tokens, ref)
   answer = tok.decode(ours.tokens[0])
   assert "Paris" in answer, answer
