@@ -112,6 +112,11 @@ def runs(ensemble: tuple[str, ...], ensemble_runs: Sequence[str]
                               principle_ids=principles("pointwise_chat")), [
           Row("pointwise yes/no, chat template", "pointwise_chat", 1, 2)]),
   }
+  # The phase's default: principles drawn per pair from the whole constitution.
+  plan["pointwise_drawn"] = (
+      dict(mode="pointwise", principle_ids=(),
+           num_principles=k if "pointwise_drawn" in ensemble_runs else 1),
+      [Row("pointwise yes/no, drawn principle", "pointwise_drawn", 1, 2)])
   unknown = [r for r in ensemble_runs if r not in plan]
   if unknown:
     raise ValueError(f"unknown --ensemble_runs {unknown}; choose from {sorted(plan)}")
@@ -196,7 +201,8 @@ def row_result(row: Row, run: dict, a_better: np.ndarray) -> dict:
     extra = fit_pointwise_temperature(row, run, a_better)
   else:
     extra = {}
-  out = dict(row=row.name, run=row.run, principles=list(s.principle_ids[:row.principles]),
+  out = dict(row=row.name, run=row.run,
+             principles=list(s.principle_ids[:row.principles]) or f"{row.principles} drawn",
              orders=row.orders, clamp=row.clamp, pairs=len(p),
              comparisons_per_s=rate, rate_is_estimate=used != total,
              answer_mass=float(np.exp(logp[:, :row.principles, :row.orders]).sum(-1).mean()),
