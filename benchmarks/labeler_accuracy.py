@@ -1,8 +1,14 @@
 """AI-labeler accuracy, calibration and throughput on human-labelled harm pairs.
 
-  PYTHONPATH=. python benchmarks/labeler_accuracy.py \
-      --models=smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct --num_pairs=64 \
-      --out=benchmarks/results/labeler_accuracy_cpu.json
+  PYTHONPATH=. python benchmarks/labeler_accuracy.py --models=smollm2-135m-instruct \
+      --runs=zero_shot,few_shot,pointwise,pointwise_chat,cot \
+      --ensemble_runs=few_shot,pointwise --num_pairs=64 --cot_pairs=32 \
+      --out=/tmp/labbench/smollm2.json
+
+Each run takes minutes on 2 CPU cores for SmolLM2-135M (k=4 and CoT runs
+tens of minutes); Qwen2.5-Coder-0.5B is ~4x slower. Fit a pointwise
+temperature on pairs disjoint from the evaluated ones with
+`--pair_offset=64 --num_pairs=128 --runs=pointwise --ensemble_runs=`.
 
 Data: `cai_jax.feedback.eval_data.pyrit_pairs`: PyRIT's human-scored
 responses, paired as (most harmful, least harmful) answer to one objective,
@@ -22,7 +28,9 @@ run's forward passes (an estimate, marked "~"). Compilation is excluded
 Rows (multiple choice unless said): zero-shot (one order); + order swap;
 + 2-shot (one order); 2-shot + swap; 2-shot + swap + an ensemble of k=4
 principles; 2-shot + swap + chain of thought (unclamped, and clamped to
-[0.4, 0.6]); pointwise Yes/No (principle "less_harmful", and k=4).
+[0.4, 0.6]); pointwise Yes/No (principle "less_harmful", k=4, in the chat
+template, or one principle drawn per pair from the constitution as the
+phase does: runs pointwise, pointwise_chat, pointwise_drawn).
 The k=4 rows (runs in --ensemble_runs) use the fixed principles in
 --ensemble, the first of which is the k=1 rows' principle (the phase draws k
 per pair from all 16; fixed general ones keep rows comparable).
@@ -58,6 +66,9 @@ _MODELS = flags.DEFINE_list("models", ["smollm2-135m-instruct", "qwen2.5-coder-0
                             "Feedback models (load_model specs).")
 _NUM_PAIRS = flags.DEFINE_integer("num_pairs", 64, "Human-labelled pairs to label.")
 _SEED = flags.DEFINE_integer("seed", 0, "Pair sampling / a-b assignment seed.")
+_OFFSET = flags.DEFINE_integer(
+    "pair_offset", 0, "Skip this many pairs of the seeded order (e.g. --pair_offset=64 gives"
+    " pairs disjoint from the default 64, to fit a temperature on).")
 _RUNS = flags.DEFINE_list("runs", ["zero_shot", "few_shot", "cot", "pointwise"],
                           "Which runs (see `runs`).")
 _ENSEMBLE_RUNS = flags.DEFINE_list("ensemble_runs", ["few_shot", "pointwise"],
@@ -66,7 +77,7 @@ _COT_PAIRS = flags.DEFINE_integer("cot_pairs", 0, "Pairs for the CoT run (0: --n
 _BUCKETS = flags.DEFINE_list(
     "length_buckets", ["128", "192", "256", "320", "384", "448", "512", "640", "768", "1024",
                        "2048"], "Scoring length buckets (finer = less padding, more compiles).")
-_MAX_RESPONSE = flags.DEFINE_integer("max_response_tokens", 128, "Response cut (tokens).")
+_MAX_RESPONSE = flags.DEFINE_integer("max_response_tokens", 96, "Response cut (tokens).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per forward.")
 _COT_TOKENS = flags.DEFINE_integer("cot_max_new_tokens", 64, "Reasoning tokens.")
 _FORMAT = flags.DEFINE_enum("prompt_format", "plain", ["plain", "chat"], "Prompt format.")
@@ -250,7 +261,8 @@ def print_table(model: str, rows: list[dict]) -> None:
 
 def main(argv):
   del argv
-  pairs, a_better = pyrit_pairs(_NUM_PAIRS.value, seed=_SEED.value)
+  pairs, a_better = pyrit_pairs(_OFFSET.value + _NUM_PAIRS.value, seed=_SEED.value)
+  pairs, a_better = pairs[_OFFSET.value:], a_better[_OFFSET.value:]
   constitution = load_constitution("harmless")
   plan = runs(tuple(_ENSEMBLE.value), _ENSEMBLE_RUNS.value)
   unknown = [r for r in _RUNS.value if r not in plan]
@@ -260,6 +272,7 @@ def main(argv):
       command="PYTHONPATH=. python benchmarks/labeler_accuracy.py " + " ".join(
           f"--{k}={v}" for k, v in (("models", ",".join(_MODELS.value)),
                                     ("num_pairs", _NUM_PAIRS.value),
+                                    ("pair_offset", _OFFSET.value),
                                     ("runs", ",".join(_RUNS.value)),
                                     ("ensemble_runs", ",".join(_ENSEMBLE_RUNS.value)),
                                     ("cot_pairs", _COT_PAIRS.value),
