@@ -3,11 +3,18 @@
   python benchmarks/decode.py --model=smollm2-135m-instruct --batch_sizes=1,8,32 \
       --prompt_len=64 --new_tokens=128 --out=benchmarks/results/decode_cpu.json
 
-Both sides run greedy decoding with a KV cache, fp32 weights, the same prompt
-tokens and exactly `new_tokens` new tokens per sequence (no early stop). The
-batch-1 rate is also given as a fraction of the memory-bandwidth limit: each
-decode step must read every weight once, so the limit is
-bandwidth / weight bytes tokens per second; bandwidth is measured here.
+  # on a GPU (transformers on CUDA), bf16 weights, a 1B model too:
+  python benchmarks/decode.py --model=random:llama3_2_1b --dtype=bfloat16 \
+      --batch_sizes=1,8,32,128 --out=/tmp/decode_gpu.json
+
+Both sides run greedy decoding with a KV cache, the same weights (`--dtype`;
+fp32 by default), the same prompt tokens and exactly `new_tokens` new tokens
+per sequence (no early stop). transformers runs on CUDA when JAX's default
+backend is a GPU, else on the CPU. The batch-1 rate is also given as a
+fraction of the memory-bandwidth limit: each decode step must read every
+weight once, so the limit is bandwidth / weight bytes tokens per second;
+bandwidth is measured here (a large array sum: numpy on the CPU, jitted on an
+accelerator).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Weight and compute dtype (both sides).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers generate.")
 _THREADS = flags.DEFINE_integer("torch_threads", os.cpu_count() or 1, "torch threads.")
 _OUT = flags.DEFINE_string("out", None, "Write results JSON here.")
@@ -38,11 +47,26 @@ _OUT = flags.DEFINE_string("out", None, "Write results JSON here.")
 
 def memory_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
   """Best read bandwidth of a large array sum, GB/s (a machine limit to compare to)."""
+  if jax.default_backend() != "cpu":
+    return device_bandwidth_gbs(4 * size_bytes, repeats)
   x = np.ones(size_bytes // 8, np.float64)
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
     x.sum()
+    best = min(best, time.perf_counter() - t)
+  return size_bytes / best / 1e9
+
+
+def device_bandwidth_gbs(size_bytes: int, repeats: int) -> float:
+  """Best read bandwidth of a jitted sum over a device array, GB/s."""
+  x = jax.device_put(np.ones(size_bytes // 4, np.float32))
+  total = jax.jit(lambda a: a.sum())
+  total(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    total(x).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return size_bytes / best / 1e9
 
@@ -72,8 +96,9 @@ def time_ours(cfg, params, batch: int, prompt_len: int, new: int, repeats: int) 
 
 def time_torch(model, batch: int, prompt_len: int, new: int, repeats: int, vocab: int) -> dict:
   import torch
-  ids = torch.tensor(_prompts(batch, prompt_len, vocab))
+  ids = torch.tensor(_prompts(batch, prompt_len, vocab), device=model.device)
   mask = torch.ones_like(ids)
+  sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
   model.generation_config.eos_token_id = None  # no early stop, as on our side
   kw = dict(max_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
   with torch.inference_mode():
@@ -82,19 +107,20 @@ def time_torch(model, batch: int, prompt_len: int, new: int, repeats: int, vocab
     for _ in range(repeats):
       t = time.perf_counter()
       out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+      sync()
       best = min(best, time.perf_counter() - t)
   return {"seconds": best, "tokens_per_s": batch * new / best,
-          "tokens": out[:, prompt_len:].numpy()}
+          "tokens": out[:, prompt_len:].cpu().numpy()}
 
 
 def main(argv):
   del argv
-  cfg, params, tok = load_model(_MODEL.value)
+  cfg, params, tok = load_model(_MODEL.value, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   bandwidth = memory_bandwidth_gbs()
   results = {"model": _MODEL.value, "device": str(jax.devices()[0].device_kind),
              "platform": platform.platform(), "cpu_count": os.cpu_count(),
-             "prompt_len": _PROMPT.value, "new_tokens": _NEW.value,
+             "prompt_len": _PROMPT.value, "new_tokens": _NEW.value, "dtype": _DTYPE.value,
              "weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth,
              "bandwidth_limit_tokens_per_s": bandwidth * 1e9 / weight_bytes, "runs": []}
   model = None
@@ -102,10 +128,12 @@ def main(argv):
     import torch
     import transformers
     torch.set_num_threads(_THREADS.value)
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as d:
-      hf.save_hf(params, cfg, d)  # the same fp32 weights for both sides
+      hf.save_hf(params, cfg, d)  # the same weights for both sides
       model = transformers.AutoModelForCausalLM.from_pretrained(
-          d, dtype=torch.float32).eval()
+          d, dtype=getattr(torch, _DTYPE.value)).to(device).eval()
+    results["torch_device"] = device
   for b in (int(x) for x in _BATCHES.value):
     ours = time_ours(cfg, params, b, _PROMPT.value, _NEW.value, _REPEATS.value)
     row = {"batch": b, "ours_tokens_per_s": ours["tokens_per_s"],

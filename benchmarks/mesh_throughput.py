@@ -1,4 +1,4 @@
-"""Step throughput across mesh shapes: SFT train step and decode (more as they land).
+"""Step throughput across mesh shapes: the SFT, PM and PPO train steps and decode.
 
   # 8 CPU devices (as in CI):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/mesh_throughput.py \
@@ -7,6 +7,12 @@
   # one GPU:
   python benchmarks/mesh_throughput.py --model=smollm2-135m-instruct --meshes='1,1,1' \
       --batch=32 --seq_len=1024 --dtype=bfloat16
+
+Workloads: `sft` (p3_sft.train_step, batch x seq tokens), `pm`
+(p6_preference_model.train_step on batch pairs, so 2 x batch x seq tokens),
+`ppo` (p7_ppo.train_step on a minibatch of batch rollouts, prompt seq/4 and
+response 3seq/4, value head on the shared backbone) and `decode` (the sampler,
+prompt seq/4, --new_tokens new tokens).
 
 For every (workload, mesh): compile seconds, steady-state seconds per step,
 tokens/s, tokens/s per device and MFU = model FLOPs per second / (peak FLOP/s
@@ -33,14 +39,17 @@ from absl import app, flags
 from cai_jax.checkpoints.load import load_model
 from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
-from cai_jax.phases import p3_sft
+from benchmarks import peaks
+from cai_jax.model import heads
+from cai_jax.phases import p3_sft, p6_preference_model, p7_ppo
 from cai_jax.sampling.sampler import Sampler, sequence_keys
 from cai_jax.training import optim
 
 _MODEL = flags.DEFINE_string("model", "random:smollm2_135m", "load_model spec.")
 _MESHES = flags.DEFINE_string("meshes", "8,1,1;1,8,1;1,1,8;2,2,2;4,2,1",
                               "';'-separated (data,fsdp,tensor) shapes.")
-_WORKLOADS = flags.DEFINE_list("workloads", ["sft", "decode"], "sft, decode.")
+_WORKLOADS = flags.DEFINE_list("workloads", ["sft", "pm", "ppo", "decode"],
+                               "Any of sft, pm, ppo, decode.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "Decode: new tokens (prompt = seq_len / 4).")
@@ -49,12 +58,6 @@ _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full"], "Layer rematerialisation.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak; 0: datasheet/measured.")
 _OUT = flags.DEFINE_string("out", None, "JSON results path (a CSV is written beside it).")
-
-# Dense bf16 datasheet peaks, TFLOP/s per device.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
-                    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-                    "TPU v5p": 459.0, "TPU v6 lite": 918.0}
-
 
 def measured_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
   """Best fp32 matmul rate of one device here (the CPU's practical peak)."""
@@ -73,9 +76,9 @@ def device_peak_tflops() -> tuple[float, str]:
   if _PEAK.value:
     return _PEAK.value, "flag"
   kind = jax.devices()[0].device_kind
-  for name, peak in PEAK_BF16_TFLOPS.items():
-    if name.lower() in kind.lower():
-      return peak, f"{name} bf16 datasheet"
+  peak = peaks.datasheet_bf16_tflops(kind)
+  if peak:
+    return peak, f"{kind} bf16 datasheet"
   # CPU: the forced host devices share the same cores, so the whole machine's
   # rate is the budget of all of them together.
   return measured_matmul_tflops() / len(jax.devices()), "measured fp32 matmul / devices"
@@ -89,11 +92,8 @@ class Workload:
   flops_per_step: float
 
 
-def sft_workload(cfg, params, sharder: Sharder) -> Workload:
-  B, T = _BATCH.value, _SEQ.value
-  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
-  abstract = transformer.abstract_params(cfg)
-  param_sh = transformer.param_shardings(cfg, sharder)
+def train_state(params, abstract, param_sh, sharder: Sharder):
+  """(AdamW, schedule, state shardings, state) for `params`, laid out on the mesh."""
   import ml_collections
   ocfg = ml_collections.ConfigDict(dict(lr=1e-5, pretrain_lr=1e-5, warmup_steps=1,
                                         decay="constant", end_lr_ratio=1.0, b1=0.9,
@@ -102,6 +102,33 @@ def sft_workload(cfg, params, sharder: Sharder) -> Workload:
   state_sh = optim.train_state_shardings(tx, abstract, param_sh, sharder)
   state = jax.jit(lambda p: optim.init_train_state(p, tx, jax.random.key(0)),
                   out_shardings=state_sh)(params)
+  return tx, schedule, state_sh, state
+
+
+def with_head(cfg, params, sharder: Sharder):
+  """(abstract, shardings, params) of the backbone plus a scalar head (PM, value)."""
+  head = jax.jit(functools.partial(heads.init_head, cfg),
+                 out_shardings=heads.head_shardings(cfg, sharder))(jax.random.key(1))
+  abstract = {"backbone": transformer.abstract_params(cfg), "head": jax.eval_shape(lambda: head)}
+  return abstract, heads.scalar_model_shardings(cfg, sharder), {"backbone": params,
+                                                                 "head": head}
+
+
+def stepper(step, state):
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step(holder["state"])
+    return metrics
+  return run
+
+
+def sft_workload(cfg, params, sharder: Sharder) -> Workload:
+  B, T = _BATCH.value, _SEQ.value
+  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
+  abstract = transformer.abstract_params(cfg)
+  param_sh = transformer.param_shardings(cfg, sharder)
+  tx, schedule, state_sh, state = train_state(params, abstract, param_sh, sharder)
   batch_sh = sharder.sharding(("batch", "seq"))
   rs = np.random.RandomState(0)
   tokens = rs.randint(0, cfg.vocab_size, size=(B, T + 1)).astype(np.int32)
@@ -112,14 +139,57 @@ def sft_workload(cfg, params, sharder: Sharder) -> Workload:
                                    sharder=sharder, microbatches=1, loss_chunk=128),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharder.replicated),
                  donate_argnums=0)
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = step(holder["state"], batch)
-    return metrics["loss"]
-
   # Forward + backward = 3x the forward FLOPs.
-  return Workload("sft", run, B * T, 3 * B * T * cfg.flops_per_token(T // 2))
+  return Workload("sft", stepper(lambda s: step(s, batch), state), B * T,
+                  3 * B * T * cfg.flops_per_token(T // 2))
+
+
+def pm_workload(cfg, params, sharder: Sharder) -> Workload:
+  B, T = _BATCH.value, _SEQ.value
+  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
+  abstract, param_sh, model = with_head(cfg, params, sharder)
+  tx, schedule, state_sh, state = train_state(model, abstract, param_sh, sharder)
+  rs = np.random.RandomState(0)
+  lengths = rs.randint(T // 2, T + 1, size=(B, 2))
+  batch = {"tokens": rs.randint(0, cfg.vocab_size, size=(B, 2, T)).astype(np.int32),
+           "mask": np.arange(T)[None, None] < lengths[..., None],
+           "p_a": rs.rand(B).astype(np.float32), "valid": np.ones(B, bool)}
+  batch_sh = p6_preference_model.batch_shardings(sharder)
+  batch = p6_preference_model.to_global(batch, batch_sh)
+  step = jax.jit(functools.partial(p6_preference_model.train_step, cfg=cfg, tx=tx,
+                                   schedule=schedule, sharder=sharder, microbatches=1),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharder.replicated),
+                 donate_argnums=0)
+  return Workload("pm", stepper(lambda s: step(s, batch), state), 2 * B * T,
+                  3 * 2 * B * T * cfg.flops_per_token(T // 2))
+
+
+def ppo_workload(cfg, params, sharder: Sharder) -> Workload:
+  B, T = _BATCH.value, _SEQ.value
+  P = max(T // 4, 1)
+  M = T - P
+  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
+  abstract, param_sh, model = with_head(cfg, params, sharder)
+  tx, _, state_sh, state = train_state(model, abstract, param_sh, sharder)
+  rs = np.random.RandomState(0)
+  seq = rs.randint(0, cfg.vocab_size, size=(B, P + M)).astype(np.int32)
+  lengths = rs.randint(M // 2, M + 1, size=B)
+  mask = (np.arange(M)[None] < lengths[:, None]).astype(np.float32)
+  mb = {"inputs": seq[:, :-1], "input_mask": np.ones((B, P + M - 1), bool),
+        "targets": seq[:, P:], "mask": mask,
+        "old_logp": -rs.rand(B, M).astype(np.float32) * 5,
+        "old_values": rs.randn(B, M).astype(np.float32),
+        "adv": rs.randn(B, M).astype(np.float32),
+        "returns": rs.randn(B, M).astype(np.float32)}
+  row_sh = sharder.sharding(("batch", None))
+  mb = {k: jax.device_put(v, row_sh) for k, v in mb.items()}
+  step = jax.jit(functools.partial(p7_ppo.train_step, tx=tx, microbatches=1, sharder=sharder,
+                                   cfg=cfg, prompt_len=P, temperature=1.0, chunk=128,
+                                   clip_eps=0.2, value_clip=0.2, vf_coef=0.1, ent_coef=0.0),
+                 in_shardings=(state_sh, row_sh), out_shardings=(state_sh, sharder.replicated),
+                 donate_argnums=0)
+  return Workload("ppo", stepper(lambda s: step(s, mb), state), B * (P + M - 1),
+                  3 * B * (P + M - 1) * cfg.flops_per_token((P + M) // 2))
 
 
 def decode_workload(cfg, params, sharder: Sharder) -> Workload:
@@ -134,7 +204,8 @@ def decode_workload(cfg, params, sharder: Sharder) -> Workload:
                   B * (P * cfg.flops_per_token(P // 2) + M * cfg.flops_per_token(P + M // 2)))
 
 
-WORKLOADS = {"sft": sft_workload, "decode": decode_workload}
+WORKLOADS = {"sft": sft_workload, "pm": pm_workload, "ppo": ppo_workload,
+             "decode": decode_workload}
 
 
 def measure(w: Workload) -> tuple[float, float]:
@@ -156,7 +227,7 @@ def main(argv):
   rows = []
   for shape_text in _MESHES.value.split(";"):
     shape = tuple(int(x) for x in shape_text.split(","))
-    sharder = Sharder(make_mesh(shape))
+    sharder = Sharder(make_mesh(shape, jax.devices()[:int(np.prod(shape))]))
     n = sharder.mesh.devices.size
     cfg, params, _ = load_model(_MODEL.value, sharder)
     for name in _WORKLOADS.value:

@@ -31,6 +31,11 @@ _SYSTEMS = flags.DEFINE_list("systems", ["cai_jax"], "Which systems to run.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one system, print JSON.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Internal: the safetensors directory.")
 
+_MODEL = flags.DEFINE_string(
+    "model", "smollm2-135m-instruct", "Policy (and PM backbone): a bundled asset or"
+    " random:<preset> (e.g. random:smollm2_135m where the asset is not installed).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Our compute dtype (fp32 params either way); Tunix runs fp32.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Prompts per iteration (small for smoke runs).")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per response.")
 _MINIBATCH = flags.DEFINE_integer("minibatch", 8, "Sequences per optimizer update.")
@@ -72,6 +77,7 @@ def run_cai_jax(hf_dir: str) -> dict:
   c.rollout.batch_size, c.rollout.max_new_tokens = _BATCH.value, _NEW_TOKENS.value
   c.train.minibatch_size, c.ppo.epochs = _MINIBATCH.value, _EPOCHS.value
   c.kl.coef, c.rollout.temperature = KL_COEF, TEMPERATURE
+  c.model_overrides.dtype = _DTYPE.value
   texts = bench_prompts(_BATCH.value)
   c.mesh = (1, 1, 1)
   t0 = time.perf_counter()
@@ -96,7 +102,7 @@ def run_cai_jax(hf_dir: str) -> dict:
   state, m = learner.iterate(state, ref, texts, ids, KL_COEF)
   total_s = time.perf_counter() - t0
   stages = {k: v for k, v in m.items() if k.endswith("_s")}
-  return {"system": "cai_jax", "iteration_s": total_s, "first_iteration_s": first_s,
+  return {"system": "cai_jax", "device": jax.devices()[0].device_kind, "iteration_s": total_s, "first_iteration_s": first_s,
           "load_s": load_s, "stages_s": stages, "peak_rss_gib": peak_rss_gib(),
           "logprob_gap": m["logprob_gap"], "response_length": m["response_length"],
           "critic": "value head on the policy backbone", "pm": "SmolLM2-135M + head"}
@@ -320,7 +326,7 @@ def _summary(results: dict) -> list[str]:
 
 def main(argv):
   del argv
-  sizes = [f"--batch={_BATCH.value}", f"--new_tokens={_NEW_TOKENS.value}",
+  sizes = [f"--dtype={_DTYPE.value}", f"--batch={_BATCH.value}", f"--new_tokens={_NEW_TOKENS.value}",
            f"--minibatch={_MINIBATCH.value}", f"--epochs={_EPOCHS.value}",
            f"--tunix_iterations={_TUNIX_ITERS.value}"]
   if _WORKER.value:
@@ -329,13 +335,13 @@ def main(argv):
     return
   if _BATCH.value % _MINIBATCH.value:
     raise app.UsageError("--batch must be a multiple of --minibatch")
-  results = {"batch": _BATCH.value, "new_tokens": _NEW_TOKENS.value,
+  results = {"model": _MODEL.value, "dtype": _DTYPE.value, "batch": _BATCH.value, "new_tokens": _NEW_TOKENS.value,
              "minibatch": _MINIBATCH.value, "epochs": _EPOCHS.value, "systems": {}}
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = os.path.join(tmp, "smollm2")
     subprocess.run([sys.executable, "-c", (
         "from cai_jax.checkpoints import hf; from cai_jax.checkpoints.load import load_model;"
-        "cfg, p, tok = load_model('smollm2-135m-instruct');"
+        f"cfg, p, tok = load_model({_MODEL.value!r});"
         f"hf.save_hf(p, cfg, {hf_dir!r}, tokenizer=tok)")], check=True)
     for system in _SYSTEMS.value:
       t0 = time.perf_counter()

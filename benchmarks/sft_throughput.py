@@ -16,6 +16,16 @@ Implementations (--impls):
   torch        transformers model, forward/backward, torch.optim.AdamW(fused)
   trl          trl.SFTTrainer on the pre-tokenized rows (labels -100 on prompts)
 
+On a GPU (`--device=gpu`: JAX and PyTorch both on the GPU), use
+`--dtype=bfloat16`: all three keep fp32 master weights and compute in bf16
+(ours: compute dtype; PyTorch: autocast; TRL: `bf16=True`), and utilisation
+is also given against the device's dense bf16 datasheet peak. `--model` takes
+a bundled asset or `random:<preset>` (random weights written once to a HF
+directory that every implementation loads):
+
+  python benchmarks/sft_throughput.py --model=random:smollm2_135m --device=gpu --dtype=bfloat16 \
+      --batch=16 --seq=1024 --steps=20 --warmup=3 --out=/tmp/sft_gpu.json
+
 Quick check of the script itself (not a measurement):
   PYTHONPATH=. python benchmarks/sft_throughput.py --batch=2 --seq=64 --steps=2 \
       --warmup=1 --out=/tmp/sft_check.json
@@ -33,8 +43,13 @@ import time
 
 from absl import app, flags
 
+from benchmarks import peaks
+
 _OUT = flags.DEFINE_string("out", None, "Where to write the results (JSON).")
-_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Bundled asset name.")
+_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
+                             "Bundled asset name or random:<preset>.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype (master weights stay fp32).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
@@ -44,23 +59,16 @@ _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 128, "Tokens per logits chunk (
 _LR = flags.DEFINE_float("lr", 1e-5, "Learning rate (constant).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one implementation.")
 _DATA = flags.DEFINE_string("data", None, "Internal: the token rows (.npz).")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Internal: the model's HF directory.")
+_DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where every implementation runs.")
 _RESULT = flags.DEFINE_string("result", None, "Internal: the worker's JSON output.")
 
-MATMUL_SIZES = (512, 1024, 2048)
+CPU_MATMUL_SIZES = (512, 1024, 2048)
+GPU_MATMUL_SIZES = (4096, 8192)
 
 
 def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def best_rate(run_once, sizes=MATMUL_SIZES, reps: int = 5) -> float:
-  """Best FLOP/s of an n x n x n fp32 matmul over `sizes`, as `run_once(n)` times it."""
-  best = 0.0
-  for n in sizes:
-    run_once(n)  # warm up (compile, allocate)
-    secs = min(run_once(n) for _ in range(reps))
-    best = max(best, 2 * n**3 / secs)
-  return best
 
 
 def response_mask(T: int):
@@ -77,7 +85,20 @@ def response_mask(T: int):
 # --- Workers (each in its own process) -------------------------------------------------------
 
 
-def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int) -> dict:
+def on_gpu() -> bool:
+  return _DEVICE.value == "gpu"
+
+
+def matmul_sizes() -> tuple[int, ...]:
+  return GPU_MATMUL_SIZES if on_gpu() else CPU_MATMUL_SIZES
+
+
+def torch_device() -> str:
+  return "cuda" if on_gpu() else "cpu"
+
+
+def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
+               hf_dir: str) -> dict:
   import functools
 
   import jax
@@ -92,8 +113,8 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int) -
   from cai_jax.training import optim
 
   sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))
-  cfg, params, _ = load_model(_MODEL.value, sharder, param_dtype="float32",
-                              dtype="float32", remat="none")
+  cfg, params, _ = load_model(hf_dir, sharder, param_dtype="float32",
+                              dtype=_DTYPE.value, remat="none")
   c = ml_collections.ConfigDict(dict(lr=_LR.value, warmup_steps=0, decay="constant",
                                      end_lr_ratio=1.0, b1=0.9, b2=0.999, eps=1e-8,
                                      weight_decay=0.0, clip_norm=1.0))
@@ -127,18 +148,26 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int) -
   jax.block_until_ready(state)
   secs = time.perf_counter() - t0
 
-  def matmul(n):
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    jax.block_until_ready(f(a, a))
-    start = time.perf_counter()
-    jax.block_until_ready(f(a, a))
-    return time.perf_counter() - start
-
   return {"seconds": secs, "losses": [float(x) for x in losses],
-          "peak_rss_mib": peak_rss_mib(), "matmul_flops": best_rate(matmul),
-          "backend": jax.default_backend(),
+          "peak_rss_mib": peak_rss_mib(),
+          "matmul_flops": peaks.jax_matmul_flops(_DTYPE.value, matmul_sizes()),
+          "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+          "peak_device_mib": _jax_peak_device_mib(),
           "version": f"jax {jax.__version__}"}
+
+
+def _jax_peak_device_mib() -> float | None:
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return peak / 2**20 if peak is not None else None
+
+
+def _torch_peak_device_mib() -> float | None:
+  import torch
+  if torch_device() != "cuda":
+    return None
+  return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _torch_model(hf_dir: str):
@@ -147,7 +176,7 @@ def _torch_model(hf_dir: str):
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   model.config.use_cache = False
-  return model.train()
+  return model.to(torch_device()).train()
 
 
 def _labels(rows, T: int):
@@ -160,15 +189,7 @@ def _labels(rows, T: int):
 
 
 def _torch_matmul_rate() -> float:
-  import torch
-
-  def matmul(n):
-    a = torch.ones(n, n, dtype=torch.float32)
-    torch.mm(a, a)
-    start = time.perf_counter()
-    torch.mm(a, a)
-    return time.perf_counter() - start
-  return best_rate(matmul)
+  return peaks.torch_matmul_flops(_DTYPE.value, matmul_sizes(), torch_device())
 
 
 def worker_torch(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> dict:
@@ -183,20 +204,24 @@ def worker_torch(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=_LR.value, weight_decay=0.0, foreach=True)
     fused = False
   labels = _labels(rows, T)
+  device = torch_device()
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=_DTYPE.value == "bfloat16")
   losses, t0 = [], None
   for i in range(warmup + steps):
     if i == warmup:
       t0 = time.perf_counter()
     idx = (i * B + np.arange(B)) % len(rows)
-    ids = torch.from_numpy(rows[idx, :T].astype(np.int64))
-    out = model(input_ids=ids, labels=torch.from_numpy(labels[idx]))
+    ids = torch.from_numpy(rows[idx, :T].astype(np.int64)).to(device)
+    with autocast:
+      out = model(input_ids=ids, labels=torch.from_numpy(labels[idx]).to(device))
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    losses.append(out.loss.item())
+    losses.append(out.loss.item())  # a host sync each step, like the others' metrics
   secs = time.perf_counter() - t0
   return {"seconds": secs, "losses": losses, "peak_rss_mib": peak_rss_mib(),
+          "peak_device_mib": _torch_peak_device_mib(), "device": device,
           "matmul_flops": _torch_matmul_rate(), "fused_adamw": fused,
           "threads": torch.get_num_threads(), "version": f"torch {torch.__version__}",
           "attn_implementation": model.config._attn_implementation}
@@ -237,7 +262,8 @@ def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> di
         output_dir=out, per_device_train_batch_size=B, max_length=T, packing=False,
         max_steps=warmup + steps, learning_rate=_LR.value, lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
+        save_strategy="no", report_to="none", use_cpu=torch_device() == "cpu",
+        bf16=_DTYPE.value == "bfloat16", fp16=False,
         dataloader_num_workers=0, disable_tqdm=True, seed=0, shuffle_dataset=False)
     trainer = InOrder(model=model, args=args, train_dataset=data, processing_class=tok,
                       callbacks=[Clock()])
@@ -246,6 +272,7 @@ def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> di
   # Seconds from the end of the last warmup step to the end of the last step.
   first = stamps[warmup - 1] if warmup else start
   return {"seconds": stamps[-1] - first, "losses": losses, "peak_rss_mib": peak_rss_mib(),
+          "peak_device_mib": _torch_peak_device_mib(),
           "matmul_flops": _torch_matmul_rate(), "threads": torch.get_num_threads(),
           "version": f"trl {trl.__version__}, transformers {transformers.__version__}"}
 
@@ -256,13 +283,10 @@ def run_worker(name: str) -> None:
   B, T, steps, warmup = _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value
   if name in ("jax", "jax_chunked"):
     chunk = _LOSS_CHUNK.value if name == "jax_chunked" else 0
-    result = worker_jax(rows, B, T, steps, warmup, chunk)
+    result = worker_jax(rows, B, T, steps, warmup, chunk, _HF_DIR.value)
   else:
-    from cai_jax import assets
-    from cai_jax.checkpoints import gguf
-    hf_dir = gguf.cached_hf_dir(assets.gguf_path(_MODEL.value))
     fn = worker_torch if name == "torch" else worker_trl
-    result = fn(rows, B, T, steps, warmup, hf_dir)
+    result = fn(rows, B, T, steps, warmup, _HF_DIR.value)
   with open(_RESULT.value, "w") as f:
     json.dump(result, f)
 
@@ -279,17 +303,22 @@ def main(argv) -> None:
     raise app.UsageError("--out=<results.json> is required")
   import numpy as np
 
-  from cai_jax import assets
-  from cai_jax.checkpoints import gguf
+  from cai_jax.checkpoints.hf import read_hf_config
 
   B, T, steps = _BATCH.value, _SEQ.value, _STEPS.value
-  gguf.cached_hf_dir(assets.gguf_path(_MODEL.value))  # convert once, outside the timings
-  # Token ids the model knows (not special ones), the same rows for everyone.
-  rows = np.random.default_rng(0).integers(100, 49152, (max(4 * B, 32), T + 1), np.int32)
-  results: dict = {"model": _MODEL.value, "batch": B, "seq": T, "steps": steps,
-                   "warmup": _WARMUP.value, "dtype": "float32", "remat": "none",
-                   "cpu_count": os.cpu_count(), "impls": {}}
+  child_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+  if not on_gpu():
+    child_env["JAX_PLATFORMS"] = "cpu"
+  os.environ["JAX_PLATFORMS"] = "cpu"  # this process only writes the weights
   with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = model_hf_dir(_MODEL.value, tmp)  # convert once, outside the timings
+    cfg = read_hf_config(hf_dir)
+    # Token ids the model knows (not special ones), the same rows for everyone.
+    rows = np.random.default_rng(0).integers(100, cfg.vocab_size, (max(4 * B, 32), T + 1),
+                                             np.int32)
+    results: dict = {"model": _MODEL.value, "batch": B, "seq": T, "steps": steps,
+                     "warmup": _WARMUP.value, "dtype": _DTYPE.value, "remat": "none",
+                     "cpu_count": os.cpu_count(), "impls": {}}
     data = os.path.join(tmp, "rows.npz")
     np.savez(data, rows=rows)
     for name in _IMPLS.value:
@@ -297,11 +326,11 @@ def main(argv) -> None:
       cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--data={data}",
              f"--result={result_path}", f"--batch={B}", f"--seq={T}", f"--steps={steps}",
              f"--warmup={_WARMUP.value}", f"--loss_chunk={_LOSS_CHUNK.value}",
-             f"--lr={_LR.value}", f"--model={_MODEL.value}"]
-      env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+             f"--lr={_LR.value}", f"--model={_MODEL.value}", f"--hf_dir={hf_dir}",
+             f"--dtype={_DTYPE.value}", f"--device={_DEVICE.value}"]
       print(f"running {name} ...", flush=True)
       start = time.perf_counter()
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+      proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
       if proc.returncode != 0:
         results["impls"][name] = {"error": proc.stderr[-4000:]}
         print(f"{name} failed:\n{proc.stderr[-4000:]}", flush=True)
@@ -310,8 +339,7 @@ def main(argv) -> None:
         r = json.load(f)
       r["wall_s_including_load"] = time.perf_counter() - start
       r["tokens_per_s"] = B * T * steps / r["seconds"]
-      flops_per_token = 3 * _flops_per_token(_MODEL.value, T)
-      r["model_flops_per_s"] = r["tokens_per_s"] * flops_per_token
+      r["model_flops_per_s"] = r["tokens_per_s"] * 3 * cfg.flops_per_token(T)
       r["flop_utilization"] = r["model_flops_per_s"] / r["matmul_flops"]
       results["impls"][name] = r
       print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB,"
@@ -319,25 +347,37 @@ def main(argv) -> None:
             f" matmul, first loss {r['losses'][0] if r['losses'] else float('nan'):.4f}",
             flush=True)
   ok = {k: v for k, v in results["impls"].items() if "tokens_per_s" in v}
+  kind = next((v["device"] for k, v in ok.items() if k.startswith("jax")), "")
+  datasheet = peaks.datasheet_bf16_tflops(kind) if on_gpu() else None
+  if datasheet:  # the issue's GPU figure: MFU against the dense bf16 datasheet peak
+    results["device"], results["datasheet_bf16_tflops"] = kind, datasheet
+    for v in ok.values():
+      v["mfu_vs_bf16_datasheet"] = v["model_flops_per_s"] / (datasheet * 1e12)
   for ours in ("jax", "jax_chunked"):
     for other in ("torch", "trl"):
       if ours in ok and other in ok:
         results[f"speedup_{ours}_vs_{other}"] = (ok[ours]["tokens_per_s"]
                                                  / ok[other]["tokens_per_s"])
-  results["train_flops_per_token"] = 3 * _flops_per_token(_MODEL.value, T)
+  results["train_flops_per_token"] = 3 * cfg.flops_per_token(T)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)
   print(json.dumps({k: v for k, v in results.items() if k != "impls"}, indent=1))
 
 
-def _flops_per_token(model: str, T: int) -> float:
-  """Forward FLOPs per token of the model's config, attention over T keys."""
+def model_hf_dir(model: str, tmp: str) -> str:
+  """A HF directory of `model`: the cached conversion of an asset, or random weights."""
+  if model.startswith("random:"):
+    from cai_jax.checkpoints import hf
+    from cai_jax.checkpoints.load import load_model
+    cfg, params, tok = load_model(model, param_dtype="float32", dtype="float32")
+    path = os.path.join(tmp, "hf")
+    hf.save_hf(params, cfg, path)
+    tok.save(path)
+    return path
   from cai_jax import assets
   from cai_jax.checkpoints import gguf
-  from cai_jax.checkpoints.hf import read_hf_config
-  cfg = read_hf_config(gguf.cached_hf_dir(assets.gguf_path(model)))
-  return cfg.flops_per_token(T)
+  return gguf.cached_hf_dir(assets.gguf_path(model))
 
 
 if __name__ == "__main__":

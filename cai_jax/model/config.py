@@ -203,6 +203,17 @@ def gemma3_270m(**kw) -> ModelConfig:
   return ModelConfig(**{**base, **kw})
 
 
+def llama3_2_1b(**kw) -> ModelConfig:
+  base = dict(family="llama", vocab_size=128256, dim=2048, num_layers=16,
+              num_heads=32, num_kv_heads=8, head_dim=64, mlp_dim=8192,
+              norm_eps=1e-5, rope_theta=500_000.0,
+              rope_scaling=Llama3RopeScaling(factor=32.0), tie_embeddings=True,
+              max_seq_len=131072, bos_token_id=128000,
+              eos_token_ids=(128001, 128008, 128009), param_dtype="bfloat16",
+              dtype="bfloat16")
+  return ModelConfig(**{**base, **kw})
+
+
 def llama3_8b(**kw) -> ModelConfig:
   base = dict(family="llama", vocab_size=128256, dim=4096, num_layers=32,
               num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14336,
@@ -222,5 +233,6 @@ PRESETS = {
     "smollm2_135m": smollm2_135m,
     "qwen2_5_0_5b": qwen2_5_0_5b,
     "gemma3_270m": gemma3_270m,
+    "llama3_2_1b": llama3_2_1b,
     "llama3_8b": llama3_8b,
 }

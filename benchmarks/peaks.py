@@ -1,0 +1,56 @@
+"""Machine limits the benchmarks compare against: datasheet peaks and measured rates."""
+
+from __future__ import annotations
+
+import time
+
+# Dense bf16 datasheet peaks, TFLOP/s per device (matched against device_kind).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
+                    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+                    "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+def datasheet_bf16_tflops(device_kind: str) -> float | None:
+  for name, peak in PEAK_BF16_TFLOPS.items():
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def best_rate(run_once, sizes, reps: int = 5) -> float:
+  """Best FLOP/s of an n x n x n matmul over `sizes`, as `run_once(n)` (seconds) times it."""
+  best = 0.0
+  for n in sizes:
+    run_once(n)  # warm up (compile, allocate)
+    secs = min(run_once(n) for _ in range(reps))
+    best = max(best, 2 * n**3 / secs)
+  return best
+
+
+def jax_matmul_flops(dtype: str, sizes) -> float:
+  import jax
+  import jax.numpy as jnp
+  f = jax.jit(lambda x, y: x @ y)
+
+  def run_once(n):
+    a = jax.random.normal(jax.random.key(n), (n, n), jnp.float32).astype(dtype)
+    jax.block_until_ready(f(a, a))
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    return time.perf_counter() - start
+  return best_rate(run_once, sizes)
+
+
+def torch_matmul_flops(dtype: str, sizes, device: str = "cpu") -> float:
+  import torch
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def run_once(n):
+    a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    torch.mm(a, a)
+    sync()
+    start = time.perf_counter()
+    torch.mm(a, a)
+    sync()
+    return time.perf_counter() - start
+  return best_rate(run_once, sizes)
