@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The GPU rows of BENCHMARKS.md, in two parts that each fit a 10-minute slot:
-#   benchmarks/gpu_suite.sh decode_sft OUT_DIR   # decode vs transformers, SFT vs TRL/PyTorch
-#   benchmarks/gpu_suite.sh mesh_ppo OUT_DIR     # mesh table (sft/pm/ppo/decode), PPO iteration
+# The GPU rows of BENCHMARKS.md; each named step has its own time limit so a
+# set of them fits one 10-minute slot:
+#   benchmarks/gpu_suite.sh OUT_DIR decode_smollm2 decode_llama1b sft mesh ppo
 # Random weights of the named architectures (the benchmarks time the same
 # computation whatever the weight values; the bundled GGUF need not be there).
 # Wheels in .whl/ (packages the machine lacks) are installed first when present.
 set -uo pipefail
-part=${1:?part: decode_sft or mesh_ppo}
-out=${2:?output directory}
+out=${1:?output directory}; shift
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -18,30 +17,30 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c "import jax, torch, transformers; print(jax.__version__, jax.devices(), torch.__version__, torch.cuda.get_device_name(), transformers.__version__)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 
-step() {  # step NAME SECONDS CMD...: run with a time limit, keep going on failure
+run_step() {  # run_step NAME SECONDS CMD...: run with a time limit, keep going on failure
   local name=$1 limit=$2; shift 2
   echo "=== $name"; local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | grep -vE "Warning|warn\(|^\s*$" | tail -40
   echo "=== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s"
 }
 
-case $part in
-  decode_sft)
+for name in "$@"; do
+  case $name in
     # JAX and PyTorch share the GPU in the decode process.
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step decode_smollm2 150 python3 benchmarks/decode.py \
-      --model=random:smollm2_135m --dtype=bfloat16 --batch_sizes=1,8,32,128 \
-      --out="$out/decode_gpu_smollm2.json"
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step decode_llama1b 150 python3 benchmarks/decode.py \
-      --model=random:llama3_2_1b --dtype=bfloat16 --batch_sizes=1,8,32,128 \
-      --out="$out/decode_gpu_llama3_2_1b.json"
-    step sft 250 python3 benchmarks/sft_throughput.py --model=random:smollm2_135m --device=gpu \
-      --dtype=bfloat16 --batch=16 --seq=1024 --steps=20 --warmup=3 --out="$out/sft_gpu.json"
-    ;;
-  mesh_ppo)
-    step mesh 300 python3 benchmarks/mesh_throughput.py --model=random:smollm2_135m \
-      --meshes='1,1,1' --batch=16 --seq_len=1024 --new_tokens=128 --dtype=bfloat16 --steps=5 \
-      --out="$out/mesh_gpu.json"
-    step ppo 240 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
-      --dtype=bfloat16 --systems=cai_jax --out="$out/ppo_gpu.json"
-    ;;
-esac
+    decode_smollm2) XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 run_step "$name" 240 \
+      python3 benchmarks/decode.py --model=random:smollm2_135m --dtype=bfloat16 \
+      --batch_sizes=1,8,32,128 --out="$out/decode_gpu_smollm2.json" ;;
+    decode_llama1b) XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 run_step "$name" 180 \
+      python3 benchmarks/decode.py --model=random:llama3_2_1b --dtype=bfloat16 \
+      --batch_sizes=1,8,32,128 --out="$out/decode_gpu_llama3_2_1b.json" ;;
+    sft) run_step "$name" 260 python3 benchmarks/sft_throughput.py --model=random:smollm2_135m \
+      --device=gpu --dtype=bfloat16 --batch=16 --seq=1024 --steps=20 --warmup=3 \
+      --out="$out/sft_gpu.json" ;;
+    mesh) run_step "$name" 280 python3 benchmarks/mesh_throughput.py \
+      --model=random:smollm2_135m --meshes='1,1,1' --batch=16 --seq_len=1024 \
+      --new_tokens=128 --dtype=bfloat16 --steps=5 --out="$out/mesh_gpu.json" ;;
+    ppo) run_step "$name" 200 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
+      --dtype=bfloat16 --systems=cai_jax --out="$out/ppo_gpu.json" ;;
+    *) echo "unknown step $name"; exit 2 ;;
+  esac
+done

@@ -262,6 +262,7 @@ def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> di
         output_dir=out, per_device_train_batch_size=B, max_length=T, packing=False,
         max_steps=warmup + steps, learning_rate=_LR.value, lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
+        gradient_checkpointing=False,  # TRL's default is on; the race is without it
         save_strategy="no", report_to="none", use_cpu=torch_device() == "cpu",
         bf16=_DTYPE.value == "bfloat16", fp16=False,
         dataloader_num_workers=0, disable_tqdm=True, seed=0, shuffle_dataset=False)
@@ -301,6 +302,8 @@ def main(argv) -> None:
     return
   if not _OUT.value:
     raise app.UsageError("--out=<results.json> is required")
+  import jax
+  jax.config.update("jax_platforms", "cpu")  # this process only writes the weights
   import numpy as np
 
   from cai_jax.checkpoints.hf import read_hf_config
@@ -309,7 +312,6 @@ def main(argv) -> None:
   child_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
   if not on_gpu():
     child_env["JAX_PLATFORMS"] = "cpu"
-  os.environ["JAX_PLATFORMS"] = "cpu"  # this process only writes the weights
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = model_hf_dir(_MODEL.value, tmp)  # convert once, outside the timings
     cfg = read_hf_config(hf_dir)
