@@ -34,10 +34,10 @@ for name in "$@"; do
       python3 benchmarks/decode.py --model=random:llama3_2_1b --dtype=bfloat16 \
       --batch_sizes=1,8,32,128 --out="$out/decode_gpu_llama3_2_1b.json" ;;
     sft) run_step "$name" 260 python3 benchmarks/sft_throughput.py --model=random:smollm2_135m \
-      --device=gpu --dtype=bfloat16 --batch=16 --seq=1024 --steps=20 --warmup=3 \
+      --device=gpu --dtype=bfloat16 --batch=8 --seq=512 --steps=20 --warmup=3 \
       --out="$out/sft_gpu.json" ;;
     mesh) run_step "$name" 280 python3 benchmarks/mesh_throughput.py \
-      --model=random:smollm2_135m --meshes='1,1,1' --batch=16 --seq_len=1024 \
+      --model=random:smollm2_135m --meshes='1,1,1' --batch=8 --seq_len=512 \
       --new_tokens=128 --dtype=bfloat16 --steps=5 --out="$out/mesh_gpu.json" ;;
     ppo) run_step "$name" 200 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
       --dtype=bfloat16 --systems=cai_jax --out="$out/ppo_gpu.json" ;;
