@@ -41,6 +41,19 @@ for name in "$@"; do
       --new_tokens=128 --dtype=bfloat16 --steps=5 --out="$out/mesh_gpu.json" ;;
     ppo) run_step "$name" 200 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
       --dtype=bfloat16 --systems=cai_jax --out="$out/ppo_gpu.json" ;;
+    cudnn_test) run_step "$name" 150 python3 -m pytest -q -x tests/test_gpu_attention.py ;;
+    sft_cudnn) run_step "$name" 150 python3 benchmarks/sft_throughput.py \
+      --model=random:smollm2_135m --device=gpu --dtype=bfloat16 --attention_impl=cudnn \
+      --impls=jax,jax_chunked --batch=8 --seq=512 --steps=20 --warmup=3 \
+      --out="$out/sft_gpu_cudnn.json" ;;
+    sft_cudnn_large) run_step "$name" 150 python3 benchmarks/sft_throughput.py \
+      --model=random:smollm2_135m --device=gpu --dtype=bfloat16 --attention_impl=cudnn \
+      --impls=jax,torch --batch=16 --seq=1024 --steps=20 --warmup=3 \
+      --out="$out/sft_gpu_cudnn_b16_t1024.json" ;;
+    mesh_cudnn) run_step "$name" 150 python3 benchmarks/mesh_throughput.py \
+      --model=random:smollm2_135m --meshes='1,1,1' --batch=16 --seq_len=1024 \
+      --workloads=sft,pm,ppo --dtype=bfloat16 --attention_impl=cudnn --steps=5 \
+      --out="$out/mesh_gpu_cudnn.json" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done

@@ -55,6 +55,8 @@ _SEQ = flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "Decode: new tokens (prompt = seq_len / 4).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+_ATTN = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"],
+                          "Training steps' attention (cudnn: GPU flash attention, bf16).")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full"], "Layer rematerialisation.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak; 0: datasheet/measured.")
 _OUT = flags.DEFINE_string("out", None, "JSON results path (a CSV is written beside it).")
@@ -125,7 +127,7 @@ def stepper(step, state):
 
 def sft_workload(cfg, params, sharder: Sharder) -> Workload:
   B, T = _BATCH.value, _SEQ.value
-  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
+  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value, attention_impl=_ATTN.value)
   abstract = transformer.abstract_params(cfg)
   param_sh = transformer.param_shardings(cfg, sharder)
   tx, schedule, state_sh, state = train_state(params, abstract, param_sh, sharder)
@@ -146,7 +148,7 @@ def sft_workload(cfg, params, sharder: Sharder) -> Workload:
 
 def pm_workload(cfg, params, sharder: Sharder) -> Workload:
   B, T = _BATCH.value, _SEQ.value
-  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
+  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value, attention_impl=_ATTN.value)
   abstract, param_sh, model = with_head(cfg, params, sharder)
   tx, schedule, state_sh, state = train_state(model, abstract, param_sh, sharder)
   rs = np.random.RandomState(0)
@@ -168,7 +170,7 @@ def ppo_workload(cfg, params, sharder: Sharder) -> Workload:
   B, T = _BATCH.value, _SEQ.value
   P = max(T // 4, 1)
   M = T - P
-  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
+  cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value, attention_impl=_ATTN.value)
   abstract, param_sh, model = with_head(cfg, params, sharder)
   tx, _, state_sh, state = train_state(model, abstract, param_sh, sharder)
   rs = np.random.RandomState(0)
@@ -254,6 +256,7 @@ def main(argv):
       json.dump({"peak_tflops_per_device": peak, "peak_source": peak_source,
                  "device": jax.devices()[0].device_kind, "model": _MODEL.value,
                  "batch": _BATCH.value, "seq_len": _SEQ.value, "dtype": _DTYPE.value,
+                 "attention_impl": _ATTN.value,
                  "rows": rows}, f, indent=1)
     with open(os.path.splitext(_OUT.value)[0] + ".csv", "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=header)

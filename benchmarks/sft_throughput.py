@@ -60,6 +60,8 @@ _LR = flags.DEFINE_float("lr", 1e-5, "Learning rate (constant).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one implementation.")
 _DATA = flags.DEFINE_string("data", None, "Internal: the token rows (.npz).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Internal: the model's HF directory.")
+_ATTN = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"],
+                          "Our attention: einsum (xla) or cuDNN flash attention (GPU, bf16).")
 _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where every implementation runs.")
 _RESULT = flags.DEFINE_string("result", None, "Internal: the worker's JSON output.")
 
@@ -114,7 +116,8 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
 
   sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))
   cfg, params, _ = load_model(hf_dir, sharder, param_dtype="float32",
-                              dtype=_DTYPE.value, remat="none")
+                              dtype=_DTYPE.value, remat="none",
+                              attention_impl=_ATTN.value)
   c = ml_collections.ConfigDict(dict(lr=_LR.value, warmup_steps=0, decay="constant",
                                      end_lr_ratio=1.0, b1=0.9, b2=0.999, eps=1e-8,
                                      weight_decay=0.0, clip_norm=1.0))
@@ -320,6 +323,7 @@ def main(argv) -> None:
                                              np.int32)
     results: dict = {"model": _MODEL.value, "batch": B, "seq": T, "steps": steps,
                      "warmup": _WARMUP.value, "dtype": _DTYPE.value, "remat": "none",
+                     "attention_impl": _ATTN.value,
                      "cpu_count": os.cpu_count(), "impls": {}}
     data = os.path.join(tmp, "rows.npz")
     np.savez(data, rows=rows)
@@ -329,7 +333,8 @@ def main(argv) -> None:
              f"--result={result_path}", f"--batch={B}", f"--seq={T}", f"--steps={steps}",
              f"--warmup={_WARMUP.value}", f"--loss_chunk={_LOSS_CHUNK.value}",
              f"--lr={_LR.value}", f"--model={_MODEL.value}", f"--hf_dir={hf_dir}",
-             f"--dtype={_DTYPE.value}", f"--device={_DEVICE.value}"]
+             f"--dtype={_DTYPE.value}", f"--device={_DEVICE.value}",
+             f"--attention_impl={_ATTN.value}"]
       print(f"running {name} ...", flush=True)
       start = time.perf_counter()
       proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)

@@ -74,6 +74,11 @@ class ModelConfig:
   # rematerialised in the backward pass, so [B, N, T, S] logits never exist
   # at once (memory O(T * chunk) instead of O(T^2) per layer).
   attention_chunk: int = 0
+  # "xla": our einsum attention (any backend, exact fp32 softmax). "cudnn":
+  # cuDNN's fused flash attention on NVIDIA GPUs (bf16/fp16 compute, no
+  # [B, N, T, S] logits in memory) for full-sequence passes; decode steps
+  # against the KV cache keep the xla path.
+  attention_impl: Literal["xla", "cudnn"] = "xla"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -86,6 +91,14 @@ class ModelConfig:
           f" num_layers={self.num_layers}")
     if "local" in self.resolved_layer_types and not self.sliding_window:
       raise ValueError("local layers need sliding_window to be set")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}: use 'xla' or 'cudnn'")
+    if self.attention_impl == "cudnn":
+      if self.dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, not"
+                         f" {self.dtype!r} (cuDNN flash attention has no fp32 kernel)")
+      if self.attn_logit_softcap:
+        raise ValueError("attention_impl='cudnn' cannot apply attn_logit_softcap; use 'xla'")
 
   @property
   def resolved_layer_types(self) -> tuple[LayerType, ...]:

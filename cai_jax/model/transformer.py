@@ -223,7 +223,12 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharde
   K = cfg.num_kv_heads
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   C = cfg.attention_chunk
-  if C and T > C and T % C == 0:
+  if cfg.attention_impl == "cudnn" and cache_kv is None:
+    # The mask becomes an additive [B, 1, T, S] bias inside; GQA is native.
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                            scale=cfg.scale, implementation="cudnn")
+    out_BTKGH = out_BTNH.reshape(B, T, K, N // K, H)
+  elif C and T > C and T % C == 0:
     # Query chunks under remat: the backward pass recomputes each chunk's
     # probabilities instead of keeping all of them.
     chunk_fn = jax.checkpoint(lambda q, m: _attend(q, k_BSKH, v_BSKH, m, cfg))
