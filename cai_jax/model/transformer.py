@@ -224,10 +224,8 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharde
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   C = cfg.attention_chunk
   if cfg.attention_impl == "cudnn" and cache_kv is None:
-    # The mask becomes an additive [B, 1, T, S] bias inside; GQA is native.
-    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
-                                            scale=cfg.scale, implementation="cudnn")
-    out_BTKGH = out_BTNH.reshape(B, T, K, N // K, H)
+    out_BTKGH = _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg).reshape(
+        B, T, K, N // K, H)
   elif C and T > C and T % C == 0:
     # Query chunks under remat: the backward pass recomputes each chunk's
     # probabilities instead of keeping all of them.
@@ -241,6 +239,22 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharde
   out_BTNH = out_BTKGH.reshape(B, T, N, H)
   out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w("o"))
   return out_BTD, new_kv
+
+
+def _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Array:
+  """cuDNN flash attention; the mask becomes an additive [B, 1, T, S] bias, GQA is native."""
+  T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+  # cuDNN's training kernels with a bias need even lengths: pad with a masked
+  # query row / key column and drop the row again.
+  pad_t, pad_s = T % 2, S % 2
+  if pad_t or pad_s:
+    q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+    k_BSKH = jnp.pad(k_BSKH, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+    v_BSKH = jnp.pad(v_BSKH, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+    mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, pad_t), (0, pad_s)))
+  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                          scale=cfg.scale, implementation="cudnn")
+  return out_BTNH[:, :T]
 
 
 def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Array:
