@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,7 +39,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from cai_jax import distributed, records
 from cai_jax.checkpoints import hf
@@ -51,7 +49,8 @@ from cai_jax.model.sharding import Sharder
 from cai_jax.phases import cli, common, p2_critique_revision
 from cai_jax.tokenizer import Tokenizer
 from cai_jax.training import checkpoint, losses, optim
-from cai_jax.training.metrics import MetricsWriter
+from cai_jax.training import data as training_data
+from cai_jax.training import loop as train_loop
 
 OUT = "p3_sft"
 
@@ -112,21 +111,9 @@ def build_examples(recs: Sequence[records.CritiqueRevisionRecord], revision_roun
   for why, n in skipped.items():
     logging.warning("skipped %d records: %s", n, why)
 
-  rng = np.random.default_rng(seed)
-  if helpful_ratio is not None:
-    if not 0.0 <= helpful_ratio <= 1.0:
-      raise ValueError(f"data.helpful_ratio={helpful_ratio}: must lie in [0, 1]")
-    n_red, n_help = len(red), len(helpful)
-    if helpful_ratio == 0.0:
-      n_help = 0
-    elif helpful_ratio == 1.0:
-      n_red = 0
-    elif n_help >= round(n_red * helpful_ratio / (1 - helpful_ratio)):
-      n_help = round(n_red * helpful_ratio / (1 - helpful_ratio))
-    else:
-      n_red = round(n_help * (1 - helpful_ratio) / helpful_ratio)
-    red = [red[i] for i in sorted(rng.permutation(len(red))[:n_red])]
-    helpful = [helpful[i] for i in sorted(rng.permutation(len(helpful))[:n_help])]
+  red, helpful = training_data.mix_by_ratio(red, helpful, helpful_ratio,
+                                            np.random.default_rng(seed),
+                                            ("red-team", "helpful"))
   logging.info("SFT mix: %d red-team revisions + %d helpful answers", len(red), len(helpful))
   return red + helpful
 
@@ -134,13 +121,7 @@ def build_examples(recs: Sequence[records.CritiqueRevisionRecord], revision_roun
 def split_eval(examples: Sequence[Example], eval_size: int, seed: int
                ) -> tuple[list[Example], list[Example]]:
   """(train, eval): a fixed, seeded held-out set of `eval_size` examples."""
-  if eval_size >= len(examples):
-    raise ValueError(f"data.eval_size={eval_size} leaves no training examples out of"
-                     f" {len(examples)}")
-  order = np.random.default_rng([seed, 1]).permutation(len(examples))
-  held = set(order[:eval_size].tolist())
-  return ([e for i, e in enumerate(examples) if i not in held],
-          [e for i, e in enumerate(examples) if i in held])
+  return training_data.split_held_out(examples, eval_size, seed, "examples")
 
 
 # --- Tokens: chat template, response-only loss mask --------------------------------------
@@ -465,73 +446,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     return {"step": step, "epoch": epoch, "batch_in_epoch": i,
             "total_steps": total_steps, **data_info}
 
-  # --- Train loop ---
-  status, last = "done", {}
-  pending: list[dict[str, jax.Array]] = []
-  window = {"t": time.perf_counter(), "tokens": 0.0}
-  with checkpoint.StopFlag() as stop, \
-       MetricsWriter(out, resume_step=start) as writer, \
-       tqdm(total=total_steps, initial=start, desc="sft", unit="step",
-            disable=jax.process_index() != 0) as bar:
+  def summarize(fetched) -> dict[str, float]:
+    return {"loss": float(np.mean([m["loss"] for m in fetched])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "lr": float(fetched[-1]["lr"]),
+            "loss_tokens": float(sum(m["loss_tokens"] for m in fetched))}
 
-    def sync(step: int, log: bool, timed: bool = True) -> None:
-      """Fetch pending step metrics; raise on a non-finite one; log if asked."""
-      nonlocal last
-      fetched = jax.device_get(pending)
-      pending.clear()
-      for i, m in enumerate(fetched):
-        if not m["finite"]:
-          raise FloatingPointError(
-              f"non-finite loss or parameters at step {step - len(fetched) + i + 1}"
-              f" (loss {m['loss']}); stopped without saving, the last checkpoint"
-              f" ({ckpt.latest_step()}) is kept")
-      if not fetched:
-        return
-      now = time.perf_counter()
-      tokens = sum(float(m["tokens"]) for m in fetched)
-      window["tokens"] += tokens
-      last = {"loss": float(np.mean([m["loss"] for m in fetched])),
-              "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-              "lr": float(fetched[-1]["lr"]),
-              "loss_tokens": float(sum(m["loss_tokens"] for m in fetched))}
-      if log:
-        if timed:
-          last["tokens_per_s"] = window["tokens"] / max(now - window["t"], 1e-9)
-        window.update(t=now, tokens=0.0)
-        writer.write(step, last)
-        bar.set_postfix(loss=f"{last['loss']:.4f}")
-
-    try:
-      if start == 0 and held.size:
-        writer.write(0, {"eval_loss": evaluate(state.params)})
-      for step in range(start, total_steps):
-        state, metrics = step_fn(state, batch_at(step))
-        pending.append(metrics)
-        done = step + 1
-        bar.update(1)
-        if step == start:  # the first step compiles: keep it out of tokens/s
-          sync(done, log=True, timed=False)
-        preempt = should_stop is not None and should_stop(done)
-        preempt = preempt or stop.requested or ckpt.reached_preemption(done)
-        save = done % t.save_every == 0 or done == total_steps or preempt
-        run_eval = held.size and (done % t.eval_every == 0 or done == total_steps)
-        if done % t.log_every == 0 or save or run_eval:
-          sync(done, log=True)
-        if run_eval:
-          last["eval_loss"] = evaluate(state.params)
-          writer.write(done, {"eval_loss": last["eval_loss"]})
-        if save:
-          ckpt.save(state, position(done), force=True)
-        if run_eval or save:  # keep eval and checkpoint time out of tokens/s
-          window.update(t=time.perf_counter(), tokens=0.0)
-        if preempt and done < total_steps:
-          status = "preempted"
-          logging.warning("stopping at step %d (preemption); resume with the same"
-                          " command", done)
-          break
-    finally:
-      ckpt.wait_until_finished()
-      ckpt.close()
+  loop = train_loop.Loop(
+      name="sft", step_fn=step_fn, batch_at=batch_at, position=position, summarize=summarize,
+      units=lambda fetched: sum(float(m["tokens"]) for m in fetched), rate_name="tokens_per_s",
+      evaluate=(lambda params, step: {"eval_loss": evaluate(params)}) if held.size else None,
+      postfix=lambda last: {"loss": f"{last['loss']:.4f}"},
+      save_every=t.save_every, eval_every=t.eval_every, log_every=t.log_every)
+  status, state, last = train_loop.run(loop, state, start, total_steps, ckpt, out, should_stop)
 
   step = int(jax.device_get(state.step))
   if status == "done":

@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,7 +51,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from cai_jax import distributed, records
 from cai_jax.checkpoints.load import load_model
@@ -62,7 +60,8 @@ from cai_jax.model.sharding import Sharder
 from cai_jax.phases import cli, common, p3_sft, p5_ai_labels
 from cai_jax.tokenizer import Tokenizer
 from cai_jax.training import checkpoint, losses, optim
-from cai_jax.training.metrics import MetricsWriter
+from cai_jax.training import data as training_data
+from cai_jax.training import loop as train_loop
 
 OUT = "p6_preference_model"
 MODEL_DIR = "model"
@@ -126,41 +125,16 @@ def mix(harmless: Sequence[Comparison], helpful: Sequence[Comparison],
   side is empty (with a warning: there is nothing to mix). Order: harmless
   then helpful, each in input order.
   """
-  harmless, helpful = list(harmless), list(helpful)
-  if helpful_ratio is None:
-    return harmless + helpful
-  if not 0.0 <= helpful_ratio <= 1.0:
-    raise ValueError(f"data.helpful_ratio={helpful_ratio}: must lie in [0, 1]")
-  if 0.0 < helpful_ratio < 1.0 and not (harmless and helpful):
-    logging.warning("data.helpful_ratio=%s: no %s comparisons to mix in; using the %d"
-                    " there are", helpful_ratio, "helpful" if harmless else "harmlessness",
-                    len(harmless) + len(helpful))
-    return harmless + helpful
-  n_harm, n_help = len(harmless), len(helpful)
-  if helpful_ratio == 0.0:
-    n_help = 0
-  elif helpful_ratio == 1.0:
-    n_harm = 0
-  elif n_help >= round(n_harm * helpful_ratio / (1 - helpful_ratio)):
-    n_help = round(n_harm * helpful_ratio / (1 - helpful_ratio))
-  else:
-    n_harm = round(n_help * (1 - helpful_ratio) / helpful_ratio)
-  rng = np.random.default_rng([seed, 3])
-  harmless = [harmless[i] for i in sorted(rng.permutation(len(harmless))[:n_harm])]
-  helpful = [helpful[i] for i in sorted(rng.permutation(len(helpful))[:n_help])]
+  harmless, helpful = training_data.mix_by_ratio(
+      harmless, helpful, helpful_ratio, np.random.default_rng([seed, 3]),
+      ("harmlessness", "helpful"))
   return harmless + helpful
 
 
 def split_eval(comparisons: Sequence[Comparison], eval_size: int, seed: int
                ) -> tuple[list[Comparison], list[Comparison]]:
   """(train, held-out): a fixed, seeded held-out set of `eval_size` pairs."""
-  if eval_size >= len(comparisons):
-    raise ValueError(f"data.eval_size={eval_size} leaves no training pairs out of"
-                     f" {len(comparisons)}")
-  order = np.random.default_rng([seed, 1]).permutation(len(comparisons))
-  held = set(order[:eval_size].tolist())
-  return ([c for i, c in enumerate(comparisons) if i not in held],
-          [c for i, c in enumerate(comparisons) if i in held])
+  return training_data.split_held_out(comparisons, eval_size, seed, "pairs")
 
 
 def load_comparisons(config: ml_collections.ConfigDict, workdir: str
@@ -627,72 +601,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     return {"step": step, "epoch": epoch, "batch_in_epoch": i,
             "total_steps": total_steps, **data_info}
 
-  # --- Train loop ---
-  status, last = "done", {}
-  pending: list[dict[str, jax.Array]] = []
-  window = {"t": time.perf_counter(), "pairs": 0}
-  with checkpoint.StopFlag() as stop, \
-       MetricsWriter(out, resume_step=start) as writer, \
-       tqdm(total=total_steps, initial=start, desc="pm", unit="step",
-            disable=jax.process_index() != 0) as bar:
+  def summarize(fetched) -> dict[str, float]:
+    last = train_loop.mean_of(("loss", "accuracy", "reward_mean", "reward_std",
+                               "grad_norm"))(fetched)
+    return {**last, "lr": float(fetched[-1]["lr"])}
 
-    def sync(step: int, log: bool, timed: bool = True) -> None:
-      """Fetch pending step metrics; raise on a non-finite one; log if asked."""
-      nonlocal last
-      fetched = jax.device_get(pending)
-      pending.clear()
-      for i, m in enumerate(fetched):
-        if not m["finite"]:
-          raise FloatingPointError(
-              f"non-finite loss or parameters at step {step - len(fetched) + i + 1}"
-              f" (loss {m['loss']}); stopped without saving, the last checkpoint"
-              f" ({ckpt.latest_step()}) is kept")
-      if not fetched:
-        return
-      now = time.perf_counter()
-      window["pairs"] += len(fetched) * t.batch_size
-      last = {k: float(np.mean([m[k] for m in fetched]))
-              for k in ("loss", "accuracy", "reward_mean", "reward_std", "grad_norm")}
-      last["lr"] = float(fetched[-1]["lr"])
-      if log:
-        if timed:
-          last["pairs_per_s"] = window["pairs"] / max(now - window["t"], 1e-9)
-        window.update(t=now, pairs=0)
-        writer.write(step, last)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
-
-    try:
-      if start == 0 and held.size:
-        writer.write(0, evaluate(state.params, 0))
-      for step in range(start, total_steps):
-        state, metrics = step_fn(state, batch_at(step))
-        pending.append(metrics)
-        done = step + 1
-        bar.update(1)
-        if step == start:  # the first step compiles: keep it out of pairs/s
-          sync(done, log=True, timed=False)
-        preempt = should_stop is not None and should_stop(done)
-        preempt = preempt or stop.requested or ckpt.reached_preemption(done)
-        save = done % t.save_every == 0 or done == total_steps or preempt
-        run_eval = held.size and (done % t.eval_every == 0 or done == total_steps)
-        if done % t.log_every == 0 or save or run_eval:
-          sync(done, log=True)
-        if run_eval:
-          held_metrics = evaluate(state.params, done)
-          last.update(held_metrics)
-          writer.write(done, held_metrics)
-        if save:
-          ckpt.save(state, position(done), force=True)
-        if run_eval or save:  # keep eval and checkpoint time out of pairs/s
-          window.update(t=time.perf_counter(), pairs=0)
-        if preempt and done < total_steps:
-          status = "preempted"
-          logging.warning("stopping at step %d (preemption); resume with the same"
-                          " command", done)
-          break
-    finally:
-      ckpt.wait_until_finished()
-      ckpt.close()
+  loop = train_loop.Loop(
+      name="pm", step_fn=step_fn, batch_at=batch_at, position=position, summarize=summarize,
+      units=lambda fetched: len(fetched) * t.batch_size, rate_name="pairs_per_s",
+      evaluate=evaluate if held.size else None,
+      postfix=lambda last: {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.2f}"},
+      save_every=t.save_every, eval_every=t.eval_every, log_every=t.log_every)
+  status, state, last = train_loop.run(loop, state, start, total_steps, ckpt, out, should_stop)
 
   return PMResult(status, int(jax.device_get(state.step)), last, out, state)
 

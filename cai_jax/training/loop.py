@@ -1,0 +1,119 @@
+"""The supervised train loop shared by SFT (stage 3) and the preference model (stage 6).
+
+Steps run asynchronously; their metrics are fetched in batches (`sync`) at
+log, eval and save points, so the host never waits on the device between
+steps. A non-finite step stops the run without saving (the last checkpoint
+stays). SIGTERM / `should_stop` / the checkpoint manager's preemption notice
+save and stop; rerunning the same command resumes at the saved step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from cai_jax.training import checkpoint
+from cai_jax.training.metrics import MetricsWriter
+
+Metrics = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """What differs between the loops: the step, the data and the metrics."""
+
+  name: str  # progress-bar label
+  step_fn: Callable[[Any, Any], tuple[Any, Metrics]]  # (state, batch) -> (state, metrics)
+  batch_at: Callable[[int], Any]  # step -> global batch
+  position: Callable[[int], dict[str, Any]]  # step -> data position saved with a checkpoint
+  summarize: Callable[[Sequence[Metrics]], dict[str, float]]  # fetched steps -> logged values
+  units: Callable[[Sequence[Metrics]], float]  # fetched steps -> work done (tokens, pairs)
+  rate_name: str  # e.g. "tokens_per_s"
+  evaluate: Callable[[Any, int], dict[str, float]] | None  # (params, step) -> held-out metrics
+  postfix: Callable[[dict[str, float]], dict[str, str]]  # logged values -> progress-bar text
+  save_every: int
+  eval_every: int
+  log_every: int
+
+
+def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkpointer,
+        out: str, should_stop: Callable[[int], bool] | None = None
+        ) -> tuple[str, Any, dict[str, float]]:
+  """Steps `start` .. `total_steps`; returns (status "done" | "preempted", state, last logged)."""
+  status, last = "done", {}
+  pending: list[Metrics] = []
+  window = {"t": time.perf_counter(), "units": 0.0}
+  with checkpoint.StopFlag() as stop, \
+       MetricsWriter(out, resume_step=start) as writer, \
+       tqdm(total=total_steps, initial=start, desc=loop.name, unit="step",
+            disable=jax.process_index() != 0) as bar:
+
+    def sync(step: int, log: bool, timed: bool = True) -> None:
+      """Fetch pending step metrics; raise on a non-finite one; log if asked."""
+      nonlocal last
+      fetched = jax.device_get(pending)
+      pending.clear()
+      for i, m in enumerate(fetched):
+        if not m["finite"]:
+          raise FloatingPointError(
+              f"non-finite loss or parameters at step {step - len(fetched) + i + 1}"
+              f" (loss {m['loss']}); stopped without saving, the last checkpoint"
+              f" ({ckpt.latest_step()}) is kept")
+      if not fetched:
+        return
+      now = time.perf_counter()
+      window["units"] += loop.units(fetched)
+      last = loop.summarize(fetched)
+      if log:
+        if timed:
+          last[loop.rate_name] = window["units"] / max(now - window["t"], 1e-9)
+        window.update(t=now, units=0.0)
+        writer.write(step, last)
+        bar.set_postfix(**loop.postfix(last))
+
+    try:
+      if start == 0 and loop.evaluate is not None:
+        writer.write(0, loop.evaluate(state.params, 0))
+      for step in range(start, total_steps):
+        state, metrics = loop.step_fn(state, loop.batch_at(step))
+        pending.append(metrics)
+        done = step + 1
+        bar.update(1)
+        if step == start:  # the first step compiles: keep it out of the rate
+          sync(done, log=True, timed=False)
+        preempt = should_stop is not None and should_stop(done)
+        preempt = preempt or stop.requested or ckpt.reached_preemption(done)
+        save = done % loop.save_every == 0 or done == total_steps or preempt
+        run_eval = loop.evaluate is not None and (done % loop.eval_every == 0
+                                                  or done == total_steps)
+        if done % loop.log_every == 0 or save or run_eval:
+          sync(done, log=True)
+        if run_eval:
+          held = loop.evaluate(state.params, done)
+          last.update(held)
+          writer.write(done, held)
+        if save:
+          ckpt.save(state, loop.position(done), force=True)
+        if run_eval or save:  # keep eval and checkpoint time out of the rate
+          window.update(t=time.perf_counter(), units=0.0)
+        if preempt and done < total_steps:
+          status = "preempted"
+          logging.warning("stopping at step %d (preemption); resume with the same"
+                          " command", done)
+          break
+    finally:
+      ckpt.wait_until_finished()
+      ckpt.close()
+  return status, state, last
+
+
+def mean_of(keys: Sequence[str]) -> Callable[[Sequence[Metrics]], dict[str, float]]:
+  """A `summarize` that averages `keys` over the fetched steps."""
+  return lambda fetched: {k: float(np.mean([m[k] for m in fetched])) for k in keys}
