@@ -13,8 +13,8 @@ per sequence (no early stop). transformers runs on CUDA when JAX's default
 backend is a GPU, else on the CPU. The batch-1 rate is also given as a
 fraction of the memory-bandwidth limit: each decode step must read every
 weight once, so the limit is bandwidth / weight bytes tokens per second;
-bandwidth is measured here (a large array sum: numpy on the CPU, jitted on an
-accelerator).
+bandwidth is measured here (`benchmarks/peaks.py`: the faster of a jitted and
+a numpy sum over 1 GiB on a CPU, a jitted sum over 4 GiB on an accelerator).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+
+from benchmarks import peaks
 
 from cai_jax.checkpoints import hf
 from cai_jax.checkpoints.load import load_model
@@ -43,32 +45,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers generate.")
 _THREADS = flags.DEFINE_integer("torch_threads", os.cpu_count() or 1, "torch threads.")
 _OUT = flags.DEFINE_string("out", None, "Write results JSON here.")
-
-
-def memory_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-  """Best read bandwidth of a large array sum, GB/s (a machine limit to compare to)."""
-  if jax.default_backend() != "cpu":
-    return device_bandwidth_gbs(4 * size_bytes, repeats)
-  x = np.ones(size_bytes // 8, np.float64)
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    x.sum()
-    best = min(best, time.perf_counter() - t)
-  return size_bytes / best / 1e9
-
-
-def device_bandwidth_gbs(size_bytes: int, repeats: int) -> float:
-  """Best read bandwidth of a jitted sum over a device array, GB/s."""
-  x = jax.device_put(np.ones(size_bytes // 4, np.float32))
-  total = jax.jit(lambda a: a.sum())
-  total(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    total(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return size_bytes / best / 1e9
 
 
 def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -117,7 +93,7 @@ def main(argv):
   del argv
   cfg, params, tok = load_model(_MODEL.value, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  bandwidth = memory_bandwidth_gbs()
+  bandwidth = peaks.read_bandwidth_gbs()
   results = {"model": _MODEL.value, "device": str(jax.devices()[0].device_kind),
              "platform": platform.platform(), "cpu_count": os.cpu_count(),
              "prompt_len": _PROMPT.value, "new_tokens": _NEW.value, "dtype": _DTYPE.value,

@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -61,17 +60,9 @@ _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full"], "Layer remateriali
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak; 0: datasheet/measured.")
 _OUT = flags.DEFINE_string("out", None, "JSON results path (a CSV is written beside it).")
 
-def measured_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
+def measured_matmul_tflops() -> float:
   """Best fp32 matmul rate of one device here (the CPU's practical peak)."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best / 1e12
+  return peaks.jax_matmul_flops("float32", (512, 1024)) / 1e12
 
 
 def device_peak_tflops() -> tuple[float, str]:

@@ -54,3 +54,31 @@ def torch_matmul_flops(dtype: str, sizes, device: str = "cpu") -> float:
     sync()
     return time.perf_counter() - start
   return best_rate(run_once, sizes)
+
+
+def best_seconds(run, repeats: int) -> float:
+  """Fastest of `repeats` timed calls of `run` (after one untimed call)."""
+  run()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def read_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+  """Best read bandwidth of the default JAX device, GB/s: a jitted sum over a
+  large array (all cores on a CPU); on a CPU also numpy's single-threaded sum,
+  taking the larger."""
+  import jax
+  import numpy as np
+  if jax.default_backend() != "cpu":
+    size_bytes *= 4  # larger than any GPU cache
+  x = jax.device_put(np.ones(size_bytes // 4, np.float32))
+  total = jax.jit(lambda a: a.sum())
+  secs = best_seconds(lambda: total(x).block_until_ready(), repeats)
+  if jax.default_backend() == "cpu":
+    host = np.ones(size_bytes // 8, np.float64)
+    secs = min(secs, best_seconds(host.sum, repeats))
+  return size_bytes / secs / 1e9

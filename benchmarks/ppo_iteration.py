@@ -63,11 +63,9 @@ def peak_rss_gib() -> float:
 def run_cai_jax(hf_dir: str) -> dict:
   """Our learner with the policy and a PM both SmolLM2-135M (PM: random head)."""
   import jax
-  import numpy as np
-  from cai_jax import prompts
   from cai_jax.checkpoints.load import load_model
   from cai_jax.model import heads, transformer
-  from cai_jax.phases import common, p1_prompts, p7_ppo
+  from cai_jax.phases import common, p7_ppo
   from cai_jax.sampling.chat import encode_chat
   from cai_jax.training import optim
   from configs import ppo as ppo_config

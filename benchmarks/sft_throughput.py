@@ -104,7 +104,6 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
   import functools
 
   import jax
-  import jax.numpy as jnp
   import ml_collections
   import numpy as np
 

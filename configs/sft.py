@@ -20,13 +20,12 @@ Variants:
 
 import ml_collections
 
+from cai_jax.model import sharding
+
 # (logical axis, mesh axes): batch over data x fsdp, weights FSDP over their
-# model dimension, heads / MLP / vocabulary over tensor.
-FSDP_RULES = {
-    "batch": ("data", "fsdp"), "embed": ("fsdp",), "vocab": ("tensor",),
-    "heads": ("tensor",), "kv_heads": ("tensor",), "mlp": ("tensor",), "layers": (),
-    "head_dim": (), "seq": (), "kv_seq": (), "act_embed": (),
-}
+# model dimension, heads / MLP / vocabulary over tensor. Edit a copy here to
+# shard differently; the table itself lives in cai_jax/model/sharding.py.
+FSDP_RULES = dict(sharding.DEFAULT_RULES)
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:

@@ -27,7 +27,9 @@ from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder, constrain
 
-DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Steps of 1.5x above 256 tokens: long few-shot prompts (critique/revision,
+# labeling) pad less, for a few more compiled shapes.
+DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
 
 
 @dataclasses.dataclass(frozen=True)
