@@ -14,7 +14,9 @@ Implementations (--impls):
   jax          p3_sft.train_step, plain [B, T, V] logits (loss_chunk=0)
   jax_chunked  p3_sft.train_step, logits in chunks of --loss_chunk tokens
   torch        transformers model, forward/backward, torch.optim.AdamW(fused)
-  trl          trl.SFTTrainer on the pre-tokenized rows (labels -100 on prompts)
+  trl          trl.SFTTrainer on the pre-tokenized rows (labels -100 on prompts),
+               gradient checkpointing off like the others
+  trl_default  the same with TRL's own default, gradient checkpointing on
 
 On a GPU (`--device=gpu`: JAX and PyTorch both on the GPU), use
 `--dtype=bfloat16`: all three keep fp32 master weights and compute in bf16
@@ -229,7 +231,8 @@ def worker_torch(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> 
           "attn_implementation": model.config._attn_implementation}
 
 
-def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> dict:
+def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str,
+               checkpointing: bool = False) -> dict:
   import datasets
   import numpy as np
   import torch
@@ -264,7 +267,7 @@ def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> di
         output_dir=out, per_device_train_batch_size=B, max_length=T, packing=False,
         max_steps=warmup + steps, learning_rate=_LR.value, lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
-        gradient_checkpointing=False,  # TRL's default is on; the race is without it
+        gradient_checkpointing=checkpointing,  # TRL's default is on; the race is without
         save_strategy="no", report_to="none", use_cpu=torch_device() == "cpu",
         bf16=_DTYPE.value == "bfloat16", fp16=False,
         dataloader_num_workers=0, disable_tqdm=True, seed=0, shuffle_dataset=False)
@@ -288,8 +291,11 @@ def run_worker(name: str) -> None:
     chunk = _LOSS_CHUNK.value if name == "jax_chunked" else 0
     result = worker_jax(rows, B, T, steps, warmup, chunk, _HF_DIR.value)
   else:
-    fn = worker_torch if name == "torch" else worker_trl
-    result = fn(rows, B, T, steps, warmup, _HF_DIR.value)
+    if name == "torch":
+      result = worker_torch(rows, B, T, steps, warmup, _HF_DIR.value)
+    else:
+      result = worker_trl(rows, B, T, steps, warmup, _HF_DIR.value,
+                          checkpointing=name == "trl_default")
   with open(_RESULT.value, "w") as f:
     json.dump(result, f)
 
@@ -360,7 +366,7 @@ def main(argv) -> None:
     for v in ok.values():
       v["mfu_vs_bf16_datasheet"] = v["model_flops_per_s"] / (datasheet * 1e12)
   for ours in ("jax", "jax_chunked"):
-    for other in ("torch", "trl"):
+    for other in ("torch", "trl", "trl_default"):
       if ours in ok and other in ok:
         results[f"speedup_{ours}_vs_{other}"] = (ok[ours]["tokens_per_s"]
                                                  / ok[other]["tokens_per_s"])

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -554,6 +555,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   models: dict[str, dict[str, Any]] = {}
   answers: dict[str, dict[str, AnswerRecord]] = {}
+  seconds: dict[str, float] = {}  # wall time per section, for sizing presets
   for name, spec in model_specs(config, workdir).items():
     if not spec_exists(spec):
       note = f"{name}: {spec or '(no spec)'} does not exist yet; skipped"
@@ -561,7 +563,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       notes.append(note)
       models[name] = {"spec": spec, "status": "missing"}
       continue
+    t0 = time.perf_counter()
     recs = generate_answers(config, workdir, name, spec, rows, sharder)
+    seconds[f"answers/{name}"] = time.perf_counter() - t0
     answers[name] = {r.id: r for r in recs}
     held_recs = [r for r in recs if r.split == "held_out"]
     models[name] = {"spec": spec, "status": "evaluated", "answers": len(recs),
@@ -569,9 +573,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
                     if held_recs else None}
   names = list(answers)
 
+  t0 = time.perf_counter()
   pm, rounds, pm_rows = run_pm(config, workdir, sharder, answers, names, notes)
+  seconds["pm"], t0 = time.perf_counter() - t0, time.perf_counter()
   judge, judge_rows = run_judge(config, workdir, sharder, answers, names, notes)
+  seconds["judge"], t0 = time.perf_counter() - t0, time.perf_counter()
   acc = run_accuracy(config, sharder, notes)
+  seconds["labeler_accuracy"] = time.perf_counter() - t0
 
   sample_table = [{"id": r.id, "prompt": r.prompt, "initial": r.initial_response,
                    "revised": r.response_at(-1), "rounds": len(r.rounds),
@@ -582,7 +590,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       "prompts": {k: sum(p.kind == k for p in held) for k in ("red_team", "helpful")},
       "num_samples": len(samples),
       "pm": pm, "judge": judge, "revision_rounds": rounds, "labeler_accuracy": acc,
-      "samples": sample_table, "notes": notes,
+      "samples": sample_table, "notes": notes, "seconds": seconds,
       "elo": {"prior": config.elo.prior, "scale": config.elo.scale, "anchor": names[0]
               if names else None},
   }
