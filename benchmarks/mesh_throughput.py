@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import gc
 import json
 import os
 import time
@@ -233,7 +234,10 @@ def main(argv):
              "mfu": round(w.flops_per_step / step_s / (peak * 1e12 * n), 4)}
       rows.append(row)
       print(json.dumps(row), flush=True)
+      del w  # its train state: free it before the next workload builds one
+      gc.collect()
     del params
+    jax.clear_caches()
   header = ["workload", "mesh", "devices", "compile_s", "step_s", "tokens_per_s",
             "tokens_per_s_per_device", "mfu"]
   print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))

@@ -207,16 +207,21 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharde
   k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
   q_BTNH = constrain(sharder, q_BTNH, ("batch", "seq", "heads", "head_dim"))
 
+  # Keys and values are [B, K, S, H]: the batch dims of the attention dots
+  # lead, so a decode step reads the cache as it lies (a [B, S, K, H] cache
+  # cost a transposing copy of every layer's cache per token).
   if cache_kv is None:
-    k_BSKH, v_BSKH = k_BTKH, v_BTKH
+    k_BKSH, v_BKSH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
     new_kv = None
   else:
     cache_k, cache_v = cache_kv
-    start = (layer, 0, index, 0, 0)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k_BTKH[None].astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v_BTKH[None].astype(cache_v.dtype), start)
-    k_BSKH = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False).astype(dt)
-    v_BSKH = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False).astype(dt)
+    start = (layer, 0, 0, index, 0)
+    cache_k = jax.lax.dynamic_update_slice(
+        cache_k, jnp.swapaxes(k_BTKH, 1, 2)[None].astype(cache_k.dtype), start)
+    cache_v = jax.lax.dynamic_update_slice(
+        cache_v, jnp.swapaxes(v_BTKH, 1, 2)[None].astype(cache_v.dtype), start)
+    k_BKSH = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False).astype(dt)
+    v_BKSH = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False).astype(dt)
     new_kv = (cache_k, cache_v)
 
   B, T, N, H = q_BTNH.shape
@@ -224,18 +229,18 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharde
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   C = cfg.attention_chunk
   if cfg.attention_impl == "cudnn" and cache_kv is None:
-    out_BTKGH = _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg).reshape(
+    out_BTKGH = _attend_cudnn(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg).reshape(
         B, T, K, N // K, H)
   elif C and T > C and T % C == 0:
     # Query chunks under remat: the backward pass recomputes each chunk's
     # probabilities instead of keeping all of them.
-    chunk_fn = jax.checkpoint(lambda q, m: _attend(q, k_BSKH, v_BSKH, m, cfg))
+    chunk_fn = jax.checkpoint(lambda q, m: _attend(q, k_BKSH, v_BKSH, m, cfg))
     q_nBCKGH = jnp.moveaxis(q_BTKGH.reshape(B, T // C, C, K, N // K, H), 1, 0)
     mask_nBCS = jnp.moveaxis(mask_BTS.reshape(B, T // C, C, -1), 1, 0)
     out_nBCKGH = jax.lax.map(lambda qm: chunk_fn(*qm), (q_nBCKGH, mask_nBCS))
     out_BTKGH = jnp.moveaxis(out_nBCKGH, 0, 1).reshape(B, T, K, N // K, H)
   else:
-    out_BTKGH = _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cfg)
+    out_BTKGH = _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg)
   out_BTNH = out_BTKGH.reshape(B, T, N, H)
   out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w("o"))
   return out_BTD, new_kv
@@ -257,16 +262,16 @@ def _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Arr
   return out_BTNH[:, :T]
 
 
-def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Array:
+def _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg: ModelConfig) -> jax.Array:
   """softmax(q.k * scale, masked) . v, with fp32 logits and softmax."""
-  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+  logits_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH,
                             preferred_element_type=jnp.float32) * cfg.scale
   if cfg.attn_logit_softcap:
     cap = cfg.attn_logit_softcap
     logits_BKGTS = jnp.tanh(logits_BKGTS / cap) * cap
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTKGH.dtype)
-  return jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+  return jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH)
 
 
 def _mlp(lp, x_BTD, cfg, sharder):
@@ -282,7 +287,7 @@ def _mlp(lp, x_BTD, cfg, sharder):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   """An empty KV cache of `length` slots."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
   return {
       "k": jnp.zeros(shape, dtype),
@@ -293,7 +298,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
 
 
 def cache_axes() -> dict[str, tuple]:
-  kv = ("layers", "batch", "kv_seq", "kv_heads", "head_dim")
+  kv = ("layers", "batch", "kv_heads", "kv_seq", "head_dim")
   return {"k": kv, "v": kv, "pos": ("batch", "kv_seq"), "index": ()}
 
 
