@@ -189,7 +189,12 @@ def attention_mask(q_slot_T, q_pos_BT, k_pos_BS, window: int | None) -> jax.Arra
   return mask
 
 
-def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharder):
+def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder):
+  """(attention output, this call's keys and values [B, K, T, H] for the cache).
+
+  `layer_kv`: this layer's cache (keys, values) [B, K, S, H], or None (the T
+  tokens attend to each other only).
+  """
   dt = cfg.compute_dtype
   w = lambda name: lp["attn"][name].astype(dt)
   q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, w("q"))
@@ -210,25 +215,22 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, cache_kv, layer, index, cfg, sharde
   # Keys and values are [B, K, S, H]: the batch dims of the attention dots
   # lead, so a decode step reads the cache as it lies (a [B, S, K, H] cache
   # cost a transposing copy of every layer's cache per token).
-  if cache_kv is None:
-    k_BKSH, v_BKSH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
-    new_kv = None
+  k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
+  if layer_kv is None:
+    k_BKSH, v_BKSH = k_BKTH, v_BKTH
   else:
-    cache_k, cache_v = cache_kv
-    start = (layer, 0, 0, index, 0)
-    cache_k = jax.lax.dynamic_update_slice(
-        cache_k, jnp.swapaxes(k_BTKH, 1, 2)[None].astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(
-        cache_v, jnp.swapaxes(v_BTKH, 1, 2)[None].astype(cache_v.dtype), start)
-    k_BKSH = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False).astype(dt)
-    v_BKSH = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False).astype(dt)
-    new_kv = (cache_k, cache_v)
+    cache_k, cache_v = layer_kv
+    k_BKSH = jax.lax.dynamic_update_slice(cache_k, k_BKTH.astype(cache_k.dtype),
+                                          (0, 0, index, 0)).astype(dt)
+    v_BKSH = jax.lax.dynamic_update_slice(cache_v, v_BKTH.astype(cache_v.dtype),
+                                          (0, 0, index, 0)).astype(dt)
+  new_kv = (k_BKTH, v_BKTH)
 
   B, T, N, H = q_BTNH.shape
   K = cfg.num_kv_heads
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   C = cfg.attention_chunk
-  if cfg.attention_impl == "cudnn" and cache_kv is None:
+  if cfg.attention_impl == "cudnn" and layer_kv is None:
     out_BTKGH = _attend_cudnn(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg).reshape(
         B, T, K, N // K, H)
   elif C and T > C and T % C == 0:
@@ -264,13 +266,26 @@ def _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Arr
 
 def _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg: ModelConfig) -> jax.Array:
   """softmax(q.k * scale, masked) . v, with fp32 logits and softmax."""
-  logits_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH,
-                            preferred_element_type=jnp.float32) * cfg.scale
+  one_query = q_BTKGH.shape[1] == 1
+  if one_query:
+    # A decode step: B * K tiny dots (G x H by H x S) cost more in per-dot
+    # overhead than in arithmetic (XLA:CPU runs batched dots one by one), so
+    # multiply and reduce instead: one fused pass over the cache.
+    logits_BKGTS = jnp.sum(
+        q_BTKGH[:, 0, :, :, None, :].astype(jnp.float32)
+        * k_BKSH[:, :, None, :, :].astype(jnp.float32), axis=-1)[:, :, :, None] * cfg.scale
+  else:
+    logits_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH,
+                              preferred_element_type=jnp.float32) * cfg.scale
   if cfg.attn_logit_softcap:
     cap = cfg.attn_logit_softcap
     logits_BKGTS = jnp.tanh(logits_BKGTS / cap) * cap
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTKGH.dtype)
+  if one_query:
+    out_BKGH = jnp.sum(probs_BKGTS[:, :, :, 0, :, None].astype(jnp.float32)
+                       * v_BKSH[:, :, None, :, :].astype(jnp.float32), axis=3)
+    return out_BKGH[:, None].astype(q_BTKGH.dtype)
   return jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH)
 
 
@@ -347,13 +362,16 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     x_BTD = x_BTD * jnp.asarray(cfg.dim**0.5, dtype=dt)
   x_BTD = constrain(sharder, x_BTD, ("batch", "seq", "act_embed"))
 
-  def layer_fn(carry, xs):
-    x, kv = carry
-    lp, is_local, layer = xs
+  # The cache goes through the layer scan as per-layer slices (xs) and only
+  # this call's keys and values come out (ys); one update writes them into
+  # the stacked cache afterwards. (Carrying the whole stacked cache through
+  # the scan made XLA copy all of it at every layer of every decode step.)
+  def layer_fn(x, xs):
+    lp, is_local, layer_kv = xs
     mask = jnp.where(is_local, local_mask, global_mask)
     sin_cos = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local_rope, global_rope)
     h = rms_norm(x, lp["attn_norm"], cfg)
-    h, kv = _attention(lp, h, sin_cos, mask, kv, layer, index, cfg, sharder)
+    h, new_kv = _attention(lp, h, sin_cos, mask, layer_kv, index, cfg, sharder)
     if cfg.post_norms:
       h = rms_norm(h, lp["post_attn_norm"], cfg)
     x = x + h
@@ -361,18 +379,21 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     if cfg.post_norms:
       h = rms_norm(h, lp["post_mlp_norm"], cfg)
     x = constrain(sharder, x + h, ("batch", "seq", "act_embed"))
-    return (x, kv), None
+    return x, (new_kv if cache is not None else None)
 
   if cfg.remat == "full":
     layer_fn = jax.checkpoint(layer_fn, prevent_cse=False)
   kv = None if cache is None else (cache["k"], cache["v"])
-  layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-  (x_BTD, kv), _ = jax.lax.scan(layer_fn, (x_BTD, kv), (params["layers"], is_local_L, layers))
+  x_BTD, new_kv = jax.lax.scan(layer_fn, x_BTD, (params["layers"], is_local_L, kv))
   x_BTD = rms_norm(x_BTD, params["final_norm"], cfg)
 
   new_cache = None
   if cache is not None:
-    new_cache = {"k": kv[0], "v": kv[1], "pos": k_pos_BS, "index": index + T}
+    start = (0, 0, 0, index, 0)
+    new_cache = {
+        "k": jax.lax.dynamic_update_slice(cache["k"], new_kv[0].astype(cache["k"].dtype), start),
+        "v": jax.lax.dynamic_update_slice(cache["v"], new_kv[1].astype(cache["v"].dtype), start),
+        "pos": k_pos_BS, "index": index + T}
   return x_BTD, new_cache
 
 
