@@ -52,10 +52,11 @@ def _fit_laptop_budget(c: ml_collections.ConfigDict) -> None:
   c.evaluation.num_helpful = 8
   c.evaluation.max_new_tokens = 48
   c.evaluation.pm.num_revision_prompts = 16
-  # Feedback-model accuracy: the stage-5 model alone, the two cheap modes
-  # (benchmarks/labeler_accuracy.py measures every setting on 64 pairs).
+  # Feedback-model accuracy (Fig. 4 analogue: alone, ensemble, order swap,
+  # chain of thought) for the stage-5 model only, on 8 pairs
+  # (benchmarks/labeler_accuracy.py measures every setting on 64).
   c.evaluation.accuracy.models = tuple(c.ai_labels.feedback_models[:1])
-  c.evaluation.accuracy.runs = ("multiple_choice", "pointwise")
+  c.evaluation.accuracy.runs = ("multiple_choice", "chain_of_thought", "pointwise")
   c.evaluation.accuracy.principles = ("less_harmful", "wise_and_kind")
   c.evaluation.accuracy.num_few_shot = 1
   c.evaluation.accuracy.num_pairs = 8
