@@ -100,6 +100,15 @@ def test_mix_follows_helpful_ratio():
   assert {e.response for e in first} == {f"I won't explain lock {i}." for i in range(30)}
 
 
+def test_mix_keeps_everything_when_one_side_is_empty():
+  # Nothing to mix in: keep the side there is (before the shared
+  # training.data.mix_by_ratio, SFT dropped every example here).
+  only_red = p3_sft.build_examples(make_records(n_red=12, n_help=0), -1, 0.27, seed=0)
+  assert [e.kind for e in only_red] == ["red_team"] * 12
+  only_help = p3_sft.build_examples(make_records(n_red=0, n_help=5), -1, 0.27, seed=0)
+  assert [e.kind for e in only_help] == ["helpful"] * 5
+
+
 def test_loss_mask_covers_response_and_end_token_only(tok):
   data, batch = tiny_batch(tok, n=2)
   ex = p3_sft.build_examples(make_records(), -1, None, seed=0)[0]

@@ -279,44 +279,32 @@ def _attend_step(q_B1KGH, cache_k_BKSH, cache_v_BKSH, k_BK1H, v_BK1H, mask_B1S, 
   # Multiply and reduce, not B * K tiny dots (XLA:CPU runs those one by one).
   old_BKGS = jnp.sum(q_BKGH[:, :, :, None] * cache_k_BKSH[:, :, None].astype(f32), -1)
   new_BKG1 = jnp.sum(q_BKGH * k_BK1H.astype(f32), -1)[..., None]
-  logits_BKGX = jnp.concatenate([old_BKGS, new_BKG1], axis=-1) * cfg.scale
-  if cfg.attn_logit_softcap:
-    cap = cfg.attn_logit_softcap
-    logits_BKGX = jnp.tanh(logits_BKGX / cap) * cap
   mask_BS = mask_B1S[:, 0]
   old_mask_BS = mask_BS & (jnp.arange(S) < index)[None]
   new_mask_B1 = jax.lax.dynamic_slice_in_dim(mask_BS, index, 1, axis=1)
-  mask_BX = jnp.concatenate([old_mask_BS, new_mask_B1], axis=-1)
-  logits_BKGX = jnp.where(mask_BX[:, None, None], logits_BKGX, _MASK_VALUE)
-  probs_BKGX = jax.nn.softmax(logits_BKGX, axis=-1)
+  probs_BKGX = _masked_softmax(jnp.concatenate([old_BKGS, new_BKG1], axis=-1),
+                               jnp.concatenate([old_mask_BS, new_mask_B1], axis=-1)[:, None, None],
+                               cfg)
   out_BKGH = (jnp.sum(probs_BKGX[..., :S, None] * cache_v_BKSH[:, :, None].astype(f32), axis=3)
               + probs_BKGX[..., S:] * v_BK1H.astype(f32))
   return out_BKGH[:, None].astype(q_B1KGH.dtype)
 
 
-def _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg: ModelConfig) -> jax.Array:
-  """softmax(q.k * scale, masked) . v, with fp32 logits and softmax."""
-  one_query = q_BTKGH.shape[1] == 1
-  if one_query:
-    # A decode step: B * K tiny dots (G x H by H x S) cost more in per-dot
-    # overhead than in arithmetic (XLA:CPU runs batched dots one by one), so
-    # multiply and reduce instead: one fused pass over the cache.
-    logits_BKGTS = jnp.sum(
-        q_BTKGH[:, 0, :, :, None, :].astype(jnp.float32)
-        * k_BKSH[:, :, None, :, :].astype(jnp.float32), axis=-1)[:, :, :, None] * cfg.scale
-  else:
-    logits_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH,
-                              preferred_element_type=jnp.float32) * cfg.scale
+def _masked_softmax(scores: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """fp32 softmax over the last axis of q.k scores: scale, soft-cap, mask."""
+  logits = scores.astype(jnp.float32) * cfg.scale
   if cfg.attn_logit_softcap:
     cap = cfg.attn_logit_softcap
-    logits_BKGTS = jnp.tanh(logits_BKGTS / cap) * cap
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTKGH.dtype)
-  if one_query:
-    out_BKGH = jnp.sum(probs_BKGTS[:, :, :, 0, :, None].astype(jnp.float32)
-                       * v_BKSH[:, :, None, :, :].astype(jnp.float32), axis=3)
-    return out_BKGH[:, None].astype(q_BTKGH.dtype)
-  return jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH)
+    logits = jnp.tanh(logits / cap) * cap
+  return jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1)
+
+
+def _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg: ModelConfig) -> jax.Array:
+  """softmax(q.k * scale, masked) . v, with fp32 logits and softmax."""
+  scores_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH,
+                            preferred_element_type=jnp.float32)
+  probs_BKGTS = _masked_softmax(scores_BKGTS, mask_BTS[:, None, None], cfg)
+  return jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS.astype(q_BTKGH.dtype), v_BKSH)
 
 
 def _mlp(lp, x_BTD, cfg, sharder):
