@@ -220,12 +220,6 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder):
   B, T, N, H = q_BTNH.shape
   K = cfg.num_kv_heads
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  if layer_kv is not None and T == 1:
-    # A decode step attends to the cache as it is plus its own key, rather
-    # than to a copy of the layer's cache with the key written in.
-    out_B1KGH = _attend_step(q_BTKGH, *layer_kv, k_BKTH, v_BKTH, mask_BTS, index, cfg)
-    out_BTD = jnp.einsum("BTNH,NHD->BTD", out_B1KGH.reshape(B, T, N, H), w("o"))
-    return out_BTD, new_kv
   if layer_kv is None:
     k_BKSH, v_BKSH = k_BKTH, v_BKTH
   else:
@@ -267,27 +261,6 @@ def _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Arr
   out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                           scale=cfg.scale, implementation="cudnn")
   return out_BTNH[:, :T]
-
-
-def _attend_step(q_B1KGH, cache_k_BKSH, cache_v_BKSH, k_BK1H, v_BK1H, mask_B1S, index,
-                 cfg: ModelConfig) -> jax.Array:
-  """One query per row against the cache's slots before `index` and its own
-  key (slot `index`): the two score sets share one fp32 softmax."""
-  f32 = jnp.float32
-  S = cache_k_BKSH.shape[2]
-  q_BKGH = q_B1KGH[:, 0].astype(f32)
-  # Multiply and reduce, not B * K tiny dots (XLA:CPU runs those one by one).
-  old_BKGS = jnp.sum(q_BKGH[:, :, :, None] * cache_k_BKSH[:, :, None].astype(f32), -1)
-  new_BKG1 = jnp.sum(q_BKGH * k_BK1H.astype(f32), -1)[..., None]
-  mask_BS = mask_B1S[:, 0]
-  old_mask_BS = mask_BS & (jnp.arange(S) < index)[None]
-  new_mask_B1 = jax.lax.dynamic_slice_in_dim(mask_BS, index, 1, axis=1)
-  probs_BKGX = _masked_softmax(jnp.concatenate([old_BKGS, new_BKG1], axis=-1),
-                               jnp.concatenate([old_mask_BS, new_mask_B1], axis=-1)[:, None, None],
-                               cfg)
-  out_BKGH = (jnp.sum(probs_BKGX[..., :S, None] * cache_v_BKSH[:, :, None].astype(f32), axis=3)
-              + probs_BKGX[..., S:] * v_BK1H.astype(f32))
-  return out_BKGH[:, None].astype(q_B1KGH.dtype)
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
