@@ -212,9 +212,8 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder):
   k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
   q_BTNH = constrain(sharder, q_BTNH, ("batch", "seq", "heads", "head_dim"))
 
-  # Keys and values are [B, K, S, H]: the batch dims of the attention dots
-  # lead, so a decode step reads the cache as it lies (a [B, S, K, H] cache
-  # cost a transposing copy of every layer's cache per token).
+  # Keys and values are [B, K, S, H], the cache's own layout: the attention
+  # dots' batch dims (B, K) lead.
   k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
   new_kv = (k_BKTH, v_BKTH)
   B, T, N, H = q_BTNH.shape
@@ -355,8 +354,7 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
 
   # The cache goes through the layer scan as per-layer slices (xs) and only
   # this call's keys and values come out (ys); one update writes them into
-  # the stacked cache afterwards. (Carrying the whole stacked cache through
-  # the scan made XLA copy all of it at every layer of every decode step.)
+  # the stacked cache afterwards.
   def layer_fn(x, xs):
     lp, is_local, layer_kv = xs
     mask = jnp.where(is_local, local_mask, global_mask)
