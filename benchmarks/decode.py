@@ -42,6 +42,9 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best is reported).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Weight and compute dtype (both sides).")
+_DECODE_LAYERS = flags.DEFINE_list(
+    "decode_layers", ["unrolled"], "Our decode loop (ModelConfig.decode_layers): unrolled"
+    " and/or scan; with both, each is timed in the same run and the first is the headline.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers generate.")
 _THREADS = flags.DEFINE_integer("torch_threads", os.cpu_count() or 1, "torch threads.")
 _OUT = flags.DEFINE_string("out", None, "Write results JSON here.")
@@ -114,19 +117,26 @@ def main(argv):
   # keep spinning for a while after each parallel region, which would steal
   # the cores from whichever JAX run came next.
   batches = [int(x) for x in _BATCHES.value]
-  ours = {b: time_ours(cfg, params, b, _PROMPT.value, _NEW.value, _REPEATS.value)
-          for b in batches}
+  variants = _DECODE_LAYERS.value  # the first one gives the row's headline numbers
+  ours = {(b, u): time_ours(cfg.replace(decode_layers=u), params, b, _PROMPT.value, _NEW.value,
+                            _REPEATS.value)
+          for b in batches for u in variants}
   for b in batches:
-    row = {"batch": b, "ours_tokens_per_s": ours[b]["tokens_per_s"],
-           "ours_compile_s": ours[b]["compile_seconds"]}
+    first = ours[b, variants[0]]
+    row = {"batch": b, "decode_layers": variants[0], "ours_tokens_per_s": first["tokens_per_s"],
+           "ours_compile_s": first["compile_seconds"]}
+    if len(variants) > 1:
+      row["ours_by_decode_layers"] = {
+          u: {"tokens_per_s": ours[b, u]["tokens_per_s"],
+              "compile_s": ours[b, u]["compile_seconds"]} for u in variants}
     if model is not None:
       ref = time_torch(model, b, _PROMPT.value, _NEW.value, _REPEATS.value, cfg.vocab_size)
       row["hf_tokens_per_s"] = ref["tokens_per_s"]
-      row["ratio"] = ours[b]["tokens_per_s"] / ref["tokens_per_s"]
-      row["greedy_tokens_agree"] = float(np.mean(ours[b]["tokens"] == ref["tokens"]))
+      row["ratio"] = first["tokens_per_s"] / ref["tokens_per_s"]
+      row["greedy_tokens_agree"] = float(np.mean(first["tokens"] == ref["tokens"]))
     if b == 1:
       row["fraction_of_bandwidth_limit"] = (
-          ours[b]["tokens_per_s"] / results["bandwidth_limit_tokens_per_s"])
+          first["tokens_per_s"] / results["bandwidth_limit_tokens_per_s"])
     results["runs"].append(row)
     print(json.dumps(row))
   print(f"bandwidth {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB;"

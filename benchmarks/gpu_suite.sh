@@ -27,12 +27,15 @@ run_step() {  # run_step NAME SECONDS CMD...: run with a time limit, keep going 
 for name in "$@"; do
   case $name in
     # JAX and PyTorch share the GPU in the decode process.
-    decode_smollm2) XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 run_step "$name" 240 \
+    # Both decode loops: the layer scan (the GPU default) and unrolled layers.
+    decode_smollm2) XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 run_step "$name" 300 \
       python3 benchmarks/decode.py --model=random:smollm2_135m --dtype=bfloat16 \
-      --batch_sizes=1,8,32,128 --out="$out/decode_gpu_smollm2.json" ;;
-    decode_llama1b) XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 run_step "$name" 180 \
+      --batch_sizes=1,8,32,128 --decode_layers=unrolled,scan \
+      --out="$out/decode_gpu_smollm2.json" ;;
+    decode_llama1b) XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 run_step "$name" 240 \
       python3 benchmarks/decode.py --model=random:llama3_2_1b --dtype=bfloat16 \
-      --batch_sizes=1,8,32,128 --out="$out/decode_gpu_llama3_2_1b.json" ;;
+      --batch_sizes=1,8,32,128 --decode_layers=unrolled,scan \
+      --out="$out/decode_gpu_llama3_2_1b.json" ;;
     sft) run_step "$name" 260 python3 benchmarks/sft_throughput.py --model=random:smollm2_135m \
       --device=gpu --dtype=bfloat16 --batch=8 --seq=512 --steps=20 --warmup=3 \
       --out="$out/sft_gpu.json" ;;

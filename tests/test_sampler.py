@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cai_jax.model import transformer
+from cai_jax.sampling import sampler as sampler_lib
 from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
 from conftest import TINY_PRESETS, left_pad
 
@@ -19,10 +20,12 @@ def _prompts(seed=1, lengths=PROMPT_LENGTHS):
   return [list(rs.randint(3, 256, size=n)) for n in lengths]
 
 
-def test_greedy_matches_transformers_generate(tiny_hf):
+@pytest.mark.parametrize("decode_layers", ["unrolled", "scan"])
+def test_greedy_matches_transformers_generate(tiny_hf, decode_layers):
   family, model, cfg, params = tiny_hf
   prompts = _prompts()
-  sampler = Sampler(cfg, max_new_tokens=24, stop_ids=(), pad_id=0)
+  sampler = Sampler(cfg.replace(decode_layers=decode_layers), max_new_tokens=24, stop_ids=(),
+                    pad_id=0)
   ours = sampler.generate(params, prompts, sequence_keys(0, range(len(prompts))))
   ids, mask = left_pad(prompts)
   with torch.no_grad():
@@ -34,8 +37,13 @@ def test_greedy_matches_transformers_generate(tiny_hf):
   assert list(ours.lengths) == [24] * len(prompts)
 
 
-def test_cached_decode_equals_full_forward(tiny_hf):
-  """Logits of prefill + one-token cached steps == one full forward pass."""
+@pytest.mark.parametrize("unstacked", [False, True], ids=["stacked", "unstacked"])
+def test_cached_decode_equals_full_forward(tiny_hf, unstacked):
+  """Logits of prefill + one-token cached steps == one full forward pass.
+
+  Unstacked: the decode steps run on per-layer weights and cache (as the
+  sampler's unrolled decode does), grown from a prefill cache of the prompt.
+  """
   family, _, cfg, params = tiny_hf
   ids, mask = left_pad(_prompts(lengths=(6, 9)))
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)
@@ -44,10 +52,13 @@ def test_cached_decode_equals_full_forward(tiny_hf):
   full_mask = jnp.concatenate([mask, jnp.ones_like(cont, bool)], axis=1)
   full, _ = transformer.forward(params, full_ids, cfg, mask_BT=full_mask)
 
-  cache = transformer.init_cache(cfg, 2, full_ids.shape[1])
+  cache = transformer.init_cache(cfg, 2, ids.shape[1] if unstacked else full_ids.shape[1])
   pos = jnp.cumsum(mask, axis=1) - 1
   logits, cache = transformer.forward(params, ids, cfg, mask_BT=mask, positions_BT=pos,
                                       cache=cache)
+  if unstacked:
+    params = transformer.unstack_layers(params)
+    cache = transformer.unstack_cache(cache, length=full_ids.shape[1])
   steps = [logits[:, -1]]
   next_pos = jnp.sum(mask, axis=1)
   step = jax.jit(lambda p, t, q, c: transformer.forward(p, t, cfg, positions_BT=q, cache=c))
@@ -147,3 +158,17 @@ def test_bad_inputs_give_clear_errors():
     sampler.generate(params, [[1], [2]], sequence_keys(0, [0]))
   with pytest.raises(ValueError, match="temperature"):
     SamplingParams(temperature=-1.0)
+
+
+def test_argmax_is_jnp_argmax_with_ties():
+  x = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [-1.0, -2.0, -1.0, -5.0], [jnp.nan] * 4])
+  np.testing.assert_array_equal(sampler_lib._argmax(x[:2]), jnp.argmax(x[:2], axis=-1))
+  assert int(sampler_lib._argmax(x)[2]) == 3  # no maximum: a valid index, not V
+
+
+def test_stacked_params_with_unstacked_cache_is_refused():
+  cfg = TINY_PRESETS["llama"]()
+  params = transformer.init_params(cfg, jax.random.key(0))
+  cache = transformer.unstack_cache(transformer.init_cache(cfg, 1, 4))
+  with pytest.raises(ValueError, match="both be stacked or both unstacked"):
+    transformer.forward(params, jnp.ones((1, 1), jnp.int32), cfg, cache=cache)

@@ -79,6 +79,13 @@ class ModelConfig:
   # [B, N, T, S] logits in memory) for full-sequence passes; decode steps
   # against the KV cache keep the xla path.
   attention_impl: Literal["xla", "cudnn"] = "xla"
+  # The sampler's decode loop: "unrolled" runs the layers as straight-line code
+  # over per-layer copies of the weights and cache; "scan" runs the layer scan,
+  # which costs no extra memory but makes XLA copy every layer's weights and
+  # cache on each step (1.7-2.4x slower decode on an H100, 1.3-1.8x on a CPU;
+  # BENCHMARKS.md). "unrolled" holds one more copy of the layer weights while
+  # sampling and compiles slower.
+  decode_layers: Literal["unrolled", "scan"] = "unrolled"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -93,6 +100,8 @@ class ModelConfig:
       raise ValueError("local layers need sliding_window to be set")
     if self.attention_impl not in ("xla", "cudnn"):
       raise ValueError(f"attention_impl={self.attention_impl!r}: use 'xla' or 'cudnn'")
+    if self.decode_layers not in ("unrolled", "scan"):
+      raise ValueError(f"decode_layers={self.decode_layers!r}: use 'unrolled' or 'scan'")
     if self.attention_impl == "cudnn":
       if self.dtype not in ("bfloat16", "float16"):
         raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, not"

@@ -10,10 +10,15 @@ Families: Llama (Llama 2/3, SmolLM2; RoPE with Llama-3 scaling), Mistral
 (sliding window), Qwen2 (q/k/v biases) and Gemma 3 (1+w norms, QK-norm,
 sandwich norms, scaled embeddings, local/global layers with their own RoPE
 bases). Layers are stacked on a leading L axis and run under `lax.scan`, so a
-30-layer model compiles as fast as a 1-layer one.
+30-layer model compiles as fast as a 1-layer one. `unstack_layers` and
+`unstack_cache` turn the stacked layers (and cache) into tuples of per-layer
+arrays, which run as an unrolled Python loop instead: XLA:CPU copies every
+weight and cache slice a scan step reads, which dominates a decode step there
+(see `sampling/sampler.py`).
 
 The KV cache is an explicit pytree, passed in and returned:
-  k, v   [L, B, S, K, H]   keys and values per slot
+  k, v   [L, B, K, S, H]   keys and values per slot; unstacked: L arrays of
+                           keys [B, K, H, S] and values [B, K, S, H]
   pos    [B, S] int32      the token position stored in each slot, -1 if empty
   index  [] int32          the next slot to write
 Rows may be left-padded: a padded token gets slot position -1 and is never
@@ -22,6 +27,7 @@ attended to, so each row sees exactly its own tokens at its own positions.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -189,11 +195,12 @@ def attention_mask(q_slot_T, q_pos_BT, k_pos_BS, window: int | None) -> jax.Arra
   return mask
 
 
-def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder):
-  """(attention output, this call's keys and values [B, K, T, H] for the cache).
+def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder, keys_HS=False):
+  """(output, this call's keys and values [B, K, T, H], the layer's updated cache).
 
   `layer_kv`: this layer's cache (keys, values) [B, K, S, H], or None (the T
-  tokens attend to each other only).
+  tokens attend to each other only; the updated cache is then None).
+  keys_HS: the cached keys are [B, K, H, S] (see `_attend`).
   """
   dt = cfg.compute_dtype
   w = lambda name: lp["attn"][name].astype(dt)
@@ -215,35 +222,40 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder):
   # Keys and values are [B, K, S, H], the cache's own layout: the attention
   # dots' batch dims (B, K) lead.
   k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
-  new_kv = (k_BKTH, v_BKTH)
   B, T, N, H = q_BTNH.shape
   K = cfg.num_kv_heads
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  updated_kv = None
   if layer_kv is None:
     k_BKSH, v_BKSH = k_BKTH, v_BKTH
   else:
     cache_k, cache_v = layer_kv
-    k_BKSH = jax.lax.dynamic_update_slice(cache_k, k_BKTH.astype(cache_k.dtype),
-                                          (0, 0, index, 0)).astype(dt)
-    v_BKSH = jax.lax.dynamic_update_slice(cache_v, v_BKTH.astype(cache_v.dtype),
-                                          (0, 0, index, 0)).astype(dt)
+    if keys_HS:
+      new_k, k_start = jnp.swapaxes(k_BKTH, 2, 3), (0, 0, 0, index)
+    else:
+      new_k, k_start = k_BKTH, (0, 0, index, 0)
+    updated_kv = (
+        jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), k_start),
+        jax.lax.dynamic_update_slice(cache_v, v_BKTH.astype(cache_v.dtype), (0, 0, index, 0)))
+    k_BKSH, v_BKSH = (c.astype(dt) for c in updated_kv)  # keys: [B, K, H, S] if keys_HS
   C = cfg.attention_chunk
   if cfg.attention_impl == "cudnn" and layer_kv is None:
-    out_BTKGH = _attend_cudnn(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg).reshape(
-        B, T, K, N // K, H)
+    out_BTNH = _attend_cudnn(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg)
   elif C and T > C and T % C == 0:
     # Query chunks under remat: the backward pass recomputes each chunk's
     # probabilities instead of keeping all of them.
-    chunk_fn = jax.checkpoint(lambda q, m: _attend(q, k_BKSH, v_BKSH, m, cfg))
+    chunk_fn = jax.checkpoint(lambda q, m: _attend(q, k_BKSH, v_BKSH, m, cfg, keys_HS))
     q_nBCKGH = jnp.moveaxis(q_BTKGH.reshape(B, T // C, C, K, N // K, H), 1, 0)
     mask_nBCS = jnp.moveaxis(mask_BTS.reshape(B, T // C, C, -1), 1, 0)
-    out_nBCKGH = jax.lax.map(lambda qm: chunk_fn(*qm), (q_nBCKGH, mask_nBCS))
-    out_BTKGH = jnp.moveaxis(out_nBCKGH, 0, 1).reshape(B, T, K, N // K, H)
+    out_nBCNH = jax.lax.map(lambda qm: chunk_fn(*qm), (q_nBCKGH, mask_nBCS))
+    out_BTNH = jnp.moveaxis(out_nBCNH, 0, 1).reshape(B, T, N, H)
   else:
-    out_BTKGH = _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg)
-  out_BTNH = out_BTKGH.reshape(B, T, N, H)
-  out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w("o"))
-  return out_BTD, new_kv
+    out_BTNH = _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg, keys_HS)
+  # One [B, T, N*H] x [N*H, D] matmul: as a two-axis contraction XLA:CPU
+  # transposed the weight on every call to match the activations' layout.
+  out_BTD = jnp.einsum("BTE,ED->BTD", out_BTNH.reshape(B, T, N * H),
+                       w("o").reshape(N * H, -1))
+  return out_BTD, (k_BKTH, v_BKTH), updated_kv
 
 
 def _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Array:
@@ -271,12 +283,24 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax
   return jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1)
 
 
-def _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg: ModelConfig) -> jax.Array:
-  """softmax(q.k * scale, masked) . v, with fp32 logits and softmax."""
-  scores_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH,
-                            preferred_element_type=jnp.float32)
-  probs_BKGTS = _masked_softmax(scores_BKGTS, mask_BTS[:, None, None], cfg)
-  return jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS.astype(q_BTKGH.dtype), v_BKSH)
+def _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg: ModelConfig,
+            keys_HS: bool = False) -> jax.Array:
+  """softmax(q.k * scale, masked) . v [B, T, N, H], with fp32 logits and softmax.
+
+  The G query heads of a KV head and the T queries form one M = G*T axis, so
+  both dots are plain matmuls batched over (B, K): with G and T apart,
+  XLA:CPU fell back to a slow generic dot for the scores. keys_HS: keys are
+  [B, K, H, S], which makes q.k a non-transposed matmul (faster on XLA:CPU).
+  """
+  B, T, K, G, H = q_BTKGH.shape
+  S = v_BKSH.shape[2]
+  q_BKMH = jnp.einsum("BTKGH->BKGTH", q_BTKGH).reshape(B, K, G * T, H)
+  scores_BKMS = jnp.einsum("BKMH,BKHS->BKMS" if keys_HS else "BKMH,BKSH->BKMS", q_BKMH,
+                           k_BKSH, preferred_element_type=jnp.float32)
+  probs_BKGTS = _masked_softmax(scores_BKMS.reshape(B, K, G, T, S), mask_BTS[:, None, None], cfg)
+  out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", probs_BKGTS.reshape(B, K, G * T, S).astype(q_BTKGH.dtype),
+                        v_BKSH)
+  return jnp.einsum("BKGTH->BTKGH", out_BKMH.reshape(B, K, G, T, H)).reshape(B, T, K * G, H)
 
 
 def _mlp(lp, x_BTD, cfg, sharder):
@@ -288,6 +312,35 @@ def _mlp(lp, x_BTD, cfg, sharder):
 
 
 # --- The model -------------------------------------------------------------------
+
+
+def unstack_layers(params: Params) -> Params:
+  """`params` with "layers" as a tuple of per-layer trees (runs unrolled)."""
+  layers = params["layers"]
+  num = jax.tree.leaves(layers)[0].shape[0]
+  return dict(params, layers=tuple(jax.tree.map(lambda x, i=i: x[i], layers)
+                                   for i in range(num)))
+
+
+def unstack_cache(cache: Cache, length: int | None = None) -> Cache:
+  """`cache` with k and v as tuples of per-layer arrays, keys as [B, K, H, S].
+
+  length: grow the cache to this many slots (new slots empty).
+  """
+  S = cache["pos"].shape[1]
+  extra = (length or S) - S
+  if extra < 0:
+    raise ValueError(f"cannot shrink a cache of {S} slots to {length}")
+
+  def grow(x_BKSH):
+    if not extra:
+      return x_BKSH
+    B, K, _, H = x_BKSH.shape
+    return jnp.concatenate([x_BKSH, jnp.zeros((B, K, extra, H), x_BKSH.dtype)], axis=2)
+
+  pos = jnp.pad(cache["pos"], ((0, 0), (0, extra)), constant_values=-1)
+  return dict(cache, k=tuple(jnp.swapaxes(grow(x), 2, 3) for x in cache["k"]),
+              v=tuple(grow(x) for x in cache["v"]), pos=pos)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
@@ -345,22 +398,22 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
   local_rope = rope_sin_cos(
       positions_BT, rope_inv_freq(cfg.replace(rope_scaling=None),
                                   cfg.local_rope_theta or cfg.rope_theta))
-  is_local_L = jnp.asarray([t == "local" for t in cfg.resolved_layer_types])
+  is_local_L = [t == "local" for t in cfg.resolved_layer_types]
 
   x_BTD = params["embed"].astype(dt)[tokens_BT]
   if cfg.scale_embeddings:
     x_BTD = x_BTD * jnp.asarray(cfg.dim**0.5, dtype=dt)
   x_BTD = constrain(sharder, x_BTD, ("batch", "seq", "act_embed"))
 
-  # The cache goes through the layer scan as per-layer slices (xs) and only
-  # this call's keys and values come out (ys); one update writes them into
-  # the stacked cache afterwards.
-  def layer_fn(x, xs):
-    lp, is_local, layer_kv = xs
-    mask = jnp.where(is_local, local_mask, global_mask)
-    sin_cos = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local_rope, global_rope)
+  def layer_fn(x, lp, layer_kv, is_local, keys_HS=False):
+    if isinstance(is_local, bool):  # unrolled: the layer type is known
+      mask, sin_cos = (local_mask, local_rope) if is_local else (global_mask, global_rope)
+    else:
+      mask = jnp.where(is_local, local_mask, global_mask)
+      sin_cos = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local_rope, global_rope)
     h = rms_norm(x, lp["attn_norm"], cfg)
-    h, new_kv = _attention(lp, h, sin_cos, mask, layer_kv, index, cfg, sharder)
+    h, new_kv, updated_kv = _attention(lp, h, sin_cos, mask, layer_kv, index, cfg, sharder,
+                                       keys_HS)
     if cfg.post_norms:
       h = rms_norm(h, lp["post_attn_norm"], cfg)
     x = x + h
@@ -368,21 +421,47 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     if cfg.post_norms:
       h = rms_norm(h, lp["post_mlp_norm"], cfg)
     x = constrain(sharder, x + h, ("batch", "seq", "act_embed"))
-    return x, (new_kv if cache is not None else None)
+    return x, new_kv, updated_kv
 
-  if cfg.remat == "full":
-    layer_fn = jax.checkpoint(layer_fn, prevent_cse=False)
-  kv = None if cache is None else (cache["k"], cache["v"])
-  x_BTD, new_kv = jax.lax.scan(layer_fn, x_BTD, (params["layers"], is_local_L, kv))
-  x_BTD = rms_norm(x_BTD, params["final_norm"], cfg)
-
+  layers = params["layers"]
+  unrolled = isinstance(layers, (tuple, list))
+  if cache is not None and unrolled != isinstance(cache["k"], (tuple, list)):
+    raise ValueError("params and cache must both be stacked or both unstacked"
+                     " (transformer.unstack_layers / unstack_cache)")
   new_cache = None
-  if cache is not None:
-    start = (0, 0, 0, index, 0)
-    new_cache = {
-        "k": jax.lax.dynamic_update_slice(cache["k"], new_kv[0].astype(cache["k"].dtype), start),
-        "v": jax.lax.dynamic_update_slice(cache["v"], new_kv[1].astype(cache["v"].dtype), start),
-        "pos": k_pos_BS, "index": index + T}
+  if unrolled:
+    updated = []
+    for i, lp in enumerate(layers):
+      layer_kv = None if cache is None else (cache["k"][i], cache["v"][i])
+      fn = functools.partial(layer_fn, is_local=is_local_L[i], keys_HS=True)
+      if cfg.remat == "full":
+        fn = jax.checkpoint(fn)
+      x_BTD, _, updated_kv = fn(x_BTD, lp, layer_kv)
+      updated.append(updated_kv)
+    if cache is not None:
+      new_cache = {"k": tuple(k for k, _ in updated), "v": tuple(v for _, v in updated),
+                   "pos": k_pos_BS, "index": index + T}
+  else:
+    # The cache goes through the layer scan as per-layer slices (xs) and only
+    # this call's keys and values come out (ys); one update writes them into
+    # the stacked cache afterwards.
+    def scan_fn(x, xs):
+      lp, is_local, layer_kv = xs
+      x, new_kv, _ = layer_fn(x, lp, layer_kv, is_local)
+      return x, (new_kv if cache is not None else None)
+
+    if cfg.remat == "full":
+      scan_fn = jax.checkpoint(scan_fn, prevent_cse=False)
+
+    kv = None if cache is None else (cache["k"], cache["v"])
+    x_BTD, new_kv = jax.lax.scan(scan_fn, x_BTD, (layers, jnp.asarray(is_local_L), kv))
+    if cache is not None:
+      start = (0, 0, 0, index, 0)
+      new_cache = {
+          "k": jax.lax.dynamic_update_slice(cache["k"], new_kv[0].astype(cache["k"].dtype), start),
+          "v": jax.lax.dynamic_update_slice(cache["v"], new_kv[1].astype(cache["v"].dtype), start),
+          "pos": k_pos_BS, "index": index + T}
+  x_BTD = rms_norm(x_BTD, params["final_norm"], cfg)
   return x_BTD, new_cache
 
 
