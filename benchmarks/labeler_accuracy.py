@@ -232,7 +232,6 @@ def fit_pointwise_temperature(row: Row, run: dict, a_better: np.ndarray) -> dict
   how far `pointwise_temperature` = 1 is from calibrated, not what to expect
   on new data.
   """
-  s: LabelerSettings = run["settings"]
   best = None
   for t in np.logspace(-1.5, 1.5, 61):
     p = np.asarray([model_label(lp[:row.principles], mode="pointwise",

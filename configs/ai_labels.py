@@ -24,6 +24,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.feedback_models = DEFAULT_FEEDBACK_MODELS  # load_model specs; several = an ensemble
   c.model_ensemble = "mean"  # or "majority" (vote share) across feedback models
   c.dtype = "float32"
+  c.decode_layers = "unrolled"  # or "scan": no extra copy of the layer weights, slower decode
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): scoring is data-parallel
   c.constitution = "harmless"
   c.kinds = ("red_team", "helpful")  # which stage-4 pairs to label

@@ -16,6 +16,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = "smollm2-135m-instruct"
   c.dtype = "float32"
+  c.decode_layers = "unrolled"  # or "scan": no extra copy of the layer weights, slower decode
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): sampling is data-parallel
   c.constitution = "harmless"
   c.mode = "critique"  # or "direct": revise without a critique (ablation)

@@ -22,6 +22,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = "float32"
+  c.decode_layers = "unrolled"  # or "scan": no extra copy of the layer weights, slower decode
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): generation and scoring are data-parallel
   c.constitution = "harmless"
 

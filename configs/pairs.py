@@ -18,6 +18,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = ""  # "": <workdir>/p3_sft/hf; else any load_model spec
   c.dtype = "float32"
+  c.decode_layers = "unrolled"  # or "scan": no extra copy of the layer weights, slower decode
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): sampling is data-parallel
   c.max_new_tokens = 256
   c.max_prompt_tokens = 1024

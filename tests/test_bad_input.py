@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cai_jax import prompts, records
+from cai_jax import records
 from cai_jax.phases import p1_prompts, p2_critique_revision
 from test_critique_revision import _config, _read_bytes, _write_prompts
 

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import shutil
 
 import jax
 import numpy as np

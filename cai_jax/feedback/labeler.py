@@ -98,10 +98,11 @@ class FeedbackModel:
   sharder: Sharder | None = None
 
   @classmethod
-  def load(cls, spec: str, sharder: Sharder | None = None, dtype: str = "float32"
+  def load(cls, spec: str, sharder: Sharder | None = None, dtype: str = "float32",
+           decode_layers: str = "unrolled"
            ) -> "FeedbackModel":
     from cai_jax.checkpoints.load import load_model
-    cfg, params, tok = load_model(spec, sharder, dtype=dtype)
+    cfg, params, tok = load_model(spec, sharder, dtype=dtype, decode_layers=decode_layers)
     logging.info("feedback model %s: %s, %.1fM params", spec, cfg.family,
                  cfg.num_params() / 1e6)
     return cls(spec, cfg, params, tok, sharder)

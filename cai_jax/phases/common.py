@@ -19,9 +19,10 @@ def sharder_from_config(config: ml_collections.ConfigDict) -> Sharder:
   return Sharder(mesh, rules) if rules else Sharder(mesh)
 
 
-def load_for_sampling(model_spec: str, sharder: Sharder, dtype: str):
+def load_for_sampling(model_spec: str, sharder: Sharder, dtype: str,
+                      decode_layers: str = "unrolled"):
   """(cfg, params, tokenizer) with params placed in their shardings."""
-  cfg, params, tok = load_model(model_spec, sharder, dtype=dtype)
+  cfg, params, tok = load_model(model_spec, sharder, dtype=dtype, decode_layers=decode_layers)
   logging.info("loaded %s: %s, %.1fM params on %d device(s)", model_spec, cfg.family,
                cfg.num_params() / 1e6, len(jax.devices()))
   return cfg, params, tok

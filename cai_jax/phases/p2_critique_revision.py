@@ -83,7 +83,7 @@ class CritiqueReviser:
     self.config = config
     self.sharder = common.sharder_from_config(config)
     self.cfg, self.params, self.tok = common.load_for_sampling(
-        config.model, self.sharder, config.dtype)
+        config.model, self.sharder, config.dtype, config.decode_layers)
     self.constitution = load_constitution(config.constitution)
     self.sampler = common.make_sampler(self.cfg, self.tok, self.sharder,
                                        config.max_new_tokens)

@@ -52,8 +52,8 @@ class PairSampler:
   def __init__(self, config: ml_collections.ConfigDict, model: str):
     self.config = config
     self.sharder = common.sharder_from_config(config)
-    self.cfg, self.params, self.tok = common.load_for_sampling(model, self.sharder,
-                                                               config.dtype)
+    self.cfg, self.params, self.tok = common.load_for_sampling(
+        model, self.sharder, config.dtype, config.decode_layers)
     self.sampler = common.make_sampler(self.cfg, self.tok, self.sharder, config.max_new_tokens)
     self.sampling = common.sampling_from_config(config.sampling)
 

@@ -42,7 +42,8 @@ def make_labeler(config: ml_collections.ConfigDict) -> Labeler:
     raise ValueError("config.feedback_models is empty; give at least one load_model spec")
   settings = LabelerSettings.from_config(config)
   sharder = common.sharder_from_config(config)
-  models = [FeedbackModel.load(spec, sharder, config.dtype) for spec in specs]
+  models = [FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
+            for spec in specs]
   return Labeler(models, load_constitution(config.constitution), settings)
 
 

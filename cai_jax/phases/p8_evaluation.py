@@ -270,7 +270,8 @@ class Answerer:
 
   def __init__(self, config: ml_collections.ConfigDict, name: str, spec: str, sharder):
     self.config, self.name = config, name
-    self.cfg, self.params, self.tok = common.load_for_sampling(spec, sharder, config.dtype)
+    self.cfg, self.params, self.tok = common.load_for_sampling(spec, sharder, config.dtype,
+                                                               config.decode_layers)
     self.sampler = common.make_sampler(self.cfg, self.tok, sharder, config.max_new_tokens)
     self.sampling = common.sampling_from_config(config.sampling)
 
@@ -467,7 +468,7 @@ def run_judge(config, workdir, sharder, answers, names, notes) -> tuple[dict, li
     return {"missing": why, **info}, []
   if not independent:
     notes.append(f"judge {spec}: {why}")
-  model = FeedbackModel.load(spec, sharder, config.dtype)
+  model = FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
   labelers = judge_labelers(model, config)
   rows: list[dict] = []
   out: dict[str, Any] = dict(info)
@@ -515,7 +516,7 @@ def run_accuracy(config, sharder, notes) -> dict[str, Any]:
     if not spec_exists(spec):
       notes.append(f"labeler accuracy: {spec} is not installed; skipped")
       continue
-    model = FeedbackModel.load(spec, sharder, config.dtype)
+    model = FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
     rows = []
     for run_name in a.runs:
       s = LabelerSettings(max_response_tokens=a.max_response_tokens, batch_size=a.batch_size,
