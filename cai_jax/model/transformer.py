@@ -405,12 +405,7 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     x_BTD = x_BTD * jnp.asarray(cfg.dim**0.5, dtype=dt)
   x_BTD = constrain(sharder, x_BTD, ("batch", "seq", "act_embed"))
 
-  def layer_fn(x, lp, layer_kv, is_local, keys_HS=False):
-    if isinstance(is_local, bool):  # unrolled: the layer type is known
-      mask, sin_cos = (local_mask, local_rope) if is_local else (global_mask, global_rope)
-    else:
-      mask = jnp.where(is_local, local_mask, global_mask)
-      sin_cos = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local_rope, global_rope)
+  def layer_fn(x, lp, layer_kv, mask, sin_cos, keys_HS=False):
     h = rms_norm(x, lp["attn_norm"], cfg)
     h, new_kv, updated_kv = _attention(lp, h, sin_cos, mask, layer_kv, index, cfg, sharder,
                                        keys_HS)
@@ -433,10 +428,12 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     updated = []
     for i, lp in enumerate(layers):
       layer_kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      fn = functools.partial(layer_fn, is_local=is_local_L[i], keys_HS=True)
+      # The layer type is known here: no select between the two masks.
+      mask, sin_cos = (local_mask, local_rope) if is_local_L[i] else (global_mask, global_rope)
+      fn = functools.partial(layer_fn, keys_HS=True)
       if cfg.remat == "full":
         fn = jax.checkpoint(fn)
-      x_BTD, _, updated_kv = fn(x_BTD, lp, layer_kv)
+      x_BTD, _, updated_kv = fn(x_BTD, lp, layer_kv, mask, sin_cos)
       updated.append(updated_kv)
     if cache is not None:
       new_cache = {"k": tuple(k for k, _ in updated), "v": tuple(v for _, v in updated),
@@ -447,7 +444,9 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     # the stacked cache afterwards.
     def scan_fn(x, xs):
       lp, is_local, layer_kv = xs
-      x, new_kv, _ = layer_fn(x, lp, layer_kv, is_local)
+      mask = jnp.where(is_local, local_mask, global_mask)
+      sin_cos = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local_rope, global_rope)
+      x, new_kv, _ = layer_fn(x, lp, layer_kv, mask, sin_cos)
       return x, (new_kv if cache is not None else None)
 
     if cfg.remat == "full":
