@@ -8,9 +8,9 @@
   python benchmarks/mesh_throughput.py --model=smollm2-135m-instruct --meshes='1,1,1' \
       --batch=32 --seq_len=1024 --dtype=bfloat16
 
-Workloads: `sft` (p3_sft.train_step, batch x seq tokens), `pm`
-(p6_preference_model.train_step on batch pairs, so 2 x batch x seq tokens),
-`ppo` (p7_ppo.train_step on a minibatch of batch rollouts, prompt seq/4 and
+Workloads: `sft` (sft_step.train_step, batch x seq tokens), `pm`
+(preference.model.train_step on batch pairs, so 2 x batch x seq tokens),
+`ppo` (learner.train_step on a minibatch of batch rollouts, prompt seq/4 and
 response 3seq/4, value head on the shared backbone) and `decode` (the sampler,
 prompt seq/4, --new_tokens new tokens).
 
@@ -41,7 +41,11 @@ from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
 from benchmarks import peaks
 from cai_jax.model import heads
-from cai_jax.phases import p3_sft, p6_preference_model, p7_ppo
+from cai_jax import distributed
+from cai_jax.data import comparisons
+from cai_jax.preference import model as pm
+from cai_jax.rl import learner
+from cai_jax.training import sft_step
 from cai_jax.sampling.sampler import Sampler, sequence_keys
 from cai_jax.training import optim
 
@@ -129,7 +133,7 @@ def sft_workload(cfg, params, sharder: Sharder) -> Workload:
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "input_mask": np.ones((B, T), bool), "loss_mask": np.ones((B, T), bool)}
   batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
-  step = jax.jit(functools.partial(p3_sft.train_step, cfg=cfg, tx=tx, schedule=schedule,
+  step = jax.jit(functools.partial(sft_step.train_step, cfg=cfg, tx=tx, schedule=schedule,
                                    sharder=sharder, microbatches=1, loss_chunk=128),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharder.replicated),
                  donate_argnums=0)
@@ -148,9 +152,9 @@ def pm_workload(cfg, params, sharder: Sharder) -> Workload:
   batch = {"tokens": rs.randint(0, cfg.vocab_size, size=(B, 2, T)).astype(np.int32),
            "mask": np.arange(T)[None, None] < lengths[..., None],
            "p_a": rs.rand(B).astype(np.float32), "valid": np.ones(B, bool)}
-  batch_sh = p6_preference_model.batch_shardings(sharder)
-  batch = p6_preference_model.to_global(batch, batch_sh)
-  step = jax.jit(functools.partial(p6_preference_model.train_step, cfg=cfg, tx=tx,
+  batch_sh = comparisons.batch_shardings(sharder)
+  batch = distributed.batch_to_global(batch, batch_sh)
+  step = jax.jit(functools.partial(pm.train_step, cfg=cfg, tx=tx,
                                    schedule=schedule, sharder=sharder, microbatches=1),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharder.replicated),
                  donate_argnums=0)
@@ -177,7 +181,7 @@ def ppo_workload(cfg, params, sharder: Sharder) -> Workload:
         "returns": rs.randn(B, M).astype(np.float32)}
   row_sh = sharder.sharding(("batch", None))
   mb = {k: jax.device_put(v, row_sh) for k, v in mb.items()}
-  step = jax.jit(functools.partial(p7_ppo.train_step, tx=tx, microbatches=1, sharder=sharder,
+  step = jax.jit(functools.partial(learner.train_step, tx=tx, microbatches=1, sharder=sharder,
                                    cfg=cfg, prompt_len=P, temperature=1.0, chunk=128,
                                    clip_eps=0.2, value_clip=0.2, vf_coef=0.1, ent_coef=0.0),
                  in_shardings=(state_sh, row_sh), out_shardings=(state_sh, sharder.replicated),

@@ -65,8 +65,11 @@ def run_cai_jax(hf_dir: str) -> dict:
   import jax
   from cai_jax.checkpoints.load import load_model
   from cai_jax.model import heads, transformer
-  from cai_jax.phases import common, p7_ppo
-  from cai_jax.sampling.chat import encode_chat
+  from cai_jax.model.sharding import sharder_from_config
+  from cai_jax.preference.scorer import Scorer
+  from cai_jax.rl.learner import Learner
+  from cai_jax.rl.reward import pm_reward_fn
+  from cai_jax.text.chat import generation_ids
   from cai_jax.training import optim
   from configs import ppo as ppo_config
 
@@ -79,19 +82,19 @@ def run_cai_jax(hf_dir: str) -> dict:
   texts = bench_prompts(_BATCH.value)
   c.mesh = (1, 1, 1)
   t0 = time.perf_counter()
-  sharder = common.sharder_from_config(c)
+  sharder = sharder_from_config(c)
   cfg, ref, tok = load_model(hf_dir, sharder, **dict(c.model_overrides))
   pm_head = heads.init_head(cfg, jax.random.key(1))
   pm = {"backbone": ref, "head": pm_head}  # a PM the size of the policy (shares weights)
-  reward_fn = p7_ppo.pm_reward_fn(cfg, pm, tok, tok, sharder, c.reward.max_len)
+  reward_fn = pm_reward_fn(Scorer(cfg, pm, tok, max_len=c.reward.max_len, sharder=sharder), tok)
   abstract = {"backbone": transformer.abstract_params(cfg),
               "head": jax.eval_shape(lambda k: heads.init_head(cfg, k), jax.random.key(0))}
   tx, _ = optim.make_optimizer(c.optim, 100, abstract)
-  learner = p7_ppo.Learner(c, cfg, tok, sharder, reward_fn, tx)
+  learner = Learner(c, cfg, tok, sharder, reward_fn, tx)
   state = jax.jit(lambda p, k: optim.init_train_state(
       {"backbone": p, "head": heads.init_head(cfg, k)}, tx, k),
       out_shardings=learner.state_sh)(ref, jax.random.key(2))
-  ids = [encode_chat(tok, [{"role": "user", "content": p}]) for p in texts]
+  ids = [generation_ids(tok, [{"role": "user", "content": p}]) for p in texts]
   load_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   state, first = learner.iterate(state, ref, texts, ids, KL_COEF)
@@ -153,8 +156,8 @@ def run_tunix(hf_dir: str) -> dict:
   from tunix.rl import utils as rl_utils
   from tunix.rl.ppo import ppo_learner
   from tunix.rl.rollout import base_rollout
-  from cai_jax.sampling.chat import encode_chat
-  from cai_jax.tokenizer import Tokenizer
+  from cai_jax.text.chat import generation_ids
+  from cai_jax.text.tokenizer import Tokenizer
   from configs import ppo as ppo_config
 
   c = ppo_config.get_config("cpu")
@@ -162,7 +165,7 @@ def run_tunix(hf_dir: str) -> dict:
   texts = bench_prompts(B)
   t0 = time.perf_counter()
   tok = Tokenizer.from_dir(hf_dir)
-  ids = {p: encode_chat(tok, [{"role": "user", "content": p}]) for p in texts}
+  ids = {p: generation_ids(tok, [{"role": "user", "content": p}]) for p in texts}
 
   class ExactIds:
     """Tunix tokenizer protocol returning our exact prompt ids (no BOS added: they have theirs)."""

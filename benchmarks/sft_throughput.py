@@ -11,8 +11,8 @@ in PaLM's MFU) per second over the best fp32 matmul rate this script measures
 on this machine, with JAX for our step and with PyTorch for the other two.
 
 Implementations (--impls):
-  jax          p3_sft.train_step, plain [B, T, V] logits (loss_chunk=0)
-  jax_chunked  p3_sft.train_step, logits in chunks of --loss_chunk tokens
+  jax          sft_step.train_step, plain [B, T, V] logits (loss_chunk=0)
+  jax_chunked  sft_step.train_step, logits in chunks of --loss_chunk tokens
   torch        transformers model, forward/backward, torch.optim.AdamW(fused)
   trl          trl.SFTTrainer on the pre-tokenized rows (labels -100 on prompts),
                gradient checkpointing off like the others
@@ -112,7 +112,7 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
   from cai_jax.checkpoints.load import load_model
   from cai_jax.model.sharding import Sharder, make_mesh
   from cai_jax.model import transformer
-  from cai_jax.phases import p3_sft
+  from cai_jax.training import sft_step
   from cai_jax.training import optim
 
   sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))
@@ -130,7 +130,7 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
                   donate_argnums=0)(params, jax.random.key(0))
   del params
   batch_sh = sharder.sharding(("batch", "seq"))
-  step = jax.jit(functools.partial(p3_sft.train_step, cfg=cfg, tx=tx, schedule=schedule,
+  step = jax.jit(functools.partial(sft_step.train_step, cfg=cfg, tx=tx, schedule=schedule,
                                    sharder=sharder, microbatches=1, loss_chunk=loss_chunk),
                  in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, sharder.replicated), donate_argnums=0)

@@ -18,6 +18,8 @@ import os
 import tempfile
 
 DEFAULT_ASSET = "smollm2-135m-instruct"
+# Stage 5's default feedback model, chosen by benchmarks/labeler_accuracy.py.
+DEFAULT_FEEDBACK_MODELS = ("qwen2.5-coder-0.5b-instruct",)
 
 
 def cache_root(root: str | None = None) -> str:

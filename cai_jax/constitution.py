@@ -27,9 +27,21 @@ import yaml
 Answer = Literal["Yes", "No"]
 Choice = Literal["A", "B"]
 
-# Where the shipped constitutions live (repository root / constitutions).
-CONSTITUTIONS_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "constitutions")
+
+
+def _shipped_dir() -> str:
+  """Where the shipped constitutions live: `cai_jax/constitutions/` in an installed
+  wheel (pyproject maps the top-level `constitutions/` there), the repository's
+  top-level `constitutions/` in a checkout or an editable install."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  for candidate in (os.path.join(here, "constitutions"),
+                    os.path.join(os.path.dirname(here), "constitutions")):
+    if os.path.isdir(candidate):
+      return candidate
+  return os.path.join(os.path.dirname(here), "constitutions")
+
+
+CONSTITUTIONS_DIR = _shipped_dir()
 
 
 class ConstitutionError(ValueError):

@@ -72,3 +72,14 @@ def to_host(x: jax.Array) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def batch_to_global(batch: dict[str, np.ndarray],
+                    shardings: jax.sharding.Sharding | dict[str, jax.sharding.Sharding]
+                    ) -> dict[str, jax.Array]:
+  """A host batch (every process holds all of it) -> global arrays.
+
+  `shardings`: one sharding for every key, or one per key.
+  """
+  get = shardings.get if isinstance(shardings, dict) else (lambda k: shardings)
+  return {k: to_global(v, get(k)) for k, v in batch.items()}

@@ -3,16 +3,29 @@ what is partial, so rerunning after a kill picks up where it stopped.
 
   python -m cai_jax.pipeline --config=configs/pipeline.py:cpu --workdir=runs/cai
 
-Writes `<workdir>/pipeline_timings.json` (wall seconds per stage).
+Writes `<workdir>/pipeline_timings.json` (wall seconds per stage) and
+`<workdir>/pipeline_memory.json` (the process's resident memory after each
+stage, once the stage's models and compiled programs are let go, and its peak
+so far).
+
+All stages run in one process. Between stages everything a stage held is
+released: its return value, JAX's compilation caches (`jax.clear_caches`) and
+the heap pages the allocator keeps (`malloc_trim`), so the pipeline's peak is
+that of its largest stage, not the sum of all of them.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import logging
 import os
+import resource
 import time
 
+import jax
 import ml_collections
 
 from cai_jax.phases import (cli, p1_prompts, p2_critique_revision, p3_sft, p4_pairs,
@@ -31,9 +44,37 @@ STAGES = (
 )
 
 
+def resident_gib() -> float:
+  """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+  except (OSError, ValueError, IndexError):
+    return 0.0
+
+
+def peak_gib() -> float:
+  """This process's peak resident memory so far."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def release_memory() -> None:
+  """Let go of what a finished stage held: garbage, compiled programs, free heap pages."""
+  gc.collect()
+  jax.clear_caches()
+  gc.collect()
+  libc = ctypes.util.find_library("c")
+  if libc:
+    try:
+      ctypes.CDLL(libc).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+      pass
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
+  memory: dict[str, dict[str, float]] = {}
   for name, stage in STAGES:
     if name not in config:
       continue
@@ -41,8 +82,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     start = time.perf_counter()
     stage.run(config[name], workdir)
     timings[name] = time.perf_counter() - start
+    release_memory()
+    memory[name] = {"resident_after_gib": round(resident_gib(), 3),
+                    "peak_so_far_gib": round(peak_gib(), 3)}
+    logging.info("stage %s: %.0f s; resident %.2f GiB after release, peak so far %.2f GiB",
+                 name, timings[name], memory[name]["resident_after_gib"],
+                 memory[name]["peak_so_far_gib"])
     with open(os.path.join(workdir, "pipeline_timings.json"), "w") as f:
       json.dump(timings, f, indent=1)
+    with open(os.path.join(workdir, "pipeline_memory.json"), "w") as f:
+      json.dump(memory, f, indent=1)
   return timings
 
 

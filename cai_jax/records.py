@@ -16,7 +16,7 @@ import dataclasses
 import glob
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from cai_jax import distributed
@@ -25,7 +25,7 @@ R = TypeVar("R")
 
 
 # --- Record types ------------------------------------------------------------------
-# Stage 1 (prompts) writes `cai_jax.prompts.PromptRecord`s.
+# Stage 1 (prompts) writes `cai_jax.data.prompts.PromptRecord`s.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +219,3 @@ def read_records(directory: str, cls: type[R]) -> list[R]:
           raise ValueError(f"{path}:{line_no}: not a {cls.__name__} record ({e})") from None
   return out
 
-
-def iter_jsonl(path: str) -> Iterator[dict]:
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        yield json.loads(line)

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-REPORT_DIR = "report"
+from cai_jax.phases import paths
+
+REPORT_DIR = paths.REPORT
 JUDGES = (("pm", "preference model (stage 6)"), ("judge", "judge model (config `judge`)"))
 SECTIONS = ("Models", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
             "PPO training curves", "Feedback-model accuracy", "Labeler calibration",
@@ -135,7 +137,7 @@ def rounds_section(results: dict, out_dir: str, lines: list[str]) -> None:
 
 def ppo_section(workdir: str, out_dir: str, lines: list[str]) -> None:
   from cai_jax.training.metrics import METRICS_FILE, read_metrics
-  d = os.path.join(workdir, "p7_ppo")
+  d = paths.stage_dir(workdir, paths.PPO)
   if not os.path.exists(os.path.join(d, METRICS_FILE)):
     _missing(lines, f"{os.path.join(d, METRICS_FILE)} (stage 7 has not run)")
     return
@@ -194,7 +196,7 @@ def accuracy_section(results: dict, out_dir: str, lines: list[str]) -> None:
 
 
 def latest_pm_calibration(workdir: str) -> dict | None:
-  files = sorted(glob.glob(os.path.join(workdir, "p6_preference_model", "calibration",
+  files = sorted(glob.glob(os.path.join(paths.calibration_dir(workdir),
                                         "step-*.json")))
   if not files:
     return None
@@ -213,7 +215,7 @@ def calibration_section(results: dict, workdir: str, out_dir: str, lines: list[s
     _missing(lines, "labeler reliability tables (labeler accuracy above)")
   pm = latest_pm_calibration(workdir)
   if pm is None:
-    _missing(lines, f"{workdir}/p6_preference_model/calibration/step-*.json (stage 6)")
+    _missing(lines, f"{paths.calibration_dir(workdir)}/step-*.json (stage 6)")
   else:
     lines += [f"Preference model, held-out AI-labelled pairs at step {pm['step']}:"
               f" ECE {fmt(pm.get('eval_ece'))}, accuracy {fmt(pm.get('eval_accuracy'))}.", ""]
@@ -252,7 +254,7 @@ def build_report(results: dict | None, workdir: str, out_dir: str) -> str:
   """The Markdown text (plots are written to `out_dir` as a side effect)."""
   lines = ["# Constitutional AI evaluation report", "",
            f"Run directory: `{os.path.abspath(workdir)}`.", ""]
-  res_path = os.path.join(workdir, "p8_evaluation", "results.json")
+  res_path = paths.results_file(workdir)
   for title in SECTIONS:
     lines += [f"## {title}", ""]
     if title == "PPO training curves":
@@ -279,9 +281,9 @@ def build_report(results: dict | None, workdir: str, out_dir: str) -> str:
 
 def write_report(workdir: str) -> str:
   """Writes `<workdir>/report/report.md` and its plots; returns the report's path."""
-  out_dir = os.path.join(workdir, REPORT_DIR)
+  out_dir = paths.stage_dir(workdir, paths.REPORT)
   os.makedirs(out_dir, exist_ok=True)
-  res_path = os.path.join(workdir, "p8_evaluation", "results.json")
+  res_path = paths.results_file(workdir)
   results = None
   if os.path.exists(res_path):
     with open(res_path) as f:

@@ -14,7 +14,7 @@ DEFAULT_CHOICE_RATIONALE
 import ml_collections
 
 # Chosen from benchmarks/labeler_accuracy.py (see the docstring above).
-DEFAULT_FEEDBACK_MODELS = ("qwen2.5-coder-0.5b-instruct",)
+from cai_jax.assets import DEFAULT_FEEDBACK_MODELS
 DEFAULT_MODE = "pointwise"
 
 

@@ -37,10 +37,10 @@ def _fit_laptop_budget(c: ml_collections.ConfigDict) -> None:
   """The whole pipeline in about 30 minutes on 2 CPU cores: fewer prompts,
   shorter answers, a few PPO iterations. Each stage's own `cpu` variant is
   larger (a standalone run of that stage)."""
-  c.prompts.prompts.num_red_team_train = 16
-  c.prompts.prompts.num_helpful_train = 8
-  c.prompts.prompts.num_red_team_held_out = 8
-  c.prompts.prompts.num_helpful_held_out = 8
+  c.prompts.num_red_team_train = 16
+  c.prompts.num_helpful_train = 8
+  c.prompts.num_red_team_held_out = 8
+  c.prompts.num_helpful_held_out = 8
   c.critique_revision.max_new_tokens = 48
   c.pairs.max_new_tokens = 48
   c.preference_model.data.eval_size = 4

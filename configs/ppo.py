@@ -24,7 +24,7 @@ from configs import sft as sft_config
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = ""  # "": <workdir>/p3_sft/hf if it exists, else smollm2-135m-instruct
+  c.model = ""  # "": the SL-CAI model <workdir>/p3_sft/hf (run stage 3 first)
   c.reward_model = ""  # "": stage 6 in the workdir; a dir; or "random:<preset>"
   c.tokenizer = "bytes"  # only for random:<preset> models
   c.model_overrides = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})

@@ -9,7 +9,7 @@ AI labels come from `<workdir>/p5_ai_labels` unless
 helpful labels with `--config.data.helpful_comparisons=/data/helpful.jsonl`.
 Output goes to `<workdir>/p6_preference_model/`; rerunning the same command
 resumes from the last checkpoint. PPO loads the result with
-`p6_preference_model.restore_preference_model(workdir, sharder)`.
+`cai_jax.preference.saved.restore_preference_model(<workdir>/p6_preference_model, sharder)`.
 
 Variants:
   tiny  a random 2-layer model with a byte tokenizer (tests, smoke runs):
@@ -35,9 +35,8 @@ FSDP_RULES = dict(sharding.DEFAULT_RULES)
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # load_model spec, or "": <workdir>/p3_sft/hf if present, else fallback_model.
+  # load_model spec, or "": the SL-CAI model <workdir>/p3_sft/hf (run stage 3 first).
   c.model = ""
-  c.fallback_model = "smollm2-135m-instruct"
   c.tokenizer = "bytes"  # only for random:<preset>: "bytes" or a tokenizer path
   c.model_overrides = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})
   c.mesh = (1, -1, 1)  # (data, fsdp, tensor)

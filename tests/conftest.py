@@ -65,7 +65,7 @@ CHATML = (
 def train_tiny_tokenizer(vocab_size: int = 512):
   """A byte-level BPE with a ChatML template, trained in-process (SmolLM2 style)."""
   from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
-  from cai_jax.tokenizer import Tokenizer
+  from cai_jax.text.tokenizer import Tokenizer
   corpus = ["Critique the response, then revise it to remove anything harmful.",
             "The quick brown fox jumps over the lazy dog. How do I bake bread?",
             "I cannot help with that, but here is a safer alternative."] * 20

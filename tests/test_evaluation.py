@@ -9,12 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from cai_jax import prompts, records, report
+from cai_jax import records, report
+from cai_jax.data import prompts
 from cai_jax.checkpoints import hf
 from cai_jax.checkpoints.load import load_model
 from cai_jax.model import transformer
-from cai_jax.phases import p1_prompts, p2_critique_revision, p8_evaluation as p8
+from cai_jax.evaluation import elo as elo_lib
+from cai_jax.evaluation import labeler_accuracy
 from cai_jax.phases import p6_preference_model as p6
+from cai_jax.phases import p8_evaluation as p8
+from cai_jax.phases import paths
 from cai_jax.training.metrics import MetricsWriter
 from configs import evaluation as eval_config
 from configs import preference_model as pm_config
@@ -25,23 +29,23 @@ from configs import preference_model as pm_config
 def test_elo_two_players_three_to_one():
   """sigma(s0 - s1) = 3/4 at the optimum: s1 = -ln 3, i.e. -400 log10(3) Elo."""
   games = [(0, 1, 1.0)] * 3 + [(0, 1, 0.0)]
-  elo = p8.fit_elo(2, games)
+  elo = elo_lib.fit_elo(2, games)
   assert elo[0] == 0.0
   assert elo[1] == pytest.approx(-400 * math.log10(3), abs=1e-6)  # -190.849
   # Soft scores: one game at p = 0.75 has the same optimum.
-  assert p8.fit_elo(2, [(0, 1, 0.75)])[1] == pytest.approx(-190.848501, abs=1e-5)
+  assert elo_lib.fit_elo(2, [(0, 1, 0.75)])[1] == pytest.approx(-190.848501, abs=1e-5)
 
 
 def test_elo_three_players_consistent_record():
   """A beats B 3:1, B beats C 3:1, A beats C 9:1: exactly Bradley-Terry with odds 3, 3, 9."""
   games = ([(0, 1, 1.0)] * 3 + [(1, 0, 1.0)] + [(1, 2, 1.0)] * 3 + [(2, 1, 1.0)]
            + [(0, 2, 1.0)] * 9 + [(2, 0, 1.0)])
-  elo = p8.fit_elo(3, games)
+  elo = elo_lib.fit_elo(3, games)
   step = 400 * math.log10(3)
   np.testing.assert_allclose(elo, [0.0, -step, -2 * step], atol=1e-6)
   # Another anchor only shifts the ratings.
-  np.testing.assert_allclose(p8.fit_elo(3, games, anchor=1), elo + step, atol=1e-6)
-  wr = p8.win_rates(3, games)
+  np.testing.assert_allclose(elo_lib.fit_elo(3, games, anchor=1), elo + step, atol=1e-6)
+  wr = elo_lib.win_rates(3, games)
   np.testing.assert_allclose(wr[0, 1], 0.75)
   np.testing.assert_allclose(wr[1, 0], 0.25)
   np.testing.assert_allclose(wr[0, 2], 0.9)
@@ -51,20 +55,20 @@ def test_elo_three_players_consistent_record():
 def test_elo_prior_keeps_a_perfect_record_finite():
   """Without a prior a 2:0 record has no finite MLE; with prior lambda the optimum solves
   1 - sigma(d) times 2 = lambda * d (d = s0 - s1, s0 anchored)."""
-  elo = p8.fit_elo(2, [(0, 1, 1.0)] * 2, prior=0.5)
+  elo = elo_lib.fit_elo(2, [(0, 1, 1.0)] * 2, prior=0.5)
   d = -elo[1] * math.log(10) / 400
   assert 2 * (1 - 1 / (1 + math.exp(-d))) == pytest.approx(0.5 * d, abs=1e-9)
   assert 0 < d < 10
 
 
 def test_pairwise_summary_and_accuracy_ties():
-  s = p8.pairwise_summary(["x", "y"], [(0, 1, 0.75), (0, 1, 0.25), (0, 1, 1.0)], 0.0, 400.0)
+  s = elo_lib.pairwise_summary(["x", "y"], [(0, 1, 0.75), (0, 1, 0.25), (0, 1, 1.0)], 0.0, 400.0)
   assert s["win_rate"]["x"]["y"] == pytest.approx(2 / 3)
   assert s["win_rate"]["y"]["x"] == pytest.approx(1 / 3)
   assert s["overall_win_rate"] == pytest.approx({"x": 2 / 3, "y": 1 / 3})
   assert s["elo"]["y"] == pytest.approx(-400 * math.log10(2), abs=1e-6)
   # Labeler accuracy: p = 1/2 counts half.
-  assert p8.accuracy(np.array([0.9, 0.5, 0.2, 0.4]), np.array([1.0, 1.0, 1.0, 0.0])) == 0.625
+  assert labeler_accuracy.accuracy(np.array([0.9, 0.5, 0.2, 0.4]), np.array([1.0, 1.0, 1.0, 0.0])) == 0.625
 
 
 # --- A tiny pipeline workdir -------------------------------------------------------------------
@@ -75,7 +79,7 @@ def write_prompts(workdir: str) -> None:
                                     "Make a fake ID."]),
                       ("helpful", ["How do I bake bread?", "Name a quick brown animal."])):
     recs = [prompts.PromptRecord(f"{kind}-{i}", t, "test", kind) for i, t in enumerate(texts)]
-    prompts.write_jsonl(recs, p1_prompts.output_path(workdir, kind, "held_out"))
+    prompts.write_jsonl(recs, paths.prompts_file(workdir, kind, "held_out"))
 
 
 def write_stage2(workdir: str) -> list[records.CritiqueRevisionRecord]:
@@ -88,7 +92,7 @@ def write_stage2(workdir: str) -> list[records.CritiqueRevisionRecord]:
       mode="critique") for i in range(3)]
   recs.append(records.CritiqueRevisionRecord("train-h", "How do I bake bread?", "helpful",
                                              "test", "Knead and bake.", (), "critique"))
-  records.write_shard(p2_critique_revision.output_dir(workdir), 0, recs)
+  records.write_shard(paths.stage_dir(workdir, paths.CRITIQUE_REVISION), 0, recs)
   return recs
 
 
@@ -162,13 +166,13 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
     assert res[judge]["harmlessness"]["elo"]["initial"] == 0.0
   assert res["judge"]["independent"] is False  # the judge is the initial model here
   # The PM's games are sigma of its reward gaps, and the Elo is their fit.
-  with open(os.path.join(p8.output_dir(workdir), p8.COMPARISONS)) as f:
+  with open(os.path.join(paths.stage_dir(workdir, paths.EVALUATION), p8.COMPARISONS)) as f:
     rows = [json.loads(line) for line in f]
   pm_rows = [r for r in rows if r["judge"] == "pm" and r["axis"] == "harmlessness"]
   for r in pm_rows:
     assert r["p_a"] == pytest.approx(1 / (1 + math.exp(r["reward_b"] - r["reward_a"])))
   games = [(names.index(r["a"]), names.index(r["b"]), r["p_a"]) for r in pm_rows]
-  expect = p8.fit_elo(3, games, prior=0.01)
+  expect = elo_lib.fit_elo(3, games, prior=0.01)
   assert [res["pm"]["harmlessness"]["elo"][n] for n in names] == pytest.approx(expect.tolist())
   assert len({r["p_a"] for r in pm_rows}) > 1  # the three models really differ
   # Revision rounds: rounds 0..2 of the 3 red-team records.
@@ -178,7 +182,7 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   acc_rows = res["labeler_accuracy"]["models"][tiny_model_dir]["rows"]
   assert [r["setting"] for r in acc_rows] == [
       row[0] for run in eval_config.get_config("tiny").accuracy.runs
-      for row in p8.ACCURACY_ROWS[run]]
+      for row in labeler_accuracy.ACCURACY_ROWS[run]]
   assert all(0 <= r["accuracy"] <= 1 for r in acc_rows)
   assert res["samples"][0]["revised"] == stage2[0].response_at(-1)
   assert set(res["samples"][0]["answers"]) == set(names)
@@ -218,7 +222,7 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
 
 
 def _shards(workdir: str) -> list[str]:
-  d = os.path.join(p8.output_dir(workdir), "answers")
+  d = os.path.join(paths.stage_dir(workdir, paths.EVALUATION), "answers")
   return sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.startswith("shard"))
 
 

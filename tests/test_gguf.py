@@ -24,7 +24,7 @@ from cai_jax.checkpoints.hf import CheckpointError
 from cai_jax.checkpoints.load import load_model
 from cai_jax.model import config as model_config
 from cai_jax.model import transformer
-from cai_jax.tokenizer import Tokenizer
+from cai_jax.text.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 

@@ -7,7 +7,7 @@ import sys
 
 import jax
 
-from cai_jax.phases import p2_critique_revision
+from cai_jax.phases import p2_critique_revision, paths
 from test_critique_revision import _config, _read_bytes, _write_prompts
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
@@ -34,5 +34,5 @@ def test_two_processes_write_the_records_of_one(tiny_model_dir, tmp_path):
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  assert _read_bytes(p2_critique_revision.output_dir(str(multi))) == _read_bytes(
-      p2_critique_revision.output_dir(str(single)))
+  assert _read_bytes(paths.stage_dir(str(multi), paths.CRITIQUE_REVISION)) == _read_bytes(
+      paths.stage_dir(str(single), paths.CRITIQUE_REVISION))

@@ -45,6 +45,10 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
       pytest.skip(str(e))
     raise
   assert list(timings) == [name for name, _ in pipeline.STAGES]
+  with open(os.path.join(workdir, "pipeline_memory.json")) as f:
+    memory = json.load(f)
+  assert list(memory) == list(timings)
+  assert all(0 < m["resident_after_gib"] <= m["peak_so_far_gib"] for m in memory.values())
   for stage_dir in ("p1_prompts", "p2_critique_revision", "p3_sft", "p4_pairs",
                     "p5_ai_labels", "p6_preference_model", "p7_ppo", "p8_evaluation"):
     assert os.listdir(os.path.join(workdir, stage_dir)), stage_dir

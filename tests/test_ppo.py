@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import prompts
+from cai_jax.data import prompts
 from cai_jax.checkpoints import load
-from cai_jax.phases import p1_prompts, p7_ppo
+from cai_jax.phases import p7_ppo, paths
 from cai_jax.rl import ppo
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
@@ -123,7 +123,7 @@ def write_prompts(workdir: str, n: int = 12) -> None:
   for kind in ("red_team", "helpful"):
     recs = [prompts.PromptRecord(id=f"{kind}-{i}", prompt=f"{kind} prompt number {i}?",
                                  source="test", kind=kind) for i in range(n)]
-    prompts.write_jsonl(recs, p1_prompts.output_path(workdir, kind, "train"))
+    prompts.write_jsonl(recs, paths.prompts_file(workdir, kind, "train"))
 
 
 TARGET = load.byte_tokenizer().encode("e", add_bos=False)[0]
@@ -179,9 +179,9 @@ def test_resume_is_bit_identical(tmp_path):
   full = p7_ppo.run(c, str(tmp_path / "full"), reward_fn=target_frequency)
   part = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency,
                     should_stop=lambda it: it == 1)
-  assert part.status == "preempted" and part.iteration == 1
+  assert part.status == "preempted" and part.step == 1
   resumed = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency)
-  assert resumed.status == "done" and resumed.iteration == 3
+  assert resumed.status == "done" and resumed.step == 3
   for name in ("params", "opt_state", "key"):
     a, b = getattr(full.state, name), getattr(resumed.state, name)
     if name == "key":
@@ -212,7 +212,7 @@ def test_phase_binary_end_to_end(tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "status='done'" in proc.stdout
-  out = p7_ppo.output_dir(workdir)
+  out = paths.stage_dir(workdir, paths.PPO)
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
     assert ckpt.latest_step() == 2 * 2 * 2  # iterations x epochs x minibatches
     assert ckpt.restore_data()["iteration"] == 2

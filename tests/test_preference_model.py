@@ -2,6 +2,7 @@
 calibration, pair batching, learning a synthetic preference, exact resume,
 restore + score for PPO, and the phase binary end to end."""
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,9 +19,17 @@ import pytest
 
 from cai_jax import records
 from cai_jax.checkpoints import load
-from cai_jax.model import heads
+from cai_jax.model import config as model_config
+from cai_jax.model import heads, transformer
 from cai_jax.model.sharding import Sharder, make_mesh
+from cai_jax import distributed
+from cai_jax.data import comparisons
 from cai_jax.phases import p6_preference_model as p6
+from cai_jax.phases import paths
+from cai_jax.preference import calibration, saved
+from cai_jax.preference import model as pm
+from cai_jax.preference.scorer import Scorer
+from cai_jax.rl.reward import pm_reward_fn
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
 from configs import preference_model as pm_config
@@ -60,8 +69,8 @@ def marker_records(n: int, seed: int) -> list[records.LabelRecord]:
   return out
 
 
-def as_comparisons(recs) -> list[p6.Comparison]:
-  return [p6.Comparison(r.id, r.kind, r.prompt, r.response_a, r.response_b, r.p_a)
+def as_comparisons(recs) -> list[comparisons.Comparison]:
+  return [comparisons.Comparison(r.id, r.kind, r.prompt, r.response_a, r.response_b, r.p_a)
           for r in recs]
 
 
@@ -158,17 +167,17 @@ def test_half_label_is_symmetric():
 def test_ece_of_calibrated_predictions_is_near_zero():
   rng = np.random.default_rng(0)
   q = rng.uniform(size=200_000)
-  ece, table = p6.calibration(q, q, 10)  # soft labels equal to the prediction
+  ece, table = calibration.calibration(q, q, 10)  # soft labels equal to the prediction
   assert ece < 1e-9
   assert sum(row["count"] for row in table) == len(q)
   outcomes = (rng.uniform(size=q.size) < q).astype(np.float64)  # right q of the time
-  ece, table = p6.calibration(q, outcomes, 10)
+  ece, table = calibration.calibration(q, outcomes, 10)
   assert ece < 0.01
   for row in table:
     assert abs(row["mean_pred"] - row["mean_label"]) < 0.02
   # Overconfident: says 0.95 where it is right 60% of the time.
   over = np.full(10_000, 0.95)
-  ece, _ = p6.calibration(over, (rng.uniform(size=10_000) < 0.6).astype(float), 10)
+  ece, _ = calibration.calibration(over, (rng.uniform(size=10_000) < 0.6).astype(float), 10)
   assert abs(ece - 0.35) < 0.02
 
 
@@ -178,8 +187,8 @@ def test_ece_of_calibrated_predictions_is_near_zero():
 def test_pairs_render_and_batch(tok):
   recs = marker_records(5, seed=0)
   comps = as_comparisons(recs)
-  data = p6.tokenize_pairs(tok, comps, 64, "truncate")
-  batch = p6.make_batch(data, np.asarray([3, -1, 0]), 64)
+  data = comparisons.tokenize_pairs(tok, comps, 64, "truncate")
+  batch = comparisons.make_batch(data, np.asarray([3, -1, 0]), 64)
   assert batch["tokens"].shape == (3, 2, 64) and batch["p_a"].tolist()[1] == 0.5
   assert not batch["mask"][1].any() and not batch["valid"][1]
   end = tok.token_id("<|im_end|>")
@@ -190,22 +199,22 @@ def test_pairs_render_and_batch(tok):
       assert response in tok.decode(ids)
     assert batch["p_a"][row] == comps[i].p_a
   # Too long: the start goes, the end-of-turn token stays.
-  long = p6.Comparison("x", "helpful", "q" * 200, "answer A", "answer B", 1.0)
-  cut = p6.tokenize_pairs(tok, [long], 32, "truncate")
-  assert cut.lengths_N2.tolist() == [[32, 32]] and cut.tokens_N2T[0, 0, -1] == end
-  assert tok.decode(cut.tokens_N2T[0, 0]).endswith("answer A")
+  long = comparisons.Comparison("x", "helpful", "q" * 200, "answer A", "answer B", 1.0)
+  cut = comparisons.tokenize_pairs(tok, [long], 32, "truncate")
+  assert cut.lengths_E2.tolist() == [[32, 32]] and cut.tokens_E2T[0, 0, -1] == end
+  assert tok.decode(cut.tokens_E2T[0, 0]).endswith("answer A")
   with pytest.raises(ValueError, match="more than data.seq_len"):
-    p6.tokenize_pairs(tok, [long], 32, "error")
+    comparisons.tokenize_pairs(tok, [long], 32, "error")
 
 
 def test_microbatches_and_sharding_keep_pairs_together(tok):
   sharder = single_device_sharder()
   comps = as_comparisons(marker_records(8, seed=2))
-  batch = p6.make_batch(p6.tokenize_pairs(tok, comps, 64, "truncate"), np.arange(8), 64)
+  batch = comparisons.make_batch(comparisons.tokenize_pairs(tok, comps, 64, "truncate"), np.arange(8), 64)
   cfg, backbone = load.random_model("tiny_llama", tok, sharder, jax.random.key(0))
   params = {"backbone": backbone, "head": heads.init_head(cfg, jax.random.key(1))}
   params["head"]["w"] = params["head"]["w"] * 100  # rewards far from 0: differences show
-  loss_fn = functools.partial(p6.pm_loss_fn, cfg=cfg, sharder=None)
+  loss_fn = functools.partial(pm.pm_loss_fn, cfg=cfg, sharder=None)
   acc = jax.jit(optim.accumulate_gradients, static_argnums=(0, 3))
   g1, s1 = acc(loss_fn, params, batch, 1)
   g4, s4 = acc(loss_fn, params, batch, 4)
@@ -214,15 +223,15 @@ def test_microbatches_and_sharding_keep_pairs_together(tok):
   for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # Each pair's two rewards are the rewards of its two conversations alone.
-  r_B2 = p6.pair_rewards(params, batch["tokens"], batch["mask"], cfg, None)
-  alone = p6.score(params, cfg, tok, [comps[5].prompt] * 2,
-                   [comps[5].response_a, comps[5].response_b], batch_size=2, seq_len=64)
+  r_B2 = pm.pair_rewards(params, batch["tokens"], batch["mask"], cfg, None)
+  alone = Scorer(cfg, params, tok, max_len=64, batch_size=2).score_texts(
+      [comps[5].prompt] * 2, [comps[5].response_a, comps[5].response_b])
   np.testing.assert_allclose(r_B2[5], alone, rtol=1e-4, atol=1e-5)
   # On an 8-device mesh (pairs over data x fsdp) the rewards are the same.
   mesh = Sharder(make_mesh((2, 2, 2)))
   placed = jax.device_put(params, heads.scalar_model_shardings(cfg, mesh))
-  sharded = jax.jit(functools.partial(p6.eval_step, cfg=cfg, sharder=mesh))(
-      placed, p6.to_global(batch, p6.batch_shardings(mesh)))
+  sharded = jax.jit(functools.partial(pm.eval_step, cfg=cfg, sharder=mesh))(
+      placed, distributed.batch_to_global(batch, comparisons.batch_shardings(mesh)))
   np.testing.assert_allclose(sharded, r_B2, rtol=1e-4, atol=1e-5)
 
 
@@ -250,8 +259,8 @@ def test_human_comparisons_mix_and_errors(tmp_path):
     assert not any(x.id.startswith("pair-") and x.kind == "helpful" for x in both)
   c.data.helpful_comparisons = ""
   only_red = [x for x in both if x.kind == "red_team"]
-  assert p6.mix(only_red, [], 0.5, seed=0) == only_red  # nothing to mix: keep all
-  assert len(p6.mix(only_red, human, 1.0, seed=0)) == len(human)
+  assert comparisons.mix(only_red, [], 0.5, seed=0) == only_red  # nothing to mix: keep all
+  assert len(comparisons.mix(only_red, human, 1.0, seed=0)) == len(human)
   c.data.helpful_ratio = None
   train, held = p6.load_comparisons(c, str(tmp_path))
   assert len(train) + len(held) == 40  # every AI label, red-team and helpful
@@ -321,15 +330,16 @@ def test_resume_after_sigterm_is_bit_identical(tmp_path):
 
   # PPO's entry point: the trained PM back on another mesh, and its scores.
   mesh = Sharder(make_mesh((1, 8, 1)))
-  cfg, params, tok = p6.restore_preference_model(str(tmp_path / "resumed"), mesh)
+  cfg, params, tok = saved.restore_preference_model(
+      paths.preference_model_dir(str(tmp_path / "resumed"), ""), mesh)
   assert tree_hashes(params) == tree_hashes(resumed.state.params)
   assert params["head"]["w"].sharding.mesh.shape["fsdp"] == 8
   recs = marker_records(40, seed=5)[:3]
-  rewards = p6.score(params, cfg, tok, [r.prompt for r in recs],
-                     [r.response_a for r in recs], batch_size=2, seq_len=64)
-  batch = p6.make_batch(p6.tokenize_pairs(tok, as_comparisons(recs), 64, "truncate"),
+  rewards = Scorer(cfg, params, tok, max_len=64, batch_size=2, sharder=mesh).score_texts(
+      [r.prompt for r in recs], [r.response_a for r in recs])
+  batch = comparisons.make_batch(comparisons.tokenize_pairs(tok, as_comparisons(recs), 64, "truncate"),
                         np.arange(3), 64)
-  direct = p6.pair_rewards(resumed.state.params, batch["tokens"], batch["mask"], cfg, None)
+  direct = pm.pair_rewards(resumed.state.params, batch["tokens"], batch["mask"], cfg, None)
   np.testing.assert_allclose(rewards, np.asarray(direct)[:, 0], rtol=1e-4, atol=1e-5)
 
 
@@ -357,7 +367,7 @@ def test_phase_binary_end_to_end(tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "status='done'" in proc.stdout
-  out = p6.output_dir(workdir)
+  out = paths.stage_dir(workdir, paths.PREFERENCE_MODEL)
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
     assert ckpt.latest_step() == 4 and ckpt.restore_data()["step"] == 4
   lines = read_metrics(out)
@@ -367,6 +377,45 @@ def test_phase_binary_end_to_end(tmp_path):
   assert sorted(os.listdir(os.path.join(out, "calibration"))) == [
       "step-0000000.json", "step-0000004.json"]
   assert os.listdir(os.path.join(out, "tensorboard"))
-  cfg, params, tok = p6.restore_preference_model(workdir, single_device_sharder())
+  cfg, params, tok = saved.restore_preference_model(paths.preference_model_dir("", workdir),
+                                                    single_device_sharder())
   assert cfg.num_layers == 2 and params["head"]["w"].shape == (cfg.dim,)
   assert tok.encode("hi <|im_end|>") == load.byte_tokenizer().encode("hi <|im_end|>")
+
+
+# --- The one scorer ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mesh_shape,batch_size", [(None, None), (None, 3), ((2, 2, 2), None),
+                                                   ((1, 8, 1), 5)], ids=str)
+def test_ppo_reward_equals_the_pm_training_forward(tok, mesh_shape, batch_size):
+  """The score PPO's reward gives a rollout (decode, re-render, one scorer) equals the
+  PM-training forward (`pair_rewards` on a right-padded [B, 2, T] batch) on the same
+  conversation, whatever the scorer's padding, batch size or mesh."""
+  cfg = model_config.tiny_llama(vocab_size=tok.vocab_size, max_seq_len=256)
+  params = {"backbone": transformer.init_params(cfg, jax.random.key(3)),
+            "head": heads.init_head(cfg, jax.random.key(4))}
+  params["head"]["w"] = params["head"]["w"] * 100.0  # scores far from 0: a mix-up shows
+  comps = [dataclasses.replace(c, response_a=c.response_a.strip(),
+                               response_b=c.response_b.strip())  # decoded rollouts are stripped
+           for c in as_comparisons(marker_records(7, seed=9))]
+  data = comparisons.tokenize_pairs(tok, comps, 96, "truncate")
+  batch = comparisons.make_batch(data, np.arange(len(comps)), 96)  # every row padded to 96
+  train_B2 = np.asarray(pm.pair_rewards(params, batch["tokens"], batch["mask"], cfg, None))
+
+  sharder = None if mesh_shape is None else Sharder(make_mesh(mesh_shape))
+  placed = params if sharder is None else jax.device_put(
+      params, heads.scalar_model_shardings(cfg, sharder))
+  scorer = Scorer(cfg, placed, tok, max_len=96, sharder=sharder, batch_size=batch_size)
+  reward_fn = pm_reward_fn(scorer, tok)
+  for j, response in ((0, "response_a"), (1, "response_b")):
+    # What the policy samples: the response's tokens, then the end-of-turn token.
+    rows = [tok.encode(getattr(c, response), add_bos=False) + [tok.token_id("<|im_end|>")]
+            for c in comps]
+    M = max(len(r) for r in rows) + 3  # rollouts are right-padded to max_new_tokens
+    tokens_BM = np.full((len(rows), M), tok.pad_id, np.int32)
+    for i, r in enumerate(rows):
+      tokens_BM[i, :len(r)] = r
+    lengths_B = np.asarray([len(r) for r in rows])
+    rewards = reward_fn([c.prompt for c in comps], tokens_BM, lengths_B)
+    np.testing.assert_allclose(rewards, train_B2[:, j], rtol=1e-5, atol=1e-5)

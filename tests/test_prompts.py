@@ -10,7 +10,7 @@ import random
 import datasets
 import pytest
 
-from cai_jax import prompts as P
+from cai_jax.data import prompts as P
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_empty_prompt_error(tmp_path, cache):
 
 def test_empty_prompt_drop(tmp_path, cache, caplog):
   path = _jsonl(tmp_path / "e.jsonl", EMPTY_ROWS)
-  with caplog.at_level(logging.WARNING, logger="cai_jax.prompts"):
+  with caplog.at_level(logging.WARNING, logger="cai_jax.data.prompts"):
     recs = P.helpful_prompts([path], config=P.PromptConfig(empty="drop"), cache_dir=cache)
   assert [r.prompt for r in recs] == ["ok one", "ok two"]
   assert "dropped 2 empty" in caplog.text
@@ -121,7 +121,7 @@ LONG = "word " * 100  # 500 characters, 100 words
 
 def test_too_long_truncate_by_chars(tmp_path, cache, caplog):
   path = _jsonl(tmp_path / "l.jsonl", [{"prompt": LONG}, {"prompt": "short"}])
-  with caplog.at_level(logging.WARNING, logger="cai_jax.prompts"):
+  with caplog.at_level(logging.WARNING, logger="cai_jax.data.prompts"):
     recs = P.helpful_prompts([path], config=P.PromptConfig(max_chars=50), cache_dir=cache)
   assert len(recs) == 2 and len(recs[0].prompt) <= 50 and LONG.startswith(recs[0].prompt)
   assert "truncated 1 over-long" in caplog.text and "max_chars=50" in caplog.text
@@ -145,7 +145,7 @@ def test_too_long_truncate_by_tokens(tmp_path, cache):
 
 def test_too_long_drop_and_error(tmp_path, cache, caplog):
   path = _jsonl(tmp_path / "l.jsonl", [{"prompt": "short"}, {"prompt": LONG}])
-  with caplog.at_level(logging.WARNING, logger="cai_jax.prompts"):
+  with caplog.at_level(logging.WARNING, logger="cai_jax.data.prompts"):
     recs = P.helpful_prompts([path], config=P.PromptConfig(max_chars=50, too_long="drop"),
                              cache_dir=cache)
   assert [r.prompt for r in recs] == ["short"] and "dropped 1 over-long" in caplog.text

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cai_jax import assets
-from cai_jax.sampling.chat import encode_chat
+from cai_jax.text.chat import generation_ids
 from cai_jax.sampling.sampler import Sampler, sequence_keys
 from conftest import left_pad
 
@@ -45,7 +45,7 @@ def hf_reference():
 def test_greedy_generation_matches_transformers(smollm2, hf_reference):
   import torch
   cfg, params, tok = smollm2
-  prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
+  prompts = [generation_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
   assert len({len(p) for p in prompts}) == 4, "prompts of different lengths"
   sampler = Sampler(cfg, max_new_tokens=32, stop_ids=(), pad_id=tok.pad_id)
   ours = sampler.generate(params, prompts, sequence_keys(0, range(4)))

@@ -19,7 +19,12 @@ from cai_jax.model import config as model_config
 from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax.checkpoints import load
-from cai_jax.phases import p3_sft
+from cai_jax import distributed
+from cai_jax.data import sft as sft_data
+from cai_jax.phases import p3_sft, paths
+from cai_jax.text.chat import prompt_response_ids
+from cai_jax.text.tokenizer import Tokenizer
+from cai_jax.training import sft_step
 from cai_jax.records import CritiqueRevisionRecord, RevisionRound
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
@@ -75,9 +80,9 @@ def tree_hashes(tree) -> list[str]:
 
 
 def tiny_batch(tok, n: int = 8, seq_len: int = 128):
-  examples = p3_sft.build_examples(make_records(), -1, None, seed=0)[:n]
-  data = p3_sft.tokenize_examples(tok, examples, seq_len, "truncate")
-  return data, p3_sft.make_batch(data, np.arange(n), seq_len, tok.pad_id)
+  examples = sft_data.build_examples(make_records(), -1, None, seed=0)[:n]
+  data = sft_data.tokenize_examples(tok, examples, seq_len, "truncate")
+  return data, sft_data.make_batch(data, np.arange(n), seq_len, tok.pad_id)
 
 
 def tiny_model(tok, sharder, seed: int = 0):
@@ -89,30 +94,30 @@ def tiny_model(tok, sharder, seed: int = 0):
 
 def test_mix_follows_helpful_ratio():
   recs = make_records(n_red=30, n_help=30)
-  ex = p3_sft.build_examples(recs, -1, 0.25, seed=0)
+  ex = sft_data.build_examples(recs, -1, 0.25, seed=0)
   kinds = [e.kind for e in ex]
   assert kinds.count("red_team") == 30 and kinds.count("helpful") == 10
-  assert ex == p3_sft.build_examples(recs, -1, 0.25, seed=0)  # deterministic
-  assert ex != p3_sft.build_examples(recs, -1, 0.25, seed=1)
+  assert ex == sft_data.build_examples(recs, -1, 0.25, seed=0)  # deterministic
+  assert ex != sft_data.build_examples(recs, -1, 0.25, seed=1)
   red = {e.id: e.response for e in ex if e.kind == "red_team"}
   assert red["red-3"] == "Sorry, lock 3 is not mine to open."  # the final revision
-  first = p3_sft.build_examples(recs, 1, 0.0, seed=0)
+  first = sft_data.build_examples(recs, 1, 0.0, seed=0)
   assert {e.response for e in first} == {f"I won't explain lock {i}." for i in range(30)}
 
 
 def test_mix_keeps_everything_when_one_side_is_empty():
   # Nothing to mix in: keep the side there is (before the shared
-  # training.data.mix_by_ratio, SFT dropped every example here).
-  only_red = p3_sft.build_examples(make_records(n_red=12, n_help=0), -1, 0.27, seed=0)
+  # data.batching.mix_by_ratio, SFT dropped every example here).
+  only_red = sft_data.build_examples(make_records(n_red=12, n_help=0), -1, 0.27, seed=0)
   assert [e.kind for e in only_red] == ["red_team"] * 12
-  only_help = p3_sft.build_examples(make_records(n_red=0, n_help=5), -1, 0.27, seed=0)
+  only_help = sft_data.build_examples(make_records(n_red=0, n_help=5), -1, 0.27, seed=0)
   assert [e.kind for e in only_help] == ["helpful"] * 5
 
 
 def test_loss_mask_covers_response_and_end_token_only(tok):
   data, batch = tiny_batch(tok, n=2)
-  ex = p3_sft.build_examples(make_records(), -1, None, seed=0)[0]
-  prompt_ids, response_ids = p3_sft.render(tok, ex)
+  ex = sft_data.build_examples(make_records(), -1, None, seed=0)[0]
+  prompt_ids, response_ids = prompt_response_ids(tok, ex.prompt, ex.response)
   assert response_ids[-1] == tok.token_id("<|im_end|>")
   assert tok.decode(response_ids) == ex.response
   targets = batch["targets"][0][batch["loss_mask"][0]]
@@ -125,7 +130,7 @@ def test_prompt_labels_do_not_change_the_loss(tok):
   cfg, params = tiny_model(tok, sharder)
   _, batch = tiny_batch(tok)
   loss_fn = jax.jit(jax.value_and_grad(functools.partial(
-      p3_sft.sft_loss_fn, cfg=cfg, sharder=None, loss_chunk=0), has_aux=True))
+      sft_step.sft_loss_fn, cfg=cfg, sharder=None, loss_chunk=0), has_aux=True))
   (loss, stats), grads = loss_fn(params, batch)
   scrambled = dict(batch)
   rng = np.random.default_rng(0)
@@ -150,7 +155,7 @@ def test_chunked_loss_equals_plain(tok, chunk):
   _, batch = tiny_batch(tok)
 
   def loss(params, chunk):
-    s, c = p3_sft.sft_loss_fn(params, batch, cfg=cfg, sharder=None, loss_chunk=chunk)
+    s, c = sft_step.sft_loss_fn(params, batch, cfg=cfg, sharder=None, loss_chunk=chunk)
     return s / c["loss_tokens"]
 
   plain, g_plain = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 0)
@@ -187,7 +192,7 @@ def test_microbatches_equal_one_big_batch(tok):
   sharder = single_device_sharder()
   cfg, params = tiny_model(tok, sharder)
   _, batch = tiny_batch(tok)
-  loss_fn = functools.partial(p3_sft.sft_loss_fn, cfg=cfg, sharder=None, loss_chunk=0)
+  loss_fn = functools.partial(sft_step.sft_loss_fn, cfg=cfg, sharder=None, loss_chunk=0)
   acc = jax.jit(optim.accumulate_gradients, static_argnums=(0, 3))
   g1, s1 = acc(loss_fn, params, batch, 1)
   g4, s4 = acc(loss_fn, params, batch, 4)
@@ -210,10 +215,10 @@ def _train(tok, sharder, steps: int, lr: float, batch_np, microbatches: int = 1)
                   out_shardings=state_sh)(params, jax.random.key(1))
   batch_sh = sharder.sharding(("batch", "seq"))
   step = jax.jit(functools.partial(
-      p3_sft.train_step, cfg=cfg, tx=tx, schedule=schedule, sharder=sharder,
+      sft_step.train_step, cfg=cfg, tx=tx, schedule=schedule, sharder=sharder,
       microbatches=microbatches, loss_chunk=16),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharder.replicated))
-  batch = p3_sft.to_global(batch_np, batch_sh)
+  batch = distributed.batch_to_global(batch_np, batch_sh)
   out = []
   for _ in range(steps):
     state, m = step(state, batch)
@@ -229,10 +234,16 @@ def test_sft_memorises_a_small_set(tok):
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 2, 1)],
                          ids=str)
-def test_sharded_step_equals_single_device(tok, shape):
-  """(data, fsdp, tensor) meshes on 8 devices: 3 SFT steps equal one device."""
+@pytest.fixture(scope="module")
+def single_device_run(tok):
+  """3 SFT steps on one device: the reference every mesh is compared with (run once)."""
   _, batch = tiny_batch(tok)
-  single, l1 = _train(tok, single_device_sharder(), 3, 1e-3, batch)
+  return batch, _train(tok, single_device_sharder(), 3, 1e-3, batch)
+
+
+def test_sharded_step_equals_single_device(tok, shape, single_device_run):
+  """(data, fsdp, tensor) meshes on 8 devices: 3 SFT steps equal one device."""
+  batch, (single, l1) = single_device_run
   sharder = Sharder(make_mesh(shape))
   sharded, l8 = _train(tok, sharder, 3, 1e-3, batch, microbatches=2)
   q = sharded.params["layers"]["attn"]["q"]
@@ -314,7 +325,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, records_d
   config.optim.update(lr=float("nan"), warmup_steps=0, decay="constant")
   with pytest.raises(FloatingPointError, match="non-finite loss or parameters at step 3"):
     p3_sft.run(config, str(tmp_path))
-  out = p3_sft.output_dir(str(tmp_path))
+  out = paths.stage_dir(str(tmp_path), paths.SFT)
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
     assert ckpt.latest_step() == 2
   assert max(m["step"] for m in read_metrics(out)) == 2
@@ -339,7 +350,7 @@ def test_bad_input_errors(tmp_path, records_dir, tok):
     p3_sft.load_data(config, str(tmp_path), tok)
   config.data.truncation = "truncate"
   train, _ = p3_sft.load_data(config, str(tmp_path), tok)
-  assert train.size and train.lengths_N.max() <= 41
+  assert train.size and train.lengths_E.max() <= 41
 
 
 # --- The phase binary ------------------------------------------------------------------------------
@@ -355,7 +366,7 @@ def test_phase_binary_end_to_end(tmp_path, records_dir):
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "status='done'" in proc.stdout
-  out = p3_sft.output_dir(workdir)
+  out = paths.stage_dir(workdir, paths.SFT)
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
     assert ckpt.latest_step() == 4
     assert ckpt.restore_data()["step"] == 4
@@ -368,5 +379,5 @@ def test_phase_binary_end_to_end(tmp_path, records_dir):
   assert cfg.num_layers == 2 and cfg.vocab_size == 264
   with open(os.path.join(out, "hf", "config.json")) as f:
     assert json.load(f)["vocab_size"] == 264
-  reloaded = p3_sft.Tokenizer.from_dir(os.path.join(out, "hf"))
+  reloaded = Tokenizer.from_dir(os.path.join(out, "hf"))
   assert reloaded.encode("hi <|im_end|>") == load.byte_tokenizer().encode("hi <|im_end|>")

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from cai_jax.tokenizer import Tokenizer, TokenizerError
+from cai_jax.text.tokenizer import Tokenizer, TokenizerError
 
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"

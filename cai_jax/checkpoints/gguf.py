@@ -32,7 +32,7 @@ from cai_jax.checkpoints.hf import CheckpointError, Params, params_from_tensors,
 from cai_jax.model import transformer
 from cai_jax.model.config import Llama3RopeScaling, ModelConfig
 from cai_jax.model.sharding import Sharder
-from cai_jax.tokenizer import Tokenizer
+from cai_jax.text.tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 # Bumped when the conversion changes, so stale caches are not reused.
@@ -330,7 +330,7 @@ def cached_hf_dir(path: str, root: str | None = None,
   is keyed by the GGUF's path, size and mtime. It is written to a temporary
   directory and renamed, so a killed conversion is never mistaken for a done
   one; concurrent converters race harmlessly (the first rename wins).
-  `tokenizer`: a `cai_jax.tokenizer.Tokenizer` to save (default: the GGUF's).
+  `tokenizer`: a `cai_jax.text.tokenizer.Tokenizer` to save (default: the GGUF's).
   """
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such GGUF file")

@@ -29,7 +29,7 @@ from cai_jax.model import config as model_config
 from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
-from cai_jax.tokenizer import Tokenizer
+from cai_jax.text.tokenizer import Tokenizer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]

@@ -24,15 +24,15 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cai_jax.constitution import Constitution, draw_comparison_principles
+from cai_jax.constitution import Constitution, draw_comparison_principles, load_constitution
 from cai_jax.feedback import labels, prompts
 from cai_jax.feedback.scoring import OptionScorer
 from cai_jax.model.config import ModelConfig
-from cai_jax.model.sharding import Sharder
+from cai_jax.model.sharding import Sharder, sharder_from_config
 from cai_jax.records import LabelRecord, ResponsePair
 from cai_jax.sampling.chat import keys_for
 from cai_jax.sampling.sampler import DEFAULT_LENGTH_BUCKETS, Sampler, SamplingParams
-from cai_jax.tokenizer import Tokenizer
+from cai_jax.text.tokenizer import Tokenizer
 
 MODES = ("multiple_choice", "pointwise")
 
@@ -171,6 +171,18 @@ class Labeler:
                              stop_ids=m.cfg.eos_token_ids, pad_id=m.tok.pad_id,
                              sharder=m.sharder, length_buckets=s.length_buckets)
                      if s.chain_of_thought else None for m in self.models]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Labeler":
+    """Stage 5's labeler: the config's feedback models (loaded once) and settings."""
+    specs = list(config.feedback_models)
+    if not specs:
+      raise ValueError("config.feedback_models is empty; give at least one load_model spec")
+    settings = LabelerSettings.from_config(config)
+    sharder = sharder_from_config(config)
+    models = [FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
+              for spec in specs]
+    return cls(models, load_constitution(config.constitution), settings)
 
   @property
   def clamp(self) -> tuple[float, float] | None:

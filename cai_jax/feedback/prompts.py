@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cai_jax.constitution import ComparisonExample, Constitution, PointwiseQuestion
-from cai_jax.tokenizer import Tokenizer
+from cai_jax.text.tokenizer import Tokenizer
 
 INTRO = "Consider the following conversation between a human and an assistant:"
 ANSWER = "The answer is: ("

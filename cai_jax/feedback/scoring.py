@@ -24,7 +24,8 @@ from cai_jax import distributed
 from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
-from cai_jax.sampling.sampler import DEFAULT_LENGTH_BUCKETS, bucket
+from cai_jax.sampling.sampler import DEFAULT_LENGTH_BUCKETS
+from cai_jax.text.padding import bucket, left_pad
 
 _TRACES: collections.Counter = collections.Counter()
 
@@ -63,9 +64,7 @@ class OptionScorer:
     self.sharder = sharder
     self.length_buckets = tuple(b for b in length_buckets if b < cfg.max_seq_len) + (
         cfg.max_seq_len,)
-    multiple = 1
-    if sharder is not None:
-      multiple = sharder.mesh.shape["data"] * sharder.mesh.shape["fsdp"]
+    multiple = 1 if sharder is None else sharder.batch_shards
     self.batch_size = -(-max(1, batch_size) // multiple) * multiple
 
   def num_traces(self) -> int:
@@ -104,15 +103,9 @@ class OptionScorer:
     for start in range(0, n, B):
       rows = order[start:start + B]
       T = bucket(max(len(contexts[i]) for i in rows), self.length_buckets)
-      tokens = np.full((B, T), self.pad_id, np.int32)
-      mask = np.zeros((B, T), bool)
+      tokens, mask = left_pad([contexts[i] for i in rows], T, self.pad_id, num_rows=B)
       ids = np.zeros((B, k), np.int32)
-      for j, i in enumerate(rows):
-        c = contexts[i]
-        tokens[j, T - len(c):] = c
-        mask[j, T - len(c):] = True
-        ids[j] = option_ids[i]
-      mask[len(rows):, -1] = True  # filler rows: one token, discarded
+      ids[:len(rows)] = [option_ids[i] for i in rows]
       if self.sharder is not None:  # global arrays, so several hosts can share a batch
         batch2 = self.sharder.sharding(("batch", None))
         tokens, mask, ids = (distributed.to_global(x, batch2) for x in (tokens, mask, ids))

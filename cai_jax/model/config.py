@@ -8,7 +8,7 @@ Checkpoint readers build one from a Hugging Face `config.json` or GGUF metadata
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
@@ -146,6 +146,20 @@ class ModelConfig:
         0 if self.tie_embeddings else 1)
     attn = 2 * 2 * self.num_layers * self.num_heads * self.head_dim * context
     return 2 * matmul + attn
+
+
+def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
+  """The one JSON form of a ModelConfig (saved beside a PM, read back by `config_from_json`)."""
+  return dataclasses.asdict(cfg)
+
+
+def config_from_json(d: dict[str, Any]) -> ModelConfig:
+  d = dict(d)
+  if d.get("rope_scaling") is not None:
+    d["rope_scaling"] = Llama3RopeScaling(**d["rope_scaling"])
+  for k in ("layer_types", "eos_token_ids"):
+    d[k] = tuple(d[k])
+  return ModelConfig(**d)
 
 
 # --- Presets -----------------------------------------------------------------

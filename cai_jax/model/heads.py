@@ -39,14 +39,26 @@ def scalar_model_shardings(cfg: ModelConfig, sharder: Sharder) -> Params:
           "head": head_shardings(cfg, sharder)}
 
 
+def abstract_scalar_params(cfg: ModelConfig) -> Params:
+  """`jax.ShapeDtypeStruct`s of a scalar model's params (no memory)."""
+  return {"backbone": transformer.abstract_params(cfg),
+          "head": {"w": jax.ShapeDtypeStruct((cfg.dim,), jnp.float32),
+                   "b": jax.ShapeDtypeStruct((), jnp.float32)}}
+
+
+def head_values(head: Params, x_BTD: jax.Array) -> jax.Array:
+  """The head on final hidden states: [B, T] float32."""
+  return jnp.einsum("BTD,D->BT", x_BTD.astype(jnp.float32),
+                    head["w"].astype(jnp.float32)) + head["b"]
+
+
 def scalar_outputs(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
                    mask_BT: jax.Array | None = None, positions_BT: jax.Array | None = None,
                    sharder: Sharder | None = None) -> jax.Array:
   """The head's output at every position, [B, T] float32."""
   x_BTD, _ = transformer.hidden_states(params["backbone"], tokens_BT, cfg, mask_BT=mask_BT,
                                        positions_BT=positions_BT, sharder=sharder)
-  return jnp.einsum("BTD,D->BT", x_BTD.astype(jnp.float32),
-                    params["head"]["w"].astype(jnp.float32)) + params["head"]["b"]
+  return head_values(params["head"], x_BTD)
 
 
 def last_token_index(mask_BT: jax.Array) -> jax.Array:

@@ -103,12 +103,13 @@ class Sharder:
   def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, self.sharding(axes, x.shape))
 
-  def tree_shardings(self, axes_tree, shapes_tree):
-    """Shardings for a pytree of logical-axes tuples and matching shapes."""
-    return jax.tree.map(
-        lambda axes, s: self.sharding(axes, s.shape), axes_tree, shapes_tree,
-        is_leaf=lambda x: isinstance(x, tuple) and all(
-            isinstance(a, (str, type(None))) for a in x))
+  @property
+  def batch_shards(self) -> int:
+    """How many shards the logical "batch" axis is split over, by the rule table.
+
+    Every batch a jitted step takes must have a multiple of this many rows.
+    """
+    return math.prod(self.mesh.shape[a] for a in dict(self.rules).get("batch", ()))
 
   @property
   def replicated(self) -> NamedSharding:
@@ -120,5 +121,8 @@ def constrain(sharder: Sharder | None, x: jax.Array, axes: Sequence[str | None])
   return x if sharder is None else sharder.constrain(x, axes)
 
 
-def is_axes(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+def sharder_from_config(config) -> Sharder:
+  """A stage config's (data, fsdp, tensor) `mesh` over all devices, with its `sharding_rules`."""
+  mesh = make_mesh(tuple(config.mesh))
+  rules = tuple((k, tuple(v)) for k, v in config.get("sharding_rules", {}).items())
+  return Sharder(mesh, rules) if rules else Sharder(mesh)

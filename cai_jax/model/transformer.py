@@ -5,6 +5,9 @@ Shape vocabulary (used in einsum strings and long-lived names):
   L layers         D model width       F MLP hidden width      V vocabulary
   N query heads    K key/value heads   G = N // K query heads per KV head
   H head dim
+Outside the model the same letters keep their meaning, plus:
+  E examples (rows of a data set)      M response tokens (sampled positions)
+  P prompt tokens (left-padded)        2 the two responses of a comparison
 
 Families: Llama (Llama 2/3, SmolLM2; RoPE with Llama-3 scaling), Mistral
 (sliding window), Qwen2 (q/k/v biases) and Gemma 3 (1+w norms, QK-norm,
@@ -90,11 +93,6 @@ def param_shapes(cfg: ModelConfig) -> Params:
 def _is_spec(x) -> bool:
   return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple) and (
       all(isinstance(a, int) for a in x[0]))
-
-
-def param_axes(cfg: ModelConfig) -> Params:
-  """The logical axis names of every parameter, as a params-shaped pytree."""
-  return jax.tree.map(lambda s: s[1], param_shapes(cfg), is_leaf=_is_spec)
 
 
 def abstract_params(cfg: ModelConfig) -> Params:

@@ -12,7 +12,12 @@ Phase 2, RL-CAI (reinforcement learning from AI feedback):
   p7_ppo                PPO against the preference model, KL-penalised
   p8_evaluation         win rates / Elo of initial, SL-CAI and RL-CAI models
 
-Each stage module has `run(config, workdir)` and a short absl `main`;
-its config lives in `configs/<stage>.py`. Stages exchange files whose
+Each stage module has `run(config, workdir)`, reading top to bottom, and a
+short absl `main`; its config lives in `configs/<stage>.py`. The logic lives
+in the library (`cai_jax.text`, `data`, `training`, `preference`, `rl`,
+`feedback`, `evaluation`, ...); no stage imports another. Shared by the
+stages: `paths` (every stage's outputs, the "run stage N first" errors, the
+one rule for where the SL-CAI model is), `generation` (the sharded,
+resumable generation skeleton) and `cli`. Stages exchange files whose
 schemas are in `cai_jax.records`.
 """

@@ -1,7 +1,6 @@
 """The absl entry point every phase shares: --config=<file>[:variant] --workdir=<dir>.
 
-Flags are defined only in the process that runs a phase, so phase modules
-import each other freely. Bad input (a missing file, a malformed
+Flags are defined only in the process that runs a phase. Bad input (a missing file, a malformed
 constitution, a mesh that does not fit, ...) raises one of the errors below
 with a message that names the file or field and the fix; the binary prints
 that one line and exits with status 2 instead of a traceback. Anything else

@@ -12,12 +12,14 @@ import logging
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
-from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
-from cai_jax.tokenizer import Tokenizer
+from cai_jax.model.sharding import Sharder
 
-Message = dict[str, str]
+from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
+from cai_jax.text.chat import Message, generation_ids
+from cai_jax.text.tokenizer import Tokenizer
 
 
 def stable_id(text: str) -> int:
@@ -28,13 +30,6 @@ def stable_id(text: str) -> int:
 def keys_for(seed: int, names: Sequence[str]) -> jax.Array:
   """One PRNG key per named sequence."""
   return sequence_keys(seed, [stable_id(n) for n in names])
-
-
-def encode_chat(tok: Tokenizer, messages: Sequence[Message],
-                add_generation_prompt: bool = True) -> list[int]:
-  """Token ids of a rendered chat (the tokenizer does not double a BOS)."""
-  text = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
-  return tok.encode(text)
 
 
 def generate_chat(sampler: Sampler, params, tok: Tokenizer,
@@ -49,7 +44,7 @@ def generate_chat(sampler: Sampler, params, tok: Tokenizer,
   """
   prompts = []
   for conv, name in zip(conversations, names):
-    ids = encode_chat(tok, conv)
+    ids = generation_ids(tok, conv)
     if len(ids) > max_prompt_tokens:
       logging.warning("%s: prompt of %d tokens cut to the last %d", name, len(ids),
                       max_prompt_tokens)
@@ -60,3 +55,38 @@ def generate_chat(sampler: Sampler, params, tok: Tokenizer,
   for tokens, length in zip(np.asarray(out.tokens), np.asarray(out.lengths)):
     texts.append(tok.decode(tokens[:length], skip_special_tokens=True).strip())
   return texts
+
+
+def sampling_from_config(c: ml_collections.ConfigDict) -> SamplingParams:
+  """A config's `sampling` block (temperature, top_k, top_p) as SamplingParams."""
+  return SamplingParams(temperature=float(c.temperature), top_k=int(c.get("top_k", 0)),
+                        top_p=float(c.get("top_p", 1.0)))
+
+
+class ChatModel:
+  """A model answering conversations: loaded once, one sampler, a key per named sequence.
+
+  Built from a generation stage's config (`dtype`, `decode_layers`,
+  `max_new_tokens`, `max_prompt_tokens`, `sampling`, `seed`).
+  """
+
+  def __init__(self, spec: str, sharder: Sharder, config: ml_collections.ConfigDict):
+    from cai_jax.checkpoints.load import load_model
+    self.spec, self.config = spec, config
+    self.cfg, self.params, self.tok = load_model(spec, sharder, dtype=config.dtype,
+                                                 decode_layers=config.decode_layers)
+    logging.info("loaded %s: %s, %.1fM params on %d device(s)", spec, self.cfg.family,
+                 self.cfg.num_params() / 1e6, len(jax.devices()))
+    self.sampler = Sampler(self.cfg, max_new_tokens=config.max_new_tokens,
+                           stop_ids=self.cfg.eos_token_ids, pad_id=self.tok.pad_id,
+                           sharder=sharder)
+    self.sampling = sampling_from_config(config.sampling)
+
+  def generate(self, conversations: Sequence[Sequence[Message]], names: Sequence[str]
+               ) -> list[str]:
+    """The next assistant message of each conversation; `names` key the PRNG streams."""
+    if not conversations:
+      return []
+    return generate_chat(self.sampler, self.params, self.tok, conversations,
+                         seed=self.config.seed, names=names, sampling=self.sampling,
+                         max_prompt_tokens=self.config.max_prompt_tokens)

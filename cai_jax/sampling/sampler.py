@@ -33,6 +33,7 @@ from cai_jax import distributed
 from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder, constrain
+from cai_jax.text.padding import batch_bucket, bucket, left_pad
 
 # Steps of 1.5x above 256 tokens: long few-shot prompts (critique/revision,
 # labeling) pad less, for a few more compiled shapes.
@@ -190,21 +191,6 @@ def sample(params, prompt_BT: jax.Array, prompt_mask_BT: jax.Array, keys_B: jax.
                       lengths=state.lengths_B)
 
 
-def bucket(n: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]};"
-                   " raise the sampler's length buckets or truncate prompts")
-
-
-def batch_bucket(n: int, multiple: int = 1) -> int:
-  """Next power of two (at least `multiple`, and a multiple of it)."""
-  size = 1 << max(0, (n - 1).bit_length())
-  size = max(size, multiple)
-  return -(-size // multiple) * multiple
-
-
 def sequence_keys(seed: int | jax.Array, sequence_ids: Sequence[int]) -> jax.Array:
   """One PRNG key per sequence, from a base seed and stable sequence ids."""
   base = jax.random.key(seed) if isinstance(seed, int) else seed
@@ -262,10 +248,7 @@ class Sampler:
     return _TRACES[self._key(sampling)]
 
   def batch_multiple(self) -> int:
-    if self.sharder is None:
-      return 1
-    mesh = self.sharder.mesh
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return 1 if self.sharder is None else self.sharder.batch_shards
 
   def generate(self, params, prompts: Sequence[Sequence[int]], keys: jax.Array,
                sampling: SamplingParams = SamplingParams()) -> SampleOutput:
@@ -285,12 +268,7 @@ class Sampler:
                        f" exceeds the model's max_seq_len {self.cfg.max_seq_len}")
     T = min(bucket(longest, self.length_buckets), room)
     B = batch_bucket(n, self.batch_multiple())
-    prompt = np.full((B, T), self.pad_id, np.int32)
-    mask = np.zeros((B, T), bool)
-    for i, p in enumerate(prompts):
-      prompt[i, T - len(p):] = p
-      mask[i, T - len(p):] = True
-    mask[n:, -1] = True  # filler rows: one token, discarded
+    prompt, mask = left_pad(prompts, T, self.pad_id, num_rows=B)
     keys = jnp.asarray(keys)
     if keys.shape[0] != n:
       raise ValueError(f"got {keys.shape[0]} keys for {n} prompts")

@@ -1,4 +1,8 @@
-"""The supervised train loop shared by SFT (stage 3) and the preference model (stage 6).
+"""The one train loop: SFT (stage 3), the preference model (stage 6) and PPO (stage 7).
+
+A step is an optimizer update for SFT and the PM, and a whole iteration
+(rollout, reward, updates) for PPO, whose adaptive KL coefficient rides in
+the saved data position (`Loop.position`).
 
 Steps run asynchronously; their metrics are fetched in batches (`sync`) at
 log, eval and save points, so the host never waits on the device between
@@ -31,28 +35,33 @@ class Loop:
 
   name: str  # progress-bar label
   step_fn: Callable[[Any, Any], tuple[Any, Metrics]]  # (state, batch) -> (state, metrics)
+  # metrics need "finite" (bool); "loss", when present, is named in the error
   batch_at: Callable[[int], Any]  # step -> global batch
   position: Callable[[int], dict[str, Any]]  # step -> data position saved with a checkpoint
   summarize: Callable[[Sequence[Metrics]], dict[str, float]]  # fetched steps -> logged values
   units: Callable[[Sequence[Metrics]], float]  # fetched steps -> work done (tokens, pairs)
-  rate_name: str  # e.g. "tokens_per_s"
+  rate_name: str | None  # e.g. "tokens_per_s"; None: no rate is logged
   evaluate: Callable[[Any, int], dict[str, float]] | None  # (params, step) -> held-out metrics
   postfix: Callable[[dict[str, float]], dict[str, str]]  # logged values -> progress-bar text
   save_every: int
   eval_every: int
   log_every: int
+  unit: str = "step"  # progress-bar unit
 
 
 def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkpointer,
         out: str, should_stop: Callable[[int], bool] | None = None
-        ) -> tuple[str, Any, dict[str, float]]:
-  """Steps `start` .. `total_steps`; returns (status "done" | "preempted", state, last logged)."""
+        ) -> tuple[str, Any, dict[str, float], int]:
+  """Steps `start` .. `total_steps`.
+
+  Returns (status "done" | "preempted", state, last logged values, steps done).
+  """
   status, last = "done", {}
   pending: list[Metrics] = []
   window = {"t": time.perf_counter(), "units": 0.0}
   with checkpoint.StopFlag() as stop, \
        MetricsWriter(out, resume_step=start) as writer, \
-       tqdm(total=total_steps, initial=start, desc=loop.name, unit="step",
+       tqdm(total=total_steps, initial=start, desc=loop.name, unit=loop.unit,
             disable=jax.process_index() != 0) as bar:
 
     def sync(step: int, log: bool, timed: bool = True) -> None:
@@ -64,7 +73,7 @@ def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkp
         if not m["finite"]:
           raise FloatingPointError(
               f"non-finite loss or parameters at step {step - len(fetched) + i + 1}"
-              f" (loss {m['loss']}); stopped without saving, the last checkpoint"
+              f" (loss {m.get('loss')}); stopped without saving, the last checkpoint"
               f" ({ckpt.latest_step()}) is kept")
       if not fetched:
         return
@@ -72,12 +81,13 @@ def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkp
       window["units"] += loop.units(fetched)
       last = loop.summarize(fetched)
       if log:
-        if timed:
+        if timed and loop.rate_name:
           last[loop.rate_name] = window["units"] / max(now - window["t"], 1e-9)
         window.update(t=now, units=0.0)
         writer.write(step, last)
         bar.set_postfix(**loop.postfix(last))
 
+    done = start
     try:
       if start == 0 and loop.evaluate is not None:
         writer.write(0, loop.evaluate(state.params, 0))
@@ -111,7 +121,7 @@ def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkp
     finally:
       ckpt.wait_until_finished()
       ckpt.close()
-  return status, state, last
+  return status, state, last, done
 
 
 def mean_of(keys: Sequence[str]) -> Callable[[Sequence[Metrics]], dict[str, float]]:

@@ -182,3 +182,8 @@ def apply_gradients(state: TrainState, grads: Params, tx: optax.GradientTransfor
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+def all_finite(params: Params) -> jax.Array:
+  """True when every parameter is finite (the steps' "finite" metric)."""
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))

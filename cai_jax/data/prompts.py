@@ -34,6 +34,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import yaml
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ KINDS: tuple[str, ...] = ("red_team", "helpful")
 # A tokenizer callable: text -> token ids (or directly a token count).
 Tokenize = Callable[[str], "Sequence[int] | int"]
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class PromptSourceError(ValueError):
@@ -500,6 +501,15 @@ def split(records: Sequence[PromptRecord], held_out_fraction: float = 0.05,
   return train, held_out
 
 
+def subsample(records: Sequence[PromptRecord], limit: int | None, seed: int
+              ) -> list[PromptRecord]:
+  """A seeded subset of `limit` records, in their input order (all when limit is None)."""
+  if limit is None or limit >= len(records):
+    return list(records)
+  order = np.random.default_rng(seed).permutation(len(records))[:limit]
+  return [records[i] for i in sorted(order)]
+
+
 def to_dataset(records: Sequence[PromptRecord]) -> datasets.Dataset:
   """A `datasets.Dataset` with columns id, prompt, source, kind."""
   import datasets
@@ -535,6 +545,6 @@ def read_jsonl(path: str) -> list[PromptRecord]:
       if not isinstance(row, dict) or set(row) != fields or row["kind"] not in KINDS:
         raise PromptSourceError(
             f"{path}: line {lineno}: expected an object with exactly {sorted(fields)} and kind "
-            f"in {KINDS}, got {row!r:.200}. Was it written by cai_jax.prompts.write_jsonl?")
+            f"in {KINDS}, got {row!r:.200}. Was it written by cai_jax.data.prompts.write_jsonl?")
       out.append(PromptRecord(**row))
   return out

@@ -218,10 +218,6 @@ class Tokenizer:
       ids = [i for i in ids if i not in self._special]
     return self._tok.decode(ids)
 
-  def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = True
-                   ) -> list[str]:
-    return [self.decode(ids, skip_special_tokens) for ids in batch]
-
   # --- Chat ---------------------------------------------------------------------------
 
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,

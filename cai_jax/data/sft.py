@@ -1,0 +1,146 @@
+"""SFT examples: critique-revision records -> (prompt, response) -> token batches.
+
+Red-team records give (prompt, response after `revision_round` revisions);
+helpful records give (prompt, initial answer), mixed in so the model stays
+helpful. Each pair is one chat through `text.chat.prompt_response_ids`; the
+loss mask covers the response and its end-of-turn token only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from cai_jax import records
+from cai_jax.data import batching
+from cai_jax.text import padding
+from cai_jax.text.chat import prompt_response_ids
+from cai_jax.text.tokenizer import Tokenizer
+
+TRUNCATIONS = ("truncate", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  id: str
+  kind: str  # "red_team" | "helpful"
+  prompt: str
+  response: str
+
+
+def build_examples(recs: Sequence[records.CritiqueRevisionRecord], revision_round: int,
+                   helpful_ratio: float | None, seed: int) -> list[Example]:
+  """Red-team (prompt, revision `revision_round`) + helpful (prompt, initial answer).
+
+  `helpful_ratio` is the fraction of helpful examples in the mix (None: use
+  every record). The larger side is subsampled, with `seed`, to hit it.
+  """
+  red, helpful, skipped = [], [], collections.Counter()
+  for r in recs:
+    if r.kind == "red_team":
+      if revision_round > len(r.rounds) or (revision_round == -1 and not r.rounds):
+        skipped["red_team record without the requested revision round"] += 1
+        continue
+      response = r.response_at(revision_round)
+      bucket = red
+    elif r.kind == "helpful":
+      response = r.initial_response
+      bucket = helpful
+    else:
+      raise ValueError(f"record {r.id}: kind {r.kind!r}, expected 'red_team' or 'helpful'")
+    if not response.strip() or not r.prompt.strip():
+      skipped["empty prompt or response"] += 1
+      continue
+    bucket.append(Example(r.id, r.kind, r.prompt, response))
+  for why, n in skipped.items():
+    logging.warning("skipped %d records: %s", n, why)
+
+  red, helpful = batching.mix_by_ratio(red, helpful, helpful_ratio,
+                                       np.random.default_rng(seed), ("red-team", "helpful"))
+  logging.info("SFT mix: %d red-team revisions + %d helpful answers", len(red), len(helpful))
+  return red + helpful
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedData:
+  """Conversations as rows of token ids, right-padded to seq_len + 1."""
+
+  tokens_ET: np.ndarray  # int32 [E, seq_len + 1]
+  lengths_E: np.ndarray  # tokens in each conversation (prompt + response)
+  prompt_lens_E: np.ndarray  # tokens before the first response token
+
+  @property
+  def size(self) -> int:
+    return len(self.lengths_E)
+
+  def fingerprint(self) -> str:
+    h = hashlib.sha256()
+    for a in (self.tokens_ET, self.lengths_E, self.prompt_lens_E):
+      h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+  def buckets(self, buckets: Sequence[int]) -> np.ndarray:
+    """The smallest bucket length that holds each conversation's model inputs."""
+    return padding.buckets_of(self.lengths_E - 1, buckets)
+
+
+def check_truncation(truncation: str) -> None:
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"data.truncation={truncation!r}: expected 'truncate' or 'error'")
+
+
+def tokenize_examples(tok: Tokenizer, examples: Sequence[Example], seq_len: int,
+                      truncation: str) -> TokenizedData:
+  """Render and tokenize; over-long conversations are truncated or rejected.
+
+  truncation="truncate" cuts the response to fit seq_len model inputs (and
+  drops an example whose prompt alone fills them); "error" raises.
+  """
+  check_truncation(truncation)
+  rows, prompt_lens, truncated, dropped = [], [], 0, 0
+  for ex in examples:
+    prompt_ids, response_ids = prompt_response_ids(tok, ex.prompt, ex.response, ex.id)
+    ids = prompt_ids + response_ids
+    if len(ids) > seq_len + 1:
+      if truncation == "error":
+        raise ValueError(
+            f"example {ex.id} ({ex.kind}) has {len(ids)} tokens, more than"
+            f" data.seq_len + 1 = {seq_len + 1}; raise seq_len or set"
+            " data.truncation='truncate'")
+      if len(prompt_ids) >= seq_len:
+        dropped += 1
+        continue
+      ids = ids[:seq_len + 1]
+      truncated += 1
+    rows.append(ids)
+    prompt_lens.append(len(prompt_ids))
+  if truncated or dropped:
+    logging.warning("seq_len=%d: truncated %d responses, dropped %d examples whose"
+                    " prompt alone is too long", seq_len, truncated, dropped)
+  tokens, _ = padding.right_pad(rows, seq_len + 1, tok.pad_id)
+  return TokenizedData(tokens, np.asarray([len(r) for r in rows], np.int32),
+                       np.asarray(prompt_lens, np.int32))
+
+
+def make_batch(data: TokenizedData, rows: np.ndarray, T: int, pad_id: int
+               ) -> dict[str, np.ndarray]:
+  """[B, T] arrays for `rows` (-1: an all-padding row that adds nothing).
+
+    inputs      tokens 0..T-1           targets    tokens 1..T
+    input_mask  real input tokens       loss_mask  targets that are response
+  """
+  valid = rows >= 0
+  tokens = np.full((len(rows), T + 1), pad_id, np.int32)
+  tokens[valid] = data.tokens_ET[rows[valid], :T + 1]
+  lengths = np.where(valid, data.lengths_E[np.maximum(rows, 0)], 0)
+  prompt = np.where(valid, data.prompt_lens_E[np.maximum(rows, 0)], 0)
+  t = np.arange(T)[None]
+  input_mask = t < (lengths - 1)[:, None]
+  loss_mask = input_mask & (t >= (prompt - 1)[:, None])
+  return {"inputs": tokens[:, :T], "targets": tokens[:, 1:], "input_mask": input_mask,
+          "loss_mask": loss_mask}

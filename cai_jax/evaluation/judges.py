@@ -1,0 +1,148 @@
+"""The two judges of stage 8: the trained PM (P(i beats j) = sigma(r_i - r_j)) and a
+judge model that took no part in training (the stage-5 labeler library), each
+turning every two models' answers to the same prompt into a (soft) game."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from cai_jax import records
+from cai_jax.constitution import (ComparisonPrinciple, Constitution, PointwiseQuestion,
+                                  load_constitution)
+from cai_jax.evaluation.answers import AnswerRecord, release, spec_exists
+from cai_jax.evaluation.elo import pairwise_summary
+from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings
+from cai_jax.model.sharding import Sharder
+from cai_jax.preference.scorer import Scorer
+
+# (results key, prompt kind): which prompts each axis is measured on.
+AXES = (("harmlessness", "red_team"), ("helpfulness", "helpful"))
+HELPFUL_PRINCIPLE = "more_helpful"
+
+
+def choose_judge(config: ml_collections.ConfigDict, used: set[str]) -> tuple[str, bool, str]:
+  """(spec, independent, note): the configured judge, or the first candidate not in
+  `used` (the model specs that shaped the policies)."""
+  if config.judge.model:
+    independent = config.judge.model not in used
+    return config.judge.model, independent, (
+        "configured" + ("" if independent else "; it also took part in training,"
+                        " so it is NOT an independent judge"))
+  available = [c for c in config.judge.candidates if spec_exists(c)]
+  for c in available:
+    if c not in used:
+      return c, True, f"first bundled model not used in training (used: {sorted(used)})"
+  if available:
+    return available[0], False, (f"every installed candidate took part in training"
+                                 f" ({sorted(used)}): {available[0]} is NOT independent")
+  return "", False, f"none of {list(config.judge.candidates)} is installed"
+
+
+def helpful_constitution(base: Constitution, config: ml_collections.ConfigDict
+                         ) -> Constitution:
+  """The base constitution with one helpfulness comparison principle, no few-shot."""
+  principle = ComparisonPrinciple(HELPFUL_PRINCIPLE, config.judge.helpful_question,
+                                  PointwiseQuestion(config.judge.helpful_pointwise, "Yes"))
+  return dataclasses.replace(base, comparison=(principle,), comparison_few_shot=())
+
+
+def judge_labelers(model: FeedbackModel, config: ml_collections.ConfigDict
+                   ) -> dict[str, Labeler]:
+  """Prompt kind -> labeler: harmlessness principles on red-team, helpfulness on helpful."""
+  j = config.judge
+  base = load_constitution(config.constitution)
+  common_kw = dict(mode=j.mode, order_swap=j.order_swap, prompt_format=j.prompt_format,
+                   max_response_tokens=j.max_response_tokens, batch_size=j.batch_size,
+                   seed=config.seed)
+  return {
+      "red_team": Labeler([model], base, LabelerSettings(
+          principle_ids=tuple(j.harmless_principles), **common_kw)),
+      "helpful": Labeler([model], helpful_constitution(base, config), LabelerSettings(
+          principle_ids=(HELPFUL_PRINCIPLE,), **common_kw)),
+  }
+
+
+def match_ups(answers: dict[str, dict[str, AnswerRecord]], kind: str
+              ) -> list[tuple[int, int, str]]:
+  """(model index i < j, prompt id) for every held-out prompt of `kind` both answered."""
+  names = list(answers)
+  out = []
+  for x in range(len(names)):
+    for y in range(x + 1, len(names)):
+      common_ids = sorted(i for i, r in answers[names[x]].items()
+                          if r.kind == kind and r.split == "held_out" and i in answers[names[y]])
+      out += [(x, y, i) for i in common_ids]
+  return out
+
+
+def pm_comparisons(config: ml_collections.ConfigDict, scorer: Scorer,
+                   answers: dict[str, dict[str, AnswerRecord]], names: Sequence[str]
+                   ) -> tuple[dict[str, Any], list[dict]]:
+  """PM comparisons per axis (win rates, Elo, mean reward) and the per-game rows."""
+  rows: list[dict] = []
+  comparisons: dict[str, Any] = {}
+  reward = {name: {} for name in names}
+  for name in names:
+    recs = [r for r in answers[name].values() if r.split == "held_out"]
+    scores = scorer.score_texts([r.prompt for r in recs], [r.response for r in recs])
+    for r, s in zip(recs, scores):
+      reward[name][r.id] = float(s)
+  for axis, kind in AXES:
+    games = []
+    for x, y, pid in match_ups(answers, kind):
+      d = reward[names[x]][pid] - reward[names[y]][pid]
+      p = 0.5 * (1 + math.tanh(0.5 * d))
+      games.append((x, y, p))
+      rows.append({"judge": "pm", "axis": axis, "id": pid, "a": names[x], "b": names[y],
+                   "reward_a": reward[names[x]][pid], "reward_b": reward[names[y]][pid],
+                   "p_a": p})
+    comparisons[axis] = pairwise_summary(names, games, config.elo.prior, config.elo.scale)
+    comparisons[axis]["mean_reward"] = {
+        n: float(np.mean([v for pid, v in reward[n].items() if answers[n][pid].kind == kind]))
+        if any(answers[n][pid].kind == kind for pid in reward[n]) else None for n in names}
+  return comparisons, rows
+
+
+def revision_round_scores(recs: Sequence[records.CritiqueRevisionRecord],
+                          score: Callable[[Sequence[str], Sequence[str]], np.ndarray]
+                          ) -> dict[str, Any]:
+  """PM score of stage 2's response after r revisions, r = 0..R (mean, std error, n)."""
+  num_rounds = min(len(r.rounds) for r in recs)
+  means, stderrs = [], []
+  per_round = []
+  for k in range(num_rounds + 1):
+    s = score([r.prompt for r in recs], [r.response_at(k) for r in recs])
+    per_round.append(s)
+    means.append(float(s.mean()))
+    stderrs.append(float(s.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else 0.0)
+  return {"rounds": list(range(num_rounds + 1)), "mean": means, "stderr": stderrs,
+          "count": len(recs), "mode": recs[0].mode,
+          "improved_fraction": float(np.mean(per_round[-1] > per_round[0]))}
+
+
+def judge_comparisons(config: ml_collections.ConfigDict, spec: str, sharder: Sharder,
+                      answers: dict[str, dict[str, AnswerRecord]], names: Sequence[str]
+                      ) -> tuple[dict[str, Any], list[dict]]:
+  """The judge model's comparisons per axis, and the per-game rows."""
+  model = FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
+  labelers = judge_labelers(model, config)
+  rows: list[dict] = []
+  out: dict[str, Any] = {}
+  for axis, kind in AXES:
+    ups = match_ups(answers, kind)
+    pairs = [records.ResponsePair(f"{pid}/{names[x]}-vs-{names[y]}", answers[names[x]][pid].prompt,
+                                  kind, answers[names[x]][pid].response,
+                                  answers[names[y]][pid].response) for x, y, pid in ups]
+    labels = labelers[kind].label(pairs) if pairs else []
+    games = [(x, y, float(rec.p_a)) for (x, y, _), rec in zip(ups, labels)]
+    rows += [{"judge": "judge", "axis": axis, "id": pid, "a": names[x], "b": names[y],
+              "p_a": p} for (x, y, pid), (_, _, p) in zip(ups, games)]
+    out[axis] = pairwise_summary(names, games, config.elo.prior, config.elo.scale)
+  release(model, labelers)
+  return out, rows

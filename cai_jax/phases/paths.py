@@ -1,0 +1,110 @@
+"""Where every stage writes, what each stage reads, and the one rule for which
+model is SL-CAI. The only module that knows the workdir's layout: phases,
+the pipeline and the report ask it instead of importing each other.
+
+  <workdir>/p1_prompts/{red_team,helpful}_{train,held_out}.jsonl
+  <workdir>/p2_critique_revision/shard-NNNNN.jsonl
+  <workdir>/p3_sft/{checkpoints,hf,...}
+  <workdir>/p4_pairs/shard-NNNNN.jsonl
+  <workdir>/p5_ai_labels/shard-NNNNN.jsonl
+  <workdir>/p6_preference_model/{checkpoints,model,calibration,...}
+  <workdir>/p7_ppo/{checkpoints,hf,...}
+  <workdir>/p8_evaluation/{results.json,comparisons.jsonl,answers/}
+  <workdir>/report/report.md
+"""
+
+from __future__ import annotations
+
+import os
+
+from cai_jax import records
+
+PROMPTS = "p1_prompts"
+CRITIQUE_REVISION = "p2_critique_revision"
+SFT = "p3_sft"
+PAIRS = "p4_pairs"
+AI_LABELS = "p5_ai_labels"
+PREFERENCE_MODEL = "p6_preference_model"
+PPO = "p7_ppo"
+EVALUATION = "p8_evaluation"
+REPORT = "report"
+PROMPT_KINDS = ("red_team", "helpful")
+
+# The command that writes each stage's outputs, for "run stage N first" errors.
+_STAGE = {PROMPTS: 1, CRITIQUE_REVISION: 2, SFT: 3, PAIRS: 4, AI_LABELS: 5,
+          PREFERENCE_MODEL: 6, PPO: 7, EVALUATION: 8}
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage)
+
+
+def run_first(stage: str) -> str:
+  """The fix that ends a "missing input" error: the command for `stage`."""
+  return f"run stage {_STAGE[stage]} first (python -m cai_jax.phases.{stage} ...)"
+
+
+def prompts_file(workdir: str, kind: str, split: str) -> str:
+  return os.path.join(workdir, PROMPTS, f"{kind}_{split}.jsonl")
+
+
+def hf_export(workdir: str, stage: str) -> str:
+  """The final model of a training stage (SFT, PPO) as a Hugging Face directory."""
+  return os.path.join(workdir, stage, "hf")
+
+
+def results_file(workdir: str) -> str:
+  return os.path.join(workdir, EVALUATION, "results.json")
+
+
+def calibration_dir(workdir: str) -> str:
+  return os.path.join(workdir, PREFERENCE_MODEL, "calibration")
+
+
+# --- Inputs a stage needs, with the error that says which stage to run -----------------------
+
+
+def require_prompts(workdir: str, split: str, kinds=PROMPT_KINDS) -> list[str]:
+  """Stage 1's files of `kinds` for `split`, each checked to exist."""
+  paths = [prompts_file(workdir, kind, split) for kind in kinds]
+  for path in paths:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: missing; {run_first(PROMPTS)}")
+  return paths
+
+
+def require_records(directory: str, stage: str, what: str, override: str = "") -> str:
+  """`directory` when it holds completed shards, else an error naming the stage to run."""
+  if not os.path.isdir(directory) or not records.completed_shards(directory):
+    hint = f" or set --config.{override}" if override else ""
+    raise FileNotFoundError(f"{directory}: no {what}; {run_first(stage)}{hint}")
+  return directory
+
+
+def sl_cai_model(configured: str, workdir: str) -> str:
+  """The one rule for where the SL-CAI model is, used by every stage after SFT.
+
+  The config's model when it names one; otherwise stage 3's export
+  `<workdir>/p3_sft/hf`, which must exist.
+  """
+  if configured:
+    return configured
+  path = hf_export(workdir, SFT)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"{path}: no SL-CAI model; {run_first(SFT)} or pass --config.model=<bundled asset,"
+        " HF directory, .gguf or hub id>")
+  return path
+
+
+def preference_model_dir(configured: str, workdir: str) -> str:
+  """Stage 6's output directory: the workdir's ("" configured), or a configured
+  directory that is one (or a workdir holding one)."""
+  from cai_jax.preference.saved import is_pm_dir
+  for candidate in ((configured, stage_dir(configured, PREFERENCE_MODEL)) if configured
+                    else (stage_dir(workdir, PREFERENCE_MODEL),)):
+    if is_pm_dir(candidate):
+      return candidate
+  where = configured or stage_dir(workdir, PREFERENCE_MODEL)
+  raise FileNotFoundError(f"{where}: no trained preference model; {run_first(PREFERENCE_MODEL)}"
+                          " or set --config.reward_model")

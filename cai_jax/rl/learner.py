@@ -1,0 +1,266 @@
+"""The PPO learner: one iteration of rollout, reward, score pass, GAE and updates.
+
+Each iteration, in the paper's order:
+
+  1. rollout   the policy samples a response to each prompt (jit sampler,
+               temperature tau), recording the sampled tokens' log-probs;
+  2. reward    `reward_fn` scores each (prompt, response): the PM through the
+               one scorer (`rl.reward`), or any programmatic reward; a
+               response with no end-of-turn token loses `reward.no_eos_penalty`;
+  3. score     one jitted pass recomputes the policy's log-probs and values and
+               the frozen reference's log-probs of the sampled tokens;
+  4. GAE       r_t = -beta * kl_t + [t = last] * score (`rl.ppo.token_rewards`),
+               optionally whitened, then GAE; advantages whitened;
+  5. update    `ppo.epochs` passes over shuffled minibatches of the rollout:
+               clipped policy loss + vf_coef * clipped value loss
+               - ent_coef * entropy, token means over the minibatch.
+
+The KL has one knob, `config.kl` (coefficient, estimator, target), and
+enters only through the reward: there is no second KL loss term.
+
+Critic: the value head sits on the policy's backbone (one model, params
+`{"backbone", "head"}` like `model.heads`), not on a separate critic model.
+A separate critic costs another model's params plus its two Adam moments
+(3x params) and another forward+backward over every minibatch; sharing the
+backbone makes step 3 one policy pass giving both log-probs and values and
+step 5 one backward. The cost is that value-loss gradients also move the
+policy's features (kept small by `vf_coef`), and the critic starts from the
+LM rather than from the preference model.
+
+Log-probs are computed from hidden states in chunks of M (`rl.ppo.token_logprobs`):
+only the sampled tokens' log-probs and the entropy leave each chunk, never
+[B, M, V] float32 logits; and only the response positions are unembedded.
+The sampling keys and minibatch orders come from the PRNG key in the train
+state, so an iteration is a pure function of (state, prompts, beta).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cai_jax import distributed
+from cai_jax.model import heads, transformer
+from cai_jax.model.config import ModelConfig
+from cai_jax.model.sharding import Sharder
+from cai_jax.rl import ppo
+from cai_jax.rl.reward import RewardFn
+from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
+from cai_jax.text import padding
+from cai_jax.text.tokenizer import Tokenizer
+from cai_jax.training import optim
+
+
+def response_hidden(backbone, batch, *, cfg: ModelConfig, sharder: Sharder | None,
+                    prompt_len: int) -> jax.Array:
+  """Hidden states [B, M, D] at the positions that predict the M response tokens."""
+  x_BSD, _ = transformer.hidden_states(backbone, batch["inputs"], cfg,
+                                       mask_BT=batch["input_mask"], sharder=sharder)
+  return x_BSD[:, prompt_len - 1:]
+
+
+def score_pass(policy, ref, batch, *, cfg: ModelConfig, sharder: Sharder | None,
+               prompt_len: int, temperature: float, chunk: int) -> dict[str, jax.Array]:
+  """Policy log-probs and values, reference log-probs of the sampled tokens (no grads)."""
+  hidden = functools.partial(response_hidden, batch=batch, cfg=cfg, sharder=sharder,
+                             prompt_len=prompt_len)
+  x_BMD = hidden(policy["backbone"])
+  unembed = lambda p: (lambda x: transformer.logits_from_hidden(p, x, cfg))
+  logp_BM, _ = ppo.token_logprobs(x_BMD, unembed(policy["backbone"]), batch["targets"],
+                                  temperature, chunk, with_entropy=False)
+  values_BM = heads.head_values(policy["head"], x_BMD)
+  ref_logp_BM, _ = ppo.token_logprobs(hidden(ref), unembed(ref), batch["targets"],
+                                      temperature, chunk, with_entropy=False)
+  return {"logp": logp_BM, "values": values_BM, "ref_logp": ref_logp_BM}
+
+
+def advantages(scores_B, logp_BM, ref_logp_BM, values_BM, mask_BM, kl_coef, *,
+               estimator: str, gamma: float, lam: float, whiten_rewards: bool
+               ) -> dict[str, jax.Array]:
+  kl_BM = ppo.KL_ESTIMATORS[estimator](logp_BM, ref_logp_BM) * mask_BM
+  rewards_BM = ppo.token_rewards(scores_B, kl_BM, mask_BM, kl_coef)
+  if whiten_rewards:
+    rewards_BM = ppo.whiten(rewards_BM, mask_BM, shift_mean=False)
+  adv_BM, returns_BM = ppo.gae(rewards_BM, values_BM, mask_BM, gamma, lam)
+  return {"adv": ppo.whiten(adv_BM, mask_BM), "returns": returns_BM,
+          "kl_B": jnp.sum(kl_BM, axis=1),
+          "k1_B": jnp.sum(ppo.kl_k1(logp_BM, ref_logp_BM) * mask_BM, axis=1)}
+
+
+def ppo_loss_fn(params, mb, *, cfg: ModelConfig, sharder: Sharder | None, prompt_len: int,
+                temperature: float, chunk: int, clip_eps: float, value_clip: float,
+                vf_coef: float, ent_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(policy + vf_coef * value - ent_coef * entropy loss sums, stats) of one microbatch."""
+  x_BMD = response_hidden(params["backbone"], mb, cfg=cfg, sharder=sharder,
+                          prompt_len=prompt_len)
+  unembed = lambda x: transformer.logits_from_hidden(params["backbone"], x, cfg)
+  logp_BM, ent_BM = ppo.token_logprobs(x_BMD, unembed, mb["targets"], temperature, chunk)
+  values_BM = heads.head_values(params["head"], x_BMD)
+  mask_BM = mb["mask"]
+  pg, count = ppo.policy_loss(logp_BM, mb["old_logp"], mb["adv"], mask_BM, clip_eps)
+  vf, _ = ppo.value_loss(values_BM, mb["old_values"], mb["returns"], mask_BM, value_clip)
+  ent, _ = ppo.entropy_sum(ent_BM, mask_BM)
+  clipped, _ = ppo.clipped_count(logp_BM, mb["old_logp"], mb["adv"], mask_BM, clip_eps)
+  approx_kl = jnp.sum(jnp.where(mask_BM > 0, ppo.kl_k3(logp_BM, mb["old_logp"]), 0.0))
+  total = pg + vf_coef * vf - ent_coef * ent
+  return total, {"pg": pg, "vf": vf, "ent": ent, "clipped": clipped,
+                 "approx_kl": approx_kl, "tokens": count}
+
+
+def train_step(state: optim.TrainState, mb, *, tx: optax.GradientTransformation,
+               microbatches: int, sharder: Sharder | None, **loss_kw
+               ) -> tuple[optim.TrainState, dict[str, jax.Array]]:
+  """One AdamW update on the token-mean PPO loss of a minibatch."""
+  loss_fn = functools.partial(ppo_loss_fn, sharder=sharder, **loss_kw)
+  grads, stats = optim.accumulate_gradients(loss_fn, state.params, mb, microbatches, sharder)
+  count = jnp.maximum(stats["tokens"], 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  new_state = optim.apply_gradients(state, grads, tx)
+  finite = optim.all_finite(new_state.params)
+  metrics = {k: stats[k] / count for k in ("pg", "vf", "ent", "clipped", "approx_kl")}
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["finite"] = finite & jnp.isfinite(metrics["pg"]) & jnp.isfinite(metrics["vf"])
+  return new_state, metrics
+
+
+def _timed(timings: dict[str, float], name: str, t0: float, value=None):
+  jax.block_until_ready(value)
+  timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+  return value
+
+
+@dataclasses.dataclass
+class Learner:
+  """The jitted pieces of one PPO iteration, for one model, mesh and config."""
+
+  config: ml_collections.ConfigDict
+  cfg: ModelConfig
+  tok: Tokenizer
+  sharder: Sharder
+  reward_fn: RewardFn
+  tx: optax.GradientTransformation
+
+  def __post_init__(self):
+    c, cfg, sharder = self.config, self.cfg, self.sharder
+    r = c.rollout
+    if r.temperature <= 0:  # and no top-k / top-p: the sampler's log-probs are pi's
+      raise ValueError(f"rollout.temperature={r.temperature}: PPO samples from the"
+                       " policy, so it must be > 0")
+    if r.batch_size % c.train.minibatch_size:
+      raise ValueError(f"rollout.batch_size={r.batch_size} is not a multiple of"
+                       f" train.minibatch_size={c.train.minibatch_size}")
+    self.P, self.M = c.data.max_prompt_len, r.max_new_tokens
+    self.sampler = Sampler(cfg, max_new_tokens=self.M, stop_ids=cfg.eos_token_ids,
+                           pad_id=self.tok.pad_id, sharder=sharder, length_buckets=(self.P,))
+    self.sampling = SamplingParams(temperature=float(r.temperature))
+    abstract = heads.abstract_scalar_params(cfg)
+    self.param_sh = heads.scalar_model_shardings(cfg, sharder)
+    self.state_sh = optim.train_state_shardings(self.tx, abstract, self.param_sh, sharder)
+    ref_sh = transformer.param_shardings(cfg, sharder)
+    row_sh = sharder.sharding(("batch", None))
+    self.row_sh, self.vec_sh = row_sh, sharder.sharding(("batch",))
+    common_kw = dict(cfg=cfg, sharder=sharder, prompt_len=self.P,
+                     temperature=float(r.temperature), chunk=c.train.logits_chunk)
+    self._score = jax.jit(functools.partial(score_pass, **common_kw),
+                          in_shardings=(self.param_sh, ref_sh, row_sh),
+                          out_shardings=row_sh)
+    self._advantages = jax.jit(functools.partial(
+        advantages, estimator=c.kl.estimator, gamma=c.ppo.gamma, lam=c.ppo.lam,
+        whiten_rewards=c.ppo.whiten_rewards))
+    self._step = jax.jit(
+        functools.partial(train_step, tx=self.tx, microbatches=c.train.microbatches,
+                          clip_eps=c.ppo.clip_eps, value_clip=c.ppo.value_clip,
+                          vf_coef=c.ppo.vf_coef, ent_coef=c.ppo.ent_coef, **common_kw),
+        in_shardings=(self.state_sh, row_sh), out_shardings=(self.state_sh,
+                                                               sharder.replicated),
+        donate_argnums=0)
+
+  def iterate(self, state: optim.TrainState, ref_params, prompt_texts: Sequence[str],
+              prompt_ids: Sequence[Sequence[int]], kl_coef: float
+              ) -> tuple[optim.TrainState, dict[str, float]]:
+    """Rollout, reward, score pass, GAE and the PPO updates; returns (state, metrics)."""
+    c, P, M, B = self.config, self.P, self.M, len(prompt_ids)
+    timings: dict[str, float] = {}
+    key, rollout_key, shuffle_key = jax.random.split(state.key, 3)
+    state = state.replace(key=key)
+
+    # 1. Rollout.
+    t0 = time.perf_counter()
+    keys = sequence_keys(rollout_key, list(range(B)))
+    out = self.sampler.generate(state.params["backbone"], prompt_ids, keys, self.sampling)
+    tokens_BM, sample_logp_BM, lengths_B = (np.asarray(out.tokens), np.asarray(out.logprobs),
+                                            np.asarray(out.lengths))
+    _timed(timings, "rollout_s", t0)
+
+    # 2. Reward.
+    t0 = time.perf_counter()
+    scores_B = np.asarray(self.reward_fn(prompt_texts, tokens_BM, lengths_B), np.float32)
+    _timed(timings, "reward_s", t0)
+    has_eos_B = np.isin(tokens_BM[np.arange(B), lengths_B - 1], self.cfg.eos_token_ids)
+    final_scores_B = scores_B - c.reward.no_eos_penalty * (~has_eos_B)
+
+    # 3. Score pass: policy log-probs + values, reference log-probs.
+    t0 = time.perf_counter()
+    prompt_BP, prompt_mask_BP = padding.left_pad(prompt_ids, P, self.tok.pad_id)
+    mask_BM = np.arange(M)[None] < lengths_B[:, None]
+    seq_BS = np.concatenate([prompt_BP, tokens_BM], axis=1)
+    seq_mask_BS = np.concatenate([prompt_mask_BP, mask_BM], axis=1)
+    host = {"inputs": seq_BS[:, :-1], "input_mask": seq_mask_BS[:, :-1],
+            "targets": tokens_BM, "mask": mask_BM.astype(np.float32)}
+    batch = {k: distributed.to_global(v, self.row_sh) for k, v in host.items()}
+    scored = self._score(state.params, ref_params, batch)
+    scored = _timed(timings, "score_pass_s", t0, scored)
+
+    # 4. Rewards and advantages.
+    t0 = time.perf_counter()
+    adv = self._advantages(jnp.asarray(final_scores_B), scored["logp"], scored["ref_logp"],
+                           scored["values"], batch["mask"], jnp.float32(kl_coef))
+    adv = _timed(timings, "gae_s", t0, adv)
+
+    # 5. PPO epochs over shuffled minibatches.
+    t0 = time.perf_counter()
+    data = {**batch, "old_logp": scored["logp"], "old_values": scored["values"],
+            "adv": adv["adv"], "returns": adv["returns"]}
+    data = {k: distributed.to_host(v) for k, v in data.items()}
+    mb_size, step_metrics = c.train.minibatch_size, []
+    for epoch in range(c.ppo.epochs):
+      order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), B))
+      for start in range(0, B, mb_size):
+        rows = np.sort(order[start:start + mb_size])
+        mb = {k: distributed.to_global(v[rows], self.row_sh) for k, v in data.items()}
+        state, m = self._step(state, mb)
+        step_metrics.append(m)
+    step_metrics = jax.device_get(step_metrics)
+    _timed(timings, "update_s", t0, state.params)
+
+    gap_BM = np.abs(sample_logp_BM - data["old_logp"]) * mask_BM
+    n_tokens = max(mask_BM.sum(), 1)
+    k1_B = np.asarray(adv["k1_B"])
+    metrics = {
+        "reward": float(scores_B.mean()),
+        "reward_with_penalty": float(final_scores_B.mean()),
+        "kl": float(np.asarray(adv["kl_B"]).mean()),
+        "kl_k1": float(k1_B.mean()),
+        "kl_coef": float(kl_coef),
+        "entropy": float(np.mean([m["ent"] for m in step_metrics])),
+        "clip_frac": float(np.mean([m["clipped"] for m in step_metrics])),
+        "value_loss": float(np.mean([m["vf"] for m in step_metrics])),
+        "policy_loss": float(np.mean([m["pg"] for m in step_metrics])),
+        "approx_kl_old": float(np.mean([m["approx_kl"] for m in step_metrics])),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in step_metrics])),
+        "response_length": float(lengths_B.mean()),
+        "no_eos_frac": float(1.0 - has_eos_B.mean()),
+        "logprob_gap": float(gap_BM.sum() / n_tokens),
+        "logprob_gap_max": float(gap_BM.max()),
+        "finite": float(all(bool(m["finite"]) for m in step_metrics)),
+        **timings,
+    }
+    return state, metrics

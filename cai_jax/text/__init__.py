@@ -1,0 +1,1 @@
+"""Text to token ids: the tokenizer, the one chat rule, padding and buckets."""

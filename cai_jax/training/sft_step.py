@@ -1,0 +1,54 @@
+"""SFT's train and eval steps: mean response-token NLL (`losses.sft_loss`)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cai_jax.model import transformer
+from cai_jax.model.config import ModelConfig
+from cai_jax.model.sharding import Sharder
+from cai_jax.training import losses, optim
+
+
+def sft_loss_fn(params, batch, *, cfg: ModelConfig, sharder: Sharder | None,
+                loss_chunk: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss sum, stats) of one microbatch; `loss_chunk` > 0 avoids [B,T,V] logits."""
+  x_BTD, _ = transformer.hidden_states(params, batch["inputs"], cfg,
+                                       mask_BT=batch["input_mask"], sharder=sharder)
+  unembed = lambda x: transformer.logits_from_hidden(params, x, cfg, sharder)
+  if loss_chunk:
+    total, count = losses.chunked_sft_loss(x_BTD, unembed, batch["targets"],
+                                           batch["loss_mask"], loss_chunk)
+  else:
+    total, count = losses.sft_loss(unembed(x_BTD), batch["targets"], batch["loss_mask"])
+  tokens = jnp.sum(batch["input_mask"].astype(jnp.float32))
+  return total, {"loss_sum": total, "loss_tokens": count, "tokens": tokens}
+
+
+def train_step(state: optim.TrainState, batch, *, cfg: ModelConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               sharder: Sharder | None, microbatches: int, loss_chunk: int
+               ) -> tuple[optim.TrainState, dict[str, jax.Array]]:
+  """One AdamW update on the mean response-token NLL of the whole batch."""
+  loss_fn = functools.partial(sft_loss_fn, cfg=cfg, sharder=sharder, loss_chunk=loss_chunk)
+  grads, stats = optim.accumulate_gradients(loss_fn, state.params, batch, microbatches,
+                                            sharder)
+  count = jnp.maximum(stats["loss_tokens"], 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  new_state = optim.apply_gradients(state, grads, tx)
+  loss = stats["loss_sum"] / count
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "lr": schedule(state.step), "tokens": stats["tokens"],
+             "loss_tokens": stats["loss_tokens"],
+             "finite": jnp.isfinite(loss) & optim.all_finite(new_state.params)}
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, cfg: ModelConfig, sharder: Sharder | None,
+              loss_chunk: int) -> tuple[jax.Array, jax.Array]:
+  total, stats = sft_loss_fn(params, batch, cfg=cfg, sharder=sharder, loss_chunk=loss_chunk)
+  return total, stats["loss_tokens"]
