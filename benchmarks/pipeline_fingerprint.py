@@ -53,9 +53,11 @@ def tiny_model(path: str) -> str:
   return path
 
 
-def run_pipeline(workdir: str) -> None:
+def run_pipeline(workdir: str, reuse_model: bool = False) -> None:
   from cai_jax import pipeline
-  model = tiny_model(os.path.join(workdir, "_tiny_model"))
+  model = os.path.join(workdir, "_tiny_model")
+  if not reuse_model:
+    tiny_model(model)
   c = _load(os.path.join(REPO, "configs", "pipeline.py"), "fingerprint_pipeline").get_config(
       "tiny")
   c.critique_revision.model = model
@@ -123,6 +125,9 @@ def main() -> None:
   parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
   parser.add_argument("--hash_only", action="store_true",
                       help="fingerprint an existing --workdir without running the pipeline")
+  parser.add_argument("--rerun", action="store_true",
+                      help="rerun the pipeline on an existing --workdir (e.g. one another"
+                      " checkout wrote): every stage must find its outputs and resume")
   args = parser.parse_args()
   if args.compare:
     a, b = (json.load(open(p)) for p in args.compare)
@@ -134,7 +139,7 @@ def main() -> None:
     sys.exit(1 if bad else 0)
   workdir = args.workdir or tempfile.mkdtemp(prefix="cai_fingerprint_")
   if not args.hash_only:
-    run_pipeline(workdir)
+    run_pipeline(workdir, reuse_model=args.rerun)
   fp = fingerprint(workdir)
   text = json.dumps(fp, indent=1, sort_keys=True)
   if args.out:

@@ -232,8 +232,6 @@ def test_sft_memorises_a_small_set(tok):
   assert loss[-1] < 0.1 * loss[0], loss[::10]
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 2, 1)],
-                         ids=str)
 @pytest.fixture(scope="module")
 def single_device_run(tok):
   """3 SFT steps on one device: the reference every mesh is compared with (run once)."""
@@ -241,6 +239,8 @@ def single_device_run(tok):
   return batch, _train(tok, single_device_sharder(), 3, 1e-3, batch)
 
 
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 2, 1)],
+                         ids=str)
 def test_sharded_step_equals_single_device(tok, shape, single_device_run):
   """(data, fsdp, tensor) meshes on 8 devices: 3 SFT steps equal one device."""
   batch, (single, l1) = single_device_run
