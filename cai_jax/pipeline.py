@@ -8,10 +8,12 @@ Writes `<workdir>/pipeline_timings.json` (wall seconds per stage) and
 stage, once the stage's models and compiled programs are let go, and its peak
 so far).
 
-All stages run in one process. Between stages everything a stage held is
-released: its return value, JAX's compilation caches (`jax.clear_caches`) and
-the heap pages the allocator keeps (`malloc_trim`), so the pipeline's peak is
-that of its largest stage, not the sum of all of them.
+All stages run in one process. Between stages what a stage held is released:
+its return value and models (garbage-collected) and the heap pages the
+allocator keeps (`malloc_trim`). Compiled programs stay cached, so a later
+stage on the same model (the sampler of stages 2, 4 and 8) does not compile
+again; `jax.clear_caches()` would free them too but made the tiny pipeline
+test 1.7x slower (203 s vs 122 s).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import os
 import resource
 import time
 
-import jax
 import ml_collections
 
 from cai_jax.phases import (cli, p1_prompts, p2_critique_revision, p3_sft, p4_pairs,
@@ -59,9 +60,7 @@ def peak_gib() -> float:
 
 
 def release_memory() -> None:
-  """Let go of what a finished stage held: garbage, compiled programs, free heap pages."""
-  gc.collect()
-  jax.clear_caches()
+  """Let go of what a finished stage held: its garbage and the free heap pages."""
   gc.collect()
   libc = ctypes.util.find_library("c")
   if libc:
