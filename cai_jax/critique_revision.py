@@ -67,12 +67,9 @@ class CritiqueReviser:
     self.constitution = load_constitution(config.constitution)
     self.shots = few_shot_turns(self.constitution, config.num_few_shot, config.mode)
 
-  def _generate(self, conversations: Sequence[list[Message]], names: Sequence[str]) -> list[str]:
-    return self.model.generate(conversations, names)
-
   def __call__(self, chunk: Sequence[prompts.PromptRecord]) -> list[records.CritiqueRevisionRecord]:
     c = self.config
-    responses = self._generate([[{"role": "user", "content": p.prompt}] for p in chunk],
+    responses = self.model.generate([[{"role": "user", "content": p.prompt}] for p in chunk],
                                [f"{p.id}/initial" for p in chunk])
     red = [i for i, p in enumerate(chunk) if p.kind == "red_team"]
     principles = {i: draw_principles(self.constitution, c.seed, chunk[i].id, c.num_rounds)
@@ -83,11 +80,11 @@ class CritiqueReviser:
       reqs = {i: self.constitution.critique_principle(principles[i][r]) for i in red}
       critiques = {i: "" for i in red}
       if c.mode == "critique":
-        texts = self._generate(
+        texts = self.model.generate(
             [critique_conversation(self.shots, chunk[i].prompt, current[i], reqs[i].critique)
              for i in red], [f"{chunk[i].id}/critique/{r}" for i in red])
         critiques = dict(zip(red, texts))
-      texts = self._generate(
+      texts = self.model.generate(
           [revision_conversation(self.shots, chunk[i].prompt, current[i],
                                  reqs[i].critique if c.mode == "critique" else None,
                                  critiques[i], reqs[i].revision, c.revision_instruction)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import os
 from collections.abc import Sequence
@@ -76,9 +75,3 @@ def answer_config(config: ml_collections.ConfigDict, spec: str) -> ml_collection
       "spec": spec, "fingerprint": fingerprint(spec), "seed": config.seed,
       "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
       "max_prompt_tokens": config.max_prompt_tokens, "sampling": dict(config.sampling)})
-
-
-def release(*objs) -> None:
-  """Drop device buffers of a model we are done with (one model resident at a time)."""
-  del objs
-  gc.collect()

@@ -15,7 +15,7 @@ import numpy as np
 from cai_jax import records
 from cai_jax.constitution import (ComparisonPrinciple, Constitution, PointwiseQuestion,
                                   load_constitution)
-from cai_jax.evaluation.answers import AnswerRecord, release, spec_exists
+from cai_jax.evaluation.answers import AnswerRecord, spec_exists
 from cai_jax.evaluation.elo import pairwise_summary
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings
 from cai_jax.model.sharding import Sharder
@@ -144,5 +144,4 @@ def judge_comparisons(config: ml_collections.ConfigDict, spec: str, sharder: Sha
     rows += [{"judge": "judge", "axis": axis, "id": pid, "a": names[x], "b": names[y],
               "p_a": p} for (x, y, pid), (_, _, p) in zip(ups, games)]
     out[axis] = pairwise_summary(names, games, config.elo.prior, config.elo.scale)
-  release(model, labelers)
   return out, rows

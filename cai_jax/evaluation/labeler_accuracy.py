@@ -4,6 +4,7 @@ pointwise (the paper's Fig. 4 analogue)."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from cai_jax.constitution import load_constitution
-from cai_jax.evaluation.answers import release, spec_exists
+from cai_jax.evaluation.answers import spec_exists
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings, model_label
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.model.sharding import Sharder
@@ -108,5 +109,6 @@ def labeler_accuracy(config: ml_collections.ConfigDict, sharder: Sharder, notes:
                      "brier": float(np.mean((p - a_better) ** 2)), "reliability": table})
     params_m = model.cfg.num_params() / 1e6
     out["models"][spec] = {"params_millions": float(params_m), "rows": rows}
-    release(model)
+    model = labeler = recs = None  # drop the references before the next model loads
+    gc.collect()  # one feedback model resident at a time
   return out

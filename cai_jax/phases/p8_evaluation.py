@@ -23,6 +23,7 @@ detail in `comparisons.jsonl`); then `cai_jax.report` writes the report.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -87,7 +88,6 @@ def run_pm(config, workdir, sharder, answers, names, notes):
   rounds = (judges.revision_round_scores(recs, scorer.score_texts) if recs else
             {"missing": f"{paths.stage_dir(workdir, paths.CRITIQUE_REVISION)}: no red-team"
                         " records with revision rounds"})
-  ans.release(params, scorer)
   return comparisons, rounds, rows
 
 
@@ -136,6 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   # --- 2-4. Judges, revision rounds, labeler accuracy ---
   t0 = time.perf_counter()
   pm, rounds, pm_rows = run_pm(config, workdir, sharder, answers, names, notes)
+  gc.collect()  # the PM's params, before the judge model loads
   seconds["pm"], t0 = time.perf_counter() - t0, time.perf_counter()
   spec, independent, why = judges.choose_judge(config, used_in_training(config, workdir))
   judge: dict[str, Any] = {"spec": spec, "independent": independent, "note": why,

@@ -15,6 +15,7 @@ compile, and each compiles once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -29,6 +30,18 @@ from cai_jax.text.chat import conversation_ids
 from cai_jax.text.tokenizer import Tokenizer
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(cfg: ModelConfig, sharder: Sharder | None):
+  """One jitted scorer per (model config, mesh), shared by every Scorer: a new Scorer
+  for the same model (stage 8 after PPO, each test) does not compile again."""
+  fn = lambda p, ids, mask: heads.sequence_scores(p, ids, cfg, mask_BT=mask, sharder=sharder)
+  if sharder is None:
+    return jax.jit(fn)
+  row_sh = sharder.sharding(("batch", None))
+  return jax.jit(fn, in_shardings=(heads.scalar_model_shardings(cfg, sharder), row_sh, row_sh),
+                 out_shardings=sharder.replicated)
+
+
 class Scorer:
   """PM scores of conversations; `batch_size` rows per call (None: all at once)."""
 
@@ -39,14 +52,8 @@ class Scorer:
     self.multiple = 1 if sharder is None else sharder.batch_shards
     self.batch_size = (None if batch_size is None
                        else -(-max(1, batch_size) // self.multiple) * self.multiple)
-    fn = lambda p, ids, mask: heads.sequence_scores(p, ids, cfg, mask_BT=mask, sharder=sharder)
-    if sharder is None:
-      self._score, self._row_sh = jax.jit(fn), None
-    else:
-      self._row_sh = sharder.sharding(("batch", None))
-      self._score = jax.jit(fn, in_shardings=(heads.scalar_model_shardings(cfg, sharder),
-                                              self._row_sh, self._row_sh),
-                            out_shardings=sharder.replicated)
+    self._score = _compiled(cfg, sharder)
+    self._row_sh = None if sharder is None else sharder.sharding(("batch", None))
 
   def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
     """[N] float32 scores of token-id conversations (each ends at its scored token)."""
