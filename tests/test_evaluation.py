@@ -15,7 +15,8 @@ from cai_jax.checkpoints import hf
 from cai_jax.checkpoints.load import load_model
 from cai_jax.model import transformer
 from cai_jax.evaluation import elo as elo_lib
-from cai_jax.evaluation import labeler_accuracy
+from cai_jax.evaluation import evidence, labeler_accuracy
+from cai_jax.evaluation import refusal as refusal_lib
 from cai_jax.phases import p6_preference_model as p6
 from cai_jax.phases import p8_evaluation as p8
 from cai_jax.phases import paths
@@ -158,7 +159,8 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   assert res["evaluated_models"] == names
   assert res["prompts"] == {"red_team": 3, "helpful": 2}
   for n in names:
-    assert res["models"][n]["status"] == "evaluated" and res["models"][n]["answers"] == 3 + 2 + 2
+    # 3 red-team + 2 helpful held out, 3 safe-but-dangerous-sounding, 2 stage-2 samples
+    assert res["models"][n]["status"] == "evaluated" and res["models"][n]["answers"] == 3 + 2 + 3 + 2
   # Every pair of models on every prompt of each kind, for both judges.
   for judge in ("pm", "judge"):
     assert res[judge]["harmlessness"]["num_games"] == 3 * 3
@@ -187,6 +189,31 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   assert res["samples"][0]["revised"] == stage2[0].response_at(-1)
   assert set(res["samples"][0]["answers"]) == set(names)
 
+  # The claims: written to evidence.json and results, well formed, computed from the run.
+  with open(os.path.join(paths.stage_dir(workdir, paths.EVALUATION), evidence.EVIDENCE_FILE)) as f:
+    claims = json.load(f)
+  assert claims == res["claims"] and len(claims) >= 15
+  for c in claims:
+    assert {"claim", "estimate", "ci95", "n", "holds"} <= set(c)
+    assert c["holds"] in (True, False, None)
+    if c["holds"] is None and c["estimate"] is None:
+      assert c.get("note"), c  # an untested claim says why
+  by = {c["claim"]: c for c in claims}
+  reward = by["PPO: PM reward rises (mean of the last half of iterations minus the first half)"]
+  assert reward["estimate"] == pytest.approx(0.2) and reward["n"] == 4
+  over = [c for c in claims if "over-refusal on safe-but-dangerous-sounding" in c["claim"]]
+  assert len(over) == 2 and all(c["n"] == 3 for c in over)
+  refusals = res["measures"]["refusal"]["sl_cai"]
+  assert set(refusals.values()) <= set(refusal_lib.CATEGORIES) and len(refusals) == 3 + 2 + 3
+  human = by["PM: accuracy on human-labelled PyRIT pairs above 0.5"]
+  assert human["n"] == 4 and res["pm_human"]["n"] == 4
+  ai = by["PM: held-out accuracy on AI labels above 0.5"]
+  assert ai["n"] == report.latest_pm_calibration(workdir)["eval_decided"] > 0
+  refusal_check = by["Instrument: refusal measure accuracy on held-out PyRIT refusal labels"]
+  assert refusal_check["n"] == 64 and refusal_check["holds"] is True
+  # The tiny BPE has no single " Yes" token: judge scores are missing, and say why.
+  assert "Yes" in res["judge_validation"]["missing"] or "token" in res["judge_validation"]["missing"]
+
   # The report: every section, numbers equal to the files', plots on disk.
   text = open(os.path.join(workdir, "report", "report.md")).read()
   for title in report.SECTIONS:
@@ -207,7 +234,12 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   calib = section(text, "Labeler calibration")
   pm_cal = report.latest_pm_calibration(workdir)
   assert f"step {pm_cal['step']}: ECE {report.fmt(pm_cal['eval_ece'])}" in calib
-  assert "Not available" not in text.replace(section(text, "Notes"), "")
+  claims_md = section(text, "Claims")
+  for c in claims:
+    assert report.cell(c["claim"]) in claims_md
+  # Only the judge's pointwise scores are missing (tiny BPE), and the report says so.
+  rest = text.replace(section(text, "Notes"), "")
+  assert rest.count("Not available") == 1 and "judge validation" in section(text, "Instruments")
   for png in ("elo_pm.png", "elo_judge.png", "revision_rounds.png", "ppo_curves.png",
               "labeler_accuracy.png", "calibration.png"):
     assert os.path.getsize(os.path.join(workdir, "report", png)) > 1000

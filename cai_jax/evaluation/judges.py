@@ -17,7 +17,9 @@ from cai_jax.constitution import (ComparisonPrinciple, Constitution, PointwiseQu
                                   load_constitution)
 from cai_jax.evaluation.answers import AnswerRecord, spec_exists
 from cai_jax.evaluation.elo import pairwise_summary
+from cai_jax.evaluation import harm_judge
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings
+from cai_jax.feedback.prompts import OptionTokenError
 from cai_jax.model.sharding import Sharder
 from cai_jax.preference.scorer import Scorer
 
@@ -126,11 +128,10 @@ def revision_round_scores(recs: Sequence[records.CritiqueRevisionRecord],
           "improved_fraction": float(np.mean(per_round[-1] > per_round[0]))}
 
 
-def judge_comparisons(config: ml_collections.ConfigDict, spec: str, sharder: Sharder,
+def judge_comparisons(config: ml_collections.ConfigDict, model: FeedbackModel,
                       answers: dict[str, dict[str, AnswerRecord]], names: Sequence[str]
                       ) -> tuple[dict[str, Any], list[dict]]:
   """The judge model's comparisons per axis, and the per-game rows."""
-  model = FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
   labelers = judge_labelers(model, config)
   rows: list[dict] = []
   out: dict[str, Any] = {}
@@ -145,3 +146,53 @@ def judge_comparisons(config: ml_collections.ConfigDict, spec: str, sharder: Sha
               "p_a": p} for (x, y, pid), (_, _, p) in zip(ups, games)]
     out[axis] = pairwise_summary(names, games, config.elo.prior, config.elo.scale)
   return out, rows
+
+
+def judge_measures(config: ml_collections.ConfigDict, model: FeedbackModel,
+                   answers: dict[str, dict[str, AnswerRecord]],
+                   stage2: Sequence[records.CritiqueRevisionRecord]) -> dict[str, Any]:
+  """Per-answer judge scores, the judge's accuracy on PyRIT rows, and Fig. 5 by the judge.
+
+  judge_harm[model][id]: harm log-odds (higher = more harmful) of answers to red-team
+  and safe-but-dangerous-sounding prompts; judge_helpful[model][id]: helpfulness
+  log-odds of answers to helpful held-out prompts. Empty, with a note, when the
+  judge's tokenizer has no single " Yes"/" No" token.
+  """
+  labelers = judge_labelers(model, config)
+  harm_p, help_p = config.judge.harmless_principles[0], HELPFUL_PRINCIPLE
+
+  def harm_score(prompts, responses):
+    return -labelers["red_team"].response_scores(prompts, responses, harm_p)
+
+  out: dict[str, Any] = {"judge_harm": {}, "judge_helpful": {}}
+  try:
+    for name, recs in answers.items():
+      scored = [r for r in recs.values() if r.split in ("held_out", "borderline")]
+      harmful = [r for r in scored if r.kind == "red_team" or r.split == "borderline"]
+      helpful = [r for r in scored if r.kind == "helpful" and r.split == "held_out"]
+      h = harm_score([r.prompt for r in harmful], [r.response for r in harmful])
+      g = labelers["helpful"].response_scores([r.prompt for r in helpful],
+                                              [r.response for r in helpful], help_p)
+      out["judge_harm"][name] = {r.id: float(v) for r, v in zip(harmful, h)}
+      out["judge_helpful"][name] = {r.id: float(v) for r, v in zip(helpful, g)}
+    tune_n, held_n = config.judge.validation_rows
+    if held_n:
+      out["judge_validation"] = harm_judge.validate(
+          harm_score, harm_judge.pyrit_harm_rows("tune", tune_n, config.seed),
+          harm_judge.pyrit_harm_rows("held_out", held_n, config.seed), seed=config.seed)
+    else:
+      out["judge_validation"] = {"missing": "disabled (judge.validation_rows)"}
+    recs = [r for r in stage2 if r.rounds][:config.pm.num_revision_prompts or None]
+    if recs:
+      prompts = [r.prompt for r in recs]
+      out["judge_rounds"] = {
+          "first": [float(x) for x in harm_score(prompts, [r.response_at(0) for r in recs])],
+          "last": [float(x) for x in harm_score(prompts, [r.response_at(-1) for r in recs])],
+          "ids": [r.id for r in recs]}
+    else:
+      out["judge_rounds"] = {"missing": "no stage-2 red-team records with revision rounds"}
+  except OptionTokenError as e:
+    why = f"judge {model.name}: no pointwise scores ({e})"
+    return {"judge_harm": {}, "judge_helpful": {}, "judge_validation": {"missing": why},
+            "judge_rounds": {"missing": why}}
+  return out

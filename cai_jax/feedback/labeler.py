@@ -228,6 +228,25 @@ class Labeler:
           p_a=float(labels.ensemble_models(np.asarray(per_model), s.model_ensemble))))
     return out
 
+  def response_scores(self, prompt_texts: Sequence[str], responses: Sequence[str],
+                      principle_id: str) -> np.ndarray:
+    """Each response alone under one principle's Yes/No question: the good answer's
+    log-odds (higher = better, e.g. less harmful), mean over models. [N] float64."""
+    question = self.constitution.comparison_principle(principle_id).pointwise
+    if question is None:
+      raise ValueError(f"principle {principle_id!r} has no pointwise question")
+    s, per_model = self.settings, []
+    for model, scorer in zip(self.models, self.scorers):
+      texts = [prompts.pointwise_prompt(model.tok, question, p,
+                                        prompts.truncate(model.tok, r, s.max_response_tokens),
+                                        prompt_format=s.prompt_format)
+               for p, r in zip(prompt_texts, responses, strict=True)]
+      logp = self._score(model, scorer, texts, prompts.YES_NO_OPTIONS) if texts else (
+          np.zeros((0, 2)))
+      per_model.append(labels.pointwise_good_score(logp[:, 0], logp[:, 1],
+                                                   question.good_answer))
+    return np.mean(per_model, axis=0)
+
   # --- One model -------------------------------------------------------------------
 
   def _multiple_choice(self, model: FeedbackModel, scorer: OptionScorer,

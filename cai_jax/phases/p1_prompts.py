@@ -2,7 +2,9 @@
 
 Writes `<workdir>/p1_prompts/{red_team,helpful}_{train,held_out}.jsonl`
 (`cai_jax.data.prompts.PromptRecord`s). The split is a hash of each prompt's
-text and the seed, so it is the same on every run and machine.
+text and the seed, so it is the same on every run and machine. Prompts of the
+evaluation-only sets (`prompts.EVALUATION_ONLY`: the safe-but-dangerous-sounding
+set stage 8 measures over-refusal on) never enter a training split.
 
   python -m cai_jax.phases.p1_prompts --config=configs/prompts.py:cpu --workdir=runs/cai
 """
@@ -34,6 +36,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
       continue
     records = prompts.load_prompts(list(sources), policy, kind=kind)
     train, held_out = prompts.split(records, c.held_out_fraction, config.seed)
+    kept = prompts.without_evaluation_sets(train)
+    if len(kept) < len(train):
+      logging.info("%s train: dropped %d prompts of the evaluation-only sets %s", kind,
+                   len(train) - len(kept), prompts.EVALUATION_ONLY)
+    train = kept
     for s, recs, limit in (("train", train, n_train), ("held_out", held_out, n_held)):
       chosen = prompts.subsample(recs, limit, config.seed)
       if distributed.is_leader():

@@ -36,12 +36,15 @@ import numpy as np
 from cai_jax import assets, records
 from cai_jax.data import prompts
 from cai_jax.evaluation import answers as ans
-from cai_jax.evaluation import judges
+from cai_jax.evaluation import evidence, judges, refusal
 from cai_jax.evaluation.labeler_accuracy import labeler_accuracy
+from cai_jax.feedback import FeedbackModel
+from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, generation, paths
 from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
+from cai_jax.training.metrics import METRICS_FILE, read_metrics
 
 COMPARISONS = "comparisons.jsonl"
 
@@ -73,22 +76,35 @@ def stage2_records(workdir: str) -> list[records.CritiqueRevisionRecord]:
 def run_pm(config, workdir, sharder, answers, names, notes):
   """(PM comparisons per axis, revision-round scores, per-game rows) from the stage-6 PM."""
   if not config.pm.enabled:
-    return {"missing": "disabled (pm.enabled=False)"}, {"missing": "disabled"}, []
+    return ({"missing": "disabled (pm.enabled=False)"}, {"missing": "disabled"}, [],
+            {"missing": "disabled"})
   try:
     pm_dir = paths.preference_model_dir("", workdir)
     cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
   except FileNotFoundError as e:
     notes.append(f"preference model: {e}")
-    return {"missing": str(e)}, {"missing": str(e)}, []
+    return {"missing": str(e)}, {"missing": str(e)}, [], {"missing": str(e)}
   scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
                   max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
   comparisons, rows = judges.pm_comparisons(config, scorer, answers, names)
+  human: dict[str, Any] = {"missing": "disabled (pm.num_human_pairs=0)"}
+  if config.pm.num_human_pairs:
+    pairs, a_better = pyrit_pairs(config.pm.num_human_pairs, config.seed)
+    prompts_ = [p.prompt for p in pairs]
+    d = (scorer.score_texts(prompts_, [p.response_a for p in pairs])
+         - scorer.score_texts(prompts_, [p.response_b for p in pairs]))
+    human = {"n": len(pairs), "correct": int(np.sum((d > 0) == (a_better > 0.5)))}
   recs = [r for r in stage2_records(workdir) if r.rounds]
   recs = recs[:config.pm.num_revision_prompts] if config.pm.num_revision_prompts else recs
   rounds = (judges.revision_round_scores(recs, scorer.score_texts) if recs else
             {"missing": f"{paths.stage_dir(workdir, paths.CRITIQUE_REVISION)}: no red-team"
                         " records with revision rounds"})
-  return comparisons, rounds, rows
+  return comparisons, rounds, rows, human
+
+
+def ppo_metrics(workdir: str) -> list[dict]:
+  d = paths.stage_dir(workdir, paths.PPO)
+  return read_metrics(d) if os.path.exists(os.path.join(d, METRICS_FILE)) else []
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -102,10 +118,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
                      (config.num_red_team, config.num_helpful)):
     recs = prompts.read_jsonl(path)
     held += recs[:n] if n else recs
+  borderline = prompts.load_source(config.borderline_source)
+  borderline = borderline[:config.num_borderline] if config.num_borderline else borderline
   samples = stage2_records(workdir)[:config.num_samples] if config.num_samples else []
   if config.num_samples and not samples:
     notes.append("sample table: no stage-2 records")
   rows = ([(p.id, p.prompt, p.kind, "held_out") for p in held]
+          + [(p.id, p.prompt, p.kind, "borderline") for p in borderline]
           + [(r.id, r.prompt, r.kind, "sample") for r in samples])
 
   # --- 1. Answers ---
@@ -135,21 +154,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   # --- 2-4. Judges, revision rounds, labeler accuracy ---
   t0 = time.perf_counter()
-  pm, rounds, pm_rows = run_pm(config, workdir, sharder, answers, names, notes)
+  pm, rounds, pm_rows, pm_human = run_pm(config, workdir, sharder, answers, names, notes)
   gc.collect()  # the PM's params, before the judge model loads
   seconds["pm"], t0 = time.perf_counter() - t0, time.perf_counter()
   spec, independent, why = judges.choose_judge(config, used_in_training(config, workdir))
   judge: dict[str, Any] = {"spec": spec, "independent": independent, "note": why,
                            "mode": config.judge.mode}
   judge_rows: list[dict] = []
+  measures: dict[str, Any] = {
+      "kinds": {r.id: (r.kind, r.split) for recs in answers.values() for r in recs.values()},
+      "refusal": {n: {r.id: refusal.classify(r.prompt, r.response).category
+                      for r in recs.values() if r.split != "sample"}
+                  for n, recs in answers.items()}}
+  judged: dict[str, Any] = {"judge_validation": {"missing": why}, "judge_rounds": {"missing": why}}
   if not spec:
     notes.append(f"judge: {why}")
     judge["missing"] = why
   else:
     if not independent:
       notes.append(f"judge {spec}: {why}")
-    by_axis, judge_rows = judges.judge_comparisons(config, spec, sharder, answers, names)
+    model = FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
+    by_axis, judge_rows = judges.judge_comparisons(config, model, answers, names)
     judge.update(by_axis)
+    judged = judges.judge_measures(config, model, answers, stage2_records(workdir))
+    measures["judge_harm"] = judged.pop("judge_harm")
+    measures["judge_helpful"] = judged.pop("judge_helpful")
+    del model
   seconds["judge"], t0 = time.perf_counter() - t0, time.perf_counter()
   acc = labeler_accuracy(config, sharder, notes)
   seconds["labeler_accuracy"] = time.perf_counter() - t0
@@ -164,10 +194,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       "num_samples": len(samples),
       "pm": pm, "judge": judge, "revision_rounds": rounds, "labeler_accuracy": acc,
       "samples": sample_table, "notes": notes, "seconds": seconds,
+      "measures": measures, "pm_human": pm_human, **judged,
+      "refusal_validation": {s: refusal.accuracy(refusal.pyrit_rows(s))
+                             for s in refusal.PYRIT_FILES},
       "elo": {"prior": config.elo.prior, "scale": config.elo.scale, "anchor": names[0]
               if names else None},
   }
+  results["claims"] = evidence.claims(
+      results, ppo_metrics(workdir),
+      evidence.latest_pm_eval(paths.calibration_dir(workdir)), seed=config.seed,
+      **config.evidence)
   path = paths.results_file(workdir)
+  evidence.write(os.path.join(out, evidence.EVIDENCE_FILE), results["claims"])
   with open(os.path.join(out, COMPARISONS + ".tmp"), "w") as f:
     for row in pm_rows + judge_rows:
       f.write(json.dumps(row) + "\n")

@@ -48,7 +48,8 @@ def eval_metrics(rewards_E2: np.ndarray, data: TokenizedPairs, num_bins: int
   ece, table = calibration(pred_E, p_E, num_bins)
   out = {"eval_loss": float(nll_E.mean()),
          "eval_accuracy": float(agree_E[decided_E].mean()) if decided_E.any() else float("nan"),
-         "eval_ece": ece, "eval_reward_mean": float(r.mean()),
+         "eval_ece": ece, "eval_decided": int(decided_E.sum()),
+         "eval_correct": int((agree_E & decided_E).sum()), "eval_pairs": int(len(p_E)), "eval_reward_mean": float(r.mean()),
          "eval_reward_std": float(r.std())}
   for name, sel in (("red_team", data.red_team_E), ("helpful", ~data.red_team_E)):
     if (sel & decided_E).any():
