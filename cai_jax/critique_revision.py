@@ -6,6 +6,12 @@ of the latest answer with few-shot examples in context, then for a revision.
 Every intermediate is kept (principle id, critique, revision per round).
 "direct" mode skips the critique (the paper's ablation). Helpfulness prompts
 get the initial answer only: SFT mixes them in to keep the model helpful.
+
+`reviser` (a load spec; "" = the policy itself, as in the paper) writes the
+critiques and revisions of the policy's answers: the Hugging Face CAI recipe
+separates them (Mistral-7B-Instruct revises, base Mistral-7B is fine-tuned),
+and a 135M policy's self-revisions mostly describe the response instead of
+rewriting it.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ class CritiqueReviser:
   def __init__(self, config: ml_collections.ConfigDict, sharder: Sharder):
     self.config = config
     self.model = ChatModel(config.model, sharder, config)
+    reviser = config.get("reviser", "")
+    self.reviser = (ChatModel(reviser, sharder, config) if reviser and reviser != config.model
+                    else self.model)
     self.constitution = load_constitution(config.constitution)
     self.shots = few_shot_turns(self.constitution, config.num_few_shot, config.mode)
 
@@ -80,11 +89,11 @@ class CritiqueReviser:
       reqs = {i: self.constitution.critique_principle(principles[i][r]) for i in red}
       critiques = {i: "" for i in red}
       if c.mode == "critique":
-        texts = self.model.generate(
+        texts = self.reviser.generate(
             [critique_conversation(self.shots, chunk[i].prompt, current[i], reqs[i].critique)
              for i in red], [f"{chunk[i].id}/critique/{r}" for i in red])
         critiques = dict(zip(red, texts))
-      texts = self.model.generate(
+      texts = self.reviser.generate(
           [revision_conversation(self.shots, chunk[i].prompt, current[i],
                                  reqs[i].critique if c.mode == "critique" else None,
                                  critiques[i], reqs[i].revision, c.revision_instruction)

@@ -61,6 +61,28 @@ def test_direct_mode_has_no_critiques(tiny_model_dir, tmp_path):
     assert r.mode == "direct" and all(x.critique == "" for x in r.rounds)
 
 
+def test_a_separate_reviser_writes_critiques_and_revisions(tiny_model_dir, tmp_path):
+  """`reviser`: the policy answers, another model critiques and revises (the HF recipe)."""
+  import jax
+  from cai_jax.checkpoints import hf
+  from cai_jax.checkpoints.load import load_model
+  from cai_jax.model import transformer
+  cfg, _, tok = load_model(tiny_model_dir)
+  other = str(tmp_path / "reviser")
+  hf.save_hf(transformer.init_params(cfg, jax.random.key(7)), cfg, other, tokenizer=tok)
+  _write_prompts(tmp_path / "a", n_red=2, n_help=1)
+  _write_prompts(tmp_path / "b", n_red=2, n_help=1)
+  same = records.read_records(p2_critique_revision.run(_config(tiny_model_dir), str(tmp_path / "a")),
+                              records.CritiqueRevisionRecord)
+  sep = records.read_records(p2_critique_revision.run(_config(tiny_model_dir, reviser=other),
+                                                      str(tmp_path / "b")),
+                             records.CritiqueRevisionRecord)
+  for a, b in zip(same, sep):
+    assert a.initial_response == b.initial_response  # the policy answers in both
+    if a.kind == "red_team":
+      assert [r.revision for r in a.rounds] != [r.revision for r in b.rounds]
+
+
 def test_killed_run_resumes_to_identical_records(tiny_model_dir, tmp_path, monkeypatch):
   full, killed = tmp_path / "full", tmp_path / "killed"
   for d in (full, killed):
