@@ -2,7 +2,8 @@
 
   python -m cai_jax.pipeline --config=configs/pipeline.py:cpu --workdir=runs/cai
 
-Variants: `tiny` (tests), `cpu` (SmolLM2-135M on a laptop), `full`
+Variants: `tiny` (tests), `cpu` (a small CAI experiment with SmolLM2-135M on 2 CPU
+cores), `smoke` (the machinery end to end, fast, shows nothing), `full`
 (accelerators). Override any stage field from the command line, e.g.
 `--config.critique_revision.model=/path/to/hf_dir`.
 """
@@ -27,16 +28,63 @@ def _stage_config(name: str, arg: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   for name in STAGES:
-    c[name] = _stage_config(name, arg)
+    c[name] = _stage_config(name, "cpu" if arg == "smoke" else arg)
   if arg == "cpu":
-    _fit_laptop_budget(c)
+    _small_experiment(c)
+  elif arg == "smoke":
+    _smoke(c)
   return c
 
 
-def _fit_laptop_budget(c: ml_collections.ConfigDict) -> None:
-  """The whole pipeline in about 30 minutes on 2 CPU cores: fewer prompts,
-  shorter answers, a few PPO iterations. Each stage's own `cpu` variant is
-  larger (a standalone run of that stage)."""
+def _small_experiment(c: ml_collections.ConfigDict) -> None:
+  """A small CAI experiment on 2 CPU cores (the README's first command): enough
+  prompts, SFT epochs and PPO iterations to move SmolLM2, and evaluation sets
+  large enough for intervals that mean something. The choices, measured in
+  BENCHMARKS.md ("A run that trains"):
+  - Qwen2.5-Coder-0.5B revises SmolLM2's answers (the HF CAI recipe's split of
+    reviser and policy; SmolLM2's self-revisions describe the response instead
+    of rewriting it), one direct revision (no critique: half the generation);
+  - SFT 3 epochs at lr 1e-4 (2e-5 for 1 epoch did not change the answers);
+  - PPO 12 iterations of 16 rollouts;
+  - stage 8: 32 red-team, 16 helpful and all 48 safe-but-dangerous-sounding prompts.
+  """
+  c.prompts.num_red_team_train = 48
+  c.prompts.num_helpful_train = 24
+  c.prompts.num_red_team_held_out = 32
+  c.prompts.num_helpful_held_out = 16
+  cr = c.critique_revision
+  cr.reviser = "qwen2.5-coder-0.5b-instruct"
+  cr.mode = "direct"
+  cr.num_rounds = 1
+  cr.max_new_tokens = 64
+  c.sft.train.num_epochs = 3
+  c.sft.optim.lr = 1e-4
+  c.sft.optim.warmup_steps = 5
+  c.pairs.max_new_tokens = 48
+  c.preference_model.data.eval_size = 16
+  c.ppo.ppo.iterations = 12
+  c.ppo.rollout.batch_size = 16
+  c.ppo.rollout.max_new_tokens = 32
+  c.ppo.data.max_prompt_len = 256  # keep every stage-1 prompt
+  e = c.evaluation
+  e.num_red_team = 32
+  e.num_helpful = 16
+  e.num_borderline = 0  # all 48
+  e.max_new_tokens = 64
+  e.pm.num_revision_prompts = 48
+  e.pm.num_human_pairs = 64
+  e.judge.validation_rows = (48, 96)
+  # The judge: Qwen2.5-Coder-0.5B, the only cheap bundled model that judges harm
+  # above chance (benchmarks/harm_judge.py: SmolLM2 and Gemma-3-270m AUC < 0.5).
+  # It also revised (stage 2) and labelled (stage 5), so the report marks its
+  # claims as trained-on and leans on the model-free refusal measure.
+  e.judge.model = "qwen2.5-coder-0.5b-instruct"
+  _small_accuracy(c)
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  """The machinery end to end in about 15 minutes on 2 CPU cores (the old `cpu`
+  preset): 24 training prompts, short answers, 3 PPO iterations. Shows nothing."""
   c.prompts.num_red_team_train = 16
   c.prompts.num_helpful_train = 8
   c.prompts.num_red_team_held_out = 8
@@ -50,8 +98,15 @@ def _fit_laptop_budget(c: ml_collections.ConfigDict) -> None:
   c.ppo.data.max_prompt_len = 256  # keep every stage-1 prompt
   c.evaluation.num_red_team = 8
   c.evaluation.num_helpful = 8
+  c.evaluation.num_borderline = 8
   c.evaluation.max_new_tokens = 48
   c.evaluation.pm.num_revision_prompts = 16
+  c.evaluation.pm.num_human_pairs = 16
+  c.evaluation.judge.validation_rows = (16, 32)
+  _small_accuracy(c)
+
+
+def _small_accuracy(c: ml_collections.ConfigDict) -> None:
   # Feedback-model accuracy (Fig. 4 analogue: alone, ensemble, order swap,
   # chain of thought) for the stage-5 model only, on 8 pairs
   # (benchmarks/labeler_accuracy.py measures every setting on 64).

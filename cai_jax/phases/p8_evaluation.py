@@ -57,12 +57,18 @@ def model_specs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, st
 
 
 def used_in_training(config: ml_collections.ConfigDict, workdir: str) -> set[str]:
-  """Model specs that shaped the policies: the initial model and stage 5's feedback models."""
+  """Model specs that shaped the policies: the initial model, stage 2's reviser and
+  stage 5's feedback models."""
+  used = {config.models.initial}
+  p2_config = os.path.join(paths.stage_dir(workdir, paths.CRITIQUE_REVISION), "config.json")
+  if os.path.exists(p2_config):
+    with open(p2_config) as f:
+      used.add(json.load(f).get("reviser") or config.models.initial)
   p5_config = os.path.join(paths.stage_dir(workdir, paths.AI_LABELS), "config.json")
   if os.path.exists(p5_config):
     with open(p5_config) as f:
-      return {config.models.initial, *json.load(f).get("feedback_models", ())}
-  return {config.models.initial, *assets.DEFAULT_FEEDBACK_MODELS}  # stage 5 has not run
+      return used | set(json.load(f).get("feedback_models", ()))
+  return used | set(assets.DEFAULT_FEEDBACK_MODELS)  # stage 5 has not run
 
 
 def stage2_records(workdir: str) -> list[records.CritiqueRevisionRecord]:
