@@ -70,12 +70,17 @@ def main() -> None:
           f" (n={h['auc']['n']}); tune AUC {r['tune']['auc']:.3f} (n={r['tune']['n']});"
           f" {r['s_per_row']:.2f} s/row, load {r['load_s']:.0f} s", flush=True)
     rows.append(r)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+    write(args, rows)  # after every model: a long run stopped early keeps what it measured
+  print(args.out)
+
+
+def write(args, rows) -> None:
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out + ".tmp", "w") as f:
     json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
                platform.machine(), "cpus": os.cpu_count(), "args": vars(args),
                "results": rows}, f, indent=1)
-  print(args.out)
+  os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":
