@@ -14,7 +14,7 @@ from collections.abc import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
-from cai_jax import distributed
+from cai_jax import compilation_cache, distributed
 
 # Errors that mean "the input is wrong", not "the code is wrong".
 INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -29,6 +29,9 @@ def main(run: Callable) -> None:
                                     "host:port of process 0 (explicit multi-process).")
   num_processes = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
   process_id = flags.DEFINE_integer("process_id", None, "This process's index.")
+  cache = flags.DEFINE_string(
+      "compilation_cache", compilation_cache.DEFAULT,
+      "JAX persistent compilation cache directory ('auto': <cache root>/jax; '': off).")
 
   def _main(argv):
     if len(argv) > 1:
@@ -37,6 +40,7 @@ def main(run: Callable) -> None:
       raise app.UsageError("--config is required, e.g. --config=configs/sft.py:cpu")
     distributed.initialize(mode.value, coordinator.value, num_processes.value,
                            process_id.value)
+    compilation_cache.enable(cache.value)
     try:
       result = run(config.value, workdir.value)
     except INPUT_ERRORS as e:

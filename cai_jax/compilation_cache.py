@@ -1,0 +1,35 @@
+"""JAX's persistent compilation cache: a compiled program is written to disk once and
+read back by later stages, reruns and resumed runs instead of being compiled again.
+
+Every binary turns it on (`--compilation_cache`, default `<cache root>/jax`,
+see `assets.cache_root`; "" turns it off). Entries are keyed by the program,
+the backend and the JAX version, so a stale entry is never used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from cai_jax import assets
+
+DEFAULT = "auto"
+
+
+def directory(setting: str = DEFAULT) -> str:
+  """The cache directory for a flag value ("auto": under the cai_jax cache root)."""
+  return os.path.join(assets.cache_root(), "jax") if setting == DEFAULT else setting
+
+
+def enable(setting: str = DEFAULT) -> str:
+  """Turns the cache on (every compile that takes at least 0.2 s); returns its
+  directory, or "" when `setting` is ""."""
+  if not setting:
+    return ""
+  path = directory(setting)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
