@@ -149,3 +149,22 @@ def test_option_scorer_prefix_equals_whole_contexts(mesh_shape):
   assert with_prefix.prefix_cache.num_prefills == 1
   want = OptionScorer(cfg, min_shared_prefix=0, **kw)(params, contexts, ids)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_workdirs_from_before_the_field_resume_with_it_off(tmp_path):
+  """A stage directory whose config.json predates `min_shared_prefix` resumes under
+  min_shared_prefix=0 (what those runs did) and is refused under 64, naming the field."""
+  import json
+
+  import ml_collections
+
+  from cai_jax import records
+  old = ml_collections.ConfigDict({"seed": 0, "model": "m"})
+  (tmp_path / "config.json").write_text(old.to_json())
+  (tmp_path / "shard-00000.jsonl").write_text("")
+  new = ml_collections.ConfigDict({"seed": 0, "model": "m", "min_shared_prefix": 0})
+  records.check_same_config(str(tmp_path), new)
+  assert "min_shared_prefix" not in json.loads((tmp_path / "config.json").read_text())
+  new.min_shared_prefix = 64
+  with pytest.raises(ValueError, match=r"min_shared_prefix.*min_shared_prefix=0"):
+    records.check_same_config(str(tmp_path), new)
