@@ -61,11 +61,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (medians reported).
 _MIN = flags.DEFINE_integer("min_shared_prefix", 64, "The prefix variants' threshold.")
 _OUT = flags.DEFINE_string("out", None, "Write results JSON here.")
 
-def _timed(fn):
-  t = time.perf_counter()
-  out = fn()
-  return time.perf_counter() - t, out
-
 
 def _ab(plain, prefix, clear, repeats: int) -> tuple[dict, dict]:
   """First calls (compile included), one cold prefix call, then `repeats` alternating
@@ -111,7 +106,6 @@ def _stage2(cfg, params, tok, pairs, repeats: int) -> dict:
   kw = dict(max_new_tokens=_NEW.value, stop_ids=(), pad_id=tok.pad_id)
   plain = Sampler(cfg, min_shared_prefix=0, **kw)
   shared = Sampler(cfg, min_shared_prefix=_MIN.value, **kw)
-
   prefills = shared.prefix_cache.num_prefills
   rows, outs = _ab(lambda: plain.generate(params, prompts, keys, sampling),
                    lambda: shared.generate(params, prompts, keys, sampling),
