@@ -118,6 +118,11 @@ def from_dict(cls: type[R], d: dict) -> R:
   return cls(**kwargs)
 
 
+# Config fields added after records were first written, with the value that does what
+# runs before the field did: a saved config without the field compares as that value.
+ADDED_CONFIG_FIELDS = {"min_shared_prefix": 0, "reviser": ""}
+
+
 def check_same_config(directory: str, config: Any) -> None:
   """Records the config of a phase output; refuses to resume under another one.
 
@@ -133,11 +138,15 @@ def check_same_config(directory: str, config: Any) -> None:
   if existed:
     with open(path) as f:
       previous = json.load(f)
+    added = {k: v for k, v in ADDED_CONFIG_FIELDS.items() if k in current and k not in previous}
+    previous = {**added, **previous}
     if previous != current:
       changed = sorted(k for k in set(previous) | set(current)
                        if previous.get(k) != current.get(k))
+      older = "".join(f"; it was made before `{k}` existed, i.e. with {k}={added[k]!r}"
+                      for k in changed if k in added)
       raise ValueError(
-          f"{directory}: holds records made with a different config (fields {changed});"
+          f"{directory}: holds records made with a different config (fields {changed}{older});"
           " rerun with the same config to resume, or delete the directory to start over")
     return
   if distributed.is_leader():

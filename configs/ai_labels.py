@@ -43,6 +43,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.max_response_tokens = 256  # each response cut to this many tokens (0: never)
   c.batch_size = 8
   c.shard_size = 64
+  # Leading tokens shared by a batch's prompts (the few-shot examples) are
+  # prefilled once at batch 1 when there are at least this many (0: never).
+  c.min_shared_prefix = 64
   if arg == "cpu":
     c.shard_size = 16
   elif arg == "tiny":

@@ -32,6 +32,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.max_prompt_tokens = 1536
   c.shard_size = 64
   c.sampling = dict(temperature=0.7, top_k=0, top_p=0.9)
+  # Leading tokens shared by a batch's prompts (the few-shot examples) are
+  # prefilled once at batch 1 when there are at least this many (0: never).
+  c.min_shared_prefix = 64
   if arg == "cpu":
     c.num_rounds = 2
     c.num_few_shot = 1

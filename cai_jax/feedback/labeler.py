@@ -31,6 +31,7 @@ from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder, sharder_from_config
 from cai_jax.records import LabelRecord, ResponsePair
 from cai_jax.sampling.chat import keys_for
+from cai_jax.sampling.prefix import DEFAULT_MIN_SHARED_PREFIX
 from cai_jax.sampling.sampler import DEFAULT_LENGTH_BUCKETS, Sampler, SamplingParams
 from cai_jax.text.tokenizer import Tokenizer
 
@@ -57,6 +58,9 @@ class LabelerSettings:
   max_response_tokens: int = 256  # each response cut to this many tokens; 0: no cut
   batch_size: int = 8
   length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS
+  # Leading tokens shared by a batch's prompts (few-shot examples) are prefilled once
+  # when there are at least this many; 0: never.
+  min_shared_prefix: int = DEFAULT_MIN_SHARED_PREFIX
   seed: int = 0
 
   def __post_init__(self):
@@ -76,6 +80,8 @@ class LabelerSettings:
     if self.mode == "pointwise" and self.chain_of_thought:
       raise ValueError("chain_of_thought applies to multiple_choice mode only")
     labels.clamp_margins(0.0, *self.cot_clamp)  # validates the range
+    if self.min_shared_prefix < 0:
+      raise ValueError(f"min_shared_prefix must be >= 0, got {self.min_shared_prefix}")
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> "LabelerSettings":
@@ -165,11 +171,13 @@ class Labeler:
       self.examples = prompts.few_shot_examples(constitution, s.num_few_shot,
                                                 s.chain_of_thought)
     self.scorers = [OptionScorer(m.cfg, pad_id=m.tok.pad_id, batch_size=s.batch_size,
-                                 sharder=m.sharder, length_buckets=s.length_buckets)
+                                 sharder=m.sharder, length_buckets=s.length_buckets,
+                                 min_shared_prefix=s.min_shared_prefix)
                     for m in self.models]
     self.samplers = [Sampler(m.cfg, max_new_tokens=s.cot_max_new_tokens,
                              stop_ids=m.cfg.eos_token_ids, pad_id=m.tok.pad_id,
-                             sharder=m.sharder, length_buckets=s.length_buckets)
+                             sharder=m.sharder, length_buckets=s.length_buckets,
+                             min_shared_prefix=s.min_shared_prefix)
                      if s.chain_of_thought else None for m in self.models]
 
   @classmethod

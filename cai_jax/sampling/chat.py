@@ -17,6 +17,7 @@ import numpy as np
 
 from cai_jax.model.sharding import Sharder
 
+from cai_jax.sampling.prefix import DEFAULT_MIN_SHARED_PREFIX
 from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
 from cai_jax.text.chat import Message, generation_ids
 from cai_jax.text.tokenizer import Tokenizer
@@ -67,7 +68,8 @@ class ChatModel:
   """A model answering conversations: loaded once, one sampler, a key per named sequence.
 
   Built from a generation stage's config (`dtype`, `decode_layers`,
-  `max_new_tokens`, `max_prompt_tokens`, `sampling`, `seed`).
+  `max_new_tokens`, `max_prompt_tokens`, `sampling`, `seed`, optionally
+  `min_shared_prefix`: see `Sampler`).
   """
 
   def __init__(self, spec: str, sharder: Sharder, config: ml_collections.ConfigDict):
@@ -77,9 +79,10 @@ class ChatModel:
                                                  decode_layers=config.decode_layers)
     logging.info("loaded %s: %s, %.1fM params on %d device(s)", spec, self.cfg.family,
                  self.cfg.num_params() / 1e6, len(jax.devices()))
-    self.sampler = Sampler(self.cfg, max_new_tokens=config.max_new_tokens,
-                           stop_ids=self.cfg.eos_token_ids, pad_id=self.tok.pad_id,
-                           sharder=sharder)
+    self.sampler = Sampler(
+        self.cfg, max_new_tokens=config.max_new_tokens, stop_ids=self.cfg.eos_token_ids,
+        pad_id=self.tok.pad_id, sharder=sharder,
+        min_shared_prefix=config.get("min_shared_prefix", DEFAULT_MIN_SHARED_PREFIX))
     self.sampling = sampling_from_config(config.sampling)
 
   def generate(self, conversations: Sequence[Sequence[Message]], names: Sequence[str]

@@ -2,8 +2,10 @@
 
 Prompts are left-padded to a length bucket and the batch to a size bucket, so
 a new batch of prompts does not recompile. Every sequence has its own PRNG
-key; the key of decode step t is `fold_in(key, t)`, so what a sequence samples
-does not depend on its batch-mates or on the batch size.
+key; the key of decode step t is `fold_in(key, t)`, so the random numbers a
+sequence draws do not depend on its batch-mates or on the batch size (its
+logits can, at float rounding: padding and the shared prefix below). Shards
+have a fixed composition, so reruns and resumed runs are bit-identical.
 
 The decode loop runs the layers unrolled over per-layer copies of the weights
 and cache (`cfg.decode_layers`, default "unrolled"): under a layer scan XLA
@@ -11,6 +13,12 @@ copies the slice of every weight and of the cache that each layer reads, on
 every decode step, which took about half of a decode step on the CPU and on an
 H100. The per-layer copies, made once per `sample` call, cost one more set of
 layer weights in memory; "scan" avoids that.
+
+A prefix that every prompt of a call starts with (few-shot examples) is
+prefilled once at batch 1 and broadcast to the rows, and only the rest of
+each prompt is prefilled per row (`sample_after_prefix`, `sampling/prefix.py`).
+The result is the one of prefilling whole prompts up to float summation
+order, as it already was for the padding a longer batch-mate brings.
 
 Returned log-probs are of the sampled token under softmax(logits / temperature)
 before top-k/top-p filtering (softmax(logits) for greedy): the behaviour
@@ -33,6 +41,7 @@ from cai_jax import distributed
 from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder, constrain
+from cai_jax.sampling import prefix as prefix_lib
 from cai_jax.text.padding import batch_bucket, bucket, left_pad
 
 # Steps of 1.5x above 256 tokens: long few-shot prompts (critique/revision,
@@ -130,29 +139,66 @@ def sample(params, prompt_BT: jax.Array, prompt_mask_BT: jax.Array, keys_B: jax.
 
   The prefill runs the layer scan; the decode loop follows `cfg.decode_layers`.
   """
-  unroll = cfg.decode_layers == "unrolled"
   B, T = prompt_BT.shape
-  M = max_new_tokens
-  stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-
   # Unrolled: the prefill fills a cache of exactly T slots, extended per layer
   # afterwards (cheaper than slicing a full stacked cache into layers).
-  cache = transformer.init_cache(cfg, B, T if unroll else T + M)
-  if sharder is not None:
-    cache = jax.tree.map(lambda x, a: sharder.constrain(x, a), cache,
-                         transformer.cache_axes(), is_leaf=lambda x: isinstance(x, jax.Array))
+  unroll = cfg.decode_layers == "unrolled"
+  cache = prefix_lib.constrain_cache(
+      transformer.init_cache(cfg, B, T if unroll else T + max_new_tokens), sharder)
   positions_BT = jnp.cumsum(prompt_mask_BT.astype(jnp.int32), axis=1) - 1
   hidden_BTD, cache = transformer.hidden_states(
       params, prompt_BT, cfg, mask_BT=prompt_mask_BT, positions_BT=positions_BT,
       cache=cache, sharder=sharder)
+  return _decode(params, cache, hidden_BTD[:, -1], positions_BT[:, -1] + 1, keys_B, cfg=cfg,
+                 sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                 pad_id=pad_id, sharder=sharder)
+
+
+def sample_after_prefix(params, prefix_cache: transformer.Cache, suffix_BT: jax.Array,
+                        suffix_mask_BT: jax.Array, keys_B: jax.Array, *, cfg: ModelConfig,
+                        sampling: SamplingParams, max_new_tokens: int,
+                        stop_ids: tuple[int, ...], pad_id: int,
+                        sharder: Sharder | None = None) -> SampleOutput:
+  """`sample` of prompts = one shared prefix + left-padded suffixes. Pure; jit it.
+
+  `prefix_cache`: the prefix's batch-1 stacked cache (`prefix.prefill`),
+  broadcast to the B rows; the suffixes are prefilled after it at positions
+  continuing from the prefix's real length (see `sampling/prefix.py`).
+  """
+  B, T = suffix_BT.shape
+  unroll = cfg.decode_layers == "unrolled"
+  cache = prefix_lib.broadcast_cache(prefix_cache, B, T if unroll else T + max_new_tokens,
+                                     sharder)
+  positions_BT = prefix_lib.suffix_positions(prefix_cache, suffix_mask_BT)
+  hidden_BTD, cache = transformer.hidden_states(
+      params, suffix_BT, cfg, mask_BT=suffix_mask_BT, positions_BT=positions_BT,
+      cache=cache, sharder=sharder)
+  return _decode(params, cache, hidden_BTD[:, -1], positions_BT[:, -1] + 1, keys_B, cfg=cfg,
+                 sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                 pad_id=pad_id, sharder=sharder)
+
+
+def _decode(params, cache: transformer.Cache, last_hidden_BD: jax.Array,
+            positions_B: jax.Array, keys_B: jax.Array, *, cfg: ModelConfig,
+            sampling: SamplingParams, max_new_tokens: int, stop_ids: tuple[int, ...],
+            pad_id: int, sharder: Sharder | None) -> SampleOutput:
+  """The first token from the prefill's last hidden state, then the decode loop.
+
+  `cache`: stacked, after the prefill; for "unrolled" it holds just the
+  prefilled slots (grown by M here), for "scan" M empty slots already.
+  `positions_B`: the position of each row's first new token.
+  """
+  B = last_hidden_BD.shape[0]
+  M = max_new_tokens
+  stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
   # Left padding: the last column is every row's last prompt token.
-  logits_BV = transformer.logits_from_hidden(params, hidden_BTD[:, -1], cfg)
+  logits_BV = transformer.logits_from_hidden(params, last_hidden_BD, cfg)
   logits_BV = constrain(sharder, logits_BV, ("batch", "vocab"))
   first_B, first_logp_B = _pick(logits_BV, keys_B, jnp.zeros((), jnp.int32), sampling)
   done_B = jnp.isin(first_B, stop)
-  if unroll:
+  if cfg.decode_layers == "unrolled":
     params = transformer.unstack_layers(params)
-    cache = transformer.unstack_cache(cache, length=T + M)
+    cache = transformer.unstack_cache(cache, length=cache["pos"].shape[1] + M)
 
   state = SamplingState(
       step=jnp.ones((), jnp.int32),
@@ -160,7 +206,7 @@ def sample(params, prompt_BT: jax.Array, prompt_mask_BT: jax.Array, keys_B: jax.
       tokens_BM=jnp.full((B, M), pad_id, jnp.int32).at[:, 0].set(first_B),
       logprobs_BM=jnp.zeros((B, M), jnp.float32).at[:, 0].set(first_logp_B),
       lengths_B=jnp.ones((B,), jnp.int32),
-      positions_B=jnp.sum(prompt_mask_BT, axis=1).astype(jnp.int32),
+      positions_B=positions_B.astype(jnp.int32),
       cache=cache,
       keys_B=keys_B)
 
@@ -199,6 +245,12 @@ def sequence_keys(seed: int | jax.Array, sequence_ids: Sequence[int]) -> jax.Arr
 
 
 _TRACES: collections.Counter = collections.Counter()
+_PREFIX_TRACES: collections.Counter = collections.Counter()
+
+
+def _out_shardings(sharder: Sharder) -> SampleOutput:
+  batch2 = sharder.sharding(("batch", None))
+  return SampleOutput(tokens=batch2, logprobs=batch2, lengths=sharder.sharding(("batch",)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -217,10 +269,30 @@ def _compiled_sample(cfg: ModelConfig, sampling: SamplingParams, max_new_tokens:
   if sharder is None:
     return jax.jit(traced)
   batch2 = sharder.sharding(("batch", None))
-  batch1 = sharder.sharding(("batch",))
-  out = SampleOutput(tokens=batch2, logprobs=batch2, lengths=batch1)
   return jax.jit(traced, in_shardings=(transformer.param_shardings(cfg, sharder), batch2,
-                                       batch2, batch2), out_shardings=out)
+                                       batch2, batch2), out_shardings=_out_shardings(sharder))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_sample_after_prefix(cfg: ModelConfig, sampling: SamplingParams,
+                                  max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int,
+                                  sharder: Sharder | None):
+  """One jitted `sample_after_prefix` per static setting, shared by every Sampler."""
+  key = (cfg, sampling, max_new_tokens, stop_ids, pad_id, sharder)
+
+  def traced(params, prefix_cache, suffix, mask, key_data):
+    _PREFIX_TRACES[key] += 1
+    keys = jax.random.wrap_key_data(key_data)
+    return sample_after_prefix(params, prefix_cache, suffix, mask, keys, cfg=cfg,
+                               sampling=sampling, max_new_tokens=max_new_tokens,
+                               stop_ids=stop_ids, pad_id=pad_id, sharder=sharder)
+
+  if sharder is None:
+    return jax.jit(traced)
+  batch2 = sharder.sharding(("batch", None))
+  # The prefix cache keeps the sharding `prefix.prefill` gave it (None: as passed).
+  return jax.jit(traced, in_shardings=(transformer.param_shardings(cfg, sharder), None, batch2,
+                                       batch2, batch2), out_shardings=_out_shardings(sharder))
 
 
 class Sampler:
@@ -228,17 +300,27 @@ class Sampler:
 
   Compiled functions are cached per (model config, sampling, lengths, stop
   ids, mesh), so a new Sampler for the same model does not recompile.
+
+  When the prompts of a call share at least `min_shared_prefix` leading
+  tokens (0 or None: never), those are prefilled once at batch 1 and only
+  the rest of each prompt per row (`sampling/prefix.py`); the last shared
+  prefix's cache is kept for the next call with the same prefix and params.
   """
 
   def __init__(self, cfg: ModelConfig, *, max_new_tokens: int, stop_ids: Sequence[int],
                pad_id: int, sharder: Sharder | None = None,
-               length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS):
+               length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+               min_shared_prefix: int | None = prefix_lib.DEFAULT_MIN_SHARED_PREFIX):
+    if min_shared_prefix is not None and min_shared_prefix < 0:
+      raise ValueError(f"min_shared_prefix must be >= 0 or None, got {min_shared_prefix}")
     self.cfg = cfg
     self.max_new_tokens = max_new_tokens
     self.stop_ids = tuple(int(i) for i in stop_ids)
     self.pad_id = int(pad_id)
     self.sharder = sharder
     self.length_buckets = tuple(length_buckets)
+    self.min_shared_prefix = min_shared_prefix
+    self.prefix_cache = prefix_lib.PrefixCache(cfg, pad_id=pad_id, sharder=sharder)
 
   def _key(self, sampling: SamplingParams):
     return (self.cfg, sampling, self.max_new_tokens, self.stop_ids, self.pad_id, self.sharder)
@@ -246,6 +328,10 @@ class Sampler:
   def num_traces(self, sampling: SamplingParams = SamplingParams()) -> int:
     """How often `sample` was traced for this setting (tests prove no recompiles)."""
     return _TRACES[self._key(sampling)]
+
+  def num_prefix_traces(self, sampling: SamplingParams = SamplingParams()) -> int:
+    """How often `sample_after_prefix` was traced for this setting."""
+    return _PREFIX_TRACES[self._key(sampling)]
 
   def batch_multiple(self) -> int:
     return 1 if self.sharder is None else self.sharder.batch_shards
@@ -266,20 +352,35 @@ class Sampler:
     if longest > room:
       raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {self.max_new_tokens}"
                        f" exceeds the model's max_seq_len {self.cfg.max_seq_len}")
-    T = min(bucket(longest, self.length_buckets), room)
     B = batch_bucket(n, self.batch_multiple())
-    prompt, mask = left_pad(prompts, T, self.pad_id, num_rows=B)
     keys = jnp.asarray(keys)
     if keys.shape[0] != n:
       raise ValueError(f"got {keys.shape[0]} keys for {n} prompts")
     if B > n:
       keys = jnp.concatenate([keys, jnp.repeat(keys[:1], B - n, axis=0)])
     key_data = np.asarray(jax.random.key_data(keys))
-    if self.sharder is not None:  # global arrays, so several hosts can share a batch
-      batch2 = self.sharder.sharding(("batch", None))
-      prompt, mask, key_data = (distributed.to_global(x, batch2)
-                                for x in (prompt, mask, key_data))
-    out = _compiled_sample(*self._key(sampling))(params, prompt, mask, key_data)
+    batch2 = None if self.sharder is None else self.sharder.sharding(("batch", None))
+
+    shared = prefix_lib.shared_prefix_length(prompts, self.min_shared_prefix)
+    if shared:
+      P = bucket(shared, self.length_buckets)
+      T = bucket(longest - shared, self.length_buckets)
+      shared = shared if P + T <= room else 0  # else: the whole prompts, as below
+    if shared:
+      prefix_cache = self.prefix_cache.get(params, prompts[0][:shared], P)
+      suffix, mask = left_pad([p[shared:] for p in prompts], T, self.pad_id, num_rows=B)
+      if batch2 is not None:  # global arrays, so several hosts can share a batch
+        suffix, mask, key_data = (distributed.to_global(x, batch2)
+                                  for x in (suffix, mask, key_data))
+      out = _compiled_sample_after_prefix(*self._key(sampling))(
+          params, prefix_cache, suffix, mask, key_data)
+    else:
+      T = min(bucket(longest, self.length_buckets), room)
+      prompt, mask = left_pad(prompts, T, self.pad_id, num_rows=B)
+      if batch2 is not None:
+        prompt, mask, key_data = (distributed.to_global(x, batch2)
+                                  for x in (prompt, mask, key_data))
+      out = _compiled_sample(*self._key(sampling))(params, prompt, mask, key_data)
     return SampleOutput(tokens=distributed.to_host(out.tokens)[:n],
                         logprobs=distributed.to_host(out.logprobs)[:n],
                         lengths=distributed.to_host(out.lengths)[:n])
