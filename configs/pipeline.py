@@ -60,12 +60,8 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   c.sft.train.num_epochs = 3
   c.sft.optim.lr = 1e-4
   c.sft.optim.warmup_steps = 5
-  c.pairs.max_new_tokens = 48
   c.preference_model.data.eval_size = 16
   c.ppo.ppo.iterations = 12
-  c.ppo.rollout.batch_size = 16
-  c.ppo.rollout.max_new_tokens = 32
-  c.ppo.data.max_prompt_len = 256  # keep every stage-1 prompt
   e = c.evaluation
   e.num_red_team = 32
   e.num_helpful = 16
@@ -75,11 +71,12 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   e.pm.num_human_pairs = 64
   e.judge.validation_rows = (48, 96)
   # The judge: Qwen2.5-Coder-0.5B, the only cheap bundled model that judges harm
-  # above chance (benchmarks/harm_judge.py: SmolLM2 and Gemma-3-270m AUC < 0.5).
+  # above chance (benchmarks/harm_judge.py: SmolLM2 and Gemma-3-270m are at chance;
+  # Qwen's AUC on these rows is what stage 8's judge validation reports).
   # It also revised (stage 2) and labelled (stage 5), so the report marks its
   # claims as trained-on and leans on the model-free refusal measure.
   e.judge.model = "qwen2.5-coder-0.5b-instruct"
-  _small_accuracy(c)
+  _small_common(c)
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
@@ -90,12 +87,8 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
   c.prompts.num_red_team_held_out = 8
   c.prompts.num_helpful_held_out = 8
   c.critique_revision.max_new_tokens = 48
-  c.pairs.max_new_tokens = 48
   c.preference_model.data.eval_size = 4
   c.ppo.ppo.iterations = 3
-  c.ppo.rollout.batch_size = 16
-  c.ppo.rollout.max_new_tokens = 32
-  c.ppo.data.max_prompt_len = 256  # keep every stage-1 prompt
   c.evaluation.num_red_team = 8
   c.evaluation.num_helpful = 8
   c.evaluation.num_borderline = 8
@@ -103,10 +96,16 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
   c.evaluation.pm.num_revision_prompts = 16
   c.evaluation.pm.num_human_pairs = 16
   c.evaluation.judge.validation_rows = (16, 32)
-  _small_accuracy(c)
+  _small_common(c)
 
 
-def _small_accuracy(c: ml_collections.ConfigDict) -> None:
+def _small_common(c: ml_collections.ConfigDict) -> None:
+  """What the two CPU presets share: short pair samples and PPO rollouts, and the
+  feedback-model accuracy runs (Fig. 4 analogue) for the stage-5 model only."""
+  c.pairs.max_new_tokens = 48
+  c.ppo.rollout.batch_size = 16
+  c.ppo.rollout.max_new_tokens = 32
+  c.ppo.data.max_prompt_len = 256  # keep every stage-1 prompt
   # Feedback-model accuracy (Fig. 4 analogue: alone, ensemble, order swap,
   # chain of thought) for the stage-5 model only, on 8 pairs
   # (benchmarks/labeler_accuracy.py measures every setting on 64).

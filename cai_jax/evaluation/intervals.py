@@ -72,6 +72,14 @@ def rate(flags: Sequence[bool]) -> Estimate:
   return wilson(sum(flags), len(flags))
 
 
+def _resampled(n: int, statistic: Callable[[np.ndarray], float], seed: int,
+               resamples: int) -> tuple[float, float]:
+  """Percentile 95% interval of statistic(indices) over `resamples` draws of n indices."""
+  rng = np.random.default_rng(seed)
+  return _percentile(np.asarray([statistic(rng.integers(0, n, size=n))
+                                 for _ in range(resamples)], float))
+
+
 def _percentile(values: np.ndarray) -> tuple[float, float]:
   values = values[np.isfinite(values)]
   if values.size == 0:
@@ -84,14 +92,10 @@ def bootstrap(values: Sequence[float] | np.ndarray, statistic: Callable[[np.ndar
               *, seed: int = 0, resamples: int = DEFAULT_RESAMPLES) -> Estimate:
   """statistic(values) with a percentile interval over resampled prompts."""
   x = np.asarray(values, float)
-  n = len(x)
-  if n == 0:
+  if len(x) == 0:
     return Estimate(NAN, NAN, NAN, 0)
-  rng = np.random.default_rng(seed)
-  idx = rng.integers(0, n, size=(resamples, n))
-  stats = np.asarray([statistic(x[i]) for i in idx]) if statistic is not np.mean else x[idx].mean(1)
-  lo, hi = _percentile(stats)
-  return Estimate(float(statistic(x)), lo, hi, n)
+  lo, hi = _resampled(len(x), lambda i: statistic(x[i]), seed, resamples)
+  return Estimate(float(statistic(x)), lo, hi, len(x))
 
 
 def paired(a: Sequence[float], b: Sequence[float], *, seed: int = 0,
@@ -134,16 +138,11 @@ def bootstrap_games(games: Sequence[tuple[Hashable, Any]],
   for pid, g in games:
     by_prompt.setdefault(pid, []).append(g)
   clusters = list(by_prompt.values())
-  n = len(clusters)
-  if n == 0:
+  if not clusters:
     return Estimate(NAN, NAN, NAN, 0)
-  rng = np.random.default_rng(seed)
-  stats = []
-  for _ in range(resamples):
-    pick = rng.integers(0, n, size=n)
-    stats.append(statistic([g for k in pick for g in clusters[k]]))
-  lo, hi = _percentile(np.asarray(stats, float))
-  return Estimate(float(statistic([g for c in clusters for g in c])), lo, hi, n)
+  pooled = lambda ks: statistic([g for k in ks for g in clusters[k]])
+  lo, hi = _resampled(len(clusters), pooled, seed, resamples)
+  return Estimate(float(pooled(range(len(clusters)))), lo, hi, len(clusters))
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
@@ -160,13 +159,7 @@ def auc_interval(scores: Sequence[float], labels: Sequence[int], *, seed: int = 
                  resamples: int = DEFAULT_RESAMPLES) -> Estimate:
   """ROC-AUC with a bootstrap interval over rows."""
   s, y = np.asarray(scores, float), np.asarray(labels, int)
-  n = len(s)
-  if n == 0:
+  if len(s) == 0:
     return Estimate(NAN, NAN, NAN, 0)
-  rng = np.random.default_rng(seed)
-  stats = []
-  for _ in range(resamples):
-    i = rng.integers(0, n, size=n)
-    stats.append(roc_auc(s[i], y[i]))
-  lo, hi = _percentile(np.asarray(stats))
-  return Estimate(roc_auc(s, y), lo, hi, n)
+  lo, hi = _resampled(len(s), lambda i: roc_auc(s[i], y[i]), seed, resamples)
+  return Estimate(roc_auc(s, y), lo, hi, len(s))

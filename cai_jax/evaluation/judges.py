@@ -19,6 +19,7 @@ from cai_jax.evaluation.answers import AnswerRecord, spec_exists
 from cai_jax.evaluation.elo import pairwise_summary
 from cai_jax.evaluation import harm_judge
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings
+from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.feedback.prompts import OptionTokenError
 from cai_jax.model.sharding import Sharder
 from cai_jax.preference.scorer import Scorer
@@ -109,6 +110,15 @@ def pm_comparisons(config: ml_collections.ConfigDict, scorer: Scorer,
         n: float(np.mean([v for pid, v in reward[n].items() if answers[n][pid].kind == kind]))
         if any(answers[n][pid].kind == kind for pid in reward[n]) else None for n in names}
   return comparisons, rows
+
+
+def pm_human_accuracy(scorer: Scorer, num_pairs: int, seed: int) -> dict[str, int]:
+  """How often the PM prefers the less harmful response of PyRIT's human-scored pairs."""
+  pairs, a_better = pyrit_pairs(num_pairs, seed)
+  prompts = [p.prompt for p in pairs]
+  d = (scorer.score_texts(prompts, [p.response_a for p in pairs])
+       - scorer.score_texts(prompts, [p.response_b for p in pairs]))
+  return {"n": len(pairs), "correct": int(np.sum((d > 0) == (a_better > 0.5)))}
 
 
 def revision_round_scores(recs: Sequence[records.CritiqueRevisionRecord],

@@ -39,7 +39,6 @@ from cai_jax.evaluation import answers as ans
 from cai_jax.evaluation import evidence, judges, refusal
 from cai_jax.evaluation.labeler_accuracy import labeler_accuracy
 from cai_jax.feedback import FeedbackModel
-from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, generation, paths
 from cai_jax.preference import saved
@@ -93,13 +92,8 @@ def run_pm(config, workdir, sharder, answers, names, notes):
   scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
                   max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
   comparisons, rows = judges.pm_comparisons(config, scorer, answers, names)
-  human: dict[str, Any] = {"missing": "disabled (pm.num_human_pairs=0)"}
-  if config.pm.num_human_pairs:
-    pairs, a_better = pyrit_pairs(config.pm.num_human_pairs, config.seed)
-    prompts_ = [p.prompt for p in pairs]
-    d = (scorer.score_texts(prompts_, [p.response_a for p in pairs])
-         - scorer.score_texts(prompts_, [p.response_b for p in pairs]))
-    human = {"n": len(pairs), "correct": int(np.sum((d > 0) == (a_better > 0.5)))}
+  human = (judges.pm_human_accuracy(scorer, config.pm.num_human_pairs, config.seed)
+           if config.pm.num_human_pairs else {"missing": "disabled (pm.num_human_pairs=0)"})
   recs = [r for r in stage2_records(workdir) if r.rounds]
   recs = recs[:config.pm.num_revision_prompts] if config.pm.num_revision_prompts else recs
   rounds = (judges.revision_round_scores(recs, scorer.score_texts) if recs else

@@ -146,12 +146,9 @@ def sample(params, prompt_BT: jax.Array, prompt_mask_BT: jax.Array, keys_B: jax.
   cache = prefix_lib.constrain_cache(
       transformer.init_cache(cfg, B, T if unroll else T + max_new_tokens), sharder)
   positions_BT = jnp.cumsum(prompt_mask_BT.astype(jnp.int32), axis=1) - 1
-  hidden_BTD, cache = transformer.hidden_states(
-      params, prompt_BT, cfg, mask_BT=prompt_mask_BT, positions_BT=positions_BT,
-      cache=cache, sharder=sharder)
-  return _decode(params, cache, hidden_BTD[:, -1], positions_BT[:, -1] + 1, keys_B, cfg=cfg,
-                 sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                 pad_id=pad_id, sharder=sharder)
+  return _prefill_and_decode(params, cache, prompt_BT, prompt_mask_BT, positions_BT, keys_B, cfg=cfg,
+                             sampling=sampling, max_new_tokens=max_new_tokens,
+                             stop_ids=stop_ids, pad_id=pad_id, sharder=sharder)
 
 
 def sample_after_prefix(params, prefix_cache: transformer.Cache, suffix_BT: jax.Array,
@@ -170,12 +167,19 @@ def sample_after_prefix(params, prefix_cache: transformer.Cache, suffix_BT: jax.
   cache = prefix_lib.broadcast_cache(prefix_cache, B, T if unroll else T + max_new_tokens,
                                      sharder)
   positions_BT = prefix_lib.suffix_positions(prefix_cache, suffix_mask_BT)
+  return _prefill_and_decode(params, cache, suffix_BT, suffix_mask_BT, positions_BT, keys_B, cfg=cfg,
+                             sampling=sampling, max_new_tokens=max_new_tokens,
+                             stop_ids=stop_ids, pad_id=pad_id, sharder=sharder)
+
+
+def _prefill_and_decode(params, cache: transformer.Cache, tokens_BT: jax.Array,
+                        mask_BT: jax.Array, positions_BT: jax.Array, keys_B: jax.Array,
+                        **decode_kw) -> SampleOutput:
+  """Prefill left-padded tokens at the cache's index, then `_decode` from the last column."""
   hidden_BTD, cache = transformer.hidden_states(
-      params, suffix_BT, cfg, mask_BT=suffix_mask_BT, positions_BT=positions_BT,
-      cache=cache, sharder=sharder)
-  return _decode(params, cache, hidden_BTD[:, -1], positions_BT[:, -1] + 1, keys_B, cfg=cfg,
-                 sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                 pad_id=pad_id, sharder=sharder)
+      params, tokens_BT, decode_kw["cfg"], mask_BT=mask_BT, positions_BT=positions_BT,
+      cache=cache, sharder=decode_kw["sharder"])
+  return _decode(params, cache, hidden_BTD[:, -1], positions_BT[:, -1] + 1, keys_B, **decode_kw)
 
 
 def _decode(params, cache: transformer.Cache, last_hidden_BD: jax.Array,
