@@ -22,14 +22,15 @@ def directory(setting: str = DEFAULT) -> str:
   return os.path.join(assets.cache_root(), "jax") if setting == DEFAULT else setting
 
 
-def enable(setting: str = DEFAULT) -> str:
-  """Turns the cache on (every compile that takes at least 0.2 s); returns its
+def enable(setting: str = DEFAULT, min_compile_secs: float = 0.2) -> str:
+  """Turns the cache on for every compile that takes at least `min_compile_secs`
+  (cheaper programs are faster to compile than to read back); returns its
   directory, or "" when `setting` is ""."""
   if not setting:
     return ""
   path = directory(setting)
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path

@@ -361,7 +361,7 @@ def test_missing_asset_names_pip_command(monkeypatch):
 def test_asset_table():
   assert assets.DEFAULT_ASSET == "smollm2-135m-instruct"
   assert set(assets.ASSETS) == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct",
-                                "gemma3-270m"}
+                                "qwen2.5-coder-1.5b-instruct", "gemma3-270m"}
   qwen = assets.get_asset("qwen2.5-coder-0.5b-instruct")
   assert qwen.system_prompt == "You are a helpful assistant."
   assert "no license metadata" in qwen.license
