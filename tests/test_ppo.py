@@ -116,6 +116,14 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
   assert ppo.adaptive_kl_coef(0.1, kl=6.0, target=6.0, horizon=100, n_steps=10) == 0.1
 
 
+def test_prompt_width_is_the_longest_prompt_rounded_up():
+  from cai_jax.data.rollout_prompts import PromptSet
+  ps = PromptSet(["a", "b"], [[1] * 20, [1] * 33])
+  assert ps.width(128) == 48  # 33 rounded up to 16
+  assert ps.width(40) == 40  # never above the allowed maximum
+  assert PromptSet(["a"], [[1] * 32]).width(128) == 32
+
+
 # --- The phase on a tiny model ---------------------------------------------------------------
 
 

@@ -18,6 +18,13 @@ class PromptSet:
   texts: list[str]
   ids: list[list[int]]  # chat-rendered generation prompts
 
+  def width(self, max_prompt_len: int, multiple: int = 16) -> int:
+    """The rollout's prompt width: the longest prompt rounded up to `multiple`, at most
+    `max_prompt_len` (a set of short prompts is not padded to the longest allowed one:
+    every PPO pass costs tokens of width + response)."""
+    longest = max((len(ids) for ids in self.ids), default=1)
+    return min(max_prompt_len, -(-longest // multiple) * multiple)
+
   def fingerprint(self) -> str:
     h = hashlib.sha256()
     for ids in self.ids:
