@@ -120,7 +120,11 @@ def from_dict(cls: type[R], d: dict) -> R:
 
 # Config fields added after records were first written, with the value that does what
 # runs before the field did: a saved config without the field compares as that value.
-ADDED_CONFIG_FIELDS = {"min_shared_prefix": 0, "reviser": ""}
+ADDED_CONFIG_FIELDS = {"reviser": ""}
+# Fields that change how fast records are made, never what they hold (the shared-prefix
+# KV cache gives the same tokens, tests/test_prefix_cache.py): a run may resume with
+# another value.
+SPEED_ONLY_FIELDS = frozenset({"min_shared_prefix"})
 
 
 def check_same_config(directory: str, config: Any) -> None:
@@ -139,7 +143,8 @@ def check_same_config(directory: str, config: Any) -> None:
     with open(path) as f:
       previous = json.load(f)
     added = {k: v for k, v in ADDED_CONFIG_FIELDS.items() if k in current and k not in previous}
-    previous = {**added, **previous}
+    previous = {k: v for k, v in {**added, **previous}.items() if k not in SPEED_ONLY_FIELDS}
+    current = {k: v for k, v in current.items() if k not in SPEED_ONLY_FIELDS}
     if previous != current:
       changed = sorted(k for k in set(previous) | set(current)
                        if previous.get(k) != current.get(k))

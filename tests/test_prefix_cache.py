@@ -151,9 +151,11 @@ def test_option_scorer_prefix_equals_whole_contexts(mesh_shape):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_workdirs_from_before_the_field_resume_with_it_off(tmp_path):
-  """A stage directory whose config.json predates `min_shared_prefix` resumes under
-  min_shared_prefix=0 (what those runs did) and is refused under 64, naming the field."""
+def test_workdirs_resume_under_any_prefix_setting_and_predate_the_reviser(tmp_path):
+  """`min_shared_prefix` only changes speed (same tokens, tested above), so a stage
+  directory resumes under any value, including one whose config predates the field.
+  A field added later that changes results (`reviser`) compares as the value runs
+  before it had, and a different value is refused, naming the field."""
   import json
 
   import ml_collections
@@ -162,9 +164,15 @@ def test_workdirs_from_before_the_field_resume_with_it_off(tmp_path):
   old = ml_collections.ConfigDict({"seed": 0, "model": "m"})
   (tmp_path / "config.json").write_text(old.to_json())
   (tmp_path / "shard-00000.jsonl").write_text("")
-  new = ml_collections.ConfigDict({"seed": 0, "model": "m", "min_shared_prefix": 0})
+  new = ml_collections.ConfigDict({"seed": 0, "model": "m", "min_shared_prefix": 64,
+                                   "reviser": ""})
   records.check_same_config(str(tmp_path), new)
   assert "min_shared_prefix" not in json.loads((tmp_path / "config.json").read_text())
-  new.min_shared_prefix = 64
-  with pytest.raises(ValueError, match=r"min_shared_prefix.*min_shared_prefix=0"):
+  new.min_shared_prefix = 0
+  records.check_same_config(str(tmp_path), new)
+  new.reviser = "qwen2.5-coder-0.5b-instruct"
+  with pytest.raises(ValueError, match=r"reviser.*reviser=''"):
+    records.check_same_config(str(tmp_path), new)
+  new.reviser, new.seed = "", 1
+  with pytest.raises(ValueError, match=r"fields \['seed'\]"):
     records.check_same_config(str(tmp_path), new)
