@@ -3,10 +3,12 @@ what is partial, so rerunning after a kill picks up where it stopped.
 
   python -m cai_jax.pipeline --config=configs/pipeline.py:cpu --workdir=runs/cai
 
-Writes `<workdir>/pipeline_timings.json` (wall seconds per stage) and
-`<workdir>/pipeline_memory.json` (the process's resident memory after each
-stage, once the stage's models and compiled programs are let go, and its peak
-so far).
+Writes `<workdir>/pipeline_timings.json` (wall seconds per stage, summed over
+every attempt: a resumed run adds the time of the attempt that finished a stage
+to what earlier attempts spent on it; only a killed attempt's unfinished stage is
+not counted) and `<workdir>/pipeline_memory.json` (the process's resident memory
+after each stage, once the stage's models and compiled programs are let go, and
+the highest peak of any attempt so far).
 
 All stages run in one process. Between stages what a stage held is released:
 its return value and models (garbage-collected) and the heap pages the
@@ -70,27 +72,41 @@ def release_memory() -> None:
       pass
 
 
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+    return data if isinstance(data, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs every stage in `config`; returns wall seconds per stage over all attempts."""
   os.makedirs(workdir, exist_ok=True)
-  timings: dict[str, float] = {}
-  memory: dict[str, dict[str, float]] = {}
+  timings_path = os.path.join(workdir, "pipeline_timings.json")
+  memory_path = os.path.join(workdir, "pipeline_memory.json")
+  timings: dict[str, float] = _read_json(timings_path)
+  memory: dict[str, dict[str, float]] = _read_json(memory_path)
   for name, stage in STAGES:
     if name not in config:
       continue
     logging.info("=== stage %s ===", name)
     start = time.perf_counter()
     stage.run(config[name], workdir)
-    timings[name] = time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    timings[name] = float(timings.get(name, 0.0)) + seconds
     release_memory()
+    previous_peak = float(memory.get(name, {}).get("peak_so_far_gib", 0.0))
     memory[name] = {"resident_after_gib": round(resident_gib(), 3),
-                    "peak_so_far_gib": round(peak_gib(), 3)}
-    logging.info("stage %s: %.0f s; resident %.2f GiB after release, peak so far %.2f GiB",
-                 name, timings[name], memory[name]["resident_after_gib"],
-                 memory[name]["peak_so_far_gib"])
-    with open(os.path.join(workdir, "pipeline_timings.json"), "w") as f:
-      json.dump(timings, f, indent=1)
-    with open(os.path.join(workdir, "pipeline_memory.json"), "w") as f:
-      json.dump(memory, f, indent=1)
+                    "peak_so_far_gib": round(max(peak_gib(), previous_peak), 3)}
+    logging.info("stage %s: %.0f s (%.0f s over all attempts); resident %.2f GiB after"
+                 " release, peak so far %.2f GiB", name, seconds, timings[name],
+                 memory[name]["resident_after_gib"], memory[name]["peak_so_far_gib"])
+    for path, data in ((timings_path, timings), (memory_path, memory)):
+      with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+      os.replace(path + ".tmp", path)
   return timings
 
 

@@ -8,27 +8,22 @@ cores), `smoke` (the machinery end to end, fast, shows nothing), `full`
 `--config.critique_revision.model=/path/to/hf_dir`.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-STAGES = ("prompts", "critique_revision", "sft", "pairs", "ai_labels", "preference_model",
-          "ppo", "evaluation")
+from configs import (ai_labels, critique_revision, evaluation, pairs, ppo, preference_model,
+                     prompts, sft)
 
-
-def _stage_config(name: str, arg: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"cai_jax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+# Stage name -> its config module, in pipeline order.
+STAGE_CONFIGS = {"prompts": prompts, "critique_revision": critique_revision, "sft": sft,
+                 "pairs": pairs, "ai_labels": ai_labels, "preference_model": preference_model,
+                 "ppo": ppo, "evaluation": evaluation}
+STAGES = tuple(STAGE_CONFIGS)
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  for name in STAGES:
-    c[name] = _stage_config(name, "cpu" if arg == "smoke" else arg)
+  for name, module in STAGE_CONFIGS.items():
+    c[name] = module.get_config("cpu" if arg == "smoke" else arg)
   if arg == "cpu":
     _small_experiment(c)
   elif arg == "smoke":
@@ -45,6 +40,7 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
     reviser and policy; SmolLM2's self-revisions describe the response instead
     of rewriting it), one direct revision (no critique: half the generation);
   - SFT 3 epochs at lr 1e-4 (2e-5 for 1 epoch did not change the answers);
+  - the PM on every pair, 4 epochs at lr 5e-5, 24 pairs held out;
   - PPO 12 iterations of 16 rollouts;
   - stage 8: 32 red-team, 16 helpful and all 48 safe-but-dangerous-sounding prompts.
   """
@@ -60,7 +56,16 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   c.sft.train.num_epochs = 3
   c.sft.optim.lr = 1e-4
   c.sft.optim.warmup_steps = 5
-  c.preference_model.data.eval_size = 16
+  # The PM on every pair (helpful_ratio=0.5 dropped half the red-team pairs) for 4
+  # epochs at 5e-5: 1 epoch at 1e-5 was 4 steps inside the warm-up and learned
+  # nothing (held-out 5/15); retrained on the same labels it fits the training
+  # pairs (BENCHMARKS.md, "A run that trains").
+  pm = c.preference_model
+  pm.data.helpful_ratio = None
+  pm.data.eval_size = 24
+  pm.train.num_epochs = 4
+  pm.optim.lr = 5e-5
+  pm.optim.warmup_steps = 4
   c.ppo.ppo.iterations = 12
   e = c.evaluation
   e.num_red_team = 32

@@ -1,8 +1,36 @@
-"""Shared fixtures. 8 forced host devices so sharding tests run on a CPU mesh."""
+"""Shared fixtures. 8 forced host devices so sharding tests run on a CPU mesh.
+
+One persistent compilation cache serves the whole run: in-process tests, the
+stage binaries they start (through the same environment) and pytest-xdist
+workers. Many tests compile the same tiny-model programs; the second one reads
+them back. The directory is new for every run, so the suite's time is what a
+clean clone costs, and it is removed at the end.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_OWN_CACHE = "CAI_JAX_TEST_JIT_CACHE" not in os.environ
+if _OWN_CACHE:  # the first process (the xdist controller); workers inherit the variable
+  os.environ["CAI_JAX_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="cai_jax_test_jit_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["CAI_JAX_TEST_JIT_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  """Files with a slow test run first (each file's tests stay together and in
+  order): with two xdist workers, a long file started last would leave one
+  worker idle at the end."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["CAI_JAX_TEST_JIT_CACHE"], ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
