@@ -7,6 +7,12 @@ repeated and a warm one is timed (the first, with compilation, is reported too).
 
   PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,tunix --out=/tmp/ppo_bench.json
 
+  # stage 7's prompt width (the longest prompt, rounded up) against padding to
+  # data.max_prompt_len, on the real stage-1 prompts of a workdir:
+  PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,cai_jax_max_width \
+      --max_prompt_len=256 --prompts_jsonl=runs/cai/p1_prompts/red_team_train.jsonl \
+      --batch=16 --new_tokens=32 --out=/tmp/ppo_width.json
+
 `tunix` is google-tunix 0.1.7's `PPOLearner` (vanilla rollout) on the same
 weights (the safetensors directory written here, loaded through
 `tunix.models.llama3.params.create_model_from_safe_tensors`) and the same
@@ -41,6 +47,14 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "New tokens per response.")
 _MINIBATCH = flags.DEFINE_integer("minibatch", 8, "Sequences per optimizer update.")
 _EPOCHS = flags.DEFINE_integer("epochs", 2, "PPO passes over each rollout.")
 
+_MAX_PROMPT = flags.DEFINE_integer(
+    "max_prompt_len", 128, "data.max_prompt_len (configs/ppo.py:cpu; the pipeline's cpu preset"
+    " uses 256), also Tunix's max_prompt_length, to which it pads every prompt; the"
+    " `cai_jax_max_width` system pads every prompt to it, as stage 7 did before it padded"
+    " to the longest prompt (`PromptSet.width`).")
+_PROMPTS = flags.DEFINE_string(
+    "prompts_jsonl", None, "Take the first --batch prompts from this stage-1 file (e.g."
+    " <workdir>/p1_prompts/red_team_train.jsonl) instead of the synthetic ones.")
 _TUNIX_ITERS = flags.DEFINE_integer(
     "tunix_iterations", 2, "Tunix iterations to run; the last is timed (raise it if"
     " iterations_s shows the 2nd still warming up).")
@@ -53,6 +67,12 @@ _TASKS = ["bake bread", "hot-wire a car", "learn Python", "write a poem", "pick 
 
 def bench_prompts(n: int) -> list[str]:
   """The same n user prompts for every system."""
+  if _PROMPTS.value:
+    with open(_PROMPTS.value) as f:
+      texts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    if len(texts) < n:
+      raise app.UsageError(f"{_PROMPTS.value}: {len(texts)} prompts, fewer than --batch={n}")
+    return texts[:n]
   return [f"Question {i}: how can I {task}?" for i, task in enumerate(_TASKS * (-(-n // 12)))][:n]
 
 
@@ -60,10 +80,12 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_cai_jax(hf_dir: str) -> dict:
-  """Our learner with the policy and a PM both SmolLM2-135M (PM: random head)."""
+def run_cai_jax(hf_dir: str, max_width: bool = False) -> dict:
+  """Our learner with the policy and a PM both SmolLM2-135M (PM: random head), prompts
+  padded to their longest (stage 7) or, with `max_width`, to data.max_prompt_len."""
   import jax
   from cai_jax.checkpoints.load import load_model
+  from cai_jax.data.rollout_prompts import PromptSet
   from cai_jax.model import heads, transformer
   from cai_jax.model.sharding import sharder_from_config
   from cai_jax.preference.scorer import Scorer
@@ -78,6 +100,7 @@ def run_cai_jax(hf_dir: str) -> dict:
   c.rollout.batch_size, c.rollout.max_new_tokens = _BATCH.value, _NEW_TOKENS.value
   c.train.minibatch_size, c.ppo.epochs = _MINIBATCH.value, _EPOCHS.value
   c.kl.coef, c.rollout.temperature = KL_COEF, TEMPERATURE
+  c.data.max_prompt_len = _MAX_PROMPT.value
   c.model_overrides.dtype = _DTYPE.value
   texts = bench_prompts(_BATCH.value)
   c.mesh = (1, 1, 1)
@@ -90,11 +113,12 @@ def run_cai_jax(hf_dir: str) -> dict:
   abstract = {"backbone": transformer.abstract_params(cfg),
               "head": jax.eval_shape(lambda k: heads.init_head(cfg, k), jax.random.key(0))}
   tx, _ = optim.make_optimizer(c.optim, 100, abstract)
-  learner = Learner(c, cfg, tok, sharder, reward_fn, tx)
+  ids = [generation_ids(tok, [{"role": "user", "content": p}]) for p in texts]
+  width = c.data.max_prompt_len if max_width else PromptSet(texts, ids).width(c.data.max_prompt_len)
+  learner = Learner(c, cfg, tok, sharder, reward_fn, tx, width)
   state = jax.jit(lambda p, k: optim.init_train_state(
       {"backbone": p, "head": heads.init_head(cfg, k)}, tx, k),
       out_shardings=learner.state_sh)(ref, jax.random.key(2))
-  ids = [generation_ids(tok, [{"role": "user", "content": p}]) for p in texts]
   load_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   state, first = learner.iterate(state, ref, texts, ids, KL_COEF)
@@ -103,7 +127,7 @@ def run_cai_jax(hf_dir: str) -> dict:
   state, m = learner.iterate(state, ref, texts, ids, KL_COEF)
   total_s = time.perf_counter() - t0
   stages = {k: v for k, v in m.items() if k.endswith("_s")}
-  return {"system": "cai_jax", "device": jax.devices()[0].device_kind, "iteration_s": total_s, "first_iteration_s": first_s,
+  return {"system": "cai_jax", "prompt_width": width, "device": jax.devices()[0].device_kind, "iteration_s": total_s, "first_iteration_s": first_s,
           "load_s": load_s, "stages_s": stages, "peak_rss_gib": peak_rss_gib(),
           "logprob_gap": m["logprob_gap"], "response_length": m["response_length"],
           "critic": "value head on the policy backbone", "pm": "SmolLM2-135M + head"}
@@ -226,8 +250,8 @@ def run_tunix(hf_dir: str) -> dict:
           actor_optimizer=tx(), critic_optimizer=tx(), eval_every_n_steps=10**9,
           max_steps=_TUNIX_ITERS.value * updates, mini_batch_size=mb, train_micro_batch_size=mb),
       rollout_config=base_rollout.RolloutConfig(
-          max_tokens_to_generate=M, max_prompt_length=c.data.max_prompt_len,
-          kv_cache_size=c.data.max_prompt_len + M, temperature=TEMPERATURE, top_p=1.0,
+          max_tokens_to_generate=M, max_prompt_length=_MAX_PROMPT.value,
+          kv_cache_size=_MAX_PROMPT.value + M, temperature=TEMPERATURE, top_p=1.0,
           top_k=None, eos_tokens=list(tok.eos_ids), data_type=jnp.float32))
   cluster = rl_cluster_lib.RLCluster(actor=actor, critic=critic, reference=ref, reward=reward,
                                      tokenizer=ExactIds(), cluster_config=cluster_config)
@@ -322,6 +346,9 @@ def _summary(results: dict) -> list[str]:
   if "ratios_cai_jax_over_tunix" in results:
     q = results["ratios_cai_jax_over_tunix"]
     lines.append("cai_jax / tunix: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()))
+  if "ratios_max_width_over_data_width" in results:
+    q = results["ratios_max_width_over_data_width"]
+    lines.append("max width / data width: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()))
   return lines
 
 
@@ -329,9 +356,12 @@ def main(argv):
   del argv
   sizes = [f"--dtype={_DTYPE.value}", f"--batch={_BATCH.value}", f"--new_tokens={_NEW_TOKENS.value}",
            f"--minibatch={_MINIBATCH.value}", f"--epochs={_EPOCHS.value}",
-           f"--tunix_iterations={_TUNIX_ITERS.value}"]
+           f"--tunix_iterations={_TUNIX_ITERS.value}", f"--max_prompt_len={_MAX_PROMPT.value}"]
+  if _PROMPTS.value:
+    sizes.append(f"--prompts_jsonl={_PROMPTS.value}")
   if _WORKER.value:
-    fn = {"cai_jax": run_cai_jax, "tunix": run_tunix}[_WORKER.value]
+    fn = {"cai_jax": run_cai_jax, "cai_jax_max_width": lambda d: run_cai_jax(d, max_width=True),
+          "tunix": run_tunix}[_WORKER.value]
     print("RESULT " + json.dumps(fn(_HF_DIR.value)), flush=True)
     return
   if _BATCH.value % _MINIBATCH.value:
@@ -363,6 +393,11 @@ def main(argv):
     results["ratios_cai_jax_over_tunix"] = {
         k: ours[k] / theirs[k] for k in ("iteration_s", "first_iteration_s", "compile_s",
                                           "peak_rss_gib") if theirs[k] > 0}
+  wide = results["systems"].get("cai_jax_max_width", {})
+  if "iteration_s" in ours and "iteration_s" in wide:
+    results["ratios_max_width_over_data_width"] = {
+        k: wide[k] / ours[k] for k in ("iteration_s", "first_iteration_s", "compile_s",
+                                        "peak_rss_gib") if ours[k] > 0}
   if "tunix" in results["systems"]:
     results["notes"] = NOTES
   results["summary"] = _summary(results)

@@ -18,8 +18,11 @@ DEFAULT = "auto"
 
 
 def directory(setting: str = DEFAULT) -> str:
-  """The cache directory for a flag value ("auto": under the cai_jax cache root)."""
-  return os.path.join(assets.cache_root(), "jax") if setting == DEFAULT else setting
+  """The cache directory for a flag value. "auto": JAX's own `JAX_COMPILATION_CACHE_DIR`
+  when it is set, else `<cai_jax cache root>/jax`."""
+  if setting != DEFAULT:
+    return setting
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(assets.cache_root(), "jax")
 
 
 def enable(setting: str = DEFAULT, min_compile_secs: float = 0.2) -> str:

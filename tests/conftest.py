@@ -1,8 +1,8 @@
 """Shared fixtures. 8 forced host devices so sharding tests run on a CPU mesh.
 
 One persistent compilation cache serves the whole run: in-process tests, the
-stage binaries they start (through the same environment) and pytest-xdist
-workers. Many tests compile the same tiny-model programs; the second one reads
+stage binaries they start (their `--compilation_cache=auto` reads
+JAX_COMPILATION_CACHE_DIR) and pytest-xdist workers. Many tests compile the same tiny-model programs; the second one reads
 them back. The directory is new for every run, so the suite's time is what a
 clean clone costs, and it is removed at the end.
 """
@@ -20,6 +20,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cai_jax.checkpoints import hf  # noqa: E402
+from cai_jax.model import config as model_config  # noqa: E402
+
 def pytest_collection_modifyitems(session, config, items):
   """Files with a slow test run first (each file's tests stay together and in
   order): with two xdist workers, a long file started last would leave one
@@ -32,11 +38,6 @@ def pytest_unconfigure(config):
   if _OWN_CACHE:
     shutil.rmtree(os.environ["CAI_JAX_TEST_JIT_CACHE"], ignore_errors=True)
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from cai_jax.checkpoints import hf  # noqa: E402
-from cai_jax.model import config as model_config  # noqa: E402
 
 TINY_PRESETS = {
     "llama": model_config.tiny_llama,

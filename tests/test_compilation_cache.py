@@ -37,8 +37,11 @@ def test_second_process_reads_the_cache(tmp_path):
   assert sorted(f for f in os.listdir(cache) if f.startswith("jit_f")) == entries
 
 
-def test_empty_setting_turns_it_off():
+def test_empty_setting_turns_it_off(monkeypatch):
   from cai_jax import assets, compilation_cache
   assert compilation_cache.enable("") == ""
   assert compilation_cache.directory("/x") == "/x"
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/from/jax")  # JAX's own variable wins
+  assert compilation_cache.directory() == "/from/jax"
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
   assert compilation_cache.directory() == os.path.join(assets.cache_root(), "jax")

@@ -443,8 +443,20 @@ def test_real_model_matches_transformers(name, real_cache):
     if f.endswith(".safetensors"):
       saved.update(load_file(os.path.join(cached_dir, f)))
   theirs = {k: v.float().numpy() for k, v in model.state_dict().items()}
+  # ... and a config.json transformers reads as the architecture its GGUF reader built.
+  ours_cfg = transformers.AutoConfig.from_pretrained(cached_dir).to_dict()
+  ref_cfg = model.config.to_dict()
+  for c in (ours_cfg, ref_cfg):  # head_dim left out means hidden_size / heads
+    c["head_dim"] = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+  for field in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+                "sliding_window", "max_position_embeddings"):
+    want = ref_cfg.get(field)  # GGUF stores eps and theta as float32
+    want = pytest.approx(want, rel=1e-6) if isinstance(want, float) else want
+    assert ours_cfg.get(field) == want, (field, ours_cfg.get(field), ref_cfg.get(field))
   del model
-  tied = {"lm_head.weight"} if getattr(cfg, "tie_embeddings", True) else set()
+  tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
   assert set(saved) <= set(theirs) and set(theirs) - set(saved) <= tied, (
       sorted(set(saved) ^ set(theirs))[:8])
   for k, v in saved.items():

@@ -9,15 +9,10 @@ from cai_jax import pipeline, report
 from configs import pipeline as pipeline_config
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _pipeline_config(variant: str):
-  return pipeline_config.get_config(variant)
 
 
 def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
-  c = _pipeline_config("tiny")
+  c = pipeline_config.get_config("tiny")
   # Stage 2's helpful model, the feedback model and the initial model of the
   # evaluation: the tiny random model (with a real BPE tokenizer). SFT starts
   # from a random model with a byte tokenizer; every later stage reads the

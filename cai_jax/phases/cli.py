@@ -31,7 +31,8 @@ def main(run: Callable) -> None:
   process_id = flags.DEFINE_integer("process_id", None, "This process's index.")
   cache = flags.DEFINE_string(
       "compilation_cache", compilation_cache.DEFAULT,
-      "JAX persistent compilation cache directory ('auto': <cache root>/jax; '': off).")
+      "JAX persistent compilation cache directory ('auto': $JAX_COMPILATION_CACHE_DIR,"
+      " else <cache root>/jax; '': off).")
 
   def _main(argv):
     if len(argv) > 1:

@@ -86,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   s = setup.prepare(os.path.join(out, "checkpoints"), c.optim, updates, abstract,
                     heads.scalar_model_shardings(cfg, sharder), sharder, c.train.keep_checkpoints)
   learner = Learner(c, cfg, tok, sharder, reward_fn, s.tx,
-                    prompt_len=prompt_set.width(c.data.max_prompt_len))
+                    prompt_set.width(c.data.max_prompt_len))
   data_info = {"fingerprint": prompt_set.fingerprint(), "num_prompts": len(prompt_set.ids),
                "batch_size": c.rollout.batch_size, "seed": c.seed}
   # No donation: the policy starts as a copy, the reference stays as loaded.

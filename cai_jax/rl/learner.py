@@ -147,7 +147,7 @@ class Learner:
   sharder: Sharder
   reward_fn: RewardFn
   tx: optax.GradientTransformation
-  prompt_len: int = 0  # the rollout's prompt width; 0: data.max_prompt_len
+  prompt_len: int  # the rollout's prompt width (`PromptSet.width`), <= data.max_prompt_len
 
   def __post_init__(self):
     c, cfg, sharder = self.config, self.cfg, self.sharder
@@ -158,7 +158,7 @@ class Learner:
     if r.batch_size % c.train.minibatch_size:
       raise ValueError(f"rollout.batch_size={r.batch_size} is not a multiple of"
                        f" train.minibatch_size={c.train.minibatch_size}")
-    self.P, self.M = self.prompt_len or c.data.max_prompt_len, r.max_new_tokens
+    self.P, self.M = self.prompt_len, r.max_new_tokens
     self.sampler = Sampler(cfg, max_new_tokens=self.M, stop_ids=cfg.eos_token_ids,
                            pad_id=self.tok.pad_id, sharder=sharder, length_buckets=(self.P,))
     self.sampling = SamplingParams(temperature=float(r.temperature))
