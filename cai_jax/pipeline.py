@@ -32,7 +32,8 @@ import time
 import ml_collections
 
 from cai_jax.phases import (cli, p1_prompts, p2_critique_revision, p3_sft, p4_pairs,
-                            p5_ai_labels, p6_preference_model, p7_ppo, p8_evaluation)
+                            p5_ai_labels, p6_preference_model, p7_dpo, p7_ppo,
+                            p8_evaluation)
 
 # In pipeline order; a stage runs when the config has its section.
 STAGES = (
@@ -43,6 +44,7 @@ STAGES = (
     ("ai_labels", p5_ai_labels),
     ("preference_model", p6_preference_model),
     ("ppo", p7_ppo),
+    ("dpo", p7_dpo),  # stage 7's alternative; runs when the config has it
     ("evaluation", p8_evaluation),
 )
 

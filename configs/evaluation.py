@@ -5,7 +5,8 @@ PM score by revision round, feedback-model accuracy, then the Markdown report.
 
 Models: `models.initial` (default the bundled SmolLM2), SL-CAI
 `<workdir>/p3_sft/hf` and RL-CAI `<workdir>/p7_ppo/hf` unless `models.sl_cai`
-/ `models.rl_cai` name other load_model specs. A model that does not exist
+/ `models.rl_cai` name other load_model specs; the DPO model
+`<workdir>/p7_dpo/hf` (`models.dpo`) where that stage ran. A model that does not exist
 yet is skipped with a note. `judge` "" picks the first bundled model that
 took no part in training (not the initial model, not a stage-5 feedback
 model); set it to a spec to force one.
@@ -30,6 +31,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.models.initial = "smollm2-135m-instruct"
   c.models.sl_cai = ""  # "": <workdir>/p3_sft/hf
   c.models.rl_cai = ""  # "": <workdir>/p7_ppo/hf
+  c.models.dpo = ""  # "": <workdir>/p7_dpo/hf when stage 7's DPO alternative ran
 
   # Held-out prompts answered per kind (the first N in file order; 0: all).
   c.num_red_team = 64

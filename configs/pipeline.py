@@ -4,14 +4,15 @@
 
 Variants: `tiny` (tests), `cpu` (a small CAI experiment with SmolLM2-135M on 2 CPU
 cores), `smoke` (the machinery end to end, fast, shows nothing), `full`
-(accelerators). Override any stage field from the command line, e.g.
-`--config.critique_revision.model=/path/to/hf_dir`.
+(accelerators). `+dpo` after a variant (`cpu+dpo`) also trains stage 7's DPO
+alternative on the same pairs and evaluates it beside the PPO model. Override any
+stage field from the command line, e.g. `--config.critique_revision.model=/path/to/hf_dir`.
 """
 
 import ml_collections
 
-from configs import (ai_labels, critique_revision, evaluation, pairs, ppo, preference_model,
-                     prompts, sft)
+from configs import (ai_labels, critique_revision, dpo, evaluation, pairs, ppo,
+                     preference_model, prompts, sft)
 
 # Stage name -> its config module, in pipeline order.
 STAGE_CONFIGS = {"prompts": prompts, "critique_revision": critique_revision, "sft": sft,
@@ -21,6 +22,10 @@ STAGES = tuple(STAGE_CONFIGS)
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
+  arg, *extras = arg.split("+")
+  if set(extras) - {"dpo"}:
+    raise ValueError(f"configs/pipeline.py: unknown addition(s) {sorted(set(extras) - {'dpo'})}"
+                     " after the variant; the one addition is +dpo")
   c = ml_collections.ConfigDict()
   for name, module in STAGE_CONFIGS.items():
     c[name] = module.get_config("cpu" if arg == "smoke" else arg)
@@ -28,6 +33,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     _small_experiment(c)
   elif arg == "smoke":
     _smoke(c)
+  if "dpo" in extras:
+    # After ppo, before evaluation (the pipeline's order); the PM's pairs and split.
+    c.dpo = dpo.get_config("cpu" if arg == "smoke" else arg)
+    c.dpo.data = ml_collections.ConfigDict(c.preference_model.data.to_dict())
   return c
 
 
@@ -41,7 +50,10 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
     of rewriting it), one direct revision (no critique: half the generation);
   - SFT 3 epochs at lr 1e-4 (2e-5 for 1 epoch did not change the answers);
   - the PM on every pair, 4 epochs at lr 5e-5, 24 pairs held out;
-  - PPO 12 iterations of 16 rollouts;
+  - PPO 12 iterations of 16 rollouts at lr 3e-6, between the two measured: 1e-6
+    left KL at 0.03 nats and moved nothing; 1e-5 drove KL to 2.1 nats with the
+    reward flat and learned to refuse (BENCHMARKS.md, "second run"); 3e-6 has not
+    been run end to end;
   - stage 8: 32 red-team, 16 helpful and all 48 safe-but-dangerous-sounding prompts.
   """
   c.prompts.num_red_team_train = 48
@@ -67,6 +79,7 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   pm.optim.lr = 5e-5
   pm.optim.warmup_steps = 4
   c.ppo.ppo.iterations = 12
+  c.ppo.optim.lr = 3e-6
   e = c.evaluation
   e.num_red_team = 32
   e.num_helpful = 16
@@ -82,6 +95,9 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   # claims as trained-on and leans on the model-free refusal measure.
   e.judge.model = "qwen2.5-coder-0.5b-instruct"
   _small_common(c)
+  # Chain of thought cost 493 s of stage 8 for 8 pairs, whose interval says nothing;
+  # benchmarks/labeler_accuracy.py measures it on 64.
+  e.accuracy.runs = ("multiple_choice", "pointwise")
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
-  c = pipeline_config.get_config("tiny")
+  c = pipeline_config.get_config("tiny+dpo")  # PPO and, beside it, DPO
   # Stage 2's helpful model, the feedback model and the initial model of the
   # evaluation: the tiny random model (with a real BPE tokenizer). SFT starts
   # from a random model with a byte tokenizer; every later stage reads the
@@ -25,6 +25,8 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   c.ppo.ppo.iterations = 2
   c.ppo.data.max_prompt_len = 256  # the byte tokenizer spends a token per byte
   c.ppo.rollout.batch_size = 8
+  c.dpo.model = ""  # <workdir>/p3_sft/hf
+  c.dpo.train.num_steps = 4
   c.evaluation.models.initial = tiny_model_dir
   c.evaluation.judge.model = tiny_model_dir
   c.evaluation.accuracy.models = (tiny_model_dir,)
@@ -41,11 +43,14 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   assert list(memory) == list(timings)
   assert all(0 < m["resident_after_gib"] <= m["peak_so_far_gib"] for m in memory.values())
   for stage_dir in ("p1_prompts", "p2_critique_revision", "p3_sft", "p4_pairs",
-                    "p5_ai_labels", "p6_preference_model", "p7_ppo", "p8_evaluation"):
+                    "p5_ai_labels", "p6_preference_model", "p7_ppo", "p7_dpo",
+                    "p8_evaluation"):
     assert os.listdir(os.path.join(workdir, stage_dir)), stage_dir
   with open(os.path.join(workdir, "p8_evaluation", "results.json")) as f:
     res = json.load(f)
-  assert res["evaluated_models"] == ["initial", "sl_cai", "rl_cai"]
+  assert res["evaluated_models"] == ["initial", "sl_cai", "rl_cai", "dpo"]
+  dpo_claims = [x["claim"] for x in res["claims"] if x["claim"].startswith("RL-CAI (DPO)")]
+  assert len(dpo_claims) == 7, dpo_claims  # the RL-CAI claims, for the DPO model too
   text = open(os.path.join(workdir, "report", "report.md")).read()
   for title in report.SECTIONS:
     assert f"## {title}\n" in text

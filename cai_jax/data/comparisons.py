@@ -28,7 +28,7 @@ from cai_jax.data import batching
 from cai_jax.data.sft import check_truncation
 from cai_jax.model.sharding import Sharder
 from cai_jax.text import padding
-from cai_jax.text.chat import conversation_ids
+from cai_jax.text.chat import prompt_response_ids
 from cai_jax.text.tokenizer import Tokenizer
 
 
@@ -88,6 +88,25 @@ def mix(harmless: Sequence[Comparison], helpful: Sequence[Comparison],
   return harmless + helpful
 
 
+def load_split(labels_dir: str | None, helpful_comparisons: str, helpful_ratio: float | None,
+               eval_size: int, seed: int) -> tuple[list[Comparison], list[Comparison]]:
+  """(train, held-out) comparisons: stage 5's red-team labels (`labels_dir`, None:
+  none) mixed with helpfulness pairs (the human file when given, else stage 5's
+  helpful labels) at `helpful_ratio`, then split, seeded. The PM and DPO read the
+  same split from the same config fields, so DPO's held-out pairs are the PM's."""
+  ai = read_ai_labels(labels_dir) if labels_dir else []
+  harmless = [c for c in ai if c.kind == "red_team"]
+  helpful = (read_human_comparisons(helpful_comparisons) if helpful_comparisons
+             else [c for c in ai if c.kind == "helpful"])
+  mixed = mix(harmless, helpful, helpful_ratio, seed)
+  logging.info("comparisons: %d harmlessness (AI) + %d helpfulness (%s)",
+               sum(c.kind == "red_team" for c in mixed), sum(c.kind == "helpful" for c in mixed),
+               "human" if helpful_comparisons else "AI")
+  if len(mixed) <= eval_size:
+    raise ValueError(f"{len(mixed)} comparisons, need more than data.eval_size={eval_size}")
+  return batching.split_held_out(mixed, eval_size, seed, "pairs")
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizedPairs:
   """Both conversations of each pair, right-padded to seq_len."""
@@ -96,6 +115,9 @@ class TokenizedPairs:
   lengths_E2: np.ndarray  # real tokens of each conversation
   p_a_E: np.ndarray  # float32 soft labels
   red_team_E: np.ndarray  # bool: a harmlessness comparison
+  # Tokens before the first response token (after any cut): DPO scores the rest.
+  # Not in the fingerprint: the PM reads whole conversations.
+  prompt_lens_E2: np.ndarray | None = None
 
   @property
   def size(self) -> int:
@@ -128,36 +150,54 @@ def tokenize_pairs(tok: Tokenizer, comparisons: Sequence[Comparison], seq_len: i
   E = len(comparisons)
   tokens = np.full((E, 2, seq_len), tok.pad_id, np.int32)
   lengths = np.zeros((E, 2), np.int32)
+  prompt_lens = np.zeros((E, 2), np.int32)
   truncated = 0
   for i, c in enumerate(comparisons):
     for j, response in enumerate((c.response_a, c.response_b)):
       what = f"comparison {c.id} response {'ab'[j]}"
-      ids, cut = fit(conversation_ids(tok, c.prompt, response, what), seq_len, truncation,
-                     what)
+      prompt_ids, response_ids = prompt_response_ids(tok, c.prompt, response, what)
+      full = prompt_ids + response_ids
+      ids, cut = fit(full, seq_len, truncation, what)
       truncated += cut
       tokens[i, j, :len(ids)] = ids
       lengths[i, j] = len(ids)
+      prompt_lens[i, j] = max(len(prompt_ids) - (len(full) - len(ids)), 0)
   if truncated:
     logging.warning("seq_len=%d: %d conversations lost their start", seq_len, truncated)
   return TokenizedPairs(tokens, lengths, np.asarray([c.p_a for c in comparisons], np.float32),
-                        np.asarray([c.kind == "red_team" for c in comparisons], bool))
+                        np.asarray([c.kind == "red_team" for c in comparisons], bool),
+                        prompt_lens)
 
 
-def make_batch(data: TokenizedPairs, rows: np.ndarray, T: int) -> dict[str, np.ndarray]:
-  """[B, 2, T] tokens and mask, [B] labels for `rows` (-1: a padding pair)."""
+def make_batch(data: TokenizedPairs, rows: np.ndarray, T: int, with_responses: bool = False
+               ) -> dict[str, np.ndarray]:
+  """[B, 2, T] tokens and mask, [B] labels for `rows` (-1: a padding pair).
+
+  with_responses adds "response_mask" [B, 2, T]: the response tokens (with the
+  end-of-turn token) that a policy's log-probability of the response sums over.
+  """
   valid = rows >= 0
   safe = np.maximum(rows, 0)
   tokens = np.where(valid[:, None, None], data.tokens_E2T[safe, :, :T], 0).astype(np.int32)
   lengths = np.where(valid[:, None], data.lengths_E2[safe], 0)
-  mask = np.arange(T)[None, None] < lengths[..., None]
-  return {"tokens": tokens, "mask": mask,
-          "p_a": np.where(valid, data.p_a_E[safe], 0.5).astype(np.float32),
-          "valid": valid}
+  positions = np.arange(T)[None, None]
+  mask = positions < lengths[..., None]
+  batch = {"tokens": tokens, "mask": mask,
+           "p_a": np.where(valid, data.p_a_E[safe], 0.5).astype(np.float32),
+           "valid": valid}
+  if with_responses:
+    starts = np.where(valid[:, None], data.prompt_lens_E2[safe], 0)
+    batch["response_mask"] = mask & (positions >= starts[..., None])
+  return batch
 
 
-def batch_shardings(sharder: Sharder) -> dict[str, jax.sharding.Sharding]:
+def batch_shardings(sharder: Sharder, with_responses: bool = False
+                    ) -> dict[str, jax.sharding.Sharding]:
   """Pairs split over the batch axes; both members of a pair on one device."""
-  return {"tokens": sharder.sharding(("batch", None, "seq")),
-          "mask": sharder.sharding(("batch", None, "seq")),
-          "p_a": sharder.sharding(("batch",)), "valid": sharder.sharding(("batch",))}
+  out = {"tokens": sharder.sharding(("batch", None, "seq")),
+         "mask": sharder.sharding(("batch", None, "seq")),
+         "p_a": sharder.sharding(("batch",)), "valid": sharder.sharding(("batch",))}
+  if with_responses:
+    out["response_mask"] = sharder.sharding(("batch", None, "seq"))
+  return out
 

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cai_jax import distributed, records
+from cai_jax import distributed
 from cai_jax.data import batching, comparisons
 from cai_jax.model import heads
 from cai_jax.model.sharding import sharder_from_config
@@ -47,23 +47,10 @@ def load_comparisons(config: ml_collections.ConfigDict, workdir: str
                      ) -> tuple[list[comparisons.Comparison], list[comparisons.Comparison]]:
   """(train, held-out) comparisons for the config's data mix."""
   d = config.data
-  labels_dir = d.labels_dir or paths.stage_dir(workdir, paths.AI_LABELS)
-  human = d.helpful_comparisons
-  ai: list[comparisons.Comparison] = []
-  if os.path.isdir(labels_dir) and records.completed_shards(labels_dir):
-    ai = comparisons.read_ai_labels(labels_dir)
-  elif not (human and d.helpful_ratio == 1.0):
-    paths.require_records(labels_dir, paths.AI_LABELS, "AI label records", "data.labels_dir")
-  harmless = [c for c in ai if c.kind == "red_team"]
-  helpful = (comparisons.read_human_comparisons(human) if human
-             else [c for c in ai if c.kind == "helpful"])
-  mixed = comparisons.mix(harmless, helpful, d.helpful_ratio, config.seed)
-  logging.info("PM mix: %d harmlessness (AI) + %d helpfulness (%s) comparisons",
-               sum(c.kind == "red_team" for c in mixed),
-               sum(c.kind == "helpful" for c in mixed), "human" if human else "AI")
-  if len(mixed) <= d.eval_size:
-    raise ValueError(f"{len(mixed)} comparisons, need more than data.eval_size={d.eval_size}")
-  return batching.split_held_out(mixed, d.eval_size, config.seed, "pairs")
+  labels_dir = paths.ai_labels_dir(
+      d.labels_dir, workdir, required=not (d.helpful_comparisons and d.helpful_ratio == 1.0))
+  return comparisons.load_split(labels_dir, d.helpful_comparisons, d.helpful_ratio,
+                                d.eval_size, config.seed)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,

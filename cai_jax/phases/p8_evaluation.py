@@ -51,8 +51,13 @@ COMPARISONS = "comparisons.jsonl"
 def model_specs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """Model name -> load spec (a missing directory is detected by the caller)."""
   m = config.models
-  return {"initial": m.initial, "sl_cai": m.sl_cai or paths.hf_export(workdir, paths.SFT),
-          "rl_cai": m.rl_cai or paths.hf_export(workdir, paths.PPO)}
+  specs = {"initial": m.initial, "sl_cai": m.sl_cai or paths.hf_export(workdir, paths.SFT),
+           "rl_cai": m.rl_cai or paths.hf_export(workdir, paths.PPO)}
+  # DPO, stage 7's alternative, where it was configured or trained.
+  dpo = m.get("dpo") or paths.hf_export(workdir, paths.DPO)
+  if m.get("dpo") or os.path.isdir(dpo):
+    specs["dpo"] = dpo
+  return specs
 
 
 def used_in_training(config: ml_collections.ConfigDict, workdir: str) -> set[str]:

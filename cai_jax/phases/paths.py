@@ -9,6 +9,7 @@ the pipeline and the report ask it instead of importing each other.
   <workdir>/p5_ai_labels/shard-NNNNN.jsonl
   <workdir>/p6_preference_model/{checkpoints,model,calibration,...}
   <workdir>/p7_ppo/{checkpoints,hf,...}
+  <workdir>/p7_dpo/{checkpoints,reference_logps.npz,hf,...}
   <workdir>/p8_evaluation/{results.json,comparisons.jsonl,answers/}
   <workdir>/report/report.md
 """
@@ -26,13 +27,14 @@ PAIRS = "p4_pairs"
 AI_LABELS = "p5_ai_labels"
 PREFERENCE_MODEL = "p6_preference_model"
 PPO = "p7_ppo"
+DPO = "p7_dpo"  # the alternative RL-CAI stage: DPO on stage 5's soft labels
 EVALUATION = "p8_evaluation"
 REPORT = "report"
 PROMPT_KINDS = ("red_team", "helpful")
 
 # The command that writes each stage's outputs, for "run stage N first" errors.
 _STAGE = {PROMPTS: 1, CRITIQUE_REVISION: 2, SFT: 3, PAIRS: 4, AI_LABELS: 5,
-          PREFERENCE_MODEL: 6, PPO: 7, EVALUATION: 8}
+          PREFERENCE_MODEL: 6, PPO: 7, DPO: 7, EVALUATION: 8}
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -79,6 +81,17 @@ def require_records(directory: str, stage: str, what: str, override: str = "") -
     hint = f" or set --config.{override}" if override else ""
     raise FileNotFoundError(f"{directory}: no {what}; {run_first(stage)}{hint}")
   return directory
+
+
+def ai_labels_dir(configured: str, workdir: str, required: bool) -> str | None:
+  """Stage 5's records (the configured directory, else the workdir's), or None
+  when there are none and they are not `required`."""
+  directory = configured or stage_dir(workdir, AI_LABELS)
+  if os.path.isdir(directory) and records.completed_shards(directory):
+    return directory
+  if required:
+    require_records(directory, AI_LABELS, "AI label records", "data.labels_dir")
+  return None
 
 
 def sl_cai_model(configured: str, workdir: str) -> str:

@@ -97,3 +97,49 @@ def bradley_terry_loss(rewards_a_B: jax.Array, rewards_b_B: jax.Array, p_a_B: ja
   p_B = jnp.where(mask_B > 0, p_B, 0.5)
   nll_B = p_B * jax.nn.softplus(-d_B) + (1.0 - p_B) * jax.nn.softplus(d_B)
   return jnp.sum(jnp.where(mask_B > 0, nll_B * mask_B, 0.0)), jnp.sum(mask_B)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def dpo_loss(logratio_a_B: jax.Array, logratio_b_B: jax.Array, p_a_B: jax.Array,
+             beta: float, loss_type: str = "sigmoid", mask_B: jax.Array | None = None,
+             response_len_a_B: jax.Array | None = None,
+             response_len_b_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """DPO with a soft label per pair, as (sum, count) over pairs.
+
+  logratio = log pi(y|x) - log pi_ref(y|x), summed over the response tokens;
+  p = P(a preferred), the stage-5 label (p in {0, 1}: standard DPO).
+
+  sigmoid (Rafailov et al., 2023): the Bradley-Terry loss of the implicit
+  rewards r = beta * logratio against the soft label,
+      m    = beta * (logratio_a - logratio_b)
+      loss = p softplus(-m) + (1 - p) softplus(m),    dloss/dm = sigma(m) - p,
+  so p = 0.5 pulls the margin to 0 (no push either way at policy = reference),
+  and p = 1 is TRL's `loss_type="sigmoid"`, -log sigma(m).
+
+  ipo (Azar et al., 2023): squared distance of the margin h from its target,
+  with TRL's per-token normalisation (each logratio divided by its response
+  length),
+      h    = logratio_a / len_a - logratio_b / len_b
+      loss = (h - (2p - 1) / (2 beta))^2,
+  which is the expectation over a ~ p of the hard IPO loss up to a constant
+  (minimised at the same h), and at p = 1 TRL's `loss_type="ipo"`.
+  """
+  if loss_type not in DPO_LOSS_TYPES:
+    raise ValueError(f"loss_type={loss_type!r}: expected one of {DPO_LOSS_TYPES}")
+  la_B = logratio_a_B.astype(jnp.float32)
+  lb_B = logratio_b_B.astype(jnp.float32)
+  if loss_type == "sigmoid":
+    return bradley_terry_loss(beta * la_B, beta * lb_B, p_a_B, mask_B)
+  if response_len_a_B is None or response_len_b_B is None:
+    raise ValueError("loss_type='ipo' needs the response lengths")
+  p_B = p_a_B.astype(jnp.float32)
+  if mask_B is None:
+    mask_B = jnp.ones(la_B.shape, jnp.float32)
+  mask_B = mask_B.astype(jnp.float32)
+  h_B = (la_B / jnp.maximum(response_len_a_B.astype(jnp.float32), 1.0)
+         - lb_B / jnp.maximum(response_len_b_B.astype(jnp.float32), 1.0))
+  h_B = jnp.where(mask_B > 0, h_B, 0.0)
+  per_B = (h_B - (2.0 * p_B - 1.0) / (2.0 * beta)) ** 2
+  return jnp.sum(jnp.where(mask_B > 0, per_B * mask_B, 0.0)), jnp.sum(mask_B)

@@ -1,0 +1,178 @@
+"""Stage 7, the DPO alternative (RL-CAI without a PM or rollouts): DPO on stage 5's
+pairs, each trained towards its own soft label P(a better).
+
+The comparisons and their train / held-out split are the PM's
+(`comparisons.load_split` on the same `data` fields), so DPO's held-out pairs
+are the ones stage 6 reports on. Policy and reference start from SL-CAI
+(`paths.sl_cai_model`); the reference's log-probs of every response are
+computed once, before the first step, and stored in
+`reference_logps.npz` with the data's fingerprint, so a resumed run trains on
+the same numbers without holding a second model. Steps in `cai_jax.rl.dpo`,
+loss `losses.dpo_loss` ("sigmoid": the Bradley-Terry soft-target loss of the
+implicit rewards; "ipo"). The data order is a function of (seed, epoch), so a
+resumed run reproduces the uninterrupted run bit for bit.
+
+Output, under `<workdir>/p7_dpo/`: `checkpoints/` (Orbax), reference_logps.npz,
+metrics.jsonl, tensorboard/ and the final model as a Hugging Face directory
+`hf/` (stage 8 evaluates it beside the PPO model).
+
+  python -m cai_jax.phases.p7_dpo --config=configs/dpo.py:cpu --workdir=runs/cai
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from cai_jax import distributed
+from cai_jax.checkpoints.load import load_model
+from cai_jax.data import batching, comparisons
+from cai_jax.model import transformer
+from cai_jax.model.sharding import sharder_from_config
+from cai_jax.phases import cli, paths
+from cai_jax.rl import dpo
+from cai_jax.training import loop as train_loop
+from cai_jax.training import losses, setup
+from cai_jax.training.export import export_hf
+
+REFERENCE_FILE = "reference_logps.npz"
+
+
+def reference_logps(path: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
+                    expect: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+  """(train [E, 2], held-out [H, 2]) reference log-probs: read from `path` when it
+  was written for the same data and reference (`expect`), else computed and
+  written atomically (process 0)."""
+  if os.path.exists(path):
+    with np.load(path) as f:
+      found = {k: str(f[k]) for k in expect if k in f}
+      if found == expect:
+        return f["train"], f["held_out"]
+    logging.warning("%s was written for other data or another reference (%s, now %s);"
+                    " recomputing", path, found, expect)
+  train, held = compute()
+  if distributed.is_leader():
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, train=train, held_out=held, **expect)
+    os.replace(tmp, path)
+  return train, held
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        should_stop: Callable[[int], bool] | None = None) -> setup.Result:
+  """Train (or resume) DPO; returns the status, step and metrics.
+
+  `should_stop(step)` is polled after every step, like SIGTERM: True saves a
+  checkpoint and returns "preempted". A non-finite loss or parameter raises
+  FloatingPointError without saving; the last (finite) checkpoint is kept.
+  """
+  out = paths.stage_dir(workdir, paths.DPO)
+  t, d = config.train, config.data
+  if config.dpo.loss_type not in losses.DPO_LOSS_TYPES:
+    raise ValueError(f"dpo.loss_type={config.dpo.loss_type!r}: expected one of"
+                     f" {losses.DPO_LOSS_TYPES}")
+  if not config.dpo.beta > 0:
+    raise ValueError(f"dpo.beta={config.dpo.beta}: must be > 0 (e.g. 0.1)")
+  init_key, state_key = jax.random.split(jax.random.key(config.seed))
+
+  # --- Mesh, model, comparisons ---
+  sharder = sharder_from_config(config)
+  setup.check_batch_split(t, sharder, "pairs", {"eval_batch_size": t.eval_batch_size})
+  labels_dir = paths.ai_labels_dir(
+      d.labels_dir, workdir, required=not (d.helpful_comparisons and d.helpful_ratio == 1.0))
+  train_c, held_c = comparisons.load_split(labels_dir, d.helpful_comparisons, d.helpful_ratio,
+                                           d.eval_size, config.seed)
+  spec = paths.sl_cai_model(config.model, workdir)
+  cfg, params, tok = load_model(spec, sharder, tokenizer=config.tokenizer, key=init_key,
+                                **dict(config.model_overrides))
+  logging.info("policy and reference %s: %s, %.1fM params; %r", spec, cfg.family,
+               cfg.num_params() / 1e6, tok)
+  train = comparisons.tokenize_pairs(tok, train_c, d.seq_len, d.truncation)
+  held = comparisons.tokenize_pairs(tok, held_c, d.seq_len, d.truncation)
+  buckets = batching.length_buckets(d.length_buckets, d.seq_len)
+  train_buckets, held_buckets = train.buckets(buckets), held.buckets(buckets)
+  order = batching.EpochOrder(train_buckets, t.batch_size, config.seed)
+  total_steps = t.num_steps or t.num_epochs * order.per_epoch
+  logging.info("%d train / %d held-out pairs; %d steps (%d per epoch)", train.size,
+               held.size, total_steps, order.per_epoch)
+
+  # --- The reference: the initial policy's log-probs, once ---
+  os.makedirs(out, exist_ok=True)
+  score = functools.partial(dpo.reference_logps, params, cfg=cfg, sharder=sharder,
+                            batch_size=t.eval_batch_size, chunk=t.logits_chunk)
+  ref_train, ref_held = reference_logps(
+      os.path.join(out, REFERENCE_FILE),
+      lambda: (score(train, train_buckets), score(held, held_buckets)),
+      {"train_fingerprint": train.fingerprint(), "held_out_fingerprint": held.fingerprint(),
+       "reference": spec})
+  ref_digest = hashlib.sha256(ref_train.tobytes() + ref_held.tobytes()).hexdigest()[:16]
+
+  # --- Optimizer, state, checkpoints ---
+  abstract = transformer.abstract_params(cfg)
+  param_sh = transformer.param_shardings(cfg, sharder)
+  s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
+                    param_sh, sharder, t.keep_checkpoints)
+  data_info = {"fingerprint": train.fingerprint(), "num_pairs": train.size,
+               "batch_size": t.batch_size, "seed": config.seed, "reference": ref_digest}
+  if s.ckpt.latest_step() is not None:
+    params = None  # superseded by the checkpoint: free it before restoring
+  state, start = setup.start_state(s, abstract, params, state_key, data_info)
+  del params, score
+
+  # --- Jitted steps ---
+  batch_sh = dpo.batch_shardings(sharder)
+  loss_kw = dict(cfg=cfg, sharder=sharder, beta=config.dpo.beta,
+                 loss_type=config.dpo.loss_type, chunk=t.logits_chunk)
+  step_fn = jax.jit(
+      functools.partial(dpo.train_step, tx=s.tx, schedule=s.schedule,
+                        microbatches=t.microbatches, **loss_kw),
+      in_shardings=(s.state_sh, batch_sh), out_shardings=(s.state_sh, sharder.replicated),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(dpo.eval_step, **loss_kw),
+                    in_shardings=(param_sh, batch_sh), out_shardings=sharder.replicated)
+
+  def evaluate(params, step: int) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for T, rows in batching.eval_batches(held_buckets, t.eval_batch_size):
+      batch = distributed.batch_to_global(dpo.make_batch(held, ref_held, rows, T), batch_sh)
+      for k, v in jax.device_get(eval_fn(params, batch)).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    pairs = max(sums["pairs"], 1.0)
+    return {"eval_loss": sums["loss_sum"] / pairs,
+            "eval_accuracy": sums["correct"] / max(sums["decided"], 1.0),
+            "eval_margin": sums["margin_sum"] / max(sums["decided"], 1.0),
+            "eval_logratio": sums["logratio_sum"] / (2.0 * pairs)}
+
+  def batch_at(step: int):
+    T, rows = order.batch(step)
+    return distributed.batch_to_global(dpo.make_batch(train, ref_train, rows, T), batch_sh)
+
+  def summarize(fetched) -> dict[str, float]:
+    last = train_loop.mean_of(("loss", "accuracy", "margin", "logratio", "grad_norm"))(fetched)
+    return {**last, "lr": float(fetched[-1]["lr"])}
+
+  loop = train_loop.Loop(
+      name="dpo", step_fn=step_fn, batch_at=batch_at, summarize=summarize,
+      position=lambda step: {**order.position(step), "total_steps": total_steps, **data_info},
+      units=lambda fetched: len(fetched) * t.batch_size, rate_name="pairs_per_s",
+      evaluate=evaluate if held.size else None,
+      postfix=lambda last: {"loss": f"{last['loss']:.4f}", "margin": f"{last['margin']:.3f}"},
+      save_every=t.save_every, eval_every=t.eval_every, log_every=t.log_every)
+  status, state, last, _ = train_loop.run(loop, state, start, total_steps, s.ckpt, out,
+                                          should_stop)
+
+  step = int(jax.device_get(state.step))
+  if status == "done":
+    export_hf(state.params, cfg, tok, paths.hf_export(workdir, paths.DPO), step)
+  return setup.Result(status, step, last, out, state)
+
+
+if __name__ == "__main__":
+  cli.main(run)

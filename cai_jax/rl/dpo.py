@@ -1,0 +1,142 @@
+"""DPO on stage 5's pairs with each pair's soft label: log-probs, loss, steps.
+
+A pair is two conversations [user: x, assistant: y_a | y_b] (the one chat rule,
+as the PM sees them). The policy's log-probability of a response is the sum of
+its token log-probs over the response tokens and the end-of-turn token; the
+reference (SL-CAI, frozen) is scored once before training
+(`reference_logps`) and rides in each batch, so no second model is held during
+training and a resumed run reads the same numbers. The loss is
+`losses.dpo_loss` on logratio = log pi - log pi_ref.
+
+Both members of a pair go through one [2B, T] forward; log-probs come in
+chunks of `chunk` positions (`ppo.token_logprobs`), never [B, T, V] float32
+logits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cai_jax import distributed
+from cai_jax.data import batching, comparisons
+from cai_jax.model import transformer
+from cai_jax.model.config import ModelConfig
+from cai_jax.model.sharding import Sharder
+from cai_jax.rl import ppo
+from cai_jax.training import losses, optim
+
+
+def response_logps(params, tokens_B2T: jax.Array, mask_B2T: jax.Array,
+                   response_mask_B2T: jax.Array, *, cfg: ModelConfig,
+                   sharder: Sharder | None, chunk: int) -> jax.Array:
+  """[B, 2] sum over each response's tokens of log pi(token | everything before it)."""
+  B, _, T = tokens_B2T.shape
+  tokens_NT = tokens_B2T.reshape(2 * B, T)
+  x_NTD, _ = transformer.hidden_states(params, tokens_NT, cfg,
+                                       mask_BT=mask_B2T.reshape(2 * B, T), sharder=sharder)
+  # Position t predicts token t + 1: drop the last position and the first token.
+  targets_NT = tokens_NT[:, 1:]
+  scored_NT = response_mask_B2T.reshape(2 * B, T)[:, 1:].astype(jnp.float32)
+  unembed = lambda x: transformer.logits_from_hidden(params, x, cfg)
+  logp_NT, _ = ppo.token_logprobs(x_NTD[:, :-1], unembed, targets_NT, 1.0, chunk,
+                                  with_entropy=False)
+  return jnp.sum(jnp.where(scored_NT > 0, logp_NT, 0.0), axis=1).reshape(B, 2)
+
+
+def response_lengths(response_mask_B2T: jax.Array) -> jax.Array:
+  """[B, 2] response tokens that are scored (the first token of a row never is)."""
+  return jnp.sum(response_mask_B2T[..., 1:].astype(jnp.float32), axis=-1)
+
+
+def dpo_loss_fn(params, batch, *, cfg: ModelConfig, sharder: Sharder | None, beta: float,
+                loss_type: str, chunk: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss sum, stats sums) of one microbatch of pairs."""
+  logp_B2 = response_logps(params, batch["tokens"], batch["mask"], batch["response_mask"],
+                           cfg=cfg, sharder=sharder, chunk=chunk)
+  ratio_B2 = logp_B2 - batch["ref_logp"]
+  len_B2 = response_lengths(batch["response_mask"])
+  valid_B = batch["valid"]
+  total, count = losses.dpo_loss(ratio_B2[:, 0], ratio_B2[:, 1], batch["p_a"], beta,
+                                 loss_type, valid_B, len_B2[:, 0], len_B2[:, 1])
+  p_B = batch["p_a"]
+  margin_B = beta * (ratio_B2[:, 0] - ratio_B2[:, 1])
+  decided_B = valid_B & (p_B != 0.5)
+  agree_B = (margin_B > 0) == (p_B > 0.5)
+  v = valid_B.astype(jnp.float32)
+  return total, {"loss_sum": total, "pairs": count,
+                 "correct": jnp.sum((agree_B & decided_B).astype(jnp.float32)),
+                 "decided": jnp.sum(decided_B.astype(jnp.float32)),
+                 # the preferred response's implicit reward minus the other's (TRL's
+                 # rewards/margins); 0 for p = 0.5
+                 "margin_sum": jnp.sum(jnp.where(decided_B, jnp.sign(p_B - 0.5) * margin_B,
+                                                 0.0)),
+                 # log pi - log pi_ref summed over both responses: a KL-like drift signal
+                 "logratio_sum": jnp.sum(jnp.where(valid_B[:, None], ratio_B2, 0.0)),
+                 "tokens": jnp.sum(batch["mask"].astype(jnp.float32) * v[:, None, None])}
+
+
+def train_step(state: optim.TrainState, batch, *, cfg: ModelConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               sharder: Sharder | None, microbatches: int, beta: float, loss_type: str,
+               chunk: int) -> tuple[optim.TrainState, dict[str, jax.Array]]:
+  """One AdamW update on the pair-mean DPO loss of the whole batch."""
+  loss_fn = functools.partial(dpo_loss_fn, cfg=cfg, sharder=sharder, beta=beta,
+                              loss_type=loss_type, chunk=chunk)
+  grads, stats = optim.accumulate_gradients(loss_fn, state.params, batch, microbatches, sharder)
+  count = jnp.maximum(stats["pairs"], 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  new_state = optim.apply_gradients(state, grads, tx)
+  loss = stats["loss_sum"] / count
+  metrics = {"loss": loss, "accuracy": stats["correct"] / jnp.maximum(stats["decided"], 1.0),
+             "margin": stats["margin_sum"] / jnp.maximum(stats["decided"], 1.0),
+             "logratio": stats["logratio_sum"] / (2.0 * count),
+             "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+             "tokens": stats["tokens"],
+             "finite": jnp.isfinite(loss) & optim.all_finite(new_state.params)}
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, cfg: ModelConfig, sharder: Sharder | None, beta: float,
+              loss_type: str, chunk: int) -> dict[str, jax.Array]:
+  """Sums of the loss, agreement and margins over a batch of held-out pairs."""
+  _, stats = dpo_loss_fn(params, batch, cfg=cfg, sharder=sharder, beta=beta,
+                         loss_type=loss_type, chunk=chunk)
+  return stats
+
+
+def batch_shardings(sharder: Sharder) -> dict[str, jax.sharding.Sharding]:
+  """`comparisons.batch_shardings` with the response mask and the reference log-probs."""
+  return {**comparisons.batch_shardings(sharder, with_responses=True),
+          "ref_logp": sharder.sharding(("batch", None))}
+
+
+def make_batch(data: comparisons.TokenizedPairs, ref_logp_E2: np.ndarray, rows: np.ndarray,
+               T: int) -> dict[str, np.ndarray]:
+  """The pairs of `rows` (-1: padding) with their stored reference log-probs."""
+  batch = comparisons.make_batch(data, rows, T, with_responses=True)
+  batch["ref_logp"] = np.where((rows >= 0)[:, None], ref_logp_E2[np.maximum(rows, 0)],
+                               0.0).astype(np.float32)
+  return batch
+
+
+def reference_logps(params, data: comparisons.TokenizedPairs, buckets_E: np.ndarray, *,
+                    cfg: ModelConfig, sharder: Sharder, batch_size: int, chunk: int
+                    ) -> np.ndarray:
+  """[E, 2] float32 log pi_ref(response) of every pair, in bucketed batches."""
+  batch_sh = comparisons.batch_shardings(sharder, with_responses=True)
+  param_sh = transformer.param_shardings(cfg, sharder)
+  fn = jax.jit(lambda p, b: response_logps(p, b["tokens"], b["mask"], b["response_mask"],
+                                           cfg=cfg, sharder=sharder, chunk=chunk),
+               in_shardings=(param_sh, batch_sh), out_shardings=sharder.replicated)
+  out = np.zeros((data.size, 2), np.float32)
+  for T, rows in batching.eval_batches(buckets_E, batch_size):
+    batch = comparisons.make_batch(data, rows, T, with_responses=True)
+    batch = distributed.batch_to_global(batch, batch_sh)
+    logp_B2 = np.asarray(jax.device_get(fn(params, batch)))
+    out[rows[rows >= 0]] = logp_B2[rows >= 0]
+  return out
