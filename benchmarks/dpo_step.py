@@ -206,6 +206,7 @@ def main(argv) -> None:
   jax.config.update("jax_platforms", "cpu")
   import numpy as np
 
+  from benchmarks.hf_dirs import model_hf_dir
   from cai_jax.checkpoints.hf import read_hf_config
 
   B, P, R, steps = _BATCH.value, _PROMPT.value, _RESPONSE.value, _STEPS.value
@@ -258,22 +259,6 @@ def main(argv) -> None:
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)
   print(json.dumps({k: v for k, v in results.items() if k != "impls"}, indent=1))
-
-
-def model_hf_dir(model: str, tmp: str) -> str:
-  """A HF directory of `model`: the cached conversion of an asset, or random weights
-  (the same as `sft_throughput.py`'s; importing that script would define its flags)."""
-  if model.startswith("random:"):
-    from cai_jax.checkpoints import hf
-    from cai_jax.checkpoints.load import load_model
-    cfg, params, tok = load_model(model, param_dtype="float32", dtype="float32")
-    path = os.path.join(tmp, "hf")
-    hf.save_hf(params, cfg, path)
-    tok.save(path)
-    return path
-  from cai_jax import assets
-  from cai_jax.checkpoints import gguf
-  return gguf.cached_hf_dir(assets.gguf_path(model))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import time
 from absl import app, flags
 
 from benchmarks import peaks
+from benchmarks.hf_dirs import model_hf_dir
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the results (JSON).")
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
@@ -375,21 +376,6 @@ def main(argv) -> None:
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)
   print(json.dumps({k: v for k, v in results.items() if k != "impls"}, indent=1))
-
-
-def model_hf_dir(model: str, tmp: str) -> str:
-  """A HF directory of `model`: the cached conversion of an asset, or random weights."""
-  if model.startswith("random:"):
-    from cai_jax.checkpoints import hf
-    from cai_jax.checkpoints.load import load_model
-    cfg, params, tok = load_model(model, param_dtype="float32", dtype="float32")
-    path = os.path.join(tmp, "hf")
-    hf.save_hf(params, cfg, path)
-    tok.save(path)
-    return path
-  from cai_jax import assets
-  from cai_jax.checkpoints import gguf
-  return gguf.cached_hf_dir(assets.gguf_path(model))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ class TokenizedPairs:
   red_team_E: np.ndarray  # bool: a harmlessness comparison
   # Tokens before the first response token (after any cut): DPO scores the rest.
   # Not in the fingerprint: the PM reads whole conversations.
-  prompt_lens_E2: np.ndarray | None = None
+  prompt_lens_E2: np.ndarray
 
   @property
   def size(self) -> int:

@@ -29,7 +29,6 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
-import numpy as np
 
 from cai_jax import distributed
 from cai_jax.checkpoints.load import load_model
@@ -43,26 +42,6 @@ from cai_jax.training import losses, setup
 from cai_jax.training.export import export_hf
 
 REFERENCE_FILE = "reference_logps.npz"
-
-
-def reference_logps(path: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
-                    expect: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-  """(train [E, 2], held-out [H, 2]) reference log-probs: read from `path` when it
-  was written for the same data and reference (`expect`), else computed and
-  written atomically (process 0)."""
-  if os.path.exists(path):
-    with np.load(path) as f:
-      found = {k: str(f[k]) for k in expect if k in f}
-      if found == expect:
-        return f["train"], f["held_out"]
-    logging.warning("%s was written for other data or another reference (%s, now %s);"
-                    " recomputing", path, found, expect)
-  train, held = compute()
-  if distributed.is_leader():
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, train=train, held_out=held, **expect)
-    os.replace(tmp, path)
-  return train, held
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -105,11 +84,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   # --- The reference: the initial policy's log-probs, once ---
   os.makedirs(out, exist_ok=True)
-  score = functools.partial(dpo.reference_logps, params, cfg=cfg, sharder=sharder,
-                            batch_size=t.eval_batch_size, chunk=t.logits_chunk)
-  ref_train, ref_held = reference_logps(
+  ref_train, ref_held = dpo.stored_reference_logps(
       os.path.join(out, REFERENCE_FILE),
-      lambda: (score(train, train_buckets), score(held, held_buckets)),
+      lambda: dpo.reference_logps(params, [(train, train_buckets), (held, held_buckets)],
+                                  cfg=cfg, sharder=sharder, batch_size=t.eval_batch_size,
+                                  chunk=t.logits_chunk),
       {"train_fingerprint": train.fingerprint(), "held_out_fingerprint": held.fingerprint(),
        "reference": spec})
   ref_digest = hashlib.sha256(ref_train.tobytes() + ref_held.tobytes()).hexdigest()[:16]
@@ -124,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if s.ckpt.latest_step() is not None:
     params = None  # superseded by the checkpoint: free it before restoring
   state, start = setup.start_state(s, abstract, params, state_key, data_info)
-  del params, score
+  del params
 
   # --- Jitted steps ---
   batch_sh = dpo.batch_shardings(sharder)

@@ -54,8 +54,8 @@ def model_specs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, st
   specs = {"initial": m.initial, "sl_cai": m.sl_cai or paths.hf_export(workdir, paths.SFT),
            "rl_cai": m.rl_cai or paths.hf_export(workdir, paths.PPO)}
   # DPO, stage 7's alternative, where it was configured or trained.
-  dpo = m.get("dpo") or paths.hf_export(workdir, paths.DPO)
-  if m.get("dpo") or os.path.isdir(dpo):
+  dpo = m.dpo or paths.hf_export(workdir, paths.DPO)
+  if m.dpo or os.path.isdir(dpo):
     specs["dpo"] = dpo
   return specs
 

@@ -16,6 +16,9 @@ logits.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,19 +127,43 @@ def make_batch(data: comparisons.TokenizedPairs, ref_logp_E2: np.ndarray, rows: 
   return batch
 
 
-def reference_logps(params, data: comparisons.TokenizedPairs, buckets_E: np.ndarray, *,
+def reference_logps(params, splits: Sequence[tuple[comparisons.TokenizedPairs, np.ndarray]], *,
                     cfg: ModelConfig, sharder: Sharder, batch_size: int, chunk: int
-                    ) -> np.ndarray:
-  """[E, 2] float32 log pi_ref(response) of every pair, in bucketed batches."""
+                    ) -> list[np.ndarray]:
+  """[E, 2] float32 log pi_ref(response) of every pair of each (pairs, buckets) split,
+  in bucketed batches through one jitted function (each bucket compiles once)."""
   batch_sh = comparisons.batch_shardings(sharder, with_responses=True)
   param_sh = transformer.param_shardings(cfg, sharder)
   fn = jax.jit(lambda p, b: response_logps(p, b["tokens"], b["mask"], b["response_mask"],
                                            cfg=cfg, sharder=sharder, chunk=chunk),
                in_shardings=(param_sh, batch_sh), out_shardings=sharder.replicated)
-  out = np.zeros((data.size, 2), np.float32)
-  for T, rows in batching.eval_batches(buckets_E, batch_size):
-    batch = comparisons.make_batch(data, rows, T, with_responses=True)
-    batch = distributed.batch_to_global(batch, batch_sh)
-    logp_B2 = np.asarray(jax.device_get(fn(params, batch)))
-    out[rows[rows >= 0]] = logp_B2[rows >= 0]
-  return out
+  outs = []
+  for data, buckets_E in splits:
+    out = np.zeros((data.size, 2), np.float32)
+    for T, rows in batching.eval_batches(buckets_E, batch_size):
+      batch = comparisons.make_batch(data, rows, T, with_responses=True)
+      logp_B2 = np.asarray(jax.device_get(fn(params, distributed.batch_to_global(batch,
+                                                                                  batch_sh))))
+      out[rows[rows >= 0]] = logp_B2[rows >= 0]
+    outs.append(out)
+  return outs
+
+
+def stored_reference_logps(path: str, compute: Callable[[], list[np.ndarray]],
+                           expect: dict[str, str]) -> list[np.ndarray]:
+  """[train, held-out] reference log-probs: read from the .npz `path` when it was
+  written for the same data and reference (`expect`), else computed and written
+  atomically (process 0), so a resumed run trains on the same numbers."""
+  if os.path.exists(path):
+    with np.load(path) as f:
+      found = {k: str(f[k]) for k in expect if k in f}
+      if found == expect:
+        return [f["train"], f["held_out"]]
+    logging.warning("%s was written for other data or another reference (%s, now %s);"
+                    " recomputing", path, found, expect)
+  train, held = compute()
+  if distributed.is_leader():
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, train=train, held_out=held, **expect)
+    os.replace(tmp, path)
+  return [train, held]
