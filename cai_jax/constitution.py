@@ -24,6 +24,8 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
+from cai_jax.data import files
+
 Answer = Literal["Yes", "No"]
 Choice = Literal["A", "B"]
 
@@ -349,8 +351,7 @@ def list_constitutions() -> list[str]:
 def load_constitution(name_or_path: str | os.PathLike[str]) -> Constitution:
   """Reads and validates a constitution file (or a shipped one by name)."""
   path = constitution_path(name_or_path)
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = files.read_text(path, "constitution", allow_empty=True)
   try:
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is not None:

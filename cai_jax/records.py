@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from cai_jax import distributed
+from cai_jax.data import files
 
 R = TypeVar("R")
 
@@ -105,17 +106,31 @@ def to_json(record: Any) -> str:
   return json.dumps(dataclasses.asdict(record), ensure_ascii=False)
 
 
-def from_dict(cls: type[R], d: dict) -> R:
-  """Build a record dataclass from a dict, nested dataclasses included."""
+def from_dict(cls: type[R], d: dict, where: str = "record") -> R:
+  """Build a record dataclass from a dict, nested dataclasses included; a missing
+  field or one of the wrong JSON type is an `InputFileError` naming `where`."""
+  fields = dataclasses.fields(cls)
+  files.require(d, {f.name: _json_types(f.type) for f in fields}, where,
+                f"not a {cls.__name__} record; was the file written by the stage that makes"
+                " these records?")
   kwargs = {}
-  for f in dataclasses.fields(cls):
-    if f.name not in d:
-      raise KeyError(f"record field {f.name!r} missing")
+  for f in fields:
     v = d[f.name]
     if f.name == "rounds":
-      v = tuple(from_dict(RevisionRound, r) for r in v)
+      for i, r in enumerate(v):
+        if not isinstance(r, dict):
+          raise files.InputFileError(f"{where}: rounds[{i}] is a JSON {files.json_type(r)},"
+                                     " expected an object")
+      v = tuple(from_dict(RevisionRound, r, f"{where}: rounds[{i}]") for i, r in enumerate(v))
     kwargs[f.name] = v
   return cls(**kwargs)
+
+
+def _json_types(annotation: str) -> tuple[type, ...]:
+  """The JSON value types a record field of this (string) annotation may hold."""
+  if annotation.startswith("tuple"):
+    return (list,)
+  return {"str": (str,), "float": (float,), "int": (int,), "bool": (bool,)}[annotation]
 
 
 # Config fields added after records were first written, with the value that does what
@@ -219,17 +234,13 @@ def run_sharded(directory: str, inputs: Sequence[Any], shard_size: int,
 
 def read_records(directory: str, cls: type[R]) -> list[R]:
   """All records of a phase output directory, in shard order."""
-  files = sorted(glob.glob(os.path.join(directory, "shard-*.jsonl")))
-  if not files:
+  paths = sorted(glob.glob(os.path.join(directory, "shard-*.jsonl")))
+  if not paths:
     raise FileNotFoundError(f"{directory}: no shard-*.jsonl files; run the phase"
                             " that writes them first")
   out = []
-  for path in files:
-    with open(path) as f:
-      for line_no, line in enumerate(f, 1):
-        try:
-          out.append(from_dict(cls, json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise ValueError(f"{path}:{line_no}: not a {cls.__name__} record ({e})") from None
+  for path in paths:
+    for line_no, row in files.iter_jsonl(path, "shard", example="one record per line",
+                                         allow_empty=True):
+      out.append(from_dict(cls, row, f"{path}:{line_no}"))
   return out
-

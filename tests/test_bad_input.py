@@ -2,6 +2,7 @@
 outputs of earlier stages left exactly as they were; kill -9 then rerun."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +12,15 @@ import time
 import pytest
 
 from cai_jax import records
-from cai_jax.phases import p2_critique_revision, paths
+from cai_jax.phases import cli, p1_prompts, p2_critique_revision, p3_sft, paths
+from cai_jax.phases import p6_preference_model
+from configs import critique_revision as cr_config
+from configs import preference_model as pm_config
+from configs import prompts as prompts_config
+from configs import sft as sft_config
 from test_critique_revision import _config, _read_bytes, _write_prompts
+from test_preference_model import label_record
+from test_sft import make_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,3 +166,200 @@ def test_a_failed_start_does_not_lock_the_output_dir(tmp_path):
   records.write_shard(d, 0, [])
   with pytest.raises(ValueError, match="different config"):
     records.check_same_config(d, ml_collections.ConfigDict({"model": "/other"}))
+
+
+# --- The bad-input table: every stage's input files, malformed every way -------------------------
+# Each row makes one bad file and runs the stage in-process; the error must be one of the
+# errors the binaries print as one line with exit status 2 (`cli.INPUT_ERRORS`), on one line,
+# naming the file (and line) and what is wrong; the earlier stages' outputs must be unchanged
+# and the failing stage must leave no output. Two rows also go through the real binary below.
+
+LATIN1 = "café".encode("latin-1")  # b"caf\xe9": not UTF-8
+
+
+def _prompt_file(name, data):
+  def make(tmp):
+    f = tmp / name
+    if data is None:
+      f.mkdir()
+    else:
+      f.write_bytes(data)
+    c = prompts_config.get_config("tiny")
+    c.red_team_sources = (str(f),)
+    return p1_prompts.run, c, tmp / "w1", None
+  return make
+
+
+def _constitution(data):
+  def make(tmp):
+    f = tmp / "bad.yaml"
+    if data is None:
+      f.mkdir()
+    else:
+      f.write_bytes(data)
+    c = cr_config.get_config("tiny")
+    c.constitution, c.model = str(f), "random:tiny_llama"
+    return p2_critique_revision.run, c, tmp, tmp / paths.PROMPTS
+  return make
+
+
+def _stage1_prompts(data):
+  def make(tmp):
+    (tmp / paths.PROMPTS / "red_team_train.jsonl").write_bytes(data)
+    c = cr_config.get_config("tiny")
+    c.model = "random:tiny_llama"
+    return p2_critique_revision.run, c, tmp, tmp / paths.PROMPTS
+  return make
+
+
+def _sft_records(lines):
+  def make(tmp):
+    d = tmp / "records"
+    d.mkdir()
+    (d / "shard-00000.jsonl").write_bytes(lines)
+    c = sft_config.get_config("tiny")
+    c.data.records_dir = str(d)
+    return p3_sft.run, c, tmp / "w3", d
+  return make
+
+
+def _record(**change):
+  row = records.to_json(make_records(n_red=1, n_help=0)[0])
+  row = {**json.loads(row), **change}
+  for k in [k for k, v in change.items() if v is DROP]:
+    del row[k]
+  return (json.dumps(row) + "\n").encode()
+
+
+DROP = object()
+
+
+def _labels(lines):
+  def make(tmp):
+    d = tmp / "labels"
+    d.mkdir()
+    (d / "shard-00000.jsonl").write_bytes(lines)
+    c = pm_config.get_config("tiny")
+    c.data.labels_dir = str(d)
+    return p6_preference_model.run, c, tmp / "w6", d
+  return make
+
+
+def _label(**change):
+  row = json.loads(records.to_json(label_record(0, "q", "a", "b", 0.9, "red_team")))
+  return (json.dumps({**row, **change}) + "\n").encode()
+
+
+def _human(data):
+  def make(tmp):
+    d = tmp / "labels"
+    d.mkdir()
+    (d / "shard-00000.jsonl").write_bytes(_label())
+    f = tmp / "human.jsonl"
+    f.write_bytes(data)
+    c = pm_config.get_config("tiny")
+    c.data.labels_dir, c.data.helpful_comparisons = str(d), str(f)
+    return p6_preference_model.run, c, tmp / "w6", d
+  return make
+
+
+GOOD_HUMAN = b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+
+BAD_INPUTS = {
+    # stage 1: prompt files
+    "prompts: not UTF-8": (_prompt_file("p.jsonl", b'{"prompt": "fine"}\n{"prompt": "' + LATIN1
+                                        + b'"}\n'), ["p.jsonl:2", "UTF-8", "column 16", "iconv"]),
+    "prompts: a JSON array line": (_prompt_file("p.jsonl", b'["How do I?"]\n'),
+                                   ["p.jsonl:1", "JSON array", "object"]),
+    "prompts: not JSON": (_prompt_file("p.jsonl", b'{"prompt": "x"\n'),
+                          ["p.jsonl:1", "not valid JSON"]),
+    "prompts: a number prompt": (_prompt_file("p.jsonl", b'{"prompt": 7}\n'),
+                                 ["p.jsonl:1", "number", "string"]),
+    "prompts: no prompt field": (_prompt_file("p.jsonl", b'{"text": "hi"}\n'),
+                                 ["p.jsonl:1", "'prompt'", "'text'"]),
+    "prompts: empty file": (_prompt_file("p.jsonl", b""), ["p.jsonl", "empty"]),
+    "prompts: a directory": (_prompt_file("d.jsonl", None), ["d.jsonl", "directory"]),
+    "prompts: CSV not UTF-8": (_prompt_file("p.csv", b"prompt\nfine\n" + LATIN1 + b"\n"),
+                               ["p.csv:3", "UTF-8"]),
+    "prompts: text not UTF-8": (_prompt_file("p.txt", LATIN1 + b"\n"), ["p.txt:1", "UTF-8"]),
+    # stage 2: the constitution and stage 1's prompts
+    "constitution: not UTF-8": (_constitution(b"name: x\ndescription: " + LATIN1 + b"\n"),
+                                ["bad.yaml:2", "UTF-8"]),
+    "constitution: a directory": (_constitution(None), ["bad.yaml", "directory"]),
+    "stage-1 prompts: a JSON array line": (_stage1_prompts(b"[1, 2]\n"),
+                                           ["red_team_train.jsonl:1", "JSON array"]),
+    "stage-1 prompts: not UTF-8": (_stage1_prompts(LATIN1), ["red_team_train.jsonl:1", "UTF-8"]),
+    # stage 3: stage 2's records
+    "records: a JSON array line": (_sft_records(b"[1, 2]\n"),
+                                   ["shard-00000.jsonl:1", "JSON array"]),
+    "records: a string where rounds go": (_sft_records(_record(rounds="none")),
+                                          ["shard-00000.jsonl:1", "'rounds'", "string", "array"]),
+    "records: a field missing": (_sft_records(_record(prompt=DROP)),
+                                 ["shard-00000.jsonl:1", "'prompt'", "CritiqueRevisionRecord"]),
+    "records: a round not an object": (_sft_records(_record(rounds=[3])),
+                                       ["shard-00000.jsonl:1", "rounds[0]"]),
+    "records: not UTF-8": (_sft_records(_record()[:-3] + LATIN1 + b'"}\n'),
+                           ["shard-00000.jsonl:1", "UTF-8"]),
+    "records: a torn last line": (_sft_records(_record() + _record()[:40]),
+                                  ["shard-00000.jsonl:2", "not valid JSON"]),
+    # stage 6: stage 5's labels and the human comparison file
+    "labels: p_a a string": (_labels(_label(p_a="0.9")),
+                             ["shard-00000.jsonl:1", "'p_a'", "string", "number"]),
+    "labels: a null line": (_labels(b"null\n"), ["shard-00000.jsonl:1", "JSON null"]),
+    "labels: p_a outside [0, 1]": (_labels(_label(p_a=1.5)), ["labels", "p_a=1.5"]),
+    "human comparisons: a field missing": (_human(b'{"prompt": "q", "chosen": "a"}\n'),
+                                           ["human.jsonl:1", "'rejected'"]),
+    "human comparisons: not UTF-8": (_human(GOOD_HUMAN + b'{"prompt": "' + LATIN1 + b'"}\n'),
+                                     ["human.jsonl:2", "UTF-8"]),
+    "human comparisons: a JSON array line": (_human(b'["q", "a", "b"]\n'),
+                                             ["human.jsonl:1", "JSON array"]),
+    "human comparisons: a number response": (
+        _human(b'{"prompt": "q", "chosen": 1, "rejected": "b"}\n'),
+        ["human.jsonl:1", "'chosen'", "number"]),
+    "human comparisons: empty file": (_human(b"\n"), ["human.jsonl", "empty"]),
+}
+
+
+@pytest.mark.parametrize("row", sorted(BAD_INPUTS))
+def test_bad_input_table(row, tmp_path):
+  make, needles = BAD_INPUTS[row]
+  run, config, workdir, earlier = make(tmp_path)
+  before = _tree_hash(earlier) if earlier else None
+  with pytest.raises(cli.INPUT_ERRORS) as info:
+    run(config, str(workdir))
+  line = cli.error_line(info.value)
+  assert "\n" not in str(info.value), str(info.value)
+  for n in needles:
+    assert n in line, (n, line)
+  if earlier:
+    assert _tree_hash(earlier) == before
+  stage_out = {p1_prompts.run: paths.PROMPTS, p2_critique_revision.run: paths.CRITIQUE_REVISION,
+               p3_sft.run: paths.SFT, p6_preference_model.run: paths.PREFERENCE_MODEL}[run]
+  assert not os.path.exists(os.path.join(workdir, stage_out, "shard-00000.jsonl"))
+  assert not os.path.exists(os.path.join(workdir, stage_out, "checkpoints"))
+
+
+def test_unreadable_prompt_file(tmp_path):
+  if os.geteuid() == 0:
+    pytest.skip("root reads every file")
+  f = tmp_path / "p.jsonl"
+  f.write_text('{"prompt": "x"}\n')
+  f.chmod(0)
+  c = prompts_config.get_config("tiny")
+  c.red_team_sources = (str(f),)
+  with pytest.raises(cli.INPUT_ERRORS, match="p.jsonl.*permission"):
+    p1_prompts.run(c, str(tmp_path / "w"))
+
+
+def test_bad_input_through_the_binaries(tmp_path):
+  """The table's first row and a diverging run, as a user meets them: exit 2, one line."""
+  bad = tmp_path / "p.jsonl"
+  bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "' + LATIN1 + b'"}\n')
+  r = _phase("p1_prompts", "prompts.py:tiny", tmp_path / "w1",
+             f"--config.red_team_sources=('{bad}',)")
+  _assert_clean_failure(r, "p.jsonl:2", "UTF-8")
+  d = tmp_path / "records"
+  records.write_shard(str(d), 0, make_records())
+  r = _phase("p3_sft", "sft.py:tiny", tmp_path / "w3", f"--config.data.records_dir={d}",
+             "--config.optim.lr=nan", "--config.train.num_steps=2")
+  _assert_clean_failure(r, "non-finite loss", "Lower the learning rate")

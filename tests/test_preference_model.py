@@ -269,7 +269,7 @@ def test_human_comparisons_mix_and_errors(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
   c.data.helpful_comparisons = str(bad)
-  with pytest.raises(ValueError, match="missing column"):
+  with pytest.raises(ValueError, match="no field .rejected."):
     p6.load_comparisons(c, str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no AI label records"):
     p6.load_comparisons(tiny_config(), str(tmp_path / "empty"))

@@ -1,6 +1,7 @@
 """SL-CAI SFT: loss masking, chunked loss, memorisation, exact resume, sharding,
 the phase binary end to end, and the shared training infrastructure."""
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -329,6 +330,82 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, records_d
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
     assert ckpt.latest_step() == 2
   assert max(m["step"] for m in read_metrics(out)) == 2
+
+
+def damage_largest_file(step_dir: str, item: str = "params") -> str:
+  """Flips 16 bytes in the middle of the item's largest file (what disk rot does)."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, item)) for f in fs]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    f.seek(0)
+    f.write(data)
+  return path
+
+
+def test_damaged_newest_checkpoint_falls_back_to_identical_weights(tmp_path, records_dir,
+                                                                   caplog):
+  config = tiny_config(records_dir, num_steps=6, save_every=2, eval_every=100)
+  full = p3_sft.run(config, str(tmp_path / "full"))
+  part = p3_sft.run(config, str(tmp_path / "damaged"), should_stop=lambda step: step == 4)
+  assert part.status == "preempted" and part.step == 4
+  ckpt_dir = os.path.join(part.output_dir, "checkpoints")
+  assert os.path.exists(os.path.join(ckpt_dir, "4", checkpoint.CHECKSUMS))
+  damage_largest_file(os.path.join(ckpt_dir, "4"))
+  with caplog.at_level("WARNING"):
+    resumed = p3_sft.run(config, str(tmp_path / "damaged"))
+  assert resumed.status == "done" and resumed.step == 6
+  warned = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+  assert any("step 4 is damaged" in w and "SHA-256" in w for w in warned), warned
+  assert any("resuming from step 2" in w for w in warned), warned
+  assert os.path.isdir(ckpt_dir + ".damaged/4")
+  for name in ("params", "opt_state"):
+    assert tree_hashes(getattr(full.state, name)) == tree_hashes(getattr(resumed.state, name))
+
+
+def test_unsealed_checkpoint_that_fails_to_restore_is_skipped(tmp_path, tok):
+  cfg, params = tiny_model(tok, single_device_sharder())
+  c = sft_config.get_config("tiny").optim
+  abstract = transformer.abstract_params(cfg)
+  tx, _ = optim.make_optimizer(c, 10, abstract)
+  state = optim.init_train_state(params, tx, jax.random.key(7))
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    for step in (1, 2):
+      ckpt.save(dataclasses.replace(state, step=np.int32(step)), {"n": step}, force=True)
+  os.remove(os.path.join(tmp_path, "2", checkpoint.CHECKSUMS))  # killed before its seal
+  for r, _, fs in os.walk(os.path.join(tmp_path, "2", "params")):
+    for f in fs:
+      open(os.path.join(r, f), "wb").close()  # and then truncated
+  shardings = optim.train_state_shardings(tx, abstract, transformer.param_shardings(
+      cfg, single_device_sharder()), single_device_sharder())
+  target = optim.abstract_train_state(tx, abstract, shardings)
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.latest_step() == 2 and not ckpt.verified(2)  # unsealed: tried, not judged
+    restored = checkpoint.restore_or_init(ckpt, target, lambda: None, {"n": 1})
+    assert int(restored.step) == 1 and ckpt.moved == [2]
+  assert tree_hashes(restored.params) == tree_hashes(params)
+  # A sealed checkpoint that does not fit the run is a config error, never "damage".
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct((3,) + x.shape, x.dtype,
+                                                        sharding=x.sharding), target)
+    with pytest.raises(ValueError, match="step 1 is intact but does not fit"):
+      checkpoint.restore_or_init(ckpt, wrong, lambda: None, {"n": 1})
+    assert ckpt.latest_step() == 1 and not ckpt.moved
+
+
+def test_restore_params_refuses_a_damaged_step(tmp_path, tok):
+  cfg, params = tiny_model(tok, single_device_sharder())
+  abstract = transformer.abstract_params(cfg)
+  tx, _ = optim.make_optimizer(sft_config.get_config("tiny").optim, 10, abstract)
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(optim.init_train_state(params, tx, jax.random.key(0)), {}, force=True)
+  damage_largest_file(os.path.join(tmp_path, "0"))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, transformer.param_shardings(cfg, single_device_sharder()))
+  with pytest.raises(ValueError, match="step 0 is damaged .*rerun the stage"):
+    checkpoint.restore_params(str(tmp_path), target)
 
 
 # --- Bad input -----------------------------------------------------------------------------------

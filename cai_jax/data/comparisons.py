@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from cai_jax import records
+from cai_jax.data import files
 from cai_jax.data import batching
 from cai_jax.data.sft import check_truncation
 from cai_jax.model.sharding import Sharder
@@ -62,9 +63,26 @@ def read_human_comparisons(path: str) -> list[Comparison]:
   ext = os.path.splitext(path)[1].lower()
   if ext not in _BUILDERS:
     raise ValueError(f"data.helpful_comparisons={path}: expected a {sorted(_BUILDERS)} file")
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise FileNotFoundError(f"data.helpful_comparisons={path}: no such file")
-  ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train")
+  if ext == ".jsonl":  # our checks first: one line naming the file, line and fix
+    for line_no, row in files.iter_jsonl(
+        path, "comparison file", '{"prompt": "...", "chosen": "...", "rejected": "..."}'):
+      files.require(row, dict.fromkeys(("prompt", "chosen", "rejected"), str),
+                    f"{path}:{line_no}", "each row needs the prompt and the chosen and"
+                    " rejected responses as strings")
+  elif ext == ".parquet":
+    files.check_readable(path, "comparison file")
+  else:
+    files.read_text(path, "comparison file")
+  try:
+    ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train")
+  except Exception as e:  # noqa: BLE001 - a file datasets cannot parse, named with the fix
+    raise files.InputFileError(
+        f"{path}: cannot be read as {ext} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); check the file's format") from None
+  if len(ds) == 0:
+    raise files.InputFileError(f"{path}: holds no comparisons; it needs at least one row")
   missing = {"prompt", "chosen", "rejected"} - set(ds.column_names)
   if missing:
     raise ValueError(f"{path}: missing column(s) {sorted(missing)}; have {ds.column_names}"

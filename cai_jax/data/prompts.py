@@ -25,6 +25,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import yaml
+
+from cai_jax.data import files
 
 if TYPE_CHECKING:
   import datasets
@@ -120,21 +123,22 @@ def _read_pyrit_seeds(path: str) -> list[str]:
 
 
 def _read_lines(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [line.strip() for line in f if line.strip()]
+  return [line.strip() for line in files.read_text(path, "prompt file").splitlines()
+          if line.strip()]
 
 
 def _read_jsonl_field(pattern: str, field: str = "prompt") -> list[str]:
   out = []
   for path in sorted(glob.glob(pattern)):
-    with open(path, encoding="utf-8") as f:
-      out.extend(json.loads(line)[field] for line in f if line.strip())
+    for line_no, row in files.iter_jsonl(path, "prompt file", f'{{"{field}": "..."}}'):
+      files.require(row, {field: str}, f"{path}:{line_no}")
+      out.append(row[field])
   return out
 
 
 def _read_csv_column(path: str, column: str) -> list[str]:
-  with open(path, encoding="utf-8", newline="") as f:
-    return [row[column] for row in csv.DictReader(f)]
+  text = files.read_text(path, "prompt file")
+  return [row[column] for row in csv.DictReader(io.StringIO(text, newline=""))]
 
 
 _JSON_GAP = re.compile(r"[\s,]*")
@@ -260,21 +264,48 @@ def _read_file(spec: SourceSpec, cache_dir: str | None) -> tuple[list[Any], str]
   """Raw values of the prompt column of a local file, and the column used."""
   import datasets  # deferred: importing it costs about a second
 
-  files = sorted(glob.glob(spec.location))
-  if not files:
+  matched = sorted(glob.glob(spec.location))
+  if not matched:
     raise PromptSourceError(
         f"{spec.location}: no such file. Give an existing path or glob, `hub:NAME`, or a "
         f"built-in source: {', '.join(BUILTIN_SOURCES)}.")
-  ext = os.path.splitext(files[0])[1].lower()
-  if ext not in _BUILDERS or any(os.path.splitext(f)[1].lower() != ext for f in files):
+  ext = os.path.splitext(matched[0])[1].lower()
+  if ext not in _BUILDERS or any(os.path.splitext(f)[1].lower() != ext for f in matched):
     raise PromptSourceError(
         f"{spec.location}: unsupported or mixed file types; use one of "
         f"{', '.join(_BUILDERS)} for all matched files.")
   column = "text" if ext == ".txt" else spec.column
-  ds = datasets.load_dataset(_BUILDERS[ext], data_files=files, split="train",
-                             cache_dir=cache_dir)
+  for path in matched:  # our checks first: one line naming the file, line and fix
+    _check_prompt_file(path, ext, column)
+  try:
+    ds = datasets.load_dataset(_BUILDERS[ext], data_files=matched, split="train",
+                               cache_dir=cache_dir)
+  except Exception as e:  # noqa: BLE001 - a file datasets cannot parse, named with the fix
+    raise PromptSourceError(
+        f"{spec.location}: cannot be read as {ext} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); check the file's format") from None
   _check_column(ds.column_names, column, spec.location)
   return ds[column], column
+
+
+def _check_prompt_file(path: str, ext: str, column: str) -> None:
+  """Encoding, emptiness and (JSONL) one object per line with a string `column`."""
+  if ext == ".parquet":
+    files.check_readable(path, "prompt file")
+    return
+  if ext == ".jsonl" or (ext == ".json" and files.read_text(path).lstrip()[:1] != "["):
+    for line_no, row in files.iter_jsonl(path, "prompt file", f'{{"{column}": "..."}}'):
+      if column not in row:
+        raise PromptSourceError(
+            f"{path}:{line_no}: no prompt column {column!r}; this object's fields are"
+            f" {sorted(row)}. Set the prompt column (SourceSpec.column) to one of them.")
+      if row[column] is not None and not isinstance(row[column], str):
+        raise PromptSourceError(
+            f"{path}:{line_no}: the prompt column {column!r} holds a JSON"
+            f" {files.json_type(row[column])}, not a string. Point the prompt column at a"
+            " text column.")
+  else:
+    files.read_text(path, "prompt file")
 
 
 def _read_hub(spec: SourceSpec, cache_dir: str | None) -> tuple[list[Any], str]:
@@ -552,14 +583,12 @@ def read_jsonl(path: str) -> list[PromptRecord]:
   """Reads a file written by `write_jsonl`, keeping its ids."""
   fields = {f.name for f in dataclasses.fields(PromptRecord)}
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      row = json.loads(line)
-      if not isinstance(row, dict) or set(row) != fields or row["kind"] not in KINDS:
-        raise PromptSourceError(
-            f"{path}: line {lineno}: expected an object with exactly {sorted(fields)} and kind "
-            f"in {KINDS}, got {row!r:.200}. Was it written by cai_jax.data.prompts.write_jsonl?")
-      out.append(PromptRecord(**row))
+  for lineno, row in files.iter_jsonl(path, "prompt file", allow_empty=True):
+    if set(row) != fields or row["kind"] not in KINDS or not all(
+        isinstance(v, str) for v in row.values()):
+      raise PromptSourceError(
+          f"{path}: line {lineno}: expected an object with exactly {sorted(fields)} (strings)"
+          f" and kind in {KINDS}, got {row!r:.200}. Was it written by"
+          " cai_jax.data.prompts.write_jsonl?")
+    out.append(PromptRecord(**row))
   return out

@@ -17,7 +17,16 @@ from ml_collections import config_flags
 from cai_jax import compilation_cache, distributed
 
 # Errors that mean "the input is wrong", not "the code is wrong".
-INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
+# A diverged run (FloatingPointError) is the config's fault too: its message names the
+# checkpoint kept and the fix.
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError, FloatingPointError)
+
+
+def error_line(e: BaseException) -> str:
+  """The one line a binary prints for bad input (an `INPUT_ERRORS` instance)."""
+  message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  return "error: " + " ".join(str(message).split("\n"))
 
 
 def main(run: Callable) -> None:
@@ -45,9 +54,8 @@ def main(run: Callable) -> None:
     try:
       result = run(config.value, workdir.value)
     except INPUT_ERRORS as e:
-      message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-      logging.error("%s: %s", type(e).__name__, message)
-      print(f"error: {message}", file=sys.stderr)
+      logging.error("%s: %s", type(e).__name__, e)
+      print(error_line(e), file=sys.stderr)
       sys.exit(2)
     if result is not None and distributed.is_leader():
       print(result)

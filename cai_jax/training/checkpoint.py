@@ -12,12 +12,23 @@ params (`restore_params`) without knowing the optimizer:
 Restores go into `jax.eval_shape` targets that carry shardings
 (`optim.abstract_train_state`), so a checkpoint written on one mesh restores
 onto whatever mesh the current run has.
+
+Verified restores: once a step is final on disk, process 0 writes
+`<step>/cai_checksums.json` (size and SHA-256 of every file of the step,
+atomically). Opening a Checkpointer checks the newest steps against it; a step
+that fails the check, or an unsealed one that fails to restore, is reported in
+one line and moved to `<directory>.damaged/`, and the run resumes from the newest
+intact step. A step without the file (killed between its commit and its seal,
+or written before seals existed) is restored with an "unverified" warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -27,9 +38,61 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cai_jax import distributed
 from cai_jax.training.optim import Params, TrainState
 
 ITEMS = ("params", "opt_state", "rng", "data")
+CHECKSUMS = "cai_checksums.json"
+
+
+# --- Seals: per-file checksums of a finished step -------------------------------------
+
+
+def _file_digests(step_dir: str) -> dict[str, list]:
+  out = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel == CHECKSUMS or rel.endswith(".tmp"):
+        continue
+      with open(path, "rb") as f:
+        out[rel] = [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
+  return out
+
+
+def seal(step_dir: str) -> None:
+  """Writes the step's checksums (atomically: a torn seal is never read)."""
+  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"format": 1, "sha256": _file_digests(step_dir)}, f, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def check_seal(step_dir: str) -> str | None:
+  """None if every sealed file is there with its size and SHA-256, else what is wrong.
+
+  Raises FileNotFoundError when the step has no seal (it cannot be checked).
+  """
+  try:
+    with open(os.path.join(step_dir, CHECKSUMS)) as f:
+      expected = json.load(f)["sha256"]
+  except FileNotFoundError:
+    raise
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    return f"its {CHECKSUMS} is unreadable ({type(e).__name__})"
+  for rel, (size, digest) in sorted(expected.items()):
+    path = os.path.join(step_dir, rel)
+    if not os.path.isfile(path):
+      return f"{rel} is missing"
+    if os.path.getsize(path) != size:
+      return f"{rel} has {os.path.getsize(path)} bytes, not {size}"
+    with open(path, "rb") as f:
+      if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+        return f"{rel} fails its SHA-256 check"
+  return None
 
 
 class Checkpointer:
@@ -43,6 +106,68 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=ITEMS)
+    self._verified: dict[int, bool] = {}  # step -> its seal was checked and held
+    self.moved: list[int] = []  # damaged steps moved aside by this run
+    self._unsealed = True  # a step may be waiting for its seal
+    self._drop_damaged()
+
+  # --- seals and damage ---
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def verified(self, step: int) -> bool:
+    return self._verified.get(step, False)
+
+  def _drop_damaged(self) -> None:
+    """Checks the newest steps' seals until one holds or is unsealed; moves the
+    damaged ones aside (so the run resumes from the newest intact step)."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        problem = check_seal(self.step_dir(step))
+      except FileNotFoundError:
+        logging.warning("%s: checkpoint step %d has no %s (unverified: killed before its"
+                        " seal, or written by an older version); restoring it unchecked",
+                        self.directory, step, CHECKSUMS)
+        return
+      if problem is None:
+        self._verified[step] = True
+        return
+      self.move_aside(step, problem)
+
+  def move_aside(self, step: int, problem: str) -> None:
+    """Moves a damaged step to `<directory>.damaged/` with a one-line warning."""
+    dest_root = self.directory + ".damaged"
+    dest = os.path.join(dest_root, str(step))
+    n = 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
+    logging.warning("%s: checkpoint step %d is damaged (%s); moved to %s and skipped",
+                    self.directory, step, problem, dest)
+    if distributed.is_leader():
+      os.makedirs(dest_root, exist_ok=True)
+      shutil.move(self.step_dir(step), dest)
+    distributed.barrier(f"{self.directory}/move-{step}")
+    self._manager.reload()
+    self.moved.append(step)
+
+  def seal_if_finished(self) -> None:
+    """Seals the last save as soon as it is on disk (cheap to call every step)."""
+    if self._unsealed and not self._manager.is_saving_in_progress():
+      self._seal_finished()
+
+  def _seal_finished(self) -> None:
+    """Seals every finished step that has no seal yet (call once saves are done)."""
+    self._unsealed = False
+    if not distributed.is_leader():
+      return
+    for step in self.all_steps():
+      d = self.step_dir(step)
+      if os.path.isdir(d) and not os.path.exists(os.path.join(d, CHECKSUMS)):
+        seal(d)
+        self._verified[step] = True
+
+  # --- saving and restoring ---
 
   def save(self, state: TrainState, data: dict[str, Any], *, force: bool = False
            ) -> bool:
@@ -52,12 +177,16 @@ class Checkpointer:
     the caller may donate `state` to the next step right away.
     """
     step = int(jax.device_get(state.step))
+    self._manager.wait_until_finished()  # what `save` does first anyway; then seal
+    self._seal_finished()
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         rng=ocp.args.StandardSave({"key_data": jax.random.key_data(state.key)}),
         data=ocp.args.JsonSave(dict(data)))
-    return self._manager.save(step, args=args, force=force)
+    saved = self._manager.save(step, args=args, force=force)
+    self._unsealed = self._unsealed or saved
+    return saved
 
   def restore(self, abstract_state: TrainState, step: int | None = None
               ) -> tuple[TrainState, dict[str, Any]]:
@@ -100,8 +229,11 @@ class Checkpointer:
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
+    self._seal_finished()
+    distributed.barrier(f"{self.directory}/sealed")
 
   def close(self) -> None:
+    self.wait_until_finished()
     self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
@@ -113,32 +245,66 @@ class Checkpointer:
 
 def restore_or_init(ckpt: Checkpointer, abstract_state: TrainState,
                     init: Callable[[], TrainState], expect: dict[str, Any]) -> TrainState:
-  """The latest checkpoint's state if there is one, else `init()`.
+  """The newest intact checkpoint's state if there is one, else `init()`.
 
   `expect`: data facts (dataset fingerprint, batch size, seed) that the
   checkpoint's data item must match; resuming on other data is refused, since
-  the data position would mean something else.
+  the data position would mean something else. An unsealed step that fails
+  to restore is moved aside and the next one tried; a sealed (intact) step
+  that fails to restore does not fit this run, which is the config's fault.
   """
-  if ckpt.latest_step() is None:
-    return init()
-  state, data = ckpt.restore(abstract_state)
-  saved = {k: data.get(k) for k in expect}
-  if saved != dict(expect):
-    raise ValueError(f"{ckpt.directory}: the checkpoint was made with other data or"
-                     f" batching ({saved} vs now {dict(expect)}); use a fresh workdir")
-  logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-  return state
+  moved_here = []
+  while (step := ckpt.latest_step()) is not None:
+    try:
+      state, data = ckpt.restore(abstract_state, step)
+    except Exception as e:  # noqa: BLE001 - decided below: damage or a config mismatch
+      reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+      if ckpt.verified(step):
+        raise ValueError(
+            f"{ckpt.directory}: checkpoint step {step} is intact but does not fit this run"
+            f" ({reason}); rerun with the config it was made with, or use a fresh workdir"
+            ) from None
+      ckpt.move_aside(step, f"it fails to restore: {reason}")
+      moved_here.append(step)
+      continue
+    saved = {k: data.get(k) for k in expect}
+    if saved != dict(expect):
+      raise ValueError(f"{ckpt.directory}: the checkpoint was made with other data or"
+                       f" batching ({saved} vs now {dict(expect)}); use a fresh workdir")
+    if ckpt.moved:
+      logging.warning("%s: resuming from step %d, the newest intact checkpoint (damaged:"
+                      " %s)", ckpt.directory, step, ckpt.moved)
+    logging.info("resumed from %s at step %d%s", ckpt.directory, step,
+                 "" if ckpt.verified(step) else " (unverified)")
+    return state
+  if moved_here:  # the caller saw a checkpoint, so it may have freed what `init` needs
+    raise ValueError(f"{ckpt.directory}: no intact checkpoint is left (damaged steps"
+                     f" {ckpt.moved} moved to {ckpt.directory}.damaged); rerun the same"
+                     " command to start from step 0")
+  return init()
 
 
 def restore_params(directory: str, abstract_params: Params, step: int | None = None
                    ) -> Params:
-  """Only the params of a Checkpointer directory (e.g. the SFT model for the PM)."""
+  """Only the params of a Checkpointer directory (e.g. the trained PM), checked
+  against the step's seal; a damaged step is an error naming the fix."""
   with ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{directory}: no checkpoints")
-    return manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params))).params
+    step_dir = os.path.join(os.path.abspath(directory), str(step))
+    try:
+      problem = check_seal(step_dir)
+    except FileNotFoundError:
+      logging.warning("%s: checkpoint step %d has no %s; restoring it unverified",
+                      directory, step, CHECKSUMS)
+      problem = None
+    if problem is None:
+      return manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params))).params
+  raise ValueError(f"{directory}: checkpoint step {step} is damaged ({problem}); rerun"
+                   " the stage that wrote it, which resumes from its newest intact"
+                   " checkpoint and rewrites this one")
 
 
 # --- Preemption -------------------------------------------------------------------------

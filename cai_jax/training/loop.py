@@ -71,10 +71,12 @@ def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkp
       pending.clear()
       for i, m in enumerate(fetched):
         if not m["finite"]:
+          ckpt.wait_until_finished()
           raise FloatingPointError(
-              f"non-finite loss or parameters at step {step - len(fetched) + i + 1}"
-              f" (loss {m.get('loss')}); stopped without saving, the last checkpoint"
-              f" ({ckpt.latest_step()}) is kept")
+              f"{out}: non-finite loss or parameters at step {step - len(fetched) + i + 1}"
+              f" (loss {m.get('loss')}); stopped without saving, the newest checkpoint"
+              f" ({ckpt.latest_step()}) is kept. Lower the learning rate (optim.lr) or"
+              " check the data, then rerun to resume from it")
       if not fetched:
         return
       now = time.perf_counter()
@@ -94,6 +96,7 @@ def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkp
       for step in range(start, total_steps):
         state, metrics = loop.step_fn(state, loop.batch_at(step))
         pending.append(metrics)
+        ckpt.seal_if_finished()
         done = step + 1
         bar.update(1)
         if step == start:  # the first step compiles: keep it out of the rate
