@@ -95,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       continue
     logging.info("=== stage %s ===", name)
     start = time.perf_counter()
-    stage.run(config[name], workdir)
+    result = stage.run(config[name], workdir)
     seconds = time.perf_counter() - start
     timings[name] = float(timings.get(name, 0.0)) + seconds
     release_memory()
@@ -109,6 +109,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
       os.replace(path + ".tmp", path)
+    if getattr(result, "status", "done") == "preempted":  # SIGTERM: saved, now stop
+      logging.warning("stage %s was preempted (its checkpoint is saved); later stages"
+                      " need it finished, so the pipeline stops here: rerun the same"
+                      " command to resume", name)
+      break
   return timings
 
 

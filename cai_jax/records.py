@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -194,16 +197,59 @@ def completed_shards(directory: str) -> set[int]:
 
 
 def write_shard(directory: str, index: int, records: Iterable[Any]) -> None:
-  """Write one shard atomically: readers see all of it or none of it."""
+  """Write one shard atomically: readers see all of it or none of it.
+
+  Its SHA-256 goes first into `shard-NNNNN.jsonl.sha256` (a seal, also atomic),
+  so every shard that exists has its seal and a damaged one is found
+  (`damaged_shards`) and written again.
+  """
   os.makedirs(directory, exist_ok=True)
   final = shard_path(directory, index)
-  tmp = final + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(to_json(r) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, final)
+  data = "".join(to_json(r) + "\n" for r in records).encode("utf-8")
+  for path, content in ((final + SEAL, hashlib.sha256(data).hexdigest().encode()),
+                        (final, data)):
+    with open(path + ".tmp", "wb") as f:
+      f.write(content)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+SEAL = ".sha256"
+
+
+def damaged_shards(directory: str) -> dict[int, str]:
+  """{index: what is wrong} of the shards whose bytes do not match their seal.
+
+  A shard without a seal (written before seals existed) is taken as it is.
+  """
+  out = {}
+  for i in sorted(completed_shards(directory)):
+    path = shard_path(directory, i)
+    try:
+      with open(path + SEAL, "rb") as f:
+        expected = f.read().decode("ascii", "replace").strip()
+    except FileNotFoundError:
+      continue
+    with open(path, "rb") as f:
+      if hashlib.file_digest(f, "sha256").hexdigest() != expected:
+        out[i] = f"{path} fails its SHA-256 check"
+  return out
+
+
+def drop_damaged_shards(directory: str) -> list[int]:
+  """Moves damaged shards to `<directory>.damaged/` (one warning each), so the
+  stage writes them again; returns their indices."""
+  damaged = damaged_shards(directory)
+  if damaged and distributed.is_leader():
+    aside = directory.rstrip(os.sep) + ".damaged"
+    os.makedirs(aside, exist_ok=True)
+    for i, problem in damaged.items():
+      dest = os.path.join(aside, f"{os.path.basename(shard_path(directory, i))}.{time.time_ns()}")
+      logging.warning("%s; moved to %s and written again", problem, dest)
+      os.replace(shard_path(directory, i), dest)
+  distributed.barrier(f"{directory}/damaged-shards")
+  return sorted(damaged)
 
 
 def run_sharded(directory: str, inputs: Sequence[Any], shard_size: int,
@@ -216,6 +262,7 @@ def run_sharded(directory: str, inputs: Sequence[Any], shard_size: int,
   if shard_size <= 0:
     raise ValueError(f"shard_size must be positive, got {shard_size}")
   num_shards = -(-len(inputs) // shard_size)
+  drop_damaged_shards(directory)
   done = completed_shards(directory)
   computed = 0
   for i in range(num_shards):
@@ -238,6 +285,10 @@ def read_records(directory: str, cls: type[R]) -> list[R]:
   if not paths:
     raise FileNotFoundError(f"{directory}: no shard-*.jsonl files; run the phase"
                             " that writes them first")
+  damaged = damaged_shards(directory)
+  if damaged:
+    raise ValueError(f"{next(iter(damaged.values()))}: the shard is damaged; rerun the stage"
+                     " that wrote it, which writes damaged shards again")
   out = []
   for path in paths:
     for line_no, row in files.iter_jsonl(path, "shard", example="one record per line",

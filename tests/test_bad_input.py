@@ -363,3 +363,20 @@ def test_bad_input_through_the_binaries(tmp_path):
   r = _phase("p3_sft", "sft.py:tiny", tmp_path / "w3", f"--config.data.records_dir={d}",
              "--config.optim.lr=nan", "--config.train.num_steps=2")
   _assert_clean_failure(r, "non-finite loss", "Lower the learning rate")
+
+
+def test_a_damaged_shard_is_refused_then_written_again(tmp_path):
+  d = str(tmp_path / "out")
+  recs = make_records(n_red=6, n_help=0)
+  process = lambda chunk: list(chunk)
+  assert records.run_sharded(d, recs, 2, process) == 3
+  clean = _read_bytes(d)
+  path = records.shard_path(d, 1)
+  data = bytearray(open(path, "rb").read())
+  data[10] ^= 0x01  # one flipped bit: still valid JSON, silently wrong text
+  open(path, "wb").write(bytes(data))
+  with pytest.raises(ValueError, match="shard-00001.jsonl fails its SHA-256 check.*rerun"):
+    records.read_records(d, records.CritiqueRevisionRecord)
+  assert records.run_sharded(d, recs, 2, process) == 1  # only the damaged one again
+  assert _read_bytes(d) == clean
+  assert len(os.listdir(d + ".damaged")) == 1

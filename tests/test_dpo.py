@@ -313,9 +313,12 @@ def test_sharded_steps_equal_one_device(tiny_pairs, shape):
   assert len(sharded.params["layers"]["attn"]["q"].sharding.device_set) == 8
   assert l1[0] != l1[-1]  # the steps moved the policy
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  # Adam divides by sqrt(v): for near-zero gradients it turns reduction-order noise
+  # into lr-sized steps, so after 3 updates the params agree to ~2e-5 relative on
+  # some CPUs (the losses above to 1e-5); a sharding bug is off by O(1).
   for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
     a, b = np.asarray(a), np.asarray(b)
-    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+    assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
 
 
 def test_bad_config_names_the_field(tmp_path):

@@ -91,7 +91,7 @@ def test_missing_file_and_kind(tmp_path, cache):
 
 def test_non_string_column_is_an_error(tmp_path, cache):
   path = _jsonl(tmp_path / "nums.jsonl", [{"prompt": 1}, {"prompt": 2}])
-  with pytest.raises(P.PromptSourceError, match="row 0.*not a string"):
+  with pytest.raises(P.PromptSourceError, match="nums.jsonl:1.*number, not a string"):
     P.helpful_prompts([path], cache_dir=cache)
 
 

@@ -23,6 +23,7 @@ def run_generation(out: str, inputs: Sequence[Any], shard_size: int, config: Any
   different one is refused). A finished directory is left untouched.
   """
   records.check_same_config(out, config)
+  records.drop_damaged_shards(out)  # written again below, like missing ones
   num_shards = -(-len(inputs) // shard_size)
   todo = num_shards - len(records.completed_shards(out) & set(range(num_shards)))
   if todo == 0:
