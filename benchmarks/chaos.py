@@ -6,13 +6,17 @@ for bit with an uninterrupted run.
 
 The pipeline runs as users run it (`python -m cai_jax.pipeline`, the tiny+dpo
 config of tests/test_pipeline.py) in a child process. First an uninterrupted
-reference run (its per-stage wall times place the kills). Then the chaos run
+reference run, twice (cold and warm compilation cache: the two must agree; the
+warm one's per-stage wall times place the kills). Then the chaos run
 from an empty workdir: the kills are spread evenly over the stages in
 pipeline order; for each one the harness waits until the child's log says the
 target stage started, then kills it (SIGKILL or SIGTERM, seeded) either after a
 random fraction of that stage's reference time, or the moment a checkpoint or
 shard is being written (an Orbax temporary directory or a `*.tmp` file shows
-up in the workdir). After each kill the same command is run again. With
+up in the workdir), and at the latest when the next stage starts. After each
+kill the same command is run again. When a run gets to the end before its kill
+(the last stage can finish first), that workdir is an episode: it is compared
+and the next kills go to a new, empty workdir. With
 `--damage`, between kills it also flips 16 bytes in a random finished
 checkpoint step or record shard (seeded), as disk rot or a torn copy would.
 After the last kill the command runs to completion.
@@ -136,9 +140,10 @@ def record_ids(workdir: str) -> dict[str, list[str]]:
   return out
 
 
-def run_reference(workdir: str, model: str, logs: str) -> tuple[float, dict[str, float]]:
+def run_reference(workdir: str, model: str, logs: str, name: str = "reference"
+                  ) -> tuple[float, dict[str, float]]:
   t0 = time.perf_counter()
-  proc, log = start(workdir, model, os.path.join(logs, "reference.log"))
+  proc, log = start(workdir, model, os.path.join(logs, f"{name}.log"))
   rc = proc.wait()
   log.close()
   if rc != 0:
@@ -162,18 +167,56 @@ def main() -> None:
   logs = os.path.join(root, "logs")
   os.makedirs(logs, exist_ok=True)
   model = fingerprints.tiny_model(os.path.join(root, "tiny_model"))
-  ref_dir, chaos_dir = os.path.join(root, "reference"), os.path.join(root, "chaos")
-  for d in (ref_dir, chaos_dir):
+  ref_dir = os.path.join(root, "reference")
+  for d in [ref_dir] + glob.glob(os.path.join(root, "chaos-*")):
     shutil.rmtree(d, ignore_errors=True)
 
+  # Two uninterrupted runs: the first fills the compilation cache, the second (warm,
+  # as every restart of the chaos run is) times the stages that place the kills.
+  # They must agree with each other too.
+  cold_dir = os.path.join(root, "reference_cold")
+  shutil.rmtree(cold_dir, ignore_errors=True)
+  cold_seconds, _ = run_reference(cold_dir, model, logs, "reference_cold")
   ref_seconds, ref_stage_seconds = run_reference(ref_dir, model, logs)
   stages = list(ref_stage_seconds)
-  print(f"reference run: {ref_seconds:.0f} s; stages {ref_stage_seconds}", flush=True)
+  print(f"reference runs: {cold_seconds:.0f} s cold, {ref_seconds:.0f} s warm; warm stages"
+        f" { {k: round(v, 1) for k, v in ref_stage_seconds.items()} }", flush=True)
 
   # Kills spread evenly over the stages, in pipeline order; kind and moment seeded.
   plan = [stages[i * len(stages) // args.kills] for i in range(args.kills)]
-  kills, errors, damaged = [], [], []
-  attempt = 0
+  kills, errors, damaged, episodes = [], [], [], []
+  attempt, episode = 0, {"index": 0, "kills": [], "damaged": []}
+  chaos_dir = os.path.join(root, "chaos-0")
+
+  def run_once() -> tuple[int, str]:
+    nonlocal attempt
+    attempt += 1
+    log_path = os.path.join(logs, f"attempt-{attempt:03d}.log")
+    proc, log = start(chaos_dir, model, log_path)
+    rc = proc.wait()
+    log.close()
+    return rc, log_path
+
+  def close_episode(complete: bool) -> None:
+    """Compares the episode's finished workdir with the reference."""
+    nonlocal chaos_dir, episode
+    fp = fingerprints.fingerprint(chaos_dir)
+    ids = record_ids(chaos_dir)
+    episode.update(
+        workdir=chaos_dir, completed=complete,
+        mismatches=[k for k in sorted(set(ref_fp) | set(fp)) if ref_fp.get(k) != fp.get(k)],
+        records_lost=sum(len(set(v) - set(ids.get(k, []))) for k, v in ref_ids.items()),
+        records_duplicated=sum(len(v) - len(set(v)) for v in ids.values()),
+        records_extra=sum(len(set(v) - set(ref_ids.get(k, []))) for k, v in ids.items()),
+        files_compared=len(set(ref_fp) | set(fp)))
+    episodes.append(episode)
+    print(f"episode {episode['index']}: {len(episode['kills'])} kills, completed {complete},"
+          f" {len(episode['mismatches'])} mismatches, lost {episode['records_lost']},"
+          f" duplicated {episode['records_duplicated']}", flush=True)
+    episode = {"index": episode["index"] + 1, "kills": [], "damaged": []}
+    chaos_dir = os.path.join(root, f"chaos-{episode['index']}")
+
+  ref_fp, ref_ids = fingerprints.fingerprint(ref_dir), record_ids(ref_dir)
   t_chaos = time.perf_counter()
   for target in plan:
     attempt += 1
@@ -185,18 +228,18 @@ def main() -> None:
     what, deadline, sent, started = None, None, False, []
     while proc.poll() is None:
       time.sleep(0.02)
-      if target not in stages_started(log_path):
+      started = stages_started(log_path)
+      if target not in started:
         continue
+      past = started[-1] != target  # the target stage ended: kill now, at the boundary
       if deadline is None:
         deadline = time.perf_counter() + fraction * ref_stage_seconds[target]
-        write_deadline = time.perf_counter() + 2 * ref_stage_seconds[target] + 30
-      if moment == "write":
+      if moment == "write" and not past:
         what = writes_in_progress(chaos_dir)
-        if what is None and time.perf_counter() < write_deadline:
+        if what is None:
           continue
-      elif time.perf_counter() < deadline:
+      elif time.perf_counter() < deadline and not past:
         continue
-      started = stages_started(log_path)
       proc.send_signal(sig)
       sent = True
       break
@@ -204,70 +247,72 @@ def main() -> None:
     log.close()
     if rc not in (0, -signal.SIGKILL, -signal.SIGTERM):
       errors.append({"attempt": attempt, "exit": rc, "log": log_path})
-    if not sent:
-      print(f"attempt {attempt}: exit {rc} before the kill in stage {target}", flush=True)
+    if sent:
+      kill = {"attempt": attempt, "episode": episode["index"],
+              "stage": started[-1] if started else target, "signal": signal.Signals(sig).name,
+              "moment": moment, "writing": what and os.path.relpath(what, chaos_dir),
+              "exit": rc}
+      kills.append(kill)
+      episode["kills"].append(attempt)
+      print(f"attempt {attempt}: {kill['signal']} in {kill['stage']} ({moment}"
+            f"{', writing ' + kill['writing'] if what else ''}) -> exit {rc}", flush=True)
+    if rc == 0 and not preempted(log_path):  # the pipeline finished before the kill
+      print(f"attempt {attempt}: the pipeline finished before the kill in {target}",
+            flush=True)
+      close_episode(True)
       continue
-    kill = {"attempt": attempt, "stage": (started[-1] if started else target),
-            "signal": signal.Signals(sig).name, "moment": moment, "writing": what,
-            "exit": rc}
-    kills.append(kill)
-    print(f"attempt {attempt}: {kill['signal']} in {kill['stage']} ({moment}"
-          f"{', writing ' + os.path.relpath(what, chaos_dir) if what else ''}) -> exit {rc}",
-          flush=True)
     if args.damage and rng.random() < args.damage_prob:
       targets = finished_targets(chaos_dir)
       if targets:
         hit = targets[int(rng.integers(len(targets)))]
-        damaged.append(os.path.relpath(damage(hit), chaos_dir))
+        damaged.append(os.path.relpath(damage(hit), root))
+        episode["damaged"].append(damaged[-1])
         print(f"  damaged {damaged[-1]}", flush=True)
-  # The last attempt runs to the end (a damaged shard or checkpoint may need one
-  # extra start: a stage that finds no intact checkpoint left says so and stops).
-  finals = []
-  for _ in range(3):
-    attempt += 1
-    log_path = os.path.join(logs, f"attempt-{attempt:03d}.log")
-    proc, log = start(chaos_dir, model, log_path)
-    rc = proc.wait()
-    log.close()
-    finals.append(rc)
-    if rc == 0 and not preempted(log_path):
-      break
-    errors.append({"attempt": attempt, "exit": rc, "log": log_path})
+  # Then to the end (a stage that finds no intact checkpoint left, after a damaged
+  # unsealed one failed to restore, says so and stops: one more start).
+  if episode["kills"]:
+    for _ in range(3):
+      rc, log_path = run_once()
+      if rc == 0 and not preempted(log_path):
+        break
+      errors.append({"attempt": attempt, "exit": rc, "log": log_path})
+    close_episode(rc == 0 and not preempted(log_path))
   chaos_seconds = time.perf_counter() - t_chaos
 
-  ref_fp, chaos_fp = fingerprints.fingerprint(ref_dir), fingerprints.fingerprint(chaos_dir)
-  keys = sorted(set(ref_fp) | set(chaos_fp))
-  mismatches = [k for k in keys if ref_fp.get(k) != chaos_fp.get(k)]
-  ref_ids, chaos_ids = record_ids(ref_dir), record_ids(chaos_dir)
-  lost = sum(len(set(v) - set(chaos_ids.get(k, []))) for k, v in ref_ids.items())
-  duplicated = sum(len(v) - len(set(v)) for v in chaos_ids.values())
-  extra = sum(len(set(v) - set(ref_ids.get(k, []))) for k, v in chaos_ids.items())
-  completed = finals[-1] == 0 and not preempted(log_path)
-  survived = len(kills) if completed and not mismatches and not lost and not duplicated else 0
+  cold_fp = fingerprints.fingerprint(cold_dir)
+  clean = [e for e in episodes if e["completed"] and not e["mismatches"]
+           and not e["records_lost"] and not e["records_duplicated"]]
   summary = {
       "command": " ".join(["python", "benchmarks/chaos.py", f"--kills={args.kills}",
                            f"--seed={args.seed}"] + (["--damage"] if args.damage else [])),
-      "kills": len(kills), "kills_survived": survived,
+      "kills": len(kills), "kills_survived": sum(len(e["kills"]) for e in clean),
+      "episodes": len(episodes), "episodes_identical": len(clean),
       "kills_per_stage": dict(collections.Counter(k["stage"] for k in kills)),
       "kills_per_signal": dict(collections.Counter(k["signal"] for k in kills)),
-      "kills_while_writing": sum(1 for k in kills if k["writing"]),
       "kills_while_writing_checkpoint": sum(1 for k in kills if k["writing"]
                                             and "checkpoint" in k["writing"]),
       "kills_while_writing_shard": sum(1 for k in kills if k["writing"]
                                        and "shard-" in k["writing"]),
       "damaged": damaged,
       "records_reference": sum(len(v) for v in ref_ids.values()),
-      "records_lost": lost, "records_duplicated": duplicated, "records_extra": extra,
-      "files_compared": len(keys), "mismatches": mismatches,
-      "attempts_with_an_error": errors, "completed": completed,
-      "reference_seconds": round(ref_seconds, 1), "chaos_seconds": round(chaos_seconds, 1),
-      "attempts": attempt, "root": root, "kill_log": kills,
+      "records_lost": sum(e["records_lost"] for e in episodes),
+      "records_duplicated": sum(e["records_duplicated"] for e in episodes),
+      "records_extra": sum(e["records_extra"] for e in episodes),
+      "files_compared_per_episode": len(ref_fp),
+      "mismatches": sum(len(e["mismatches"]) for e in episodes),
+      "attempts_with_an_error": errors,
+      "reference_runs_identical": cold_fp == ref_fp,
+      "reference_seconds_cold": round(cold_seconds, 1), "reference_seconds": round(ref_seconds, 1),
+      "chaos_seconds": round(chaos_seconds, 1), "attempts": attempt, "root": root,
+      "episode_log": episodes, "kill_log": kills,
   }
-  print(json.dumps({k: v for k, v in summary.items() if k != "kill_log"}, indent=1))
+  print(json.dumps({k: v for k, v in summary.items() if k not in ("kill_log", "episode_log")},
+                   indent=1))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(summary, f, indent=1)
-  sys.exit(0 if survived == len(kills) and completed else 1)
+  ok = len(clean) == len(episodes) and summary["reference_runs_identical"]
+  sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from configs import critique_revision as cr_config
 from configs import preference_model as pm_config
 from configs import prompts as prompts_config
 from configs import sft as sft_config
+from conftest import TEST_XLA_OPT
 from test_critique_revision import _config, _read_bytes, _write_prompts
 from test_preference_model import label_record
 from test_sft import make_records
@@ -26,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _phase(module: str, config: str, workdir, *overrides, timeout=300):
-  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {TEST_XLA_OPT}"}
   return subprocess.run(
       [sys.executable, "-m", f"cai_jax.phases.{module}", f"--config={REPO}/configs/{config}",
        f"--workdir={workdir}", *overrides], capture_output=True, text=True, cwd=REPO,
@@ -117,6 +118,15 @@ def test_missing_and_corrupt_checkpoints(workdir, tmp_path_factory):
   assert _tree_hash(workdir / paths.PROMPTS) == before
 
 
+def test_config_file_that_does_not_load(tmp_path):
+  bad = tmp_path / "cfg.py"
+  bad.write_text("def get_config(:\n")
+  _assert_clean_failure(_phase("p1_prompts", "prompts.py:tiny", tmp_path, f"--config={bad}"),
+                        "cfg.py", "SyntaxError")
+  _assert_clean_failure(_phase("p1_prompts", "prompts.py:tiny", tmp_path,
+                               f"--config={tmp_path}/none.py"), "none.py", "No such file")
+
+
 def test_unknown_config_key(workdir):
   r = _phase("p2_critique_revision", "critique_revision.py:tiny", workdir,
              "--config.num_roundz=3")
@@ -135,7 +145,7 @@ def test_kill_9_mid_phase_then_rerun_gives_the_same_records(tiny_model_dir, tmp_
   """A real SIGKILL while shards are being written; the rerun completes them."""
   full, killed = tmp_path / "full", tmp_path / "killed"
   for d in (full, killed):
-    _write_prompts(d, n_red=8, n_help=1)
+    _write_prompts(d, n_red=5, n_help=1)
   p2_critique_revision.run(_config(tiny_model_dir, shard_size=1), str(full))
 
   env = {**os.environ, "PYTHONPATH": REPO}

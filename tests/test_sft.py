@@ -240,8 +240,9 @@ def single_device_run(tok):
   return batch, _train(tok, single_device_sharder(), 3, 1e-3, batch)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 2, 1)],
-                         ids=str)
+# FSDP alone, tensor parallelism alone, and all three axes at once (data x fsdp x
+# tensor); the data axis alone adds no code path the mixed mesh does not take.
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 1, 8), (2, 2, 2)], ids=str)
 def test_sharded_step_equals_single_device(tok, shape, single_device_run):
   """(data, fsdp, tensor) meshes on 8 devices: 3 SFT steps equal one device."""
   batch, (single, l1) = single_device_run
@@ -249,8 +250,7 @@ def test_sharded_step_equals_single_device(tok, shape, single_device_run):
   sharded, l8 = _train(tok, sharder, 3, 1e-3, batch, microbatches=2)
   q = sharded.params["layers"]["attn"]["q"]
   assert len(q.sharding.device_set) == 8
-  if shape != (8, 1, 1):  # pure data parallelism replicates the weights
-    assert not q.sharding.is_fully_replicated
+  assert not q.sharding.is_fully_replicated
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
     a, b = np.asarray(a), np.asarray(b)

@@ -8,10 +8,13 @@ is a bug and keeps its traceback.
 """
 
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 
 from cai_jax import compilation_cache, distributed
@@ -46,13 +49,21 @@ def main(run: Callable) -> None:
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if config.value is None:
+    value = config.value
+    if value is not None and not isinstance(value, ml_collections.ConfigDict):
+      try:  # config_flags stands in an object that raises the file's load error
+        value.to_dict()
+      except Exception as e:  # noqa: BLE001 - reported in one line
+        print(f"error: --config: the config file cannot be loaded ({_last_line(e)});"
+              " check its path", file=sys.stderr)
+        sys.exit(2)
+    if value is None:
       raise app.UsageError("--config is required, e.g. --config=configs/sft.py:cpu")
     distributed.initialize(mode.value, coordinator.value, num_processes.value,
                            process_id.value)
     compilation_cache.enable(cache.value)
     try:
-      result = run(config.value, workdir.value)
+      result = run(value, workdir.value)
     except INPUT_ERRORS as e:
       logging.error("%s: %s", type(e).__name__, e)
       print(error_line(e), file=sys.stderr)
@@ -64,15 +75,44 @@ def main(run: Callable) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config override mistakes as one-line errors."""
+  """absl flag parsing, with config file and override mistakes as one-line errors."""
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+  path = os.path.abspath(spec.split(":", 1)[0]) if spec else ""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+    print(f"error: {_last_line(e)}. Pass --helpfull to see the flags.", file=sys.stderr)
     sys.exit(2)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 - the config file's or an override's fault
+    first = _last_line(e)
+    if isinstance(e, (SyntaxError, OSError, ImportError)) or _raised_in(e, path):
+      where = f" line {e.lineno}" if isinstance(e, SyntaxError) and e.lineno else ""
+      print(f"error: --config={spec}: the config file{where} cannot be loaded"
+            f" ({type(e).__name__}: {first}); check its path, variant and Python",
+            file=sys.stderr)
+      sys.exit(2)
+    if not isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+      raise
     bad = [a for a in argv[1:] if a.startswith("--config.")]
-    print(f"error: bad config override {bad}: {str(e).strip(chr(34)).strip(chr(39))}"
-          " is not a field of that config or has the wrong type; see the config file"
-          " for its fields", file=sys.stderr)
+    print(f"error: bad config override {bad}: {first} is not a field of that config or"
+          " has the wrong type; see the config file for its fields", file=sys.stderr)
     sys.exit(2)
+
+
+def _last_line(e: BaseException) -> str:
+  """The line of a (possibly multi-line, traceback-quoting) error that says what is wrong."""
+  text = str(e).replace("\\n", "\n").replace("\\'", "'")
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  said = [l for l in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", l)]
+  line = said[-1] if said else "; ".join(lines) or type(e).__name__
+  return line[1:-1] if len(line) > 1 and line[0] == line[-1] and line[0] in "'\"" else line
+
+
+def _raised_in(e: BaseException, path: str) -> bool:
+  """True when the exception passed through a frame of the file `path`."""
+  tb = e.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == path:
+      return True
+    tb = tb.tb_next
+  return False

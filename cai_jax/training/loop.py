@@ -116,7 +116,7 @@ def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkp
           ckpt.save(state, loop.position(done), force=True)
         if run_eval or save:  # keep eval and checkpoint time out of the rate
           window.update(t=time.perf_counter(), units=0.0)
-        if preempt and done < total_steps:
+        if preempt:  # also at the last step: the caller stops instead of going on
           status = "preempted"
           logging.warning("stopping at step %d (preemption); resume with the same"
                           " command", done)
