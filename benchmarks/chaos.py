@@ -3,6 +3,7 @@ for bit with an uninterrupted run.
 
   python benchmarks/chaos.py --kills=50 --seed=0 --out=benchmarks/results/chaos.json
   python benchmarks/chaos.py --kills=30 --seed=1 --damage --out=benchmarks/results/chaos_damage.json
+  python benchmarks/chaos.py --markdown benchmarks/results/chaos.json  # BENCHMARKS.md's table
 
 The pipeline runs as users run it (`python -m cai_jax.pipeline`, the tiny+dpo
 config of tests/test_pipeline.py) in a child process. First an uninterrupted
@@ -18,7 +19,8 @@ kill the same command is run again. When a run gets to the end before its kill
 (the last stage can finish first), that workdir is an episode: it is compared
 and the next kills go to a new, empty workdir. With
 `--damage`, between kills it also flips 16 bytes in a random finished
-checkpoint step or record shard (seeded), as disk rot or a torn copy would.
+checkpoint step (its largest params file) or record shard, each kind with even
+odds (seeded), as disk rot or a torn copy would.
 After the last kill the command runs to completion.
 
 Compared with the reference: every record file and the params of every
@@ -69,7 +71,7 @@ fingerprints = _load(os.path.join(REPO, "benchmarks", "pipeline_fingerprint.py")
 
 def command(workdir: str, model: str) -> list[str]:
   return [sys.executable, "-m", "cai_jax.pipeline",
-          f"--config={REPO}/benchmarks/chaos_config.py:{model}", f"--workdir={workdir}",
+          f"--config={REPO}/benchmarks/tiny_pipeline.py:{model}", f"--workdir={workdir}",
           "--alsologtostderr"]
 
 
@@ -91,24 +93,34 @@ def preempted(log_path: str) -> bool:
     return "was preempted" in f.read()
 
 
-def writes_in_progress(workdir: str) -> str | None:
-  """A path being written now: an Orbax temporary step or a `*.tmp` file."""
+def temporaries(workdir: str) -> dict[str, float]:
+  """{path: mtime} of Orbax temporary steps and `*.tmp` files (writes under way, or
+  left by a killed write)."""
+  out = {}
   for root, dirs, files in os.walk(workdir):
-    for d in dirs:
-      if "orbax-checkpoint-tmp" in d:
-        return os.path.join(root, d)
-    for f in files:
-      if f.endswith(".tmp") and ("shard-" in f or "checkpoint" in root):
-        return os.path.join(root, f)
+    for name in [d for d in dirs if "orbax-checkpoint-tmp" in d] + [
+        f for f in files if f.endswith(".tmp") and ("shard-" in f or "checkpoint" in root)]:
+      try:
+        out[os.path.join(root, name)] = os.stat(os.path.join(root, name)).st_mtime_ns
+      except FileNotFoundError:  # renamed into place meanwhile
+        pass
+  return out
+
+
+def writes_in_progress(workdir: str, left_over: dict[str, float]) -> str | None:
+  """A path being written now: a temporary that a killed attempt did not leave as is."""
+  for path, mtime in temporaries(workdir).items():
+    if left_over.get(path) != mtime:
+      return path
   return None
 
 
-def finished_targets(workdir: str) -> list[str]:
+def finished_targets(workdir: str) -> dict[str, list[str]]:
   """Finished checkpoint steps and record shards: what the damage variant may hit."""
   steps = [d for d in glob.glob(os.path.join(workdir, "*", "checkpoints", "*"))
            if os.path.basename(d).isdigit()]
-  shards = glob.glob(os.path.join(workdir, "*", "shard-*.jsonl"))
-  return sorted(steps + shards)
+  shards = glob.glob(os.path.join(workdir, "**", "shard-*.jsonl"), recursive=True)
+  return {"checkpoint": sorted(steps), "shard": sorted(shards)}
 
 
 def damage(target: str) -> str:
@@ -129,14 +141,16 @@ def damage(target: str) -> str:
 
 def record_ids(workdir: str) -> dict[str, list[str]]:
   out = {}
-  for d in sorted(glob.glob(os.path.join(workdir, "*"))):
+  dirs = {os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "**", "shard-*.jsonl"),
+                                                 recursive=True)}
+  for d in sorted(dirs):
     ids = []
     for path in sorted(glob.glob(os.path.join(d, "shard-*.jsonl"))):
       with open(path, encoding="utf-8") as f:
         ids += [f"{json.loads(line).get('id')}/{json.loads(line).get('model', '')}"
                 for line in f if line.strip()]
     if ids:
-      out[os.path.basename(d)] = ids
+      out[os.path.relpath(d, workdir)] = ids
   return out
 
 
@@ -152,7 +166,40 @@ def run_reference(workdir: str, model: str, logs: str, name: str = "reference"
     return time.perf_counter() - t0, json.load(f)
 
 
+def markdown(summary: dict) -> str:
+  """The BENCHMARKS.md table of one run's figures (`--markdown results.json`)."""
+  stages = ", ".join(f"{k} {v}" for k, v in summary["kills_per_stage"].items())
+  signals = ", ".join(f"{k} {v}" for k, v in summary["kills_per_signal"].items())
+  rows = [
+      ("command", f"`{summary['command']}`"),
+      ("kills survived", f"{summary['kills_survived']} of {summary['kills']}"
+                         f" ({summary['episodes_identical']} of {summary['episodes']}"
+                         " episodes identical to the reference)"),
+      ("kills per stage", stages), ("kills per signal", signals),
+      ("kills while a checkpoint was being written",
+       str(summary["kills_while_writing_checkpoint"])),
+      ("kills while a shard was being written", str(summary["kills_while_writing_shard"])),
+      ("files damaged between kills", f"{len(summary['damaged'])}"
+       + (": " + ", ".join(f"`{d}`" for d in summary["damaged"]) if summary["damaged"] else "")),
+      ("records lost / duplicated / extra",
+       f"{summary['records_lost']} / {summary['records_duplicated']} /"
+       f" {summary['records_extra']} (reference: {summary['records_reference']} records)"),
+      ("mismatches", f"{summary['mismatches']} of {summary['files_compared_per_episode']}"
+                     " files per episode (records, newest params, results.json)"),
+      ("attempts that ended in an error", str(len(summary["attempts_with_an_error"]))),
+      ("reference runs (cold / warm cache) identical", str(summary["reference_runs_identical"])),
+      ("wall time", f"reference {summary['reference_seconds_cold']} s cold,"
+                    f" {summary['reference_seconds']} s warm; chaos {summary['chaos_seconds']} s"
+                    f" over {summary['attempts']} starts"),
+  ]
+  return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
 def main() -> None:
+  if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+    with open(sys.argv[2]) as f:
+      print(markdown(json.load(f)))
+    return
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--kills", type=int, default=50)
   parser.add_argument("--seed", type=int, default=0)
@@ -224,6 +271,7 @@ def main() -> None:
     sig = signal.SIGKILL if rng.random() < 0.5 else signal.SIGTERM
     moment = rng.choice(["random", "write"]) if target in TRAINING + GENERATION else "random"
     fraction = float(rng.random())
+    left_over = temporaries(chaos_dir)
     proc, log = start(chaos_dir, model, log_path)
     what, deadline, sent, started = None, None, False, []
     while proc.poll() is None:
@@ -235,7 +283,7 @@ def main() -> None:
       if deadline is None:
         deadline = time.perf_counter() + fraction * ref_stage_seconds[target]
       if moment == "write" and not past:
-        what = writes_in_progress(chaos_dir)
+        what = writes_in_progress(chaos_dir, left_over)
         if what is None:
           continue
       elif time.perf_counter() < deadline and not past:
@@ -262,7 +310,9 @@ def main() -> None:
       close_episode(True)
       continue
     if args.damage and rng.random() < args.damage_prob:
-      targets = finished_targets(chaos_dir)
+      found = finished_targets(chaos_dir)  # a checkpoint or a shard, even odds
+      targets = found[rng.choice(["checkpoint", "shard"])] or found["checkpoint"] + found[
+          "shard"]
       if targets:
         hit = targets[int(rng.integers(len(targets)))]
         damaged.append(os.path.relpath(damage(hit), root))

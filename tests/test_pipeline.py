@@ -6,30 +6,16 @@ import os
 import pytest
 
 from cai_jax import pipeline, report
-from configs import pipeline as pipeline_config
+from benchmarks import tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
 
 def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
-  c = pipeline_config.get_config("tiny+dpo")  # PPO and, beside it, DPO
-  # Stage 2's helpful model, the feedback model and the initial model of the
-  # evaluation: the tiny random model (with a real BPE tokenizer). SFT starts
-  # from a random model with a byte tokenizer; every later stage reads the
-  # previous stage's outputs from the workdir, as in a real run.
-  c.critique_revision.model = tiny_model_dir
-  c.critique_revision.num_few_shot = 0
-  c.ai_labels.feedback_models = (tiny_model_dir,)
-  c.ppo.model = ""  # <workdir>/p3_sft/hf
-  c.ppo.reward_model = ""  # <workdir>/p6_preference_model
-  c.ppo.ppo.iterations = 2
-  c.ppo.data.max_prompt_len = 256  # the byte tokenizer spends a token per byte
-  c.ppo.rollout.batch_size = 8
-  c.dpo.model = ""  # <workdir>/p3_sft/hf
-  c.dpo.train.num_steps = 4
-  c.evaluation.models.initial = tiny_model_dir
-  c.evaluation.judge.model = tiny_model_dir
-  c.evaluation.accuracy.models = (tiny_model_dir,)
+  # The generation and feedback stages on the tiny random model (a real BPE
+  # tokenizer); SFT starts from a random byte-tokenizer model; every later stage
+  # reads the previous stage's outputs from the workdir, as in a real run.
+  c = tiny_pipeline.get_config(tiny_model_dir)  # PPO and, beside it, DPO
   workdir = str(tmp_path)
   try:
     timings = pipeline.run(c, workdir)

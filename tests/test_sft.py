@@ -29,6 +29,7 @@ from cai_jax.training import sft_step
 from cai_jax.records import CritiqueRevisionRecord, RevisionRound
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
+from benchmarks.chaos import damage
 from configs import sft as sft_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,19 +333,6 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, records_d
   assert max(m["step"] for m in read_metrics(out)) == 2
 
 
-def damage_largest_file(step_dir: str, item: str = "params") -> str:
-  """Flips 16 bytes in the middle of the item's largest file (what disk rot does)."""
-  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, item)) for f in fs]
-  path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    data = bytearray(f.read())
-    mid = len(data) // 2
-    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
-    f.seek(0)
-    f.write(data)
-  return path
-
-
 def test_damaged_newest_checkpoint_falls_back_to_identical_weights(tmp_path, records_dir,
                                                                    caplog):
   config = tiny_config(records_dir, num_steps=6, save_every=2, eval_every=100)
@@ -353,7 +341,7 @@ def test_damaged_newest_checkpoint_falls_back_to_identical_weights(tmp_path, rec
   assert part.status == "preempted" and part.step == 4
   ckpt_dir = os.path.join(part.output_dir, "checkpoints")
   assert os.path.exists(os.path.join(ckpt_dir, "4", checkpoint.CHECKSUMS))
-  damage_largest_file(os.path.join(ckpt_dir, "4"))
+  damage(os.path.join(ckpt_dir, "4"))
   with caplog.at_level("WARNING"):
     resumed = p3_sft.run(config, str(tmp_path / "damaged"))
   assert resumed.status == "done" and resumed.step == 6
@@ -401,7 +389,7 @@ def test_restore_params_refuses_a_damaged_step(tmp_path, tok):
   tx, _ = optim.make_optimizer(sft_config.get_config("tiny").optim, 10, abstract)
   with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
     ckpt.save(optim.init_train_state(params, tx, jax.random.key(0)), {}, force=True)
-  damage_largest_file(os.path.join(tmp_path, "0"))
+  damage(os.path.join(tmp_path, "0"))
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, transformer.param_shardings(cfg, single_device_sharder()))
   with pytest.raises(ValueError, match="step 0 is damaged .*rerun the stage"):

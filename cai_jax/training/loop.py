@@ -124,6 +124,10 @@ def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkp
     finally:
       ckpt.wait_until_finished()
       ckpt.close()
+    if stop.requested and status == "done":  # SIGTERM during the last save: stop anyway
+      status = "preempted"
+      logging.warning("received a stop request at the end (step %d, saved); the caller"
+                      " stops", done)
   return status, state, last, done
 
 
