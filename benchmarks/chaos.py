@@ -166,6 +166,20 @@ def run_reference(workdir: str, model: str, logs: str, name: str = "reference"
     return time.perf_counter() - t0, json.load(f)
 
 
+def _damaged_line(damaged: list[str]) -> str:
+  """"13: 7 in checkpoints (p3_sft step 8 x3, ...), 6 shards (...)"."""
+  ckpt = collections.Counter(re.sub(r"^[^/]*/([^/]+)/checkpoints/(\d+)/.*$", r"\1 step \2", d)
+                             for d in damaged if "/checkpoints/" in d)
+  shards = [re.sub(r"^[^/]*/", "", d) for d in damaged if "/checkpoints/" not in d]
+  parts = []
+  if ckpt:
+    parts.append(f"{sum(ckpt.values())} in checkpoints ("
+                 + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in ckpt.items()) + ")")
+  if shards:
+    parts.append(f"{len(shards)} shards (" + ", ".join(f"`{d}`" for d in shards) + ")")
+  return f"{len(damaged)}" + (": " + "; ".join(parts) if parts else "")
+
+
 def markdown(summary: dict) -> str:
   """The BENCHMARKS.md table of one run's figures (`--markdown results.json`)."""
   stages = ", ".join(f"{k} {v}" for k, v in summary["kills_per_stage"].items())
@@ -179,8 +193,7 @@ def markdown(summary: dict) -> str:
       ("kills while a checkpoint was being written",
        str(summary["kills_while_writing_checkpoint"])),
       ("kills while a shard was being written", str(summary["kills_while_writing_shard"])),
-      ("files damaged between kills", f"{len(summary['damaged'])}"
-       + (": " + ", ".join(f"`{d}`" for d in summary["damaged"]) if summary["damaged"] else "")),
+      ("files damaged between kills", _damaged_line(summary["damaged"])),
       ("records lost / duplicated / extra",
        f"{summary['records_lost']} / {summary['records_duplicated']} /"
        f" {summary['records_extra']} (reference: {summary['records_reference']} records)"),

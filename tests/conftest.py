@@ -32,12 +32,27 @@ import pytest  # noqa: E402
 from cai_jax.checkpoints import hf  # noqa: E402
 from cai_jax.model import config as model_config  # noqa: E402
 
+# Seconds per file on 2 cores (pytest --durations, 2026-12-03, before LLVM -O0, which
+# cut them by about a third): the longest go first, so the two xdist workers
+# (--dist loadfile) end together instead of one running test_sampler.py alone at the
+# end (the clean-clone run of that day: 1309 s, the last ~5 minutes on one worker).
+FILE_SECONDS = {
+    "test_sft.py": 441, "test_critique_revision.py": 273, "test_preference_model.py": 269,
+    "test_pipeline.py": 268, "test_sampler.py": 253, "test_bad_input.py": 240,
+    "test_dpo.py": 235, "test_prefix_cache.py": 180, "test_gguf.py": 178,
+    "test_ai_labels.py": 173, "test_ppo.py": 160, "test_model_parity.py": 109,
+    "test_sharding.py": 98, "test_multihost.py": 89, "test_real_smollm2.py": 88,
+    "test_evaluation.py": 45, "test_export.py": 33,
+}
+
+
 def pytest_collection_modifyitems(session, config, items):
-  """Files with a slow test run first (each file's tests stay together and in
-  order): with two xdist workers, a long file started last would leave one
-  worker idle at the end."""
+  """The longest files first (each file's tests stay together and in order): with
+  two xdist workers, a long file started last would leave one worker idle at the
+  end. Files not in FILE_SECONDS follow, those with a slow test first."""
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.path not in slow_files)
+  items.sort(key=lambda item: (-FILE_SECONDS.get(item.path.name, 0),
+                               item.path not in slow_files))
 
 
 def pytest_unconfigure(config):

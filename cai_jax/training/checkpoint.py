@@ -15,7 +15,8 @@ onto whatever mesh the current run has.
 
 Verified restores: once a step is final on disk, process 0 writes
 `<step>/cai_checksums.json` (size and SHA-256 of every file of the step,
-atomically). Opening a Checkpointer checks the newest steps against it; a step
+atomically), in a thread while training goes on (`benchmarks/checkpoint_seal.py`:
+2.0 s for the 1.5 GiB state of a 135M-parameter model on the 2-core box). Opening a Checkpointer checks the newest steps against it; a step
 that fails the check, or an unsealed one that fails to restore, is reported in
 one line and moved to `<directory>.damaged/`, and the run resumes from the newest
 intact step. A step without the file (killed between its commit and its seal,
@@ -109,6 +110,7 @@ class Checkpointer:
     self._verified: dict[int, bool] = {}  # step -> its seal was checked and held
     self.moved: list[int] = []  # damaged steps moved aside by this run
     self._unsealed = True  # a step may be waiting for its seal
+    self._sealer: threading.Thread | None = None  # hashes a finished step beside training
     self._drop_damaged()
 
   # --- seals and damage ---
@@ -152,9 +154,19 @@ class Checkpointer:
     self.moved.append(step)
 
   def seal_if_finished(self) -> None:
-    """Seals the last save as soon as it is on disk (cheap to call every step)."""
-    if self._unsealed and not self._manager.is_saving_in_progress():
-      self._seal_finished()
+    """Seals the last save once it is on disk, in a thread beside the training steps
+    (hashing releases the GIL); cheap to call every step."""
+    if (self._unsealed and self._sealer is None
+        and not self._manager.is_saving_in_progress()):
+      self._unsealed = False
+      self._sealer = threading.Thread(target=self._seal_finished, name="checkpoint-seal",
+                                      daemon=True)
+      self._sealer.start()
+
+  def _join_sealer(self) -> None:
+    if self._sealer is not None:
+      self._sealer.join()
+      self._sealer = None
 
   def _seal_finished(self) -> None:
     """Seals every finished step that has no seal yet (call once saves are done)."""
@@ -177,6 +189,7 @@ class Checkpointer:
     the caller may donate `state` to the next step right away.
     """
     step = int(jax.device_get(state.step))
+    self._join_sealer()  # before Orbax may delete an old step
     self._manager.wait_until_finished()  # what `save` does first anyway; then seal
     self._seal_finished()
     args = ocp.args.Composite(
@@ -228,6 +241,7 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait_until_finished(self) -> None:
+    self._join_sealer()
     self._manager.wait_until_finished()
     self._seal_finished()
     distributed.barrier(f"{self.directory}/sealed")
