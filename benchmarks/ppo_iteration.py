@@ -98,7 +98,7 @@ def run_cai_jax(hf_dir: str, max_width: bool = False) -> dict:
   c = ppo_config.get_config("cpu")
   c.model = hf_dir
   c.rollout.batch_size, c.rollout.max_new_tokens = _BATCH.value, _NEW_TOKENS.value
-  c.train.minibatch_size, c.ppo.epochs = _MINIBATCH.value, _EPOCHS.value
+  c.train.minibatch_size, c.learner.epochs = _MINIBATCH.value, _EPOCHS.value
   c.kl.coef, c.rollout.temperature = KL_COEF, TEMPERATURE
   c.data.max_prompt_len = _MAX_PROMPT.value
   c.model_overrides.dtype = _DTYPE.value
@@ -257,8 +257,8 @@ def run_tunix(hf_dir: str) -> dict:
                                      tokenizer=ExactIds(), cluster_config=cluster_config)
   learner = ppo_learner.PPOLearner(
       rl_cluster=cluster, ppo_config=ppo_learner.PPOConfig(
-          num_iterations=epochs, beta=KL_COEF, kl_method="kl", gamma=c.ppo.gamma,
-          gae_lambda=c.ppo.lam, epsilon=c.ppo.clip_eps, clip_range_value=c.ppo.value_clip,
+          num_iterations=epochs, beta=KL_COEF, kl_method="kl", gamma=c.learner.gamma,
+          gae_lambda=c.learner.lam, epsilon=c.learner.clip_eps, clip_range_value=c.learner.value_clip,
           entropy_coef=None))
   load_s = time.perf_counter() - t0
 

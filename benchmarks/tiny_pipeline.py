@@ -16,7 +16,7 @@ def get_config(model: str):
   c.ai_labels.feedback_models = (model,)
   c.ppo.model = ""  # <workdir>/p3_sft/hf
   c.ppo.reward_model = ""  # <workdir>/p6_preference_model
-  c.ppo.ppo.iterations = 2
+  c.ppo.learner.iterations = 2
   c.ppo.data.max_prompt_len = 256
   c.ppo.rollout.batch_size = 8
   c.dpo.model = ""

@@ -44,7 +44,10 @@ STAGES = (
     ("ai_labels", p5_ai_labels),
     ("preference_model", p6_preference_model),
     ("ppo", p7_ppo),
-    ("dpo", p7_dpo),  # stage 7's alternative; runs when the config has it
+    # Stage 7's alternatives; each runs when the config has its section.
+    ("rloo", p7_ppo),  # algorithm="rloo"
+    ("grpo", p7_ppo),  # algorithm="grpo"
+    ("dpo", p7_dpo),
     ("evaluation", p8_evaluation),
 )
 

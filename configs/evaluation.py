@@ -32,6 +32,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.models.sl_cai = ""  # "": <workdir>/p3_sft/hf
   c.models.rl_cai = ""  # "": <workdir>/p7_ppo/hf
   c.models.dpo = ""  # "": <workdir>/p7_dpo/hf when stage 7's DPO alternative ran
+  c.models.rloo = ""  # "": <workdir>/p7_rloo/hf when stage 7 ran with algorithm=rloo
+  c.models.grpo = ""  # "": <workdir>/p7_grpo/hf when stage 7 ran with algorithm=grpo
 
   # Held-out prompts answered per kind (the first N in file order; 0: all).
   c.num_red_team = 64

@@ -5,7 +5,9 @@
 Variants: `tiny` (tests), `cpu` (a small CAI experiment with SmolLM2-135M on 2 CPU
 cores), `smoke` (the machinery end to end, fast, shows nothing), `full`
 (accelerators). `+dpo` after a variant (`cpu+dpo`) also trains stage 7's DPO
-alternative on the same pairs and evaluates it beside the PPO model. Override any
+alternative on the same pairs, `+rloo` / `+grpo` the critic-free on-policy
+algorithms on the same prompts and PM; stage 8 evaluates each beside the PPO
+model (`cpu+grpo+dpo` trains both). Override any
 stage field from the command line, e.g. `--config.critique_revision.model=/path/to/hf_dir`.
 """
 
@@ -19,13 +21,16 @@ STAGE_CONFIGS = {"prompts": prompts, "critique_revision": critique_revision, "sf
                  "pairs": pairs, "ai_labels": ai_labels, "preference_model": preference_model,
                  "ppo": ppo, "evaluation": evaluation}
 STAGES = tuple(STAGE_CONFIGS)
+# Stage 7's alternatives to PPO that `+<name>` after a variant adds (trained after
+# PPO, evaluated beside it).
+ADDITIONS = ("rloo", "grpo", "dpo")
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   arg, *extras = arg.split("+")
-  if set(extras) - {"dpo"}:
-    raise ValueError(f"configs/pipeline.py: unknown addition(s) {sorted(set(extras) - {'dpo'})}"
-                     " after the variant; the one addition is +dpo")
+  if set(extras) - set(ADDITIONS):
+    raise ValueError(f"configs/pipeline.py: unknown addition(s) {sorted(set(extras) - set(ADDITIONS))}"
+                     f" after the variant; additions are {' '.join('+' + a for a in ADDITIONS)}")
   c = ml_collections.ConfigDict()
   for name, module in STAGE_CONFIGS.items():
     c[name] = module.get_config("cpu" if arg == "smoke" else arg)
@@ -33,6 +38,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     _small_experiment(c)
   elif arg == "smoke":
     _smoke(c)
+  for algorithm in ("rloo", "grpo"):
+    if algorithm in extras:
+      # Stage 7 again with a critic-free algorithm, from the preset's PPO section:
+      # same prompts, iterations, optimizer and sequences per iteration.
+      c[algorithm] = ml_collections.ConfigDict(c.ppo.to_dict())
+      ppo.critic_free(c[algorithm], algorithm)
   if "dpo" in extras:
     # After ppo, before evaluation (the pipeline's order); the PM's pairs and split.
     c.dpo = dpo.get_config("cpu" if arg == "smoke" else arg)
@@ -78,7 +89,7 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   pm.train.num_epochs = 4
   pm.optim.lr = 5e-5
   pm.optim.warmup_steps = 4
-  c.ppo.ppo.iterations = 12
+  c.ppo.learner.iterations = 12
   c.ppo.optim.lr = 3e-6
   e = c.evaluation
   e.num_red_team = 32
@@ -109,7 +120,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
   c.prompts.num_helpful_held_out = 8
   c.critique_revision.max_new_tokens = 48
   c.preference_model.data.eval_size = 4
-  c.ppo.ppo.iterations = 3
+  c.ppo.learner.iterations = 3
   c.evaluation.num_red_team = 8
   c.evaluation.num_helpful = 8
   c.evaluation.num_borderline = 8

@@ -1,19 +1,24 @@
-"""Stage 7 (RL-CAI): PPO against the preference model with a KL penalty to SL-CAI.
+"""Stage 7 (RL-CAI): on-policy RL against the preference model with a KL penalty to
+SL-CAI: PPO (the default, the paper's), or the critic-free RLOO and GRPO.
 
   python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:cpu --workdir=runs/cai
+  python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:cpu+grpo --workdir=runs/cai
 
 Prompts come from stage 1 (`<workdir>/p1_prompts/{red_team,helpful}_train.jsonl`),
-the policy and frozen reference from stage 3 (`<workdir>/p3_sft/hf`, else the
-bundled SmolLM2-135M-Instruct; `--config.model=...` overrides), the preference
-model from stage 6 (`<workdir>/p6_preference_model`; `--config.reward_model=...`).
-Output goes to `<workdir>/p7_ppo/`; rerunning the same command resumes.
+the policy and frozen reference from stage 3 (`<workdir>/p3_sft/hf`;
+`--config.model=...` overrides), the preference model from stage 6
+(`<workdir>/p6_preference_model`; `--config.reward_model=...`). Output goes to
+`<workdir>/p7_ppo/` (`p7_rloo/`, `p7_grpo/`); rerunning the same command resumes.
 
 Variants:
   tiny  random 2-layer policy and PM with a byte tokenizer (tests, smoke runs):
           python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:tiny --workdir=/tmp/ppo
-  cpu   SmolLM2-135M policy (the SL-CAI model if stage 3 ran), 32 prompts x 64
-        new tokens per iteration, a few iterations.
-  full  accelerator scale: bf16, remat, 512 prompts per iteration, adaptive KL.
+  cpu   SmolLM2-135M policy (the SL-CAI model), 32 sequences x 64 new tokens per
+        iteration.
+  full  accelerator scale: bf16, remat, 512 sequences per iteration, adaptive KL.
+`+rloo` or `+grpo` after a variant (`cpu+grpo`) switches to that algorithm with
+K = 4 responses a prompt and as many sequences per iteration as PPO's
+(rollout.batch_size / 4 prompts).
 """
 
 import ml_collections
@@ -21,9 +26,36 @@ import ml_collections
 from configs import sft as sft_config
 
 
+CRITIC_FREE_SAMPLES = 4  # K for `+rloo` / `+grpo`
+
+
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
+  arg, _, algorithm = arg.partition("+")
+  c = _base(arg)
+  if algorithm:
+    critic_free(c, algorithm)
+  return c
+
+
+def critic_free(c: ml_collections.ConfigDict, algorithm: str,
+                samples_per_prompt: int = CRITIC_FREE_SAMPLES) -> None:
+  """Switches `c` to RLOO or GRPO, keeping the sequences per iteration."""
+  if algorithm not in ("rloo", "grpo"):
+    raise ValueError(f"configs/ppo.py: unknown algorithm {algorithm!r} after '+';"
+                     " use rloo or grpo")
+  c.algorithm = algorithm
+  c.rollout.samples_per_prompt = samples_per_prompt
+  c.rollout.batch_size = max(1, c.rollout.batch_size // samples_per_prompt)
+
+
+def _base(arg: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "ppo" (the paper's: GAE on a value head that shares the policy's backbone), or
+  # the critic-free "rloo" / "grpo": rollout.samples_per_prompt (>= 2) responses a
+  # prompt, leave-one-out or group-normalised advantages, no value head. Output:
+  # <workdir>/p7_ppo, p7_rloo or p7_grpo.
+  c.algorithm = "ppo"
   c.model = ""  # "": the SL-CAI model <workdir>/p3_sft/hf (run stage 3 first)
   c.reward_model = ""  # "": stage 6 in the workdir; a dir; or "random:<preset>"
   c.tokenizer = "bytes"  # only for random:<preset> models
@@ -36,7 +68,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.data.max_prompt_len = 128  # tokens of the rendered prompt; longer ones are dropped
 
   c.rollout = ml_collections.ConfigDict()
-  c.rollout.batch_size = 32  # prompts (one response each) per iteration
+  c.rollout.batch_size = 32  # prompts per iteration
+  c.rollout.samples_per_prompt = 1  # K responses a prompt; rloo and grpo need >= 2
   c.rollout.max_new_tokens = 64
   c.rollout.temperature = 1.0  # no top-k / top-p: log-probs must be the policy's
 
@@ -51,19 +84,20 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.kl.target = 0.0  # > 0: adapt beta to this KL per sequence (Ziegler et al.)
   c.kl.horizon = 10_000  # sequences
 
-  c.ppo = ml_collections.ConfigDict()
-  c.ppo.iterations = 20
-  c.ppo.epochs = 2  # passes over each rollout
-  c.ppo.gamma = 1.0
-  c.ppo.lam = 0.95
-  c.ppo.clip_eps = 0.2
-  c.ppo.value_clip = 0.2
-  c.ppo.vf_coef = 0.1
-  c.ppo.ent_coef = 0.0
-  c.ppo.whiten_rewards = False
+  c.learner = ml_collections.ConfigDict()
+  c.learner.iterations = 20
+  c.learner.epochs = 2  # passes over each rollout
+  c.learner.clip_eps = 0.2
+  c.learner.ent_coef = 0.0
+  # PPO's critic only (ignored by rloo and grpo):
+  c.learner.gamma = 1.0
+  c.learner.lam = 0.95
+  c.learner.value_clip = 0.2
+  c.learner.vf_coef = 0.1
+  c.learner.whiten_rewards = False
 
   c.train = ml_collections.ConfigDict()
-  c.train.minibatch_size = 8  # sequences per optimizer update
+  c.train.minibatch_size = 8  # sequences per optimizer update (of batch_size x K)
   c.train.microbatches = 1
   c.train.logits_chunk = 64  # response tokens per logits chunk
   c.train.save_every = 5  # iterations
@@ -87,7 +121,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.rollout.batch_size = 16
     c.rollout.max_new_tokens = 16
     c.reward.max_len = 96
-    c.ppo.iterations = 4
+    c.learner.iterations = 4
     c.train.save_every = 2
     c.optim.lr = 1e-3
   elif arg == "cpu":
@@ -100,8 +134,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.rollout.max_new_tokens = 256
     c.reward.max_len = 1024
     c.kl.target = 6.0
-    c.ppo.iterations = 1000
-    c.ppo.epochs = 4
+    c.learner.iterations = 1000
+    c.learner.epochs = 4
     c.train.minibatch_size = 64
     c.train.microbatches = 4
     c.train.logits_chunk = 128

@@ -1,5 +1,7 @@
-"""PPO with a KL penalty: the pure pieces against hand computations, then the phase
-on a tiny random model (learning a programmatic reward, exact resume, the binary)."""
+"""Stage 7's on-policy RL with a KL penalty (PPO, RLOO, GRPO): the pure pieces
+against hand computations and numpy references, then the phase on a tiny random
+model (learning a programmatic reward, exact resume, a mesh against one device,
+the binary)."""
 
 import hashlib
 import os
@@ -14,7 +16,7 @@ import pytest
 from cai_jax.data import prompts
 from cai_jax.checkpoints import load
 from cai_jax.phases import p7_ppo, paths
-from cai_jax.rl import ppo
+from cai_jax.rl import critic_free, ppo
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
 from configs import ppo as ppo_config
@@ -116,6 +118,49 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
   assert ppo.adaptive_kl_coef(0.1, kl=6.0, target=6.0, horizon=100, n_steps=10) == 0.1
 
 
+def rloo_reference(rewards, k):
+  """TRL's RLOOTrainer: the baseline is the mean of the other k - 1 samples."""
+  r = np.asarray(rewards, np.float64).reshape(-1, k)
+  out = np.zeros_like(r)
+  for p in range(r.shape[0]):
+    for i in range(k):
+      out[p, i] = r[p, i] - np.mean([r[p, j] for j in range(k) if j != i])
+  return out.reshape(-1)
+
+
+def grpo_reference(rewards, k):
+  """TRL's GRPOTrainer: (r - group mean) / (group std, Bessel-corrected, + 1e-4)."""
+  r = np.asarray(rewards, np.float64).reshape(-1, k)
+  mean = r.mean(axis=1, keepdims=True)
+  std = np.sqrt(((r - mean) ** 2).sum(axis=1, keepdims=True) / (k - 1))
+  return ((r - mean) / (std + 1e-4)).reshape(-1)
+
+
+@pytest.mark.parametrize("algorithm,reference", [("rloo", rloo_reference),
+                                                 ("grpo", grpo_reference)])
+@pytest.mark.parametrize("k", [2, 4])
+def test_group_advantages_match_numpy(algorithm, reference, k):
+  rng = np.random.default_rng(k)
+  B, T = 3 * k, 7
+  scores = rng.normal(size=B).astype(np.float32)
+  kl = rng.normal(size=(B, T)).astype(np.float32) * 0.1
+  lengths = rng.integers(1, T + 1, size=B)
+  mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+  coef = 0.3
+  rewards = critic_free.sequence_rewards(scores, kl, mask, coef)
+  np.testing.assert_allclose(rewards, scores - coef * (kl * mask).sum(1), rtol=1e-6)
+  adv = critic_free.token_advantages(algorithm, rewards, mask, k)
+  want = reference(scores - coef * (kl * mask).sum(1), k)
+  np.testing.assert_allclose(np.asarray(adv), want[:, None] * mask, rtol=1e-5, atol=1e-6)
+  # Every group's advantages sum to 0 (RLOO exactly, GRPO up to the eps scaling).
+  np.testing.assert_allclose(np.asarray(adv)[:, 0].reshape(-1, k).sum(1), 0.0, atol=1e-5)
+
+
+def test_grpo_group_of_equal_rewards_has_zero_advantage():
+  adv = critic_free.grpo(jnp.ones((2, 4)))
+  assert np.all(np.asarray(adv) == 0.0)
+
+
 def test_prompt_width_is_the_longest_prompt_rounded_up():
   from cai_jax.data.rollout_prompts import PromptSet
   ps = PromptSet(["a", "b"], [[1] * 20, [1] * 33])
@@ -147,7 +192,7 @@ def target_frequency(texts, tokens_BM, lengths_B):
 def tiny_config(**ppo_fields):
   c = ppo_config.get_config("tiny")
   c.reward.no_eos_penalty = 0.0
-  c.ppo.update(ppo_fields)
+  c.learner.update(ppo_fields)
   return c
 
 
@@ -200,6 +245,91 @@ def test_resume_is_bit_identical(tmp_path):
   assert [m["step"] for m in read_metrics(resumed.output_dir)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_critic_free_raises_a_programmatic_reward_with_bounded_kl(tmp_path, algorithm):
+  """K = 4 responses to each of 4 prompts, no value head: the group is the baseline."""
+  workdir = str(tmp_path)
+  write_prompts(workdir)
+  c = tiny_config(iterations=14, epochs=4)
+  ppo_config.critic_free(c, algorithm)
+  c.kl.estimator, c.kl.coef = "k3", 0.02
+  c.optim.lr = 3e-3
+  c.train.save_every = 100
+  result = p7_ppo.run(c, workdir, reward_fn=target_frequency)
+  assert result.output_dir == paths.stage_dir(workdir, paths.rl_stage(algorithm))
+  assert set(result.state.params) == {"backbone"}  # no critic
+  log = read_metrics(result.output_dir)
+  assert log[0]["kl"] == 0.0 and log[0]["logprob_gap_max"] < 1e-4
+  assert "value_loss" not in log[0] and log[0]["group_reward_std"] > 0
+  before = np.mean([m["reward"] for m in log[:2]])
+  after = np.mean([m["reward"] for m in log[-3:]])
+  print(f"{algorithm}: target-token frequency {before:.4f} -> {after:.4f}; KL per sequence"
+        f" {[round(m['kl'], 2) for m in log]}")
+  assert after > 0.04 and after > 5 * before
+  assert max(m["kl"] for m in log) < 40.0  # 16 tokens: < 2.5 nats a token
+  assert os.path.exists(os.path.join(result.output_dir, "hf", "config.json"))
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_critic_free_resume_is_bit_identical(tmp_path, algorithm):
+  for d in ("full", "resumed"):
+    write_prompts(str(tmp_path / d))
+  c = tiny_config(iterations=3)
+  ppo_config.critic_free(c, algorithm)
+  c.kl.target, c.kl.horizon = 1.0, 100  # adaptive beta: it must be restored too
+  full = p7_ppo.run(c, str(tmp_path / "full"), reward_fn=target_frequency)
+  part = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency,
+                    should_stop=lambda it: it == 1)
+  assert part.status == "preempted" and part.step == 1
+  resumed = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency)
+  assert resumed.status == "done" and resumed.step == 3
+  for name in ("params", "opt_state"):
+    assert tree_hashes(getattr(full.state, name)) == tree_hashes(getattr(resumed.state, name))
+  untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
+  assert untimed(full.metrics) == untimed(resumed.metrics)
+
+
+_ONE_DEVICE_RUN = """
+import sys
+from cai_jax.phases import p7_ppo
+from configs import ppo as ppo_config
+sys.path.insert(0, sys.argv[2])
+from test_ppo import target_frequency, tiny_config
+c = tiny_config(iterations=1, epochs=2)
+ppo_config.critic_free(c, "grpo")
+p7_ppo.run(c, sys.argv[1], reward_fn=target_frequency)
+"""
+
+
+def test_grpo_on_an_eight_device_mesh_equals_one_device(tmp_path):
+  """One GRPO iteration (rollout, reward, score pass, advantages, 4 updates) on a
+  (2, 2, 2) mesh here and on one device in a fresh process: the same samples
+  and the same weights, within the sharded stages' tolerance."""
+  from cai_jax.checkpoints import hf
+  one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
+  for d in (one, eight):
+    write_prompts(d)
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
+             "--xla_force_host_platform_device_count=8",
+             "--xla_force_host_platform_device_count=1")}
+  proc = subprocess.run([sys.executable, "-c", _ONE_DEVICE_RUN, one,
+                         os.path.dirname(os.path.abspath(__file__))],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  c = tiny_config(iterations=1, epochs=2)
+  ppo_config.critic_free(c, "grpo")
+  c.mesh = (2, 2, 2)
+  p7_ppo.run(c, eight, reward_fn=target_frequency)
+  logs = [read_metrics(paths.stage_dir(d, paths.GRPO))[0] for d in (one, eight)]
+  for key in ("reward", "response_length", "no_eos_frac"):  # the same samples
+    assert logs[0][key] == logs[1][key], key
+  np.testing.assert_allclose(logs[0]["policy_loss"], logs[1]["policy_loss"], atol=1e-5)
+  (_, a), (_, b) = (hf.load_hf(paths.hf_export(d, paths.GRPO)) for d in (one, eight))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-4)
+
+
 def test_bad_input_errors(tmp_path):
   c = tiny_config()
   with pytest.raises(FileNotFoundError, match="run stage 1"):
@@ -207,6 +337,14 @@ def test_bad_input_errors(tmp_path):
   write_prompts(str(tmp_path), n=2)
   with pytest.raises(ValueError, match="fewer than rollout.batch_size"):
     p7_ppo.run(c, str(tmp_path), reward_fn=target_frequency)
+  for field, value, message in (("algorithm", "reinforce", "use one of"),
+                                ("rollout.samples_per_prompt", 1, "at least 2")):
+    bad = tiny_config()
+    ppo_config.critic_free(bad, "grpo")
+    section, _, name = field.rpartition(".")
+    (bad[section] if section else bad)[name] = value
+    with pytest.raises(ValueError, match=f"{field}=.*{message}"):
+      p7_ppo.run(bad, str(tmp_path), reward_fn=target_frequency)
 
 
 @pytest.mark.slow
@@ -216,7 +354,7 @@ def test_phase_binary_end_to_end(tmp_path):
   write_prompts(workdir)
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "cai_jax.phases.p7_ppo", "--config=configs/ppo.py:tiny",
-         f"--workdir={workdir}", "--config.ppo.iterations=2", "--config.kl.estimator=k3"]
+         f"--workdir={workdir}", "--config.learner.iterations=2", "--config.kl.estimator=k3"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "status='done'" in proc.stdout

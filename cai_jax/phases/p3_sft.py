@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
-import numpy as np
 
 from cai_jax import distributed, records
 from cai_jax.checkpoints.load import load_model
@@ -119,23 +118,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       total, count = total + s_, count + c_
     return {"eval_loss": float(total) / max(float(count), 1.0)}
 
-  def batch_at(step: int):
-    T, rows = order.batch(step)
-    return distributed.batch_to_global(sft.make_batch(train, rows, T, tok.pad_id), batch_sh)
-
-  def summarize(fetched) -> dict[str, float]:
-    return {"loss": float(np.mean([m["loss"] for m in fetched])),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-            "lr": float(fetched[-1]["lr"]),
-            "loss_tokens": float(sum(m["loss_tokens"] for m in fetched))}
-
-  loop = train_loop.Loop(
-      name="sft", step_fn=step_fn, batch_at=batch_at, summarize=summarize,
-      position=lambda step: {**order.position(step), "total_steps": total_steps, **data_info},
+  loop = train_loop.ordered_loop(
+      "sft", step_fn, order, lambda rows, T: sft.make_batch(train, rows, T, tok.pad_id),
+      batch_sh, total_steps=total_steps, data_info=data_info, train=t,
+      summarize=train_loop.mean_of(("loss", "grad_norm"), last=("lr",), total=("loss_tokens",)),
       units=lambda fetched: sum(float(m["tokens"]) for m in fetched), rate_name="tokens_per_s",
       evaluate=evaluate if held.size else None,
-      postfix=lambda last: {"loss": f"{last['loss']:.4f}"},
-      save_every=t.save_every, eval_every=t.eval_every, log_every=t.log_every)
+      postfix=lambda last: {"loss": f"{last['loss']:.4f}"})
   status, state, last, _ = train_loop.run(loop, state, start, total_steps, s.ckpt, out,
                                           should_stop)
 

@@ -114,22 +114,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     calibration.write_calibration(paths.calibration_dir(workdir), step, metrics, table)
     return metrics
 
-  def batch_at(step: int):
-    T, rows = order.batch(step)
-    return distributed.batch_to_global(comparisons.make_batch(train, rows, T), batch_sh)
-
-  def summarize(fetched) -> dict[str, float]:
-    last = train_loop.mean_of(("loss", "accuracy", "reward_mean", "reward_std",
-                               "grad_norm"))(fetched)
-    return {**last, "lr": float(fetched[-1]["lr"])}
-
-  loop = train_loop.Loop(
-      name="pm", step_fn=step_fn, batch_at=batch_at, summarize=summarize,
-      position=lambda step: {**order.position(step), "total_steps": total_steps, **data_info},
+  loop = train_loop.ordered_loop(
+      "pm", step_fn, order, lambda rows, T: comparisons.make_batch(train, rows, T), batch_sh,
+      total_steps=total_steps, data_info=data_info, train=t,
+      summarize=train_loop.mean_of(("loss", "accuracy", "reward_mean", "reward_std",
+                                    "grad_norm"), last=("lr",)),
       units=lambda fetched: len(fetched) * t.batch_size, rate_name="pairs_per_s",
       evaluate=evaluate if held.size else None,
-      postfix=lambda last: {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.2f}"},
-      save_every=t.save_every, eval_every=t.eval_every, log_every=t.log_every)
+      postfix=lambda last: {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.2f}"})
   status, state, last, _ = train_loop.run(loop, state, start, total_steps, s.ckpt, out,
                                           should_stop)
   return setup.Result(status, int(jax.device_get(state.step)), last, out, state)

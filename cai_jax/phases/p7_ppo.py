@@ -1,8 +1,10 @@
-"""Stage 7 (RL-CAI): PPO against the preference model, with a KL penalty to SL-CAI.
+"""Stage 7 (RL-CAI): on-policy RL against the preference model, with a KL penalty
+to SL-CAI: PPO (the paper's algorithm, the default) or the critic-free RLOO and
+GRPO (`config.algorithm`, with `rollout.samples_per_prompt` responses a prompt).
 
 The policy and the frozen reference start from SL-CAI (`paths.sl_cai_model`);
 the reward is stage 6's PM through the one scorer (`rl.reward`); one
-iteration of rollout, reward, score pass, GAE and clipped updates is
+iteration of rollout, reward, score pass, advantages and clipped updates is
 `rl.learner.Learner.iterate`, run by the one train loop (`training.loop`), a
 step being an iteration. beta is fixed (`kl.target` = 0) or moved towards the
 target KL per sequence (`rl.ppo.adaptive_kl_coef`) and saved with the data
@@ -10,10 +12,14 @@ position; the prompt order is a function of (seed, epoch) and the sampling
 keys come from the train state's PRNG key, so a resumed run reproduces the
 uninterrupted run bit for bit.
 
-Output, under `<workdir>/p7_ppo/`: `checkpoints/` (Orbax), `metrics.jsonl`,
-`tensorboard/` and the final policy as a Hugging Face directory `hf/`.
+Output, under `<workdir>/p7_ppo/` (`p7_rloo/`, `p7_grpo/` for those algorithms,
+so that each can be evaluated beside PPO): `checkpoints/` (Orbax),
+`metrics.jsonl`, `tensorboard/` and the final policy as a Hugging Face
+directory `hf/`.
 
   python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:cpu --workdir=runs/cai
+  python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:cpu --config.algorithm=grpo \
+      --config.rollout.samples_per_prompt=4 --workdir=runs/cai
 """
 
 from __future__ import annotations
@@ -28,14 +34,13 @@ import numpy as np
 
 from cai_jax.checkpoints.load import load_model
 from cai_jax.data import prompts, rollout_prompts
-from cai_jax.model import heads
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, paths
 from cai_jax.preference import model as pm
 from cai_jax.preference.saved import restore_preference_model
 from cai_jax.preference.scorer import Scorer
 from cai_jax.rl import ppo
-from cai_jax.rl.learner import Learner
+from cai_jax.rl import learner as learner_lib
 from cai_jax.rl.reward import RewardFn, pm_reward_fn
 from cai_jax.training import loop as train_loop
 from cai_jax.training import optim, setup
@@ -45,15 +50,17 @@ from cai_jax.training.export import export_hf
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         reward_fn: RewardFn | None = None,
         should_stop: Callable[[int], bool] | None = None) -> setup.Result:
-  """Train (or resume) PPO for `ppo.iterations` iterations; `Result.step` counts them.
+  """Train (or resume) `learner.iterations` iterations; `Result.step` counts them.
 
   `reward_fn` replaces the preference model (tests: a programmatic reward).
   `should_stop(iteration)` is polled after every iteration, like SIGTERM: True
   saves a checkpoint and returns status "preempted". A non-finite loss or
   parameter raises FloatingPointError without saving.
   """
-  out = paths.stage_dir(workdir, paths.PPO)
   c = config
+  learner_lib.check_config(c)
+  stage, critic = paths.rl_stage(c.algorithm), learner_lib.has_critic(c)
+  out = paths.stage_dir(workdir, stage)
   model_key, head_key, state_key, pm_key = jax.random.split(jax.random.key(c.seed), 4)
 
   # --- Mesh, models, prompts ---
@@ -78,20 +85,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if len(prompt_set.ids) < c.rollout.batch_size:
     raise ValueError(f"{len(prompt_set.ids)} usable prompts, fewer than rollout.batch_size="
                      f"{c.rollout.batch_size}")
-  iterations = c.ppo.iterations
-  updates = iterations * c.ppo.epochs * (c.rollout.batch_size // c.train.minibatch_size)
+  iterations = c.learner.iterations
+  sequences = c.rollout.batch_size * c.rollout.samples_per_prompt
+  updates = iterations * c.learner.epochs * (sequences // c.train.minibatch_size)
 
   # --- Optimizer, state, checkpoints ---
-  abstract = heads.abstract_scalar_params(cfg)
+  abstract = learner_lib.abstract_policy(cfg, critic)
   s = setup.prepare(os.path.join(out, "checkpoints"), c.optim, updates, abstract,
-                    heads.scalar_model_shardings(cfg, sharder), sharder, c.train.keep_checkpoints)
-  learner = Learner(c, cfg, tok, sharder, reward_fn, s.tx,
-                    prompt_set.width(c.data.max_prompt_len))
+                    learner_lib.policy_shardings(cfg, sharder, critic), sharder,
+                    c.train.keep_checkpoints)
+  learner = learner_lib.Learner(c, cfg, tok, sharder, reward_fn, s.tx,
+                                prompt_set.width(c.data.max_prompt_len))
   data_info = {"fingerprint": prompt_set.fingerprint(), "num_prompts": len(prompt_set.ids),
                "batch_size": c.rollout.batch_size, "seed": c.seed}
+  if c.rollout.samples_per_prompt != 1:  # absent at K = 1: PPO workdirs of before resume
+    data_info["samples_per_prompt"] = c.rollout.samples_per_prompt
   # No donation: the policy starts as a copy, the reference stays as loaded.
   init = jax.jit(lambda p, hk, k: optim.init_train_state(
-      {"backbone": p, "head": heads.init_head(cfg, hk)}, s.tx, k), out_shardings=s.state_sh)
+      learner_lib.init_policy(p, cfg, hk, critic), s.tx, k), out_shardings=s.state_sh)
   state = setup.init_or_restore(s, abstract, lambda: init(ref_params, head_key, state_key),
                                 data_info)
   start, kl = 0, {"coef": float(c.kl.coef)}
@@ -99,18 +110,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     saved = s.ckpt.restore_data()
     start, kl["coef"] = int(saved["iteration"]), float(saved["kl_coef"])
 
-  # --- Iterations: a loop step is one PPO iteration ---
+  # --- Iterations: a loop step is one RL iteration ---
   def step_fn(state, rows):
     state, metrics = learner.iterate(state, ref_params, [prompt_set.texts[i] for i in rows],
                                      [prompt_set.ids[i] for i in rows], kl["coef"])
     metrics["finite"] = bool(metrics["finite"]) and bool(np.isfinite(metrics["policy_loss"]))
     if metrics["finite"] and c.kl.target:
       kl["coef"] = ppo.adaptive_kl_coef(kl["coef"], metrics["kl"], c.kl.target, c.kl.horizon,
-                                        c.rollout.batch_size)
+                                        sequences)
     return state, metrics
 
   loop = train_loop.Loop(
-      name="ppo", unit="iter", step_fn=step_fn,
+      name=c.algorithm, unit="iter", step_fn=step_fn,
       batch_at=lambda it: rollout_prompts.prompt_rows(len(prompt_set.ids),
                                                       c.rollout.batch_size, c.seed, it),
       position=lambda it: {"iteration": it, "kl_coef": kl["coef"], **data_info},
@@ -121,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   status, state, last, done = train_loop.run(loop, state, start, iterations, s.ckpt, out,
                                              should_stop)
   if status == "done":
-    export_hf(state.params["backbone"], cfg, tok, paths.hf_export(workdir, paths.PPO), done)
+    export_hf(state.params["backbone"], cfg, tok, paths.hf_export(workdir, stage), done)
   return setup.Result(status, done, last, out, state)
 
 

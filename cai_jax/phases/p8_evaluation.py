@@ -53,10 +53,11 @@ def model_specs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, st
   m = config.models
   specs = {"initial": m.initial, "sl_cai": m.sl_cai or paths.hf_export(workdir, paths.SFT),
            "rl_cai": m.rl_cai or paths.hf_export(workdir, paths.PPO)}
-  # DPO, stage 7's alternative, where it was configured or trained.
-  dpo = m.dpo or paths.hf_export(workdir, paths.DPO)
-  if m.dpo or os.path.isdir(dpo):
-    specs["dpo"] = dpo
+  # Stage 7's alternatives (DPO, RLOO, GRPO), where configured or trained.
+  for name, stage in paths.RL_ALTERNATIVES.items():
+    spec = m[name] or paths.hf_export(workdir, stage)
+    if m[name] or os.path.isdir(spec):
+      specs[name] = spec
   return specs
 
 
@@ -107,8 +108,9 @@ def run_pm(config, workdir, sharder, answers, names, notes):
   return comparisons, rounds, rows, human
 
 
-def ppo_metrics(workdir: str) -> list[dict]:
-  d = paths.stage_dir(workdir, paths.PPO)
+def rl_metrics(workdir: str, stage: str = paths.PPO) -> list[dict]:
+  """An on-policy stage-7 run's per-iteration metrics ([] when it has not run)."""
+  d = paths.stage_dir(workdir, stage)
   return read_metrics(d) if os.path.exists(os.path.join(d, METRICS_FILE)) else []
 
 
@@ -206,8 +208,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
               if names else None},
   }
   results["claims"] = evidence.claims(
-      results, ppo_metrics(workdir),
+      results, rl_metrics(workdir),
       evidence.latest_pm_eval(paths.calibration_dir(workdir)), seed=config.seed,
+      critic_free_metrics={n: rl_metrics(workdir, paths.RL_ALTERNATIVES[n])
+                           for n in ("rloo", "grpo") if n in names},
       **config.evidence)
   path = paths.results_file(workdir)
   evidence.write(os.path.join(out, evidence.EVIDENCE_FILE), results["claims"])

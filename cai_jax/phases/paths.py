@@ -8,7 +8,8 @@ the pipeline and the report ask it instead of importing each other.
   <workdir>/p4_pairs/shard-NNNNN.jsonl
   <workdir>/p5_ai_labels/shard-NNNNN.jsonl
   <workdir>/p6_preference_model/{checkpoints,model,calibration,...}
-  <workdir>/p7_ppo/{checkpoints,hf,...}
+  <workdir>/p7_ppo/{checkpoints,hf,...}          (p7_rloo/, p7_grpo/: the critic-free
+                                                 algorithms of the same stage)
   <workdir>/p7_dpo/{checkpoints,reference_logps.npz,hf,...}
   <workdir>/p8_evaluation/{results.json,comparisons.jsonl,answers/}
   <workdir>/report/report.md
@@ -27,14 +28,19 @@ PAIRS = "p4_pairs"
 AI_LABELS = "p5_ai_labels"
 PREFERENCE_MODEL = "p6_preference_model"
 PPO = "p7_ppo"
+RLOO = "p7_rloo"  # stage 7 with algorithm="rloo"
+GRPO = "p7_grpo"  # stage 7 with algorithm="grpo"
 DPO = "p7_dpo"  # the alternative RL-CAI stage: DPO on stage 5's soft labels
+# Stage 7's alternatives to PPO, by the name stage 8 and the report give their model.
+RL_ALTERNATIVES = {"dpo": DPO, "rloo": RLOO, "grpo": GRPO}
 EVALUATION = "p8_evaluation"
 REPORT = "report"
 PROMPT_KINDS = ("red_team", "helpful")
 
 # The command that writes each stage's outputs, for "run stage N first" errors.
 _STAGE = {PROMPTS: 1, CRITIQUE_REVISION: 2, SFT: 3, PAIRS: 4, AI_LABELS: 5,
-          PREFERENCE_MODEL: 6, PPO: 7, DPO: 7, EVALUATION: 8}
+          PREFERENCE_MODEL: 6, PPO: 7, RLOO: 7, GRPO: 7, DPO: 7, EVALUATION: 8}
+_MODULE = {RLOO: "p7_ppo --config.algorithm=rloo", GRPO: "p7_ppo --config.algorithm=grpo"}
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -43,7 +49,13 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 def run_first(stage: str) -> str:
   """The fix that ends a "missing input" error: the command for `stage`."""
-  return f"run stage {_STAGE[stage]} first (python -m cai_jax.phases.{stage} ...)"
+  return (f"run stage {_STAGE[stage]} first (python -m cai_jax.phases."
+          f"{_MODULE.get(stage, stage)} ...)")
+
+
+def rl_stage(algorithm: str) -> str:
+  """Stage 7's output directory for an on-policy algorithm ("ppo", "rloo", "grpo")."""
+  return {"ppo": PPO, "rloo": RLOO, "grpo": GRPO}[algorithm]
 
 
 def prompts_file(workdir: str, kind: str, split: str) -> str:

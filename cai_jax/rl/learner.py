@@ -1,24 +1,30 @@
-"""The PPO learner: one iteration of rollout, reward, score pass, GAE and updates.
+"""The on-policy RL learner: one iteration of rollout, reward, score pass,
+advantages and clipped updates, for PPO (the paper's algorithm, the default) or
+the critic-free RLOO and GRPO (`config.algorithm`).
 
 Each iteration, in the paper's order:
 
-  1. rollout   the policy samples a response to each prompt (jit sampler,
-               temperature tau), recording the sampled tokens' log-probs;
+  1. rollout   the policy samples `rollout.samples_per_prompt` (K) responses to
+               each prompt (jit sampler, temperature tau), recording the sampled
+               tokens' log-probs;
   2. reward    `reward_fn` scores each (prompt, response): the PM through the
                one scorer (`rl.reward`), or any programmatic reward; a
                response with no end-of-turn token loses `reward.no_eos_penalty`;
-  3. score     one jitted pass recomputes the policy's log-probs and values and
-               the frozen reference's log-probs of the sampled tokens;
-  4. GAE       r_t = -beta * kl_t + [t = last] * score (`rl.ppo.token_rewards`),
-               optionally whitened, then GAE; advantages whitened;
-  5. update    `ppo.epochs` passes over shuffled minibatches of the rollout:
-               clipped policy loss + vf_coef * clipped value loss
+  3. score     one jitted pass recomputes the policy's log-probs (and, for PPO,
+               values) and the frozen reference's log-probs of the sampled tokens;
+  4. advantage PPO: r_t = -beta * kl_t + [t = last] * score (`rl.ppo.token_rewards`),
+               optionally whitened, then GAE; advantages whitened.
+               RLOO / GRPO: R = score - beta * sum_t kl_t, then the leave-one-out
+               or group-normalised advantage over each prompt's K responses
+               (`rl.critic_free`), on every token of the response;
+  5. update    `learner.epochs` passes over shuffled minibatches of the rollout:
+               clipped policy loss (+ vf_coef * clipped value loss for PPO)
                - ent_coef * entropy, token means over the minibatch.
 
 The KL has one knob, `config.kl` (coefficient, estimator, target), and
 enters only through the reward: there is no second KL loss term.
 
-Critic: the value head sits on the policy's backbone (one model, params
+Critic (PPO only; RLOO and GRPO have no value head): the value head sits on the policy's backbone (one model, params
 `{"backbone", "head"}` like `model.heads`), not on a separate critic model.
 A separate critic costs another model's params plus its two Adam moments
 (3x params) and another forward+backward over every minibatch; sharing the
@@ -51,7 +57,7 @@ from cai_jax import distributed
 from cai_jax.model import heads, transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
-from cai_jax.rl import ppo
+from cai_jax.rl import critic_free, ppo
 from cai_jax.rl.reward import RewardFn
 from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
 from cai_jax.text import padding
@@ -69,22 +75,26 @@ def response_hidden(backbone, batch, *, cfg: ModelConfig, sharder: Sharder | Non
 
 def score_pass(policy, ref, batch, *, cfg: ModelConfig, sharder: Sharder | None,
                prompt_len: int, temperature: float, chunk: int) -> dict[str, jax.Array]:
-  """Policy log-probs and values, reference log-probs of the sampled tokens (no grads)."""
+  """Policy log-probs (and values when the policy has a head), reference
+  log-probs of the sampled tokens (no grads)."""
   hidden = functools.partial(response_hidden, batch=batch, cfg=cfg, sharder=sharder,
                              prompt_len=prompt_len)
   x_BMD = hidden(policy["backbone"])
   unembed = lambda p: (lambda x: transformer.logits_from_hidden(p, x, cfg))
   logp_BM, _ = ppo.token_logprobs(x_BMD, unembed(policy["backbone"]), batch["targets"],
                                   temperature, chunk, with_entropy=False)
-  values_BM = heads.head_values(policy["head"], x_BMD)
   ref_logp_BM, _ = ppo.token_logprobs(hidden(ref), unembed(ref), batch["targets"],
                                       temperature, chunk, with_entropy=False)
-  return {"logp": logp_BM, "values": values_BM, "ref_logp": ref_logp_BM}
+  out = {"logp": logp_BM, "ref_logp": ref_logp_BM}
+  if "head" in policy:
+    out["values"] = heads.head_values(policy["head"], x_BMD)
+  return out
 
 
 def advantages(scores_B, logp_BM, ref_logp_BM, values_BM, mask_BM, kl_coef, *,
                estimator: str, gamma: float, lam: float, whiten_rewards: bool
                ) -> dict[str, jax.Array]:
+  """PPO: per-token KL-penalised rewards, GAE on the value head, whitened."""
   kl_BM = ppo.KL_ESTIMATORS[estimator](logp_BM, ref_logp_BM) * mask_BM
   rewards_BM = ppo.token_rewards(scores_B, kl_BM, mask_BM, kl_coef)
   if whiten_rewards:
@@ -95,39 +105,58 @@ def advantages(scores_B, logp_BM, ref_logp_BM, values_BM, mask_BM, kl_coef, *,
           "k1_B": jnp.sum(ppo.kl_k1(logp_BM, ref_logp_BM) * mask_BM, axis=1)}
 
 
-def ppo_loss_fn(params, mb, *, cfg: ModelConfig, sharder: Sharder | None, prompt_len: int,
-                temperature: float, chunk: int, clip_eps: float, value_clip: float,
-                vf_coef: float, ent_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(policy + vf_coef * value - ent_coef * entropy loss sums, stats) of one microbatch."""
+def group_advantages(scores_B, logp_BM, ref_logp_BM, mask_BM, kl_coef, *, algorithm: str,
+                     estimator: str, samples_per_prompt: int) -> dict[str, jax.Array]:
+  """RLOO / GRPO: sequence rewards R = score - beta * KL, the group's advantage."""
+  kl_BM = ppo.KL_ESTIMATORS[estimator](logp_BM, ref_logp_BM) * mask_BM
+  rewards_B = critic_free.sequence_rewards(scores_B, kl_BM, mask_BM, kl_coef)
+  K = samples_per_prompt
+  return {"adv": critic_free.token_advantages(algorithm, rewards_B, mask_BM, K),
+          "kl_B": jnp.sum(kl_BM, axis=1),
+          "k1_B": jnp.sum(ppo.kl_k1(logp_BM, ref_logp_BM) * mask_BM, axis=1),
+          "group_std_P": jnp.std(rewards_B.reshape(-1, K), axis=1, ddof=1)}
+
+
+def loss_fn(params, mb, *, cfg: ModelConfig, sharder: Sharder | None, prompt_len: int,
+            temperature: float, chunk: int, clip_eps: float, value_clip: float,
+            vf_coef: float, ent_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(policy (+ vf_coef * value) - ent_coef * entropy loss sums, stats) of one
+  microbatch; the value term only when the policy has a head (PPO)."""
   x_BMD = response_hidden(params["backbone"], mb, cfg=cfg, sharder=sharder,
                           prompt_len=prompt_len)
   unembed = lambda x: transformer.logits_from_hidden(params["backbone"], x, cfg)
   logp_BM, ent_BM = ppo.token_logprobs(x_BMD, unembed, mb["targets"], temperature, chunk)
-  values_BM = heads.head_values(params["head"], x_BMD)
   mask_BM = mb["mask"]
   pg, count = ppo.policy_loss(logp_BM, mb["old_logp"], mb["adv"], mask_BM, clip_eps)
-  vf, _ = ppo.value_loss(values_BM, mb["old_values"], mb["returns"], mask_BM, value_clip)
   ent, _ = ppo.entropy_sum(ent_BM, mask_BM)
   clipped, _ = ppo.clipped_count(logp_BM, mb["old_logp"], mb["adv"], mask_BM, clip_eps)
   approx_kl = jnp.sum(jnp.where(mask_BM > 0, ppo.kl_k3(logp_BM, mb["old_logp"]), 0.0))
-  total = pg + vf_coef * vf - ent_coef * ent
-  return total, {"pg": pg, "vf": vf, "ent": ent, "clipped": clipped,
-                 "approx_kl": approx_kl, "tokens": count}
+  stats = {"pg": pg, "ent": ent, "clipped": clipped, "approx_kl": approx_kl, "tokens": count}
+  total = pg - ent_coef * ent
+  if "head" in params:
+    values_BM = heads.head_values(params["head"], x_BMD)
+    stats["vf"], _ = ppo.value_loss(values_BM, mb["old_values"], mb["returns"], mask_BM,
+                                    value_clip)
+    total = total + vf_coef * stats["vf"]
+  return total, stats
 
 
 def train_step(state: optim.TrainState, mb, *, tx: optax.GradientTransformation,
                microbatches: int, sharder: Sharder | None, **loss_kw
                ) -> tuple[optim.TrainState, dict[str, jax.Array]]:
-  """One AdamW update on the token-mean PPO loss of a minibatch."""
-  loss_fn = functools.partial(ppo_loss_fn, sharder=sharder, **loss_kw)
-  grads, stats = optim.accumulate_gradients(loss_fn, state.params, mb, microbatches, sharder)
+  """One AdamW update on the token-mean clipped loss of a minibatch."""
+  loss = functools.partial(loss_fn, sharder=sharder, **loss_kw)
+  grads, stats = optim.accumulate_gradients(loss, state.params, mb, microbatches, sharder)
   count = jnp.maximum(stats["tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   new_state = optim.apply_gradients(state, grads, tx)
-  finite = optim.all_finite(new_state.params)
-  metrics = {k: stats[k] / count for k in ("pg", "vf", "ent", "clipped", "approx_kl")}
+  metrics = {k: v / count for k, v in stats.items() if k != "tokens"}
   metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["finite"] = finite & jnp.isfinite(metrics["pg"]) & jnp.isfinite(metrics["vf"])
+  finite = optim.all_finite(new_state.params)
+  for k in ("pg", "vf"):
+    if k in metrics:
+      finite = finite & jnp.isfinite(metrics[k])
+  metrics["finite"] = finite
   return new_state, metrics
 
 
@@ -137,9 +166,50 @@ def _timed(timings: dict[str, float], name: str, t0: float, value=None):
   return value
 
 
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """One-line errors for the algorithm and rollout fields, before anything loads."""
+  if c.algorithm not in critic_free.ALGORITHMS:
+    raise ValueError(f"algorithm={c.algorithm!r}: use one of {list(critic_free.ALGORITHMS)}")
+  r, K = c.rollout, c.rollout.samples_per_prompt
+  if K < (1 if c.algorithm == "ppo" else 2):
+    raise ValueError(f"rollout.samples_per_prompt={K}: {c.algorithm} compares each"
+                     " response with the others of its prompt, so it needs at least 2"
+                     if c.algorithm != "ppo" else
+                     f"rollout.samples_per_prompt={K}: it must be at least 1")
+  if r.temperature <= 0:  # and no top-k / top-p: the sampler's log-probs are pi's
+    raise ValueError(f"rollout.temperature={r.temperature}: RL samples from the"
+                     " policy, so it must be > 0")
+  if (r.batch_size * K) % c.train.minibatch_size:
+    raise ValueError(f"rollout.batch_size x rollout.samples_per_prompt = {r.batch_size * K}"
+                     f" sequences is not a multiple of train.minibatch_size="
+                     f"{c.train.minibatch_size}")
+
+
+def has_critic(c: ml_collections.ConfigDict) -> bool:
+  """PPO trains a value head on the policy's backbone; RLOO and GRPO have none."""
+  return c.algorithm == "ppo"
+
+
+def abstract_policy(cfg: ModelConfig, critic: bool):
+  """The trained params' shapes: `{"backbone", "head"}` with a critic, else `{"backbone"}`."""
+  return (heads.abstract_scalar_params(cfg) if critic
+          else {"backbone": transformer.abstract_params(cfg)})
+
+
+def policy_shardings(cfg: ModelConfig, sharder: Sharder, critic: bool):
+  return (heads.scalar_model_shardings(cfg, sharder) if critic
+          else {"backbone": transformer.param_shardings(cfg, sharder)})
+
+
+def init_policy(backbone, cfg: ModelConfig, head_key: jax.Array, critic: bool):
+  """The policy at iteration 0: SL-CAI's weights (plus a fresh value head for PPO)."""
+  return ({"backbone": backbone, "head": heads.init_head(cfg, head_key)} if critic
+          else {"backbone": backbone})
+
+
 @dataclasses.dataclass
 class Learner:
-  """The jitted pieces of one PPO iteration, for one model, mesh and config."""
+  """The jitted pieces of one RL iteration, for one model, mesh and config."""
 
   config: ml_collections.ConfigDict
   cfg: ModelConfig
@@ -151,19 +221,15 @@ class Learner:
 
   def __post_init__(self):
     c, cfg, sharder = self.config, self.cfg, self.sharder
-    r = c.rollout
-    if r.temperature <= 0:  # and no top-k / top-p: the sampler's log-probs are pi's
-      raise ValueError(f"rollout.temperature={r.temperature}: PPO samples from the"
-                       " policy, so it must be > 0")
-    if r.batch_size % c.train.minibatch_size:
-      raise ValueError(f"rollout.batch_size={r.batch_size} is not a multiple of"
-                       f" train.minibatch_size={c.train.minibatch_size}")
+    check_config(c)
+    r, lc = c.rollout, c.learner
+    self.critic, self.K = has_critic(c), int(r.samples_per_prompt)
     self.P, self.M = self.prompt_len, r.max_new_tokens
     self.sampler = Sampler(cfg, max_new_tokens=self.M, stop_ids=cfg.eos_token_ids,
                            pad_id=self.tok.pad_id, sharder=sharder, length_buckets=(self.P,))
     self.sampling = SamplingParams(temperature=float(r.temperature))
-    abstract = heads.abstract_scalar_params(cfg)
-    self.param_sh = heads.scalar_model_shardings(cfg, sharder)
+    abstract = abstract_policy(cfg, self.critic)
+    self.param_sh = policy_shardings(cfg, sharder, self.critic)
     self.state_sh = optim.train_state_shardings(self.tx, abstract, self.param_sh, sharder)
     ref_sh = transformer.param_shardings(cfg, sharder)
     row_sh = sharder.sharding(("batch", None))
@@ -173,13 +239,18 @@ class Learner:
     self._score = jax.jit(functools.partial(score_pass, **common_kw),
                           in_shardings=(self.param_sh, ref_sh, row_sh),
                           out_shardings=row_sh)
-    self._advantages = jax.jit(functools.partial(
-        advantages, estimator=c.kl.estimator, gamma=c.ppo.gamma, lam=c.ppo.lam,
-        whiten_rewards=c.ppo.whiten_rewards))
+    if self.critic:
+      self._advantages = jax.jit(functools.partial(
+          advantages, estimator=c.kl.estimator, gamma=lc.gamma, lam=lc.lam,
+          whiten_rewards=lc.whiten_rewards))
+    else:
+      self._advantages = jax.jit(functools.partial(
+          group_advantages, algorithm=c.algorithm, estimator=c.kl.estimator,
+          samples_per_prompt=self.K))
     self._step = jax.jit(
         functools.partial(train_step, tx=self.tx, microbatches=c.train.microbatches,
-                          clip_eps=c.ppo.clip_eps, value_clip=c.ppo.value_clip,
-                          vf_coef=c.ppo.vf_coef, ent_coef=c.ppo.ent_coef, **common_kw),
+                          clip_eps=lc.clip_eps, value_clip=lc.value_clip,
+                          vf_coef=lc.vf_coef, ent_coef=lc.ent_coef, **common_kw),
         in_shardings=(self.state_sh, row_sh), out_shardings=(self.state_sh,
                                                                sharder.replicated),
         donate_argnums=0)
@@ -187,8 +258,13 @@ class Learner:
   def iterate(self, state: optim.TrainState, ref_params, prompt_texts: Sequence[str],
               prompt_ids: Sequence[Sequence[int]], kl_coef: float
               ) -> tuple[optim.TrainState, dict[str, float]]:
-    """Rollout, reward, score pass, GAE and the PPO updates; returns (state, metrics)."""
-    c, P, M, B = self.config, self.P, self.M, len(prompt_ids)
+    """Rollout, reward, score pass, advantages and the clipped updates over K
+    samples of each prompt; returns (state, metrics)."""
+    c, P, M, K = self.config, self.P, self.M, self.K
+    # Prompt-major: rows p*K .. p*K + K - 1 answer prompt p (`rl.critic_free`).
+    prompt_texts = [t for t in prompt_texts for _ in range(K)]
+    prompt_ids = [ids for ids in prompt_ids for _ in range(K)]
+    B = len(prompt_ids)
     timings: dict[str, float] = {}
     key, rollout_key, shuffle_key = jax.random.split(state.key, 3)
     state = state.replace(key=key)
@@ -208,7 +284,7 @@ class Learner:
     has_eos_B = np.isin(tokens_BM[np.arange(B), lengths_B - 1], self.cfg.eos_token_ids)
     final_scores_B = scores_B - c.reward.no_eos_penalty * (~has_eos_B)
 
-    # 3. Score pass: policy log-probs + values, reference log-probs.
+    # 3. Score pass: policy log-probs (+ values), reference log-probs.
     t0 = time.perf_counter()
     prompt_BP, prompt_mask_BP = padding.left_pad(prompt_ids, P, self.tok.pad_id)
     mask_BM = np.arange(M)[None] < lengths_B[:, None]
@@ -222,17 +298,22 @@ class Learner:
 
     # 4. Rewards and advantages.
     t0 = time.perf_counter()
-    adv = self._advantages(jnp.asarray(final_scores_B), scored["logp"], scored["ref_logp"],
-                           scored["values"], batch["mask"], jnp.float32(kl_coef))
-    adv = _timed(timings, "gae_s", t0, adv)
+    data = {**batch, "old_logp": scored["logp"]}
+    if self.critic:
+      adv = self._advantages(jnp.asarray(final_scores_B), scored["logp"], scored["ref_logp"],
+                             scored["values"], batch["mask"], jnp.float32(kl_coef))
+      data.update(old_values=scored["values"], returns=adv["returns"])
+    else:
+      adv = self._advantages(jnp.asarray(final_scores_B), scored["logp"], scored["ref_logp"],
+                             batch["mask"], jnp.float32(kl_coef))
+    data["adv"] = adv["adv"]
+    adv = _timed(timings, "advantages_s", t0, adv)
 
-    # 5. PPO epochs over shuffled minibatches.
+    # 5. Epochs over shuffled minibatches.
     t0 = time.perf_counter()
-    data = {**batch, "old_logp": scored["logp"], "old_values": scored["values"],
-            "adv": adv["adv"], "returns": adv["returns"]}
     data = {k: distributed.to_host(v) for k, v in data.items()}
     mb_size, step_metrics = c.train.minibatch_size, []
-    for epoch in range(c.ppo.epochs):
+    for epoch in range(c.learner.epochs):
       order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), B))
       for start in range(0, B, mb_size):
         rows = np.sort(order[start:start + mb_size])
@@ -245,18 +326,20 @@ class Learner:
     gap_BM = np.abs(sample_logp_BM - data["old_logp"]) * mask_BM
     n_tokens = max(mask_BM.sum(), 1)
     k1_B = np.asarray(adv["k1_B"])
+    mean = lambda name: float(np.mean([m[name] for m in step_metrics]))
     metrics = {
         "reward": float(scores_B.mean()),
         "reward_with_penalty": float(final_scores_B.mean()),
         "kl": float(np.asarray(adv["kl_B"]).mean()),
         "kl_k1": float(k1_B.mean()),
         "kl_coef": float(kl_coef),
-        "entropy": float(np.mean([m["ent"] for m in step_metrics])),
-        "clip_frac": float(np.mean([m["clipped"] for m in step_metrics])),
-        "value_loss": float(np.mean([m["vf"] for m in step_metrics])),
-        "policy_loss": float(np.mean([m["pg"] for m in step_metrics])),
-        "approx_kl_old": float(np.mean([m["approx_kl"] for m in step_metrics])),
-        "grad_norm": float(np.mean([m["grad_norm"] for m in step_metrics])),
+        "entropy": mean("ent"),
+        "clip_frac": mean("clipped"),
+        **({"value_loss": mean("vf")} if self.critic else
+           {"group_reward_std": float(np.asarray(adv["group_std_P"]).mean())}),
+        "policy_loss": mean("pg"),
+        "approx_kl_old": mean("approx_kl"),
+        "grad_norm": mean("grad_norm"),
         "response_length": float(lengths_B.mean()),
         "no_eos_frac": float(1.0 - has_eos_B.mean()),
         "logprob_gap": float(gap_BM.sum() / n_tokens),

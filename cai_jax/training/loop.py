@@ -1,8 +1,9 @@
-"""The one train loop: SFT (stage 3), the preference model (stage 6) and PPO (stage 7).
+"""The one train loop: SFT (stage 3), the preference model (stage 6), DPO and the
+on-policy RL of stage 7 (PPO, RLOO, GRPO).
 
-A step is an optimizer update for SFT and the PM, and a whole iteration
-(rollout, reward, updates) for PPO, whose adaptive KL coefficient rides in
-the saved data position (`Loop.position`).
+A step is an optimizer update for SFT, the PM and DPO (`ordered_loop`), and a
+whole iteration (rollout, reward, updates) for on-policy RL, whose adaptive KL
+coefficient rides in the saved data position (`Loop.position`).
 
 Steps run asynchronously; their metrics are fetched in batches (`sync`) at
 log, eval and save points, so the host never waits on the device between
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from cai_jax import distributed
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import MetricsWriter
 
@@ -131,6 +133,33 @@ def run(loop: Loop, state, start: int, total_steps: int, ckpt: checkpoint.Checkp
   return status, state, last, done
 
 
-def mean_of(keys: Sequence[str]) -> Callable[[Sequence[Metrics]], dict[str, float]]:
-  """A `summarize` that averages `keys` over the fetched steps."""
-  return lambda fetched: {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+def mean_of(keys: Sequence[str], last: Sequence[str] = (), total: Sequence[str] = ()
+            ) -> Callable[[Sequence[Metrics]], dict[str, float]]:
+  """A `summarize` that averages `keys` over the fetched steps, takes `last`
+  from the newest one (the learning rate) and sums `total` (tokens)."""
+  return lambda fetched: {**{k: float(np.mean([m[k] for m in fetched])) for k in keys},
+                          **{k: float(fetched[-1][k]) for k in last},
+                          **{k: float(sum(m[k] for m in fetched)) for k in total}}
+
+
+def ordered_loop(name: str, step_fn: Callable[[Any, Any], tuple[Any, Metrics]],
+                 order, make_batch: Callable[[np.ndarray, int], Any], sharding, *,
+                 total_steps: int, data_info: dict[str, Any], train,
+                 summarize: Callable[[Sequence[Metrics]], dict[str, float]],
+                 units: Callable[[Sequence[Metrics]], float], rate_name: str,
+                 evaluate: Callable[[Any, int], dict[str, float]] | None,
+                 postfix: Callable[[dict[str, float]], dict[str, str]]) -> Loop:
+  """The Loop of a stage that walks a `data.batching.EpochOrder` (SFT, the PM,
+  DPO): step s trains on `make_batch(rows, T)` at the order's position s, placed
+  with `sharding`; the saved position is the order's plus `data_info` and the
+  total; save, eval and log cadences come from the config's `train` block."""
+  def batch_at(step: int):
+    T, rows = order.batch(step)
+    return distributed.batch_to_global(make_batch(rows, T), sharding)
+
+  return Loop(name=name, step_fn=step_fn, batch_at=batch_at, summarize=summarize,
+              position=lambda step: {**order.position(step), "total_steps": total_steps,
+                                     **data_info},
+              units=units, rate_name=rate_name, evaluate=evaluate, postfix=postfix,
+              save_every=train.save_every, eval_every=train.eval_every,
+              log_every=train.log_every)
