@@ -7,6 +7,10 @@ repeated and a warm one is timed (the first, with compilation, is reported too).
 
   PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,tunix --out=/tmp/ppo_bench.json
 
+  # PPO against the critic-free RLOO and GRPO (the same sequences, tokens and updates):
+  PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,cai_jax_rloo,cai_jax_grpo \
+      --out=benchmarks/results/rl_algorithms_cpu.json
+
   # stage 7's prompt width (the longest prompt, rounded up) against padding to
   # data.max_prompt_len, on the real stage-1 prompts of a workdir:
   PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,cai_jax_max_width \
@@ -80,16 +84,20 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_cai_jax(hf_dir: str, max_width: bool = False) -> dict:
+def run_cai_jax(hf_dir: str, max_width: bool = False, algorithm: str = "ppo") -> dict:
   """Our learner with the policy and a PM both SmolLM2-135M (PM: random head), prompts
-  padded to their longest (stage 7) or, with `max_width`, to data.max_prompt_len."""
+  padded to their longest (stage 7) or, with `max_width`, to data.max_prompt_len.
+
+  `algorithm` "rloo" / "grpo": the critic-free learner with K = 4 samples of each
+  of the first --batch / 4 prompts: the same number of sequences, tokens and
+  updates as PPO's, no value head."""
   import jax
   from cai_jax.checkpoints.load import load_model
   from cai_jax.data.rollout_prompts import PromptSet
-  from cai_jax.model import heads, transformer
+  from cai_jax.model import heads
   from cai_jax.model.sharding import sharder_from_config
   from cai_jax.preference.scorer import Scorer
-  from cai_jax.rl.learner import Learner
+  from cai_jax.rl import learner as learner_lib
   from cai_jax.rl.reward import pm_reward_fn
   from cai_jax.text.chat import generation_ids
   from cai_jax.training import optim
@@ -103,6 +111,10 @@ def run_cai_jax(hf_dir: str, max_width: bool = False) -> dict:
   c.data.max_prompt_len = _MAX_PROMPT.value
   c.model_overrides.dtype = _DTYPE.value
   texts = bench_prompts(_BATCH.value)
+  if algorithm != "ppo":
+    ppo_config.critic_free(c, algorithm)
+    texts = texts[:c.rollout.batch_size]
+  critic = learner_lib.has_critic(c)
   c.mesh = (1, 1, 1)
   t0 = time.perf_counter()
   sharder = sharder_from_config(c)
@@ -110,14 +122,12 @@ def run_cai_jax(hf_dir: str, max_width: bool = False) -> dict:
   pm_head = heads.init_head(cfg, jax.random.key(1))
   pm = {"backbone": ref, "head": pm_head}  # a PM the size of the policy (shares weights)
   reward_fn = pm_reward_fn(Scorer(cfg, pm, tok, max_len=c.reward.max_len, sharder=sharder), tok)
-  abstract = {"backbone": transformer.abstract_params(cfg),
-              "head": jax.eval_shape(lambda k: heads.init_head(cfg, k), jax.random.key(0))}
-  tx, _ = optim.make_optimizer(c.optim, 100, abstract)
+  tx, _ = optim.make_optimizer(c.optim, 100, learner_lib.abstract_policy(cfg, critic))
   ids = [generation_ids(tok, [{"role": "user", "content": p}]) for p in texts]
   width = c.data.max_prompt_len if max_width else PromptSet(texts, ids).width(c.data.max_prompt_len)
-  learner = Learner(c, cfg, tok, sharder, reward_fn, tx, width)
+  learner = learner_lib.Learner(c, cfg, tok, sharder, reward_fn, tx, width)
   state = jax.jit(lambda p, k: optim.init_train_state(
-      {"backbone": p, "head": heads.init_head(cfg, k)}, tx, k),
+      learner_lib.init_policy(p, cfg, k, critic), tx, k),
       out_shardings=learner.state_sh)(ref, jax.random.key(2))
   load_s = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -127,10 +137,13 @@ def run_cai_jax(hf_dir: str, max_width: bool = False) -> dict:
   state, m = learner.iterate(state, ref, texts, ids, KL_COEF)
   total_s = time.perf_counter() - t0
   stages = {k: v for k, v in m.items() if k.endswith("_s")}
-  return {"system": "cai_jax", "prompt_width": width, "device": jax.devices()[0].device_kind, "iteration_s": total_s, "first_iteration_s": first_s,
+  return {"system": "cai_jax", "algorithm": algorithm,
+          "prompts": len(texts), "samples_per_prompt": c.rollout.samples_per_prompt,
+          "prompt_width": width, "device": jax.devices()[0].device_kind, "iteration_s": total_s, "first_iteration_s": first_s,
           "load_s": load_s, "stages_s": stages, "peak_rss_gib": peak_rss_gib(),
           "logprob_gap": m["logprob_gap"], "response_length": m["response_length"],
-          "critic": "value head on the policy backbone", "pm": "SmolLM2-135M + head"}
+          "critic": "value head on the policy backbone" if critic else "none",
+          "pm": "SmolLM2-135M + head"}
 
 
 def _tunix_model_config(hf_dir: str, tied: bool):
@@ -346,6 +359,10 @@ def _summary(results: dict) -> list[str]:
   if "ratios_cai_jax_over_tunix" in results:
     q = results["ratios_cai_jax_over_tunix"]
     lines.append("cai_jax / tunix: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()))
+  for algorithm in ("rloo", "grpo"):
+    if f"ratios_{algorithm}_over_ppo" in results:
+      q = results[f"ratios_{algorithm}_over_ppo"]
+      lines.append(f"{algorithm} / ppo: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()))
   if "ratios_max_width_over_data_width" in results:
     q = results["ratios_max_width_over_data_width"]
     lines.append("max width / data width: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()))
@@ -361,6 +378,8 @@ def main(argv):
     sizes.append(f"--prompts_jsonl={_PROMPTS.value}")
   if _WORKER.value:
     fn = {"cai_jax": run_cai_jax, "cai_jax_max_width": lambda d: run_cai_jax(d, max_width=True),
+          "cai_jax_rloo": lambda d: run_cai_jax(d, algorithm="rloo"),
+          "cai_jax_grpo": lambda d: run_cai_jax(d, algorithm="grpo"),
           "tunix": run_tunix}[_WORKER.value]
     print("RESULT " + json.dumps(fn(_HF_DIR.value)), flush=True)
     return
@@ -398,6 +417,15 @@ def main(argv):
     results["ratios_max_width_over_data_width"] = {
         k: wide[k] / ours[k] for k in ("iteration_s", "first_iteration_s", "compile_s",
                                         "peak_rss_gib") if ours[k] > 0}
+  for algorithm in ("rloo", "grpo"):
+    other = results["systems"].get(f"cai_jax_{algorithm}", {})
+    if "iteration_s" in ours and "iteration_s" in other:
+      results[f"ratios_{algorithm}_over_ppo"] = {
+          k: other[k] / ours[k] for k in ("iteration_s", "first_iteration_s", "peak_rss_gib")
+          if ours[k] > 0}
+      results[f"ratios_{algorithm}_over_ppo"].update({
+          f"stage {k}": other["stages_s"].get(k, 0.0) / v
+          for k, v in ours["stages_s"].items() if v > 0})
   if "tunix" in results["systems"]:
     results["notes"] = NOTES
   results["summary"] = _summary(results)

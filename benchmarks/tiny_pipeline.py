@@ -1,5 +1,5 @@
 """The tiny pipeline of tests/test_pipeline.py and benchmarks/chaos.py: configs/
-pipeline.py's tiny+dpo with the generation and feedback stages on one tiny model
+pipeline.py's tiny+grpo+dpo with the generation and feedback stages on one tiny model
 directory (a random Llama with a real BPE tokenizer, tests/conftest.py), SFT and the
 PM on random byte-tokenizer models, every later stage reading the workdir.
 
@@ -10,15 +10,17 @@ from configs import pipeline
 
 
 def get_config(model: str):
-  c = pipeline.get_config("tiny+dpo")
+  c = pipeline.get_config("tiny+grpo+dpo")
   c.critique_revision.model = model
   c.critique_revision.num_few_shot = 0
   c.ai_labels.feedback_models = (model,)
-  c.ppo.model = ""  # <workdir>/p3_sft/hf
-  c.ppo.reward_model = ""  # <workdir>/p6_preference_model
-  c.ppo.learner.iterations = 2
-  c.ppo.data.max_prompt_len = 256
+  for rl in (c.ppo, c.grpo):
+    rl.model = ""  # <workdir>/p3_sft/hf
+    rl.reward_model = ""  # <workdir>/p6_preference_model
+    rl.learner.iterations = 2
+    rl.data.max_prompt_len = 256
   c.ppo.rollout.batch_size = 8
+  c.grpo.rollout.batch_size = 2  # x 4 samples a prompt: PPO's 8 sequences
   c.dpo.model = ""
   c.dpo.train.num_steps = 4
   c.evaluation.models.initial = model

@@ -74,8 +74,21 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0  # no top-k / top-p: log-probs must be the policy's
 
   c.reward = ml_collections.ConfigDict()
+  # Weighted sources, "name=weight,...": pm (stage 6), feedback (the feedback model
+  # live, pointwise under reward.feedback.principle), overlong, refusal (rl/reward.py).
+  c.reward.sources = "pm=1"
+  c.reward.normalize = False  # standardise each source by its running mean / std
   c.reward.max_len = 256  # PM input tokens (prompt + response)
   c.reward.no_eos_penalty = 1.0  # subtracted from the score of a response cut at M
+  c.reward.overlong_after = 48  # "overlong": tokens after which the penalty grows to -1
+  c.reward.feedback = ml_collections.ConfigDict()
+  c.reward.feedback.model = ""  # "": stage 5's first feedback model
+  c.reward.feedback.constitution = "harmless"
+  c.reward.feedback.principle = "less_harmful"  # must have a pointwise question
+  c.reward.feedback.prompt_format = "plain"  # as stage 5's default
+  c.reward.feedback.max_response_tokens = 256
+  c.reward.feedback.batch_size = 8
+  c.reward.feedback.dtype = "float32"
 
   # The one KL knob: r_t = -coef * kl_t (+ score at the last token).
   c.kl = ml_collections.ConfigDict()
@@ -121,6 +134,7 @@ def _base(arg: str) -> ml_collections.ConfigDict:
     c.rollout.batch_size = 16
     c.rollout.max_new_tokens = 16
     c.reward.max_len = 96
+    c.reward.overlong_after = 12
     c.learner.iterations = 4
     c.train.save_every = 2
     c.optim.lr = 1e-3

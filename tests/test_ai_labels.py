@@ -413,3 +413,43 @@ def test_real_smollm2_labels_real_pairs():
       if settings.mode == "multiple_choice":
         # It follows the format: most of the next-token mass is on "A" and "B".
         assert np.all(np.exp(logp).sum(-1) > 0.5), logp
+
+
+def test_live_feedback_reward_equals_the_stage5_pointwise_score(tiny_feedback):
+  """Stage 7's `feedback` reward source scores a rollout exactly as stage 5's
+  pointwise labeler scores the same response in a pair (good-answer log-odds)."""
+  from cai_jax.rl import reward as reward_lib
+  con = load_constitution("harmless")
+  labeler = Labeler([tiny_feedback], con, _settings(mode="pointwise",
+                                                    principle_ids=("less_harmful",)))
+  recs = labeler.label(PAIRS)
+  good = con.comparison_principle("less_harmful").pointwise.good_answer
+  want = [labels.pointwise_good_score(*np.asarray(r.logprobs)[0, 0, 0], good) for r in recs]
+  tok = tiny_feedback.tok
+  ids = [tok.encode(p.response_a, add_bos=False) for p in PAIRS]
+  M = max(map(len, ids)) + 3  # padding after each response must not matter
+  tokens = np.array([i + [tok.pad_id] * (M - len(i)) for i in ids])
+  lengths = np.array([len(i) for i in ids])
+  live = reward_lib.feedback_reward_fn(labeler, "less_harmful", tok)
+  got = live([p.prompt for p in PAIRS], tokens, lengths)
+  assert [tok.decode(i) for i in ids] == [p.response_a for p in PAIRS]
+  np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=1e-5, atol=1e-5)
+  with pytest.raises(KeyError, match="no_such_principle"):
+    reward_lib.feedback_reward_fn(labeler, "no_such_principle", tok)
+
+
+def test_stage7_with_the_feedback_model_as_a_live_reward(feedback_model_dir, tmp_path):
+  """RLAIF without a distilled PM: stage 7 on `reward.sources="feedback=1"`."""
+  from cai_jax.phases import p7_ppo
+  from test_ppo import tiny_config, write_prompts
+  workdir = str(tmp_path)
+  write_prompts(workdir)
+  c = tiny_config(iterations=1)
+  c.reward.sources = "feedback=1"
+  with pytest.raises(FileNotFoundError, match=r"no stage-5 feedback model; run stage 5"
+                                              r" first .* or set --config.reward.feedback.model"):
+    p7_ppo.run(c, workdir)
+  c.reward.feedback.model = feedback_model_dir
+  result = p7_ppo.run(c, workdir)
+  assert result.status == "done" and np.isfinite(result.metrics["reward/feedback"])
+  assert result.metrics["reward"] == result.metrics["reward/feedback"]

@@ -15,7 +15,7 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   # The generation and feedback stages on the tiny random model (a real BPE
   # tokenizer); SFT starts from a random byte-tokenizer model; every later stage
   # reads the previous stage's outputs from the workdir, as in a real run.
-  c = tiny_pipeline.get_config(tiny_model_dir)  # PPO and, beside it, DPO
+  c = tiny_pipeline.get_config(tiny_model_dir)  # PPO and, beside it, GRPO and DPO
   workdir = str(tmp_path)
   try:
     timings = pipeline.run(c, workdir)
@@ -23,20 +23,24 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
     if "needs the PyPI package" in str(e):
       pytest.skip(str(e))
     raise
-  assert list(timings) == [name for name, _ in pipeline.STAGES]
+  assert list(timings) == [name for name, _ in pipeline.STAGES if name in c]
+  assert "grpo" in timings and "rloo" not in timings
   with open(os.path.join(workdir, "pipeline_memory.json")) as f:
     memory = json.load(f)
   assert list(memory) == list(timings)
   assert all(0 < m["resident_after_gib"] <= m["peak_so_far_gib"] for m in memory.values())
   for stage_dir in ("p1_prompts", "p2_critique_revision", "p3_sft", "p4_pairs",
-                    "p5_ai_labels", "p6_preference_model", "p7_ppo", "p7_dpo",
+                    "p5_ai_labels", "p6_preference_model", "p7_ppo", "p7_grpo", "p7_dpo",
                     "p8_evaluation"):
     assert os.listdir(os.path.join(workdir, stage_dir)), stage_dir
   with open(os.path.join(workdir, "p8_evaluation", "results.json")) as f:
     res = json.load(f)
-  assert res["evaluated_models"] == ["initial", "sl_cai", "rl_cai", "dpo"]
-  dpo_claims = [x["claim"] for x in res["claims"] if x["claim"].startswith("RL-CAI (DPO)")]
-  assert len(dpo_claims) == 7, dpo_claims  # the RL-CAI claims, for the DPO model too
+  assert res["evaluated_models"] == ["initial", "sl_cai", "rl_cai", "grpo", "dpo"]
+  for label in ("RL-CAI (GRPO)", "RL-CAI (DPO)"):  # the RL-CAI claims, for each model
+    found = [x["claim"] for x in res["claims"] if x["claim"].startswith(label)]
+    assert len(found) == 7, found
+  curves = [x["claim"] for x in res["claims"] if x["claim"].startswith("GRPO: ")]
+  assert len(curves) == 2, curves  # its reward and KL over iterations
   text = open(os.path.join(workdir, "report", "report.md")).read()
   for title in report.SECTIONS:
     assert f"## {title}\n" in text

@@ -3,7 +3,8 @@ to SL-CAI: PPO (the paper's algorithm, the default) or the critic-free RLOO and
 GRPO (`config.algorithm`, with `rollout.samples_per_prompt` responses a prompt).
 
 The policy and the frozen reference start from SL-CAI (`paths.sl_cai_model`);
-the reward is stage 6's PM through the one scorer (`rl.reward`); one
+the reward is stage 6's PM through the one scorer, or a weighted sum of sources
+(the PM, the feedback model live, rules: `rl.reward`, `reward.sources`); one
 iteration of rollout, reward, score pass, advantages and clipped updates is
 `rl.learner.Learner.iterate`, run by the one train loop (`training.loop`), a
 step being an iteration. beta is fixed (`kl.target` = 0) or moved towards the
@@ -33,7 +34,9 @@ import ml_collections
 import numpy as np
 
 from cai_jax.checkpoints.load import load_model
+from cai_jax.constitution import load_constitution
 from cai_jax.data import prompts, rollout_prompts
+from cai_jax.feedback.labeler import FeedbackModel, Labeler, LabelerSettings
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, paths
 from cai_jax.preference import model as pm
@@ -41,18 +44,18 @@ from cai_jax.preference.saved import restore_preference_model
 from cai_jax.preference.scorer import Scorer
 from cai_jax.rl import ppo
 from cai_jax.rl import learner as learner_lib
-from cai_jax.rl.reward import RewardFn, pm_reward_fn
+from cai_jax.rl import reward as reward_lib
 from cai_jax.training import loop as train_loop
 from cai_jax.training import optim, setup
 from cai_jax.training.export import export_hf
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
-        reward_fn: RewardFn | None = None,
+        reward_fn: reward_lib.RewardFn | None = None,
         should_stop: Callable[[int], bool] | None = None) -> setup.Result:
   """Train (or resume) `learner.iterations` iterations; `Result.step` counts them.
 
-  `reward_fn` replaces the preference model (tests: a programmatic reward).
+  `reward_fn` replaces the configured reward sources (tests: a programmatic reward).
   `should_stop(iteration)` is polled after every iteration, like SIGTERM: True
   saves a checkpoint and returns status "preempted". A non-finite loss or
   parameter raises FloatingPointError without saving.
@@ -70,17 +73,40 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                     **dict(c.model_overrides))
   logging.info("policy/reference %s: %s, %.1fM params", spec, cfg.family,
                cfg.num_params() / 1e6)
+  records = [r for path in paths.require_prompts(workdir, "train", c.data.kinds)
+             for r in prompts.read_jsonl(path)]
+  texts = [r.prompt for r in records]
+
+  # --- The reward: weighted sources (`rl.reward`) ---
+  reward = None
   if reward_fn is None:
-    if c.reward_model.startswith("random:"):  # smoke runs: a random scalar model
-      pm_cfg, pm_params, pm_tok = pm.init_scalar_model(
-          c.reward_model, sharder, pm_key, tokenizer=c.tokenizer, **dict(c.model_overrides))
-    else:
-      pm_cfg, pm_params, pm_tok = restore_preference_model(
-          paths.preference_model_dir(c.reward_model, workdir), sharder)
-    reward_fn = pm_reward_fn(Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len,
-                                    sharder=sharder), tok)
-  texts = [r.prompt for path in paths.require_prompts(workdir, "train", c.data.kinds)
-           for r in prompts.read_jsonl(path)]
+    sources = reward_lib.parse_sources(c.reward.sources)
+    fns: dict[str, reward_lib.RewardFn] = {}
+    for name, _ in sources:
+      if name == "pm":
+        if c.reward_model.startswith("random:"):  # smoke runs: a random scalar model
+          pm_cfg, pm_params, pm_tok = pm.init_scalar_model(
+              c.reward_model, sharder, pm_key, tokenizer=c.tokenizer, **dict(c.model_overrides))
+        else:
+          pm_cfg, pm_params, pm_tok = restore_preference_model(
+              paths.preference_model_dir(c.reward_model, workdir), sharder)
+        fns[name] = reward_lib.pm_reward_fn(
+            Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder), tok)
+      elif name == "feedback":
+        f = c.reward.feedback
+        model = FeedbackModel.load(paths.feedback_model(f.model, workdir), sharder, f.dtype)
+        settings = LabelerSettings(mode="pointwise", principle_ids=(f.principle,),
+                                   prompt_format=f.prompt_format, batch_size=f.batch_size,
+                                   max_response_tokens=f.max_response_tokens)
+        labeler = Labeler([model], load_constitution(f.constitution), settings)
+        fns[name] = reward_lib.feedback_reward_fn(labeler, f.principle, tok)
+      elif name == "overlong":
+        fns[name] = reward_lib.overlong_reward_fn(c.reward.overlong_after,
+                                                  c.rollout.max_new_tokens)
+      else:  # refusal
+        fns[name] = reward_lib.refusal_reward_fn(tok, {r.prompt: r.kind for r in records})
+    reward_fn = reward = reward_lib.WeightedReward([(n, w, fns[n]) for n, w in sources],
+                                                   c.reward.normalize)
   prompt_set = rollout_prompts.render_prompts(tok, texts, c.data.max_prompt_len)
   if len(prompt_set.ids) < c.rollout.batch_size:
     raise ValueError(f"{len(prompt_set.ids)} usable prompts, fewer than rollout.batch_size="
@@ -109,6 +135,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if s.ckpt.latest_step() is not None:
     saved = s.ckpt.restore_data()
     start, kl["coef"] = int(saved["iteration"]), float(saved["kl_coef"])
+    if reward is not None and "reward_norm" in saved:
+      reward.load_state(saved["reward_norm"])
+  normalized = reward is not None and reward.normalize
 
   # --- Iterations: a loop step is one RL iteration ---
   def step_fn(state, rows):
@@ -124,7 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       name=c.algorithm, unit="iter", step_fn=step_fn,
       batch_at=lambda it: rollout_prompts.prompt_rows(len(prompt_set.ids),
                                                       c.rollout.batch_size, c.seed, it),
-      position=lambda it: {"iteration": it, "kl_coef": kl["coef"], **data_info},
+      position=lambda it: {"iteration": it, "kl_coef": kl["coef"], **data_info,
+                           **({"reward_norm": reward.state()} if normalized else {})},
       summarize=lambda fetched: {k: v for k, v in fetched[-1].items() if k != "finite"},
       units=len, rate_name=None, evaluate=None,
       postfix=lambda last: {"reward": f"{last['reward']:.3f}", "kl": f"{last['kl']:.3f}"},

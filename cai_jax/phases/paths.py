@@ -17,6 +17,7 @@ the pipeline and the report ask it instead of importing each other.
 
 from __future__ import annotations
 
+import json
 import os
 
 from cai_jax import records
@@ -32,7 +33,7 @@ RLOO = "p7_rloo"  # stage 7 with algorithm="rloo"
 GRPO = "p7_grpo"  # stage 7 with algorithm="grpo"
 DPO = "p7_dpo"  # the alternative RL-CAI stage: DPO on stage 5's soft labels
 # Stage 7's alternatives to PPO, by the name stage 8 and the report give their model.
-RL_ALTERNATIVES = {"dpo": DPO, "rloo": RLOO, "grpo": GRPO}
+RL_ALTERNATIVES = {"rloo": RLOO, "grpo": GRPO, "dpo": DPO}  # pipeline order
 EVALUATION = "p8_evaluation"
 REPORT = "report"
 PROMPT_KINDS = ("red_team", "helpful")
@@ -133,3 +134,21 @@ def preference_model_dir(configured: str, workdir: str) -> str:
   where = configured or stage_dir(workdir, PREFERENCE_MODEL)
   raise FileNotFoundError(f"{where}: no trained preference model; {run_first(PREFERENCE_MODEL)}"
                           " or set --config.reward_model")
+
+
+def feedback_model(configured: str, workdir: str) -> str:
+  """The feedback model a live reward uses: the configured spec, else stage 5's
+  first feedback model (from its `config.json`), which must exist."""
+  if configured:
+    return configured
+  path = os.path.join(stage_dir(workdir, AI_LABELS), "config.json")
+  try:
+    with open(path) as f:
+      models = json.load(f).get("feedback_models") or ()
+  except (OSError, ValueError):
+    models = ()
+  if not models:
+    raise FileNotFoundError(f"{path}: no stage-5 feedback model; {run_first(AI_LABELS)} or set"
+                            " --config.reward.feedback.model=<bundled asset, HF directory or"
+                            " .gguf>")
+  return models[0]

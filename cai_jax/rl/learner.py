@@ -345,6 +345,7 @@ class Learner:
         "logprob_gap": float(gap_BM.sum() / n_tokens),
         "logprob_gap_max": float(gap_BM.max()),
         "finite": float(all(bool(m["finite"]) for m in step_metrics)),
+        **getattr(self.reward_fn, "last", {}),  # each reward source's mean (`rl.reward`)
         **timings,
     }
     return state, metrics

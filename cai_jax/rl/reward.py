@@ -1,8 +1,36 @@
-"""PPO's reward: the preference model's score of each rollout, through the one scorer."""
+"""Stage 7's reward: a weighted sum of named sources, each optionally normalised.
+
+  reward = sum_i w_i * norm_i(s_i(prompt, response))
+
+`config.reward.sources` names them as "name=weight,name=weight" (default "pm=1"):
+
+  pm         the stage-6 preference model's score at the end-of-turn token,
+             through the one scorer (`preference.scorer`), as it was trained;
+  feedback   the feedback model itself, live (RLAIF without a distilled PM, an
+             ablation of it): each rollout's pointwise Yes/No log-odds under one
+             constitution principle, exactly the stage-5 labeler's pointwise
+             score of that response (`feedback.labeler.Labeler.response_scores`);
+  overlong   a rule: -(tokens beyond `reward.overlong_after`) / (the tokens
+             left up to rollout.max_new_tokens), 0 for responses not longer;
+  refusal    a rule: -1 for a response the model-free refusal measure
+             (`evaluation.refusal`) calls a refusal of a helpful prompt, else 0.
+
+(A response cut at rollout.max_new_tokens with no end of turn loses
+`reward.no_eos_penalty` on top, in the learner.)
+
+With `reward.normalize`, each source's scores are standardised by that source's
+running mean and standard deviation over every rollout so far (Welford, this
+batch included) before weighting, so that weights compare sources of different
+scales; the running moments ride in the checkpoint's data position, so a
+resumed run normalises exactly as an uninterrupted one. Each source's raw mean
+is logged per iteration as `reward/<name>`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -11,6 +39,35 @@ from cai_jax.text.tokenizer import Tokenizer
 
 # reward_fn(prompt texts, response tokens [B, M], lengths [B]) -> scores [B] float32.
 RewardFn = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
+SOURCES = ("pm", "feedback", "overlong", "refusal")
+NORM_EPS = 1e-6
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+  """"pm=1,feedback=0.5" -> [("pm", 1.0), ("feedback", 0.5)], with one-line errors."""
+  out: list[tuple[str, float]] = []
+  for part in (p.strip() for p in spec.split(",")):
+    name, sep, weight = part.partition("=")
+    name = name.strip()
+    if name not in SOURCES:
+      raise ValueError(f"reward.sources={spec!r}: unknown source {name!r}; sources are"
+                       f" {list(SOURCES)}, written name=weight,name=weight")
+    try:
+      w = float(weight) if sep else 1.0
+    except ValueError:
+      raise ValueError(f"reward.sources={spec!r}: weight {weight!r} of {name!r} is not a"
+                       " number") from None
+    if not math.isfinite(w) or name in dict(out):
+      raise ValueError(f"reward.sources={spec!r}: {name!r} {'repeats' if name in dict(out) else 'has a non-finite weight'}")
+    out.append((name, w))
+  return out
+
+
+def decode_responses(tok: Tokenizer, tokens_BM: np.ndarray, lengths_B: np.ndarray
+                     ) -> list[str]:
+  """The responses as text, as every text-reading source sees them."""
+  return [tok.decode(toks[:length], skip_special_tokens=True).strip()
+          for toks, length in zip(tokens_BM, lengths_B)]
 
 
 def pm_reward_fn(scorer: Scorer, policy_tok: Tokenizer) -> RewardFn:
@@ -22,8 +79,109 @@ def pm_reward_fn(scorer: Scorer, policy_tok: Tokenizer) -> RewardFn:
   """
 
   def reward(prompt_texts, tokens_BM, lengths_B):
-    responses = [policy_tok.decode(toks[:length], skip_special_tokens=True).strip()
-                 for toks, length in zip(tokens_BM, lengths_B)]
+    responses = decode_responses(policy_tok, tokens_BM, lengths_B)
     return scorer.score_texts(list(prompt_texts), responses).astype(np.float32)
 
   return reward
+
+
+def feedback_reward_fn(labeler, principle_id: str, policy_tok: Tokenizer) -> RewardFn:
+  """The feedback model's pointwise good-answer log-odds of each response under
+  `principle_id` (a `feedback.labeler.Labeler`; mean over its models)."""
+  labeler.constitution.comparison_principle(principle_id)  # names the file when unknown
+
+  def reward(prompt_texts, tokens_BM, lengths_B):
+    responses = decode_responses(policy_tok, tokens_BM, lengths_B)
+    return labeler.response_scores(list(prompt_texts), responses,
+                                   principle_id).astype(np.float32)
+
+  return reward
+
+
+def overlong_reward_fn(after: int, max_new_tokens: int) -> RewardFn:
+  """-(length - after) / (max_new_tokens - after) for responses longer than `after`."""
+  if not 0 <= after < max_new_tokens:
+    raise ValueError(f"reward.overlong_after={after} must be in [0, rollout.max_new_tokens="
+                     f"{max_new_tokens})")
+
+  def reward(prompt_texts, tokens_BM, lengths_B):
+    del prompt_texts, tokens_BM
+    over = np.maximum(np.asarray(lengths_B, np.float64) - after, 0.0)
+    return (-over / (max_new_tokens - after)).astype(np.float32)
+
+  return reward
+
+
+def refusal_reward_fn(policy_tok: Tokenizer, kinds: Mapping[str, str]) -> RewardFn:
+  """-1 where a helpful prompt's response is a refusal (`evaluation.refusal`)."""
+  from cai_jax.evaluation import refusal
+
+  def reward(prompt_texts, tokens_BM, lengths_B):
+    responses = decode_responses(policy_tok, tokens_BM, lengths_B)
+    return np.array([-1.0 if kinds.get(p) == "helpful" and
+                     refusal.classify(p, r).category in refusal.REFUSING else 0.0
+                     for p, r in zip(prompt_texts, responses)], np.float32)
+
+  return reward
+
+
+@dataclasses.dataclass
+class Moments:
+  """Running count, mean and sum of squared deviations (Welford / Chan et al.)."""
+
+  count: float = 0.0
+  mean: float = 0.0
+  m2: float = 0.0
+
+  def update(self, x: np.ndarray) -> None:
+    x = np.asarray(x, np.float64)
+    n, mean = float(x.size), float(x.mean()) if x.size else 0.0
+    if not n:
+      return
+    m2 = float(((x - mean) ** 2).sum())
+    total = self.count + n
+    delta = mean - self.mean
+    self.m2 += m2 + delta * delta * self.count * n / total
+    self.mean += delta * n / total
+    self.count = total
+
+  @property
+  def std(self) -> float:
+    return math.sqrt(self.m2 / self.count) if self.count else 0.0
+
+
+class WeightedReward:
+  """A `RewardFn` summing weighted (optionally normalised) sources.
+
+  `state()` / `load_state()` carry the running moments through checkpoints;
+  `last` holds the latest batch's raw mean of each source (for the metrics)."""
+
+  def __init__(self, sources: Sequence[tuple[str, float, RewardFn]], normalize: bool):
+    if not sources:
+      raise ValueError("reward.sources is empty; give at least one name=weight")
+    self.sources, self.normalize = list(sources), normalize
+    self.moments = {name: Moments() for name, _, _ in self.sources}
+    self.last: dict[str, float] = {}
+
+  def __call__(self, prompt_texts, tokens_BM, lengths_B) -> np.ndarray:
+    total = np.zeros(len(lengths_B), np.float64)
+    for name, weight, fn in self.sources:
+      s = np.asarray(fn(prompt_texts, tokens_BM, lengths_B), np.float32)
+      self.last[f"reward/{name}"] = float(s.mean())
+      if len(self.sources) == 1 and weight == 1.0 and not self.normalize:
+        return s  # the plain single source, unchanged (float32 as it came)
+      x = s.astype(np.float64)
+      if self.normalize:
+        m = self.moments[name]
+        m.update(x)
+        x = (x - m.mean) / (m.std + NORM_EPS)
+      total += weight * x
+    return total.astype(np.float32)
+
+  def state(self) -> dict[str, dict[str, float]]:
+    return {name: dataclasses.asdict(m) for name, m in self.moments.items()}
+
+  def load_state(self, state: Mapping[str, Mapping[str, float]]) -> None:
+    for name, m in state.items():
+      if name in self.moments:
+        self.moments[name] = Moments(**{k: float(v) for k, v in m.items()})
