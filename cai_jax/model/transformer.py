@@ -8,6 +8,7 @@ Shape vocabulary (used in einsum strings and long-lived names):
 Outside the model the same letters keep their meaning, plus:
   E examples (rows of a data set)      M response tokens (sampled positions)
   P prompt tokens (left-padded)        2 the two responses of a comparison
+  Q prompts of an RL rollout           C responses (candidates) a prompt (RLOO, GRPO)
 
 Families: Llama (Llama 2/3, SmolLM2; RoPE with Llama-3 scaling), Mistral
 (sliding window), Qwen2 (q/k/v biases) and Gemma 3 (1+w norms, QK-norm,

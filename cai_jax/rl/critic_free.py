@@ -1,7 +1,8 @@
 """Critic-free advantages (RLOO, GRPO), as pure float32 array functions.
 
-Each prompt is answered K times (`rollout.samples_per_prompt`); the B = P * K
-sequences are laid out prompt-major (rows p*K .. p*K + K - 1 answer prompt p).
+Each of Q prompts is answered C times (`rollout.samples_per_prompt`); the
+B = Q * C sequences are laid out prompt-major (rows q*C .. q*C + C - 1 answer
+prompt q). M is the response axis, as in the shape legend (`model.transformer`).
 The KL penalty enters the reward through the same one knob as PPO's
 (`config.kl`), summed over the sequence instead of spread over its tokens:
 
@@ -29,34 +30,34 @@ ALGORITHMS = ("ppo", "rloo", "grpo")  # "ppo" uses a critic (`rl.learner`); the 
 GRPO_EPS = 1e-4  # TRL's GRPOTrainer: advantages / (std + 1e-4)
 
 
-def sequence_rewards(scores_B: jax.Array, kl_BT: jax.Array, mask_BT: jax.Array,
+def sequence_rewards(scores_B: jax.Array, kl_BM: jax.Array, mask_BM: jax.Array,
                      kl_coef: jax.Array | float) -> jax.Array:
   """R = score - beta * (the sequence's summed per-token KL estimate)."""
-  kl_B = jnp.sum(jnp.asarray(kl_BT, jnp.float32) * mask_BT, axis=1)
+  kl_B = jnp.sum(jnp.asarray(kl_BM, jnp.float32) * mask_BM, axis=1)
   return jnp.asarray(scores_B, jnp.float32) - kl_coef * kl_B
 
 
-def rloo(rewards_PK: jax.Array) -> jax.Array:
-  """A_i = R_i minus the mean of the other K - 1 rewards of its prompt."""
-  K = rewards_PK.shape[1]
-  baseline_PK = (jnp.sum(rewards_PK, axis=1, keepdims=True) - rewards_PK) / (K - 1)
-  return rewards_PK - baseline_PK
+def rloo(rewards_QC: jax.Array) -> jax.Array:
+  """A_i = R_i minus the mean of the other C - 1 rewards of its prompt."""
+  C = rewards_QC.shape[1]
+  baseline_QC = (jnp.sum(rewards_QC, axis=1, keepdims=True) - rewards_QC) / (C - 1)
+  return rewards_QC - baseline_QC
 
 
-def grpo(rewards_PK: jax.Array) -> jax.Array:
+def grpo(rewards_QC: jax.Array) -> jax.Array:
   """A_i = (R_i - group mean) / (group std + eps), std with Bessel's correction."""
-  mean_P1 = jnp.mean(rewards_PK, axis=1, keepdims=True)
-  std_P1 = jnp.std(rewards_PK, axis=1, keepdims=True, ddof=1)
-  return (rewards_PK - mean_P1) / (std_P1 + GRPO_EPS)
+  mean_Q1 = jnp.mean(rewards_QC, axis=1, keepdims=True)
+  std_Q1 = jnp.std(rewards_QC, axis=1, keepdims=True, ddof=1)
+  return (rewards_QC - mean_Q1) / (std_Q1 + GRPO_EPS)
 
 
 GROUP_ADVANTAGES: dict[str, Callable[[jax.Array], jax.Array]] = {"rloo": rloo, "grpo": grpo}
 
 
-def token_advantages(algorithm: str, rewards_B: jax.Array, mask_BT: jax.Array,
+def token_advantages(algorithm: str, rewards_B: jax.Array, mask_BM: jax.Array,
                      samples_per_prompt: int) -> jax.Array:
-  """Each sequence's group advantage on each of its response tokens, [B, T]."""
+  """Each sequence's group advantage on each of its response tokens, [B, M]."""
   B = rewards_B.shape[0]
-  adv_PK = GROUP_ADVANTAGES[algorithm](rewards_B.reshape(B // samples_per_prompt,
+  adv_QC = GROUP_ADVANTAGES[algorithm](rewards_B.reshape(B // samples_per_prompt,
                                                          samples_per_prompt))
-  return adv_PK.reshape(B)[:, None] * mask_BT
+  return adv_QC.reshape(B)[:, None] * mask_BM

@@ -4,7 +4,7 @@ the critic-free RLOO and GRPO (`config.algorithm`).
 
 Each iteration, in the paper's order:
 
-  1. rollout   the policy samples `rollout.samples_per_prompt` (K) responses to
+  1. rollout   the policy samples `rollout.samples_per_prompt` (C) responses to
                each prompt (jit sampler, temperature tau), recording the sampled
                tokens' log-probs;
   2. reward    `reward_fn` scores each (prompt, response): the PM through the
@@ -15,7 +15,7 @@ Each iteration, in the paper's order:
   4. advantage PPO: r_t = -beta * kl_t + [t = last] * score (`rl.ppo.token_rewards`),
                optionally whitened, then GAE; advantages whitened.
                RLOO / GRPO: R = score - beta * sum_t kl_t, then the leave-one-out
-               or group-normalised advantage over each prompt's K responses
+               or group-normalised advantage over each prompt's C responses
                (`rl.critic_free`), on every token of the response;
   5. update    `learner.epochs` passes over shuffled minibatches of the rollout:
                clipped policy loss (+ vf_coef * clipped value loss for PPO)
@@ -110,11 +110,11 @@ def group_advantages(scores_B, logp_BM, ref_logp_BM, mask_BM, kl_coef, *, algori
   """RLOO / GRPO: sequence rewards R = score - beta * KL, the group's advantage."""
   kl_BM = ppo.KL_ESTIMATORS[estimator](logp_BM, ref_logp_BM) * mask_BM
   rewards_B = critic_free.sequence_rewards(scores_B, kl_BM, mask_BM, kl_coef)
-  K = samples_per_prompt
-  return {"adv": critic_free.token_advantages(algorithm, rewards_B, mask_BM, K),
+  C = samples_per_prompt
+  return {"adv": critic_free.token_advantages(algorithm, rewards_B, mask_BM, C),
           "kl_B": jnp.sum(kl_BM, axis=1),
           "k1_B": jnp.sum(ppo.kl_k1(logp_BM, ref_logp_BM) * mask_BM, axis=1),
-          "group_std_P": jnp.std(rewards_B.reshape(-1, K), axis=1, ddof=1)}
+          "group_std_Q": jnp.std(rewards_B.reshape(-1, C), axis=1, ddof=1)}
 
 
 def loss_fn(params, mb, *, cfg: ModelConfig, sharder: Sharder | None, prompt_len: int,
@@ -170,17 +170,17 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   """One-line errors for the algorithm and rollout fields, before anything loads."""
   if c.algorithm not in critic_free.ALGORITHMS:
     raise ValueError(f"algorithm={c.algorithm!r}: use one of {list(critic_free.ALGORITHMS)}")
-  r, K = c.rollout, c.rollout.samples_per_prompt
-  if K < (1 if c.algorithm == "ppo" else 2):
-    raise ValueError(f"rollout.samples_per_prompt={K}: {c.algorithm} compares each"
+  r, C = c.rollout, c.rollout.samples_per_prompt
+  if C < (1 if c.algorithm == "ppo" else 2):
+    raise ValueError(f"rollout.samples_per_prompt={C}: {c.algorithm} compares each"
                      " response with the others of its prompt, so it needs at least 2"
                      if c.algorithm != "ppo" else
-                     f"rollout.samples_per_prompt={K}: it must be at least 1")
+                     f"rollout.samples_per_prompt={C}: it must be at least 1")
   if r.temperature <= 0:  # and no top-k / top-p: the sampler's log-probs are pi's
     raise ValueError(f"rollout.temperature={r.temperature}: RL samples from the"
                      " policy, so it must be > 0")
-  if (r.batch_size * K) % c.train.minibatch_size:
-    raise ValueError(f"rollout.batch_size x rollout.samples_per_prompt = {r.batch_size * K}"
+  if (r.batch_size * C) % c.train.minibatch_size:
+    raise ValueError(f"rollout.batch_size x rollout.samples_per_prompt = {r.batch_size * C}"
                      f" sequences is not a multiple of train.minibatch_size="
                      f"{c.train.minibatch_size}")
 
@@ -223,7 +223,7 @@ class Learner:
     c, cfg, sharder = self.config, self.cfg, self.sharder
     check_config(c)
     r, lc = c.rollout, c.learner
-    self.critic, self.K = has_critic(c), int(r.samples_per_prompt)
+    self.critic, self.C = has_critic(c), int(r.samples_per_prompt)
     self.P, self.M = self.prompt_len, r.max_new_tokens
     self.sampler = Sampler(cfg, max_new_tokens=self.M, stop_ids=cfg.eos_token_ids,
                            pad_id=self.tok.pad_id, sharder=sharder, length_buckets=(self.P,))
@@ -246,7 +246,7 @@ class Learner:
     else:
       self._advantages = jax.jit(functools.partial(
           group_advantages, algorithm=c.algorithm, estimator=c.kl.estimator,
-          samples_per_prompt=self.K))
+          samples_per_prompt=self.C))
     self._step = jax.jit(
         functools.partial(train_step, tx=self.tx, microbatches=c.train.microbatches,
                           clip_eps=lc.clip_eps, value_clip=lc.value_clip,
@@ -258,12 +258,12 @@ class Learner:
   def iterate(self, state: optim.TrainState, ref_params, prompt_texts: Sequence[str],
               prompt_ids: Sequence[Sequence[int]], kl_coef: float
               ) -> tuple[optim.TrainState, dict[str, float]]:
-    """Rollout, reward, score pass, advantages and the clipped updates over K
+    """Rollout, reward, score pass, advantages and the clipped updates over C
     samples of each prompt; returns (state, metrics)."""
-    c, P, M, K = self.config, self.P, self.M, self.K
-    # Prompt-major: rows p*K .. p*K + K - 1 answer prompt p (`rl.critic_free`).
-    prompt_texts = [t for t in prompt_texts for _ in range(K)]
-    prompt_ids = [ids for ids in prompt_ids for _ in range(K)]
+    c, P, M, C = self.config, self.P, self.M, self.C
+    # Prompt-major: rows q*C .. q*C + C - 1 answer prompt q (`rl.critic_free`).
+    prompt_texts = [t for t in prompt_texts for _ in range(C)]
+    prompt_ids = [ids for ids in prompt_ids for _ in range(C)]
     B = len(prompt_ids)
     timings: dict[str, float] = {}
     key, rollout_key, shuffle_key = jax.random.split(state.key, 3)
@@ -336,7 +336,7 @@ class Learner:
         "entropy": mean("ent"),
         "clip_frac": mean("clipped"),
         **({"value_loss": mean("vf")} if self.critic else
-           {"group_reward_std": float(np.asarray(adv["group_std_P"]).mean())}),
+           {"group_reward_std": float(np.asarray(adv["group_std_Q"]).mean())}),
         "policy_loss": mean("pg"),
         "approx_kl_old": mean("approx_kl"),
         "grad_norm": mean("grad_norm"),

@@ -1,7 +1,7 @@
 """PPO with a KL penalty, as pure float32 array functions.
 
-Shapes: B sequences, T response tokens (position t is the t-th sampled
-token), D model width. `mask_BT` is 1 on real response tokens (the stop token
+Shapes: B sequences, M response tokens (position t is the t-th sampled
+token), D model width. `mask_BM` is 1 on real response tokens (the stop token
 included) and 0 on padding after it. Losses return (sum, count) so that
 microbatches and devices add up and the mean is taken once (tunix's
 `algo_core` convention); per-token estimators return arrays.
@@ -29,16 +29,16 @@ def _f32(*xs):
 # --- KL estimators (per token, under samples from pi) ----------------------------------
 
 
-def kl_k1(logp_BT: jax.Array, ref_logp_BT: jax.Array) -> jax.Array:
+def kl_k1(logp_BM: jax.Array, ref_logp_BM: jax.Array) -> jax.Array:
   """k1 = log pi - log pi_ref: unbiased for KL(pi || pi_ref), high variance, may be < 0."""
-  logp_BT, ref_logp_BT = _f32(logp_BT, ref_logp_BT)
-  return logp_BT - ref_logp_BT
+  logp_BM, ref_logp_BM = _f32(logp_BM, ref_logp_BM)
+  return logp_BM - ref_logp_BM
 
 
-def kl_k3(logp_BT: jax.Array, ref_logp_BT: jax.Array) -> jax.Array:
+def kl_k3(logp_BM: jax.Array, ref_logp_BM: jax.Array) -> jax.Array:
   """k3 = (r - 1) - log r, r = pi_ref / pi: unbiased, >= 0, low variance (Schulman 2020)."""
-  logp_BT, ref_logp_BT = _f32(logp_BT, ref_logp_BT)
-  log_r = ref_logp_BT - logp_BT
+  logp_BM, ref_logp_BM = _f32(logp_BM, ref_logp_BM)
+  log_r = ref_logp_BM - logp_BM
   return jnp.expm1(log_r) - log_r
 
 
@@ -49,30 +49,30 @@ KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 # --- Rewards, whitening, GAE ---------------------------------------------------------------
 
 
-def token_rewards(scores_B: jax.Array, kl_BT: jax.Array, mask_BT: jax.Array,
+def token_rewards(scores_B: jax.Array, kl_BM: jax.Array, mask_BM: jax.Array,
                   kl_coef: jax.Array | float) -> jax.Array:
   """r_t = -beta * kl_t on every response token, plus the score on the last one."""
-  scores_B, kl_BT, mask_BT = _f32(scores_B, kl_BT, mask_BT)
-  T = mask_BT.shape[1]
-  last_B = jnp.sum(mask_BT, axis=1).astype(jnp.int32) - 1
-  at_last_BT = (jnp.arange(T)[None] == last_B[:, None]).astype(jnp.float32)
-  return (-kl_coef * kl_BT + at_last_BT * scores_B[:, None]) * mask_BT
+  scores_B, kl_BM, mask_BM = _f32(scores_B, kl_BM, mask_BM)
+  M = mask_BM.shape[1]
+  last_B = jnp.sum(mask_BM, axis=1).astype(jnp.int32) - 1
+  at_last_BM = (jnp.arange(M)[None] == last_B[:, None]).astype(jnp.float32)
+  return (-kl_coef * kl_BM + at_last_BM * scores_B[:, None]) * mask_BM
 
 
-def whiten(x_BT: jax.Array, mask_BT: jax.Array, shift_mean: bool = True,
+def whiten(x_BM: jax.Array, mask_BM: jax.Array, shift_mean: bool = True,
            eps: float = 1e-8) -> jax.Array:
   """(x - mean) / std over the masked entries (mean kept if not shift_mean); 0 elsewhere."""
-  x_BT, mask_BT = _f32(x_BT, mask_BT)
-  n = jnp.maximum(jnp.sum(mask_BT), 1.0)
-  mean = jnp.sum(x_BT * mask_BT) / n
-  var = jnp.sum(jnp.square(x_BT - mean) * mask_BT) / n
-  out = (x_BT - mean) * jax.lax.rsqrt(var + eps)
+  x_BM, mask_BM = _f32(x_BM, mask_BM)
+  n = jnp.maximum(jnp.sum(mask_BM), 1.0)
+  mean = jnp.sum(x_BM * mask_BM) / n
+  var = jnp.sum(jnp.square(x_BM - mean) * mask_BM) / n
+  out = (x_BM - mean) * jax.lax.rsqrt(var + eps)
   if not shift_mean:
     out = out + mean
-  return out * mask_BT
+  return out * mask_BM
 
 
-def gae(rewards_BT: jax.Array, values_BT: jax.Array, mask_BT: jax.Array, gamma: float,
+def gae(rewards_BM: jax.Array, values_BM: jax.Array, mask_BM: jax.Array, gamma: float,
         lam: float) -> tuple[jax.Array, jax.Array]:
   """Generalised advantage estimation (Schulman et al. 2016) as a reverse scan.
 
@@ -83,95 +83,95 @@ def gae(rewards_BT: jax.Array, values_BT: jax.Array, mask_BT: jax.Array, gamma: 
   Masked (padding) positions get A = R = 0; the episode ends after the last
   real token, so nothing flows back from padding.
   """
-  rewards_BT, values_BT, mask_BT = _f32(rewards_BT, values_BT, mask_BT)
-  B, T = rewards_BT.shape
-  next_values_BT = jnp.concatenate([values_BT[:, 1:] * mask_BT[:, 1:],
+  rewards_BM, values_BM, mask_BM = _f32(rewards_BM, values_BM, mask_BM)
+  B, M = rewards_BM.shape
+  next_values_BM = jnp.concatenate([values_BM[:, 1:] * mask_BM[:, 1:],
                                     jnp.zeros((B, 1), jnp.float32)], axis=1)
-  next_mask_BT = jnp.concatenate([mask_BT[:, 1:], jnp.zeros((B, 1), jnp.float32)], axis=1)
-  deltas_BT = rewards_BT + gamma * next_values_BT - values_BT
+  next_mask_BM = jnp.concatenate([mask_BM[:, 1:], jnp.zeros((B, 1), jnp.float32)], axis=1)
+  deltas_BM = rewards_BM + gamma * next_values_BM - values_BM
 
   def step(adv_next_B, xs):
     delta_B, next_mask_B = xs
     adv_B = delta_B + gamma * lam * next_mask_B * adv_next_B
     return adv_B, adv_B
 
-  _, adv_TB = jax.lax.scan(step, jnp.zeros((B,), jnp.float32),
-                           (deltas_BT.T, next_mask_BT.T), reverse=True)
-  adv_BT = adv_TB.T * mask_BT
-  return adv_BT, (adv_BT + values_BT) * mask_BT
+  _, adv_MB = jax.lax.scan(step, jnp.zeros((B,), jnp.float32),
+                           (deltas_BM.T, next_mask_BM.T), reverse=True)
+  adv_BM = adv_MB.T * mask_BM
+  return adv_BM, (adv_BM + values_BM) * mask_BM
 
 
 # --- Losses: (sum, count) ----------------------------------------------------------------
 
 
-def policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_BT: jax.Array,
-                mask_BT: jax.Array, clip_eps: float) -> tuple[jax.Array, jax.Array]:
+def policy_loss(logp_BM: jax.Array, old_logp_BM: jax.Array, adv_BM: jax.Array,
+                mask_BM: jax.Array, clip_eps: float) -> tuple[jax.Array, jax.Array]:
   """Clipped surrogate (Schulman et al. 2017), summed over tokens.
 
     rho_t = exp(log pi(y_t) - log pi_old(y_t))
     L     = sum_t m_t * max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))
   """
-  logp_BT, old_logp_BT, adv_BT, mask_BT = _f32(logp_BT, old_logp_BT, adv_BT, mask_BT)
-  ratio_BT = jnp.exp(logp_BT - old_logp_BT)
-  loss_BT = jnp.maximum(-adv_BT * ratio_BT,
-                        -adv_BT * jnp.clip(ratio_BT, 1.0 - clip_eps, 1.0 + clip_eps))
-  return jnp.sum(jnp.where(mask_BT > 0, loss_BT, 0.0)), jnp.sum(mask_BT)
+  logp_BM, old_logp_BM, adv_BM, mask_BM = _f32(logp_BM, old_logp_BM, adv_BM, mask_BM)
+  ratio_BM = jnp.exp(logp_BM - old_logp_BM)
+  loss_BM = jnp.maximum(-adv_BM * ratio_BM,
+                        -adv_BM * jnp.clip(ratio_BM, 1.0 - clip_eps, 1.0 + clip_eps))
+  return jnp.sum(jnp.where(mask_BM > 0, loss_BM, 0.0)), jnp.sum(mask_BM)
 
 
-def clipped_count(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_BT: jax.Array,
-                  mask_BT: jax.Array, clip_eps: float) -> tuple[jax.Array, jax.Array]:
+def clipped_count(logp_BM: jax.Array, old_logp_BM: jax.Array, adv_BM: jax.Array,
+                  mask_BM: jax.Array, clip_eps: float) -> tuple[jax.Array, jax.Array]:
   """(tokens where the clipped branch is active, tokens): the clip fraction's parts."""
-  logp_BT, old_logp_BT, adv_BT, mask_BT = _f32(logp_BT, old_logp_BT, adv_BT, mask_BT)
-  ratio_BT = jnp.exp(logp_BT - old_logp_BT)
-  clipped = jnp.where(adv_BT >= 0, ratio_BT > 1.0 + clip_eps, ratio_BT < 1.0 - clip_eps)
-  return jnp.sum(clipped * mask_BT), jnp.sum(mask_BT)
+  logp_BM, old_logp_BM, adv_BM, mask_BM = _f32(logp_BM, old_logp_BM, adv_BM, mask_BM)
+  ratio_BM = jnp.exp(logp_BM - old_logp_BM)
+  clipped = jnp.where(adv_BM >= 0, ratio_BM > 1.0 + clip_eps, ratio_BM < 1.0 - clip_eps)
+  return jnp.sum(clipped * mask_BM), jnp.sum(mask_BM)
 
 
-def value_loss(values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: jax.Array,
-               mask_BT: jax.Array, clip_eps: float) -> tuple[jax.Array, jax.Array]:
+def value_loss(values_BM: jax.Array, old_values_BM: jax.Array, returns_BM: jax.Array,
+               mask_BM: jax.Array, clip_eps: float) -> tuple[jax.Array, jax.Array]:
   """Clipped value loss, summed over tokens.
 
     V^clip = V_old + clip(V - V_old, -eps, eps)
     L      = sum_t m_t * 0.5 * max((V_t - R_t)^2, (V^clip_t - R_t)^2)
   """
-  values_BT, old_values_BT, returns_BT, mask_BT = _f32(values_BT, old_values_BT,
-                                                      returns_BT, mask_BT)
-  clipped_BT = old_values_BT + jnp.clip(values_BT - old_values_BT, -clip_eps, clip_eps)
-  loss_BT = 0.5 * jnp.maximum(jnp.square(values_BT - returns_BT),
-                              jnp.square(clipped_BT - returns_BT))
-  return jnp.sum(jnp.where(mask_BT > 0, loss_BT, 0.0)), jnp.sum(mask_BT)
+  values_BM, old_values_BM, returns_BM, mask_BM = _f32(values_BM, old_values_BM,
+                                                      returns_BM, mask_BM)
+  clipped_BM = old_values_BM + jnp.clip(values_BM - old_values_BM, -clip_eps, clip_eps)
+  loss_BM = 0.5 * jnp.maximum(jnp.square(values_BM - returns_BM),
+                              jnp.square(clipped_BM - returns_BM))
+  return jnp.sum(jnp.where(mask_BM > 0, loss_BM, 0.0)), jnp.sum(mask_BM)
 
 
-def entropy_sum(entropy_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def entropy_sum(entropy_BM: jax.Array, mask_BM: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum of per-token entropies over the mask, count): the bonus is -coef * sum."""
-  entropy_BT, mask_BT = _f32(entropy_BT, mask_BT)
-  return jnp.sum(jnp.where(mask_BT > 0, entropy_BT, 0.0)), jnp.sum(mask_BT)
+  entropy_BM, mask_BM = _f32(entropy_BM, mask_BM)
+  return jnp.sum(jnp.where(mask_BM > 0, entropy_BM, 0.0)), jnp.sum(mask_BM)
 
 
-# --- Log-probs of the sampled tokens without [B, T, V] logits -----------------------------
+# --- Log-probs of the sampled tokens without [B, M, V] logits -----------------------------
 
 
-def token_logprobs(x_BTD: jax.Array, unembed: Callable[[jax.Array], jax.Array],
-                   targets_BT: jax.Array, temperature: float, chunk_size: int,
+def token_logprobs(x_BMD: jax.Array, unembed: Callable[[jax.Array], jax.Array],
+                   targets_BM: jax.Array, temperature: float, chunk_size: int,
                    with_entropy: bool = True) -> tuple[jax.Array, jax.Array]:
-  """log softmax(z / tau)[y] and the entropy of softmax(z / tau), [B, T] float32 each.
+  """log softmax(z / tau)[y] and the entropy of softmax(z / tau), [B, M] float32 each.
 
     log p_t = z_t[y_t] / tau - logsumexp_v z_tv / tau
     H_t     = logsumexp_v (z_tv / tau) - sum_v p_tv z_tv / tau
 
-  T is cut into chunks; each chunk's float32 logits are made, reduced to two
+  M is cut into chunks; each chunk's float32 logits are made, reduced to two
   numbers per token and dropped. The chunk body is rematerialised, so the
   backward pass also holds one chunk of logits at a time.
   """
-  B, T, D = x_BTD.shape
-  chunk_size = min(chunk_size or T, T)
-  n = -(-T // chunk_size)
-  pad = n * chunk_size - T
+  B, M, D = x_BMD.shape
+  chunk_size = min(chunk_size or M, M)
+  n = -(-M // chunk_size)
+  pad = n * chunk_size - M
   if pad:
-    x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    x_BMD = jnp.pad(x_BMD, ((0, 0), (0, pad), (0, 0)))
+    targets_BM = jnp.pad(targets_BM, ((0, 0), (0, pad)))
 
-  def to_chunks(a):  # [B, T, ...] -> [n, B, c, ...]
+  def to_chunks(a):  # [B, M, ...] -> [n, B, c, ...]
     return a.reshape(B, n, chunk_size, *a.shape[2:]).swapaxes(0, 1)
 
   @jax.checkpoint
@@ -185,8 +185,8 @@ def token_logprobs(x_BTD: jax.Array, unembed: Callable[[jax.Array], jax.Array],
     p_BcV = jnp.exp(z_BcV - lse_Bc[..., None])
     return logp_Bc, lse_Bc - jnp.sum(p_BcV * z_BcV, axis=-1)
 
-  logp_nBc, ent_nBc = jax.lax.map(chunk, (to_chunks(x_BTD), to_chunks(targets_BT)))
-  unchunk = lambda a: a.swapaxes(0, 1).reshape(B, n * chunk_size)[:, :T]
+  logp_nBc, ent_nBc = jax.lax.map(chunk, (to_chunks(x_BMD), to_chunks(targets_BM)))
+  unchunk = lambda a: a.swapaxes(0, 1).reshape(B, n * chunk_size)[:, :M]
   return unchunk(logp_nBc), unchunk(ent_nBc)
 
 
