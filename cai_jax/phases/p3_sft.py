@@ -125,13 +125,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       units=lambda fetched: sum(float(m["tokens"]) for m in fetched), rate_name="tokens_per_s",
       evaluate=evaluate if held.size else None,
       postfix=lambda last: {"loss": f"{last['loss']:.4f}"})
-  status, state, last, _ = train_loop.run(loop, state, start, total_steps, s.ckpt, out,
-                                          should_stop)
-
-  step = int(jax.device_get(state.step))
-  if status == "done":
-    export_hf(state.params, cfg, tok, paths.hf_export(workdir, paths.SFT), step)
-  return setup.Result(status, step, last, out, state)
+  return setup.train(loop, state, start, total_steps, s, out, should_stop, export=lambda p, step:
+                     export_hf(p, cfg, tok, paths.hf_export(workdir, paths.SFT), step))
 
 
 if __name__ == "__main__":

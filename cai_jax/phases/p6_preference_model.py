@@ -122,9 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       units=lambda fetched: len(fetched) * t.batch_size, rate_name="pairs_per_s",
       evaluate=evaluate if held.size else None,
       postfix=lambda last: {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.2f}"})
-  status, state, last, _ = train_loop.run(loop, state, start, total_steps, s.ckpt, out,
-                                          should_stop)
-  return setup.Result(status, int(jax.device_get(state.step)), last, out, state)
+  return setup.train(loop, state, start, total_steps, s, out, should_stop)
 
 
 if __name__ == "__main__":

@@ -46,12 +46,9 @@ REFERENCE_FILE = "reference_logps.npz"
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         should_stop: Callable[[int], bool] | None = None) -> setup.Result:
-  """Train (or resume) DPO; returns the status, step and metrics.
-
-  `should_stop(step)` is polled after every step, like SIGTERM: True saves a
-  checkpoint and returns "preempted". A non-finite loss or parameter raises
-  FloatingPointError without saving; the last (finite) checkpoint is kept.
-  """
+  """Train (or resume) DPO against the stored reference log-probs; returns the
+  status, step and metrics. Stopping (`should_stop`, SIGTERM) and non-finite
+  steps behave as in every training stage (`training.loop.run`)."""
   out = paths.stage_dir(workdir, paths.DPO)
   t, d = config.train, config.data
   if config.dpo.loss_type not in losses.DPO_LOSS_TYPES:
@@ -137,13 +134,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       units=lambda fetched: len(fetched) * t.batch_size, rate_name="pairs_per_s",
       evaluate=evaluate if held.size else None,
       postfix=lambda last: {"loss": f"{last['loss']:.4f}", "margin": f"{last['margin']:.3f}"})
-  status, state, last, _ = train_loop.run(loop, state, start, total_steps, s.ckpt, out,
-                                          should_stop)
-
-  step = int(jax.device_get(state.step))
-  if status == "done":
-    export_hf(state.params, cfg, tok, paths.hf_export(workdir, paths.DPO), step)
-  return setup.Result(status, step, last, out, state)
+  return setup.train(loop, state, start, total_steps, s, out, should_stop, export=lambda p, step:
+                     export_hf(p, cfg, tok, paths.hf_export(workdir, paths.DPO), step))
 
 
 if __name__ == "__main__":

@@ -159,11 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       units=len, rate_name=None, evaluate=None,
       postfix=lambda last: {"reward": f"{last['reward']:.3f}", "kl": f"{last['kl']:.3f}"},
       save_every=c.train.save_every, eval_every=1, log_every=1)
-  status, state, last, done = train_loop.run(loop, state, start, iterations, s.ckpt, out,
-                                             should_stop)
-  if status == "done":
-    export_hf(state.params["backbone"], cfg, tok, paths.hf_export(workdir, stage), done)
-  return setup.Result(status, done, last, out, state)
+  return setup.train(loop, state, start, iterations, s, out, should_stop, export=lambda p, it:
+                     export_hf(p["backbone"], cfg, tok, paths.hf_export(workdir, stage), it))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import optax
 
 from cai_jax.model.sharding import Sharder
 from cai_jax.training import checkpoint, optim
+from cai_jax.training import loop as train_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +77,15 @@ def start_state(s: TrainSetup, abstract_params, params, key: jax.Array,
                  donate_argnums=0)
   state = init_or_restore(s, abstract_params, lambda: init(params, key), expect)
   return state, int(jax.device_get(state.step))
+
+
+def train(loop: "train_loop.Loop", state: optim.TrainState, start: int, total_steps: int,
+          s: TrainSetup, out: str, should_stop: Callable[[int], bool] | None = None,
+          export: Callable[[Any, int], None] | None = None) -> Result:
+  """Runs `loop` from step `start` to `total_steps` (`training.loop.run`); when it
+  finishes (not when preempted), `export(params, steps)` writes the final model."""
+  status, state, last, done = train_loop.run(loop, state, start, total_steps, s.ckpt, out,
+                                             should_stop)
+  if status == "done" and export is not None:
+    export(state.params, done)
+  return Result(status, done, last, out, state)
