@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -124,3 +124,27 @@ class EpochOrder:
   def position(self, step: int) -> dict[str, int]:
     epoch, i = divmod(step, self.per_epoch)
     return {"step": step, "epoch": epoch, "batch_in_epoch": i}
+
+
+class Plan(NamedTuple):
+  """A training stage's batches: bucketed rows of each split, the epoch order and
+  the number of steps."""
+
+  train_buckets: Any
+  held_buckets: Any
+  order: EpochOrder
+  total_steps: int
+
+
+def plan(train, held, data, train_config, seed: int, what: str) -> Plan:
+  """The plan for token data sets `train` / `held` (SFT examples, PM pairs, DPO
+  pairs: anything with `.buckets(lengths)` and `.size`) under a stage config's
+  `data` (length_buckets, seq_len) and `train` (batch_size, num_steps or
+  num_epochs) blocks; `what` names the rows in the log line."""
+  buckets = length_buckets(data.length_buckets, data.seq_len)
+  train_buckets, held_buckets = train.buckets(buckets), held.buckets(buckets)
+  order = EpochOrder(train_buckets, train_config.batch_size, seed)
+  total_steps = train_config.num_steps or train_config.num_epochs * order.per_epoch
+  logging.info("%d train / %d held-out %s; %d steps (%d per epoch)", train.size, held.size,
+               what, total_steps, order.per_epoch)
+  return Plan(train_buckets, held_buckets, order, total_steps)

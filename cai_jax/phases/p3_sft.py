@@ -80,12 +80,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("model %s: %s, %.1fM params; %r", config.model, cfg.family,
                cfg.num_params() / 1e6, tok)
   train, held = load_data(config, workdir, tok)
-  buckets = batching.length_buckets(config.data.length_buckets, config.data.seq_len)
-  train_buckets, held_buckets = train.buckets(buckets), held.buckets(buckets)
-  order = batching.EpochOrder(train_buckets, t.batch_size, config.seed)
-  total_steps = t.num_steps or t.num_epochs * order.per_epoch
-  logging.info("%d train / %d eval examples; %d steps (%d per epoch)", train.size,
-               held.size, total_steps, order.per_epoch)
+  train_buckets, held_buckets, order, total_steps = batching.plan(
+      train, held, config.data, t, config.seed, "examples")
 
   # --- Optimizer, state, checkpoints ---
   abstract = transformer.abstract_params(cfg)

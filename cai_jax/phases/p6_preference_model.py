@@ -24,7 +24,6 @@ Output, under `<workdir>/p6_preference_model/`: `checkpoints/` (Orbax),
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Callable
 
@@ -74,12 +73,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                           **dict(config.model_overrides))
   train = comparisons.tokenize_pairs(tok, train_c, d.seq_len, d.truncation)
   held = comparisons.tokenize_pairs(tok, held_c, d.seq_len, d.truncation)
-  buckets = batching.length_buckets(d.length_buckets, d.seq_len)
-  train_buckets, held_buckets = train.buckets(buckets), held.buckets(buckets)
-  order = batching.EpochOrder(train_buckets, t.batch_size, config.seed)
-  total_steps = t.num_steps or t.num_epochs * order.per_epoch
-  logging.info("%d train / %d held-out pairs; %d steps (%d per epoch)", train.size,
-               held.size, total_steps, order.per_epoch)
+  train_buckets, held_buckets, order, total_steps = batching.plan(
+      train, held, d, t, config.seed, "pairs")
   saved.save_model_files(out, cfg, tok, {"source_model": spec, "seq_len": d.seq_len})
 
   # --- Optimizer, state, checkpoints ---

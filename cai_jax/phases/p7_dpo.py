@@ -72,12 +72,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                cfg.num_params() / 1e6, tok)
   train = comparisons.tokenize_pairs(tok, train_c, d.seq_len, d.truncation)
   held = comparisons.tokenize_pairs(tok, held_c, d.seq_len, d.truncation)
-  buckets = batching.length_buckets(d.length_buckets, d.seq_len)
-  train_buckets, held_buckets = train.buckets(buckets), held.buckets(buckets)
-  order = batching.EpochOrder(train_buckets, t.batch_size, config.seed)
-  total_steps = t.num_steps or t.num_epochs * order.per_epoch
-  logging.info("%d train / %d held-out pairs; %d steps (%d per epoch)", train.size,
-               held.size, total_steps, order.per_epoch)
+  train_buckets, held_buckets, order, total_steps = batching.plan(
+      train, held, d, t, config.seed, "pairs")
 
   # --- The reference: the initial policy's log-probs, once ---
   os.makedirs(out, exist_ok=True)
