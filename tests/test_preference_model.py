@@ -282,8 +282,8 @@ def test_learns_a_synthetic_preference(tmp_path):
   """Responses holding MARKER are preferred: > 95% held-out accuracy."""
   workdir = str(tmp_path)
   write_labels(workdir, marker_records(576, seed=4))
-  c = tiny_config(num_steps=240, batch_size=16, eval_batch_size=16, eval_every=240,
-                  save_every=240, log_every=40)
+  c = tiny_config(num_steps=120, batch_size=16, eval_batch_size=16, eval_every=120,
+                  save_every=120, log_every=40)
   c.data.eval_size = 64
   c.optim.update(lr=2e-3, warmup_steps=10)
   start = time.perf_counter()
@@ -292,11 +292,11 @@ def test_learns_a_synthetic_preference(tmp_path):
   print(f"\nmarker PM: held-out accuracy {result.metrics['eval_accuracy']:.3f},"
         f" ECE {result.metrics['eval_ece']:.3f}, loss {result.metrics['eval_loss']:.3f},"
         f" {elapsed:.0f}s")
-  assert result.status == "done" and result.step == 240
+  assert result.status == "done" and result.step == 120
   assert result.metrics["eval_accuracy"] > 0.95, result.metrics
   first = read_metrics(result.output_dir)[0]
   assert first["step"] == 0 and first["eval_accuracy"] < 0.8  # it was learned, not given
-  with open(os.path.join(result.output_dir, "calibration", "step-0000240.json")) as f:
+  with open(os.path.join(result.output_dir, "calibration", "step-0000120.json")) as f:
     table = json.load(f)
   assert sum(b["count"] for b in table["bins"]) == 64
   assert table["eval_accuracy"] == result.metrics["eval_accuracy"]
