@@ -179,7 +179,14 @@ def accumulate_gradients(loss_fn: LossFn, params: Params, batch: Batch,
 
 def apply_gradients(state: TrainState, grads: Params, tx: optax.GradientTransformation
                     ) -> TrainState:
+  """One update. The optimizer state keeps its dtypes: with bfloat16 params, Adam's
+  moments start bfloat16 (`tx.init`) but optax's update promotes them to float32
+  when the gradients are float32 (they are, after the token-mean division), which
+  would change the state's shapes-and-dtypes after step 1 (a recompile of every
+  jitted step, donation that cannot alias, a checkpoint that no longer matches
+  its restore target)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
