@@ -147,6 +147,11 @@ class TokenizedPairs:
       h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
 
+  def identity(self, batch_size: int, seed: int) -> dict:
+    """What a checkpoint of training on these pairs must match to resume it."""
+    return {"fingerprint": self.fingerprint(), "num_pairs": self.size,
+            "batch_size": batch_size, "seed": seed}
+
   def buckets(self, buckets: Sequence[int]) -> np.ndarray:
     """The smallest bucket length holding both conversations of each pair."""
     return padding.buckets_of(self.lengths_E2.max(axis=1), buckets)

@@ -84,6 +84,11 @@ class TokenizedData:
       h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
 
+  def identity(self, batch_size: int, seed: int) -> dict:
+    """What a checkpoint of training on this data must match to resume it."""
+    return {"fingerprint": self.fingerprint(), "num_examples": self.size,
+            "batch_size": batch_size, "seed": seed}
+
   def buckets(self, buckets: Sequence[int]) -> np.ndarray:
     """The smallest bucket length that holds each conversation's model inputs."""
     return padding.buckets_of(self.lengths_E - 1, buckets)

@@ -91,8 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   param_sh = transformer.param_shardings(cfg, sharder)
   s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
                     param_sh, sharder, t.keep_checkpoints)
-  data_info = {"fingerprint": train.fingerprint(), "num_pairs": train.size,
-               "batch_size": t.batch_size, "seed": config.seed, "reference": ref_digest}
+  data_info = {**train.identity(t.batch_size, config.seed), "reference": ref_digest}
   if s.ckpt.latest_step() is not None:
     params = None  # superseded by the checkpoint: free it before restoring
   state, start = setup.start_state(s, abstract, params, state_key, data_info)
