@@ -47,19 +47,20 @@ DEVICES_GIB = {"H100 80GB": 80.0, "H200 141GB": 141.0, "TPU v5e (16 GiB HBM)": 1
                "TPU v5p (95 GiB HBM)": 95.0}
 
 
-def model_config(name: str, dtype: str, remat: str, param_dtype: str):
+def model_config(name: str, dtype: str, remat: str, param_dtype: str, attention_chunk: int = 0):
   from cai_jax.model import config as model_config_lib
   if name == "llama3_70b":  # Llama-3-70B's shapes (no preset: nothing is downloaded)
     cfg = model_config_lib.llama3_8b(num_layers=80, dim=8192, num_heads=64,
                                      num_kv_heads=8, mlp_dim=28672)
   else:
     cfg = getattr(model_config_lib, name)()
-  return dataclasses.replace(cfg, dtype=dtype, remat=remat,
+  return dataclasses.replace(cfg, dtype=dtype, remat=remat, attention_chunk=attention_chunk,
                              param_dtype=param_dtype or cfg.param_dtype)
 
 
 def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, seq: int,
-             dtype: str, remat: str, param_dtype: str, microbatches: int) -> dict:
+             dtype: str, remat: str, param_dtype: str, microbatches: int,
+             attention_chunk: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -68,7 +69,7 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
   from cai_jax.training import optim
   from configs import sft as sft_config
 
-  cfg = model_config(name, dtype, remat, param_dtype)
+  cfg = model_config(name, dtype, remat, param_dtype, attention_chunk)
   n = math.prod(mesh_shape)
   sharder = Sharder(make_mesh(mesh_shape, jax.devices()[:n]),
                     tuple((k, tuple(v)) for k, v in sft_config.FSDP_RULES.items()))
@@ -127,7 +128,7 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
   m = compiled.memory_analysis()
   row_out = {"model": name, "stage": stage, "mesh": list(mesh_shape), "devices": n,
              "params_b": cfg.num_params() / 1e9, "batch": B, "seq": T, "dtype": dtype,
-             "param_dtype": cfg.param_dtype,
+             "param_dtype": cfg.param_dtype, "attention_chunk": attention_chunk,
              "remat": remat, "microbatches": microbatches, "compile_s": round(seconds, 1),
              "argument_gib": m.argument_size_in_bytes / GIB,
              "output_gib": m.output_size_in_bytes / GIB,
@@ -157,6 +158,9 @@ def main() -> None:
   parser.add_argument("--param_dtype", default="", help="params and Adam moments; '' = the"
                       " checkpoint's (bfloat16 for the Llama presets), as the stages load them")
   parser.add_argument("--microbatches", type=int, default=1)
+  parser.add_argument("--attention_chunk", type=int, default=0,
+                      help="ModelConfig.attention_chunk: queries per rematerialised chunk"
+                      " (0: the whole sequence, [B, N, T, T] scores)")
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -167,7 +171,7 @@ def main() -> None:
         shape = tuple(int(x) for x in mesh.split(","))
         r = plan_one(name, stage, shape, batch=args.batch, seq=args.seq, dtype=args.dtype,
                      remat=args.remat, param_dtype=args.param_dtype,
-                     microbatches=args.microbatches)
+                     microbatches=args.microbatches, attention_chunk=args.attention_chunk)
         rows.append(r)
         print(f"{name:12s} {stage:4s} mesh {mesh:7s}: peak {r['peak_gib']:8.2f} GiB/device"
               f" (args {r['argument_gib']:.2f}, temp {r['temp_gib']:.2f}); fits:"

@@ -72,7 +72,8 @@ class ModelConfig:
   remat: Literal["none", "full"] = "none"
   # > 0: attention runs over query chunks of this many tokens, each
   # rematerialised in the backward pass, so [B, N, T, S] logits never exist
-  # at once (memory O(T * chunk) instead of O(T^2) per layer).
+  # at once (memory O(T * chunk) instead of O(T^2) per layer); any T (the last
+  # chunk is padded with masked queries).
   attention_chunk: int = 0
   # "xla": our einsum attention (any backend, exact fp32 softmax). "cudnn":
   # cuDNN's fused flash attention on NVIDIA GPUs (bf16/fp16 compute, no

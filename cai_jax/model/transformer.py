@@ -240,14 +240,20 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder, keys
   C = cfg.attention_chunk
   if cfg.attention_impl == "cudnn" and layer_kv is None:
     out_BTNH = _attend_cudnn(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg)
-  elif C and T > C and T % C == 0:
+  elif C and T > C:
     # Query chunks under remat: the backward pass recomputes each chunk's
-    # probabilities instead of keeping all of them.
+    # probabilities instead of keeping all of them. A length that C does not
+    # divide gets fully masked query rows at the end (dropped again).
+    pad = -T % C
+    if pad:
+      q_BTKGH = jnp.pad(q_BTKGH, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+      mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0)))
+    n = (T + pad) // C
     chunk_fn = jax.checkpoint(lambda q, m: _attend(q, k_BKSH, v_BKSH, m, cfg, keys_HS))
-    q_nBCKGH = jnp.moveaxis(q_BTKGH.reshape(B, T // C, C, K, N // K, H), 1, 0)
-    mask_nBCS = jnp.moveaxis(mask_BTS.reshape(B, T // C, C, -1), 1, 0)
+    q_nBCKGH = jnp.moveaxis(q_BTKGH.reshape(B, n, C, K, N // K, H), 1, 0)
+    mask_nBCS = jnp.moveaxis(mask_BTS.reshape(B, n, C, -1), 1, 0)
     out_nBCNH = jax.lax.map(lambda qm: chunk_fn(*qm), (q_nBCKGH, mask_nBCS))
-    out_BTNH = jnp.moveaxis(out_nBCNH, 0, 1).reshape(B, T, N, H)
+    out_BTNH = jnp.moveaxis(out_nBCNH, 0, 1).reshape(B, n * C, N, H)[:, :T]
   else:
     out_BTNH = _attend(q_BTKGH, k_BKSH, v_BKSH, mask_BTS, cfg, keys_HS)
   # One [B, T, N*H] x [N*H, D] matmul: as a two-axis contraction XLA:CPU
