@@ -101,7 +101,8 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_cai_jax(hf_dir: str, max_width: bool = False, algorithm: str = "ppo") -> dict:
+def run_cai_jax(hf_dir: str, max_width: bool = False, algorithm: str = "ppo",
+                reward_input: str = "ids") -> dict:
   """Our learner with the policy and a PM both SmolLM2-135M (PM: random head), prompts
   padded to their longest (stage 7) or, with `max_width`, to data.max_prompt_len.
 
@@ -115,7 +116,7 @@ def run_cai_jax(hf_dir: str, max_width: bool = False, algorithm: str = "ppo") ->
   from cai_jax.model.sharding import sharder_from_config
   from cai_jax.preference.scorer import Scorer
   from cai_jax.rl import learner as learner_lib
-  from cai_jax.rl.reward import pm_reward_fn
+  from cai_jax.rl.reward import pm_ids_reward_fn, pm_reward_fn
   from cai_jax.text.chat import generation_ids
   from cai_jax.training import optim
   from configs import ppo as ppo_config
@@ -138,9 +139,13 @@ def run_cai_jax(hf_dir: str, max_width: bool = False, algorithm: str = "ppo") ->
   cfg, ref, tok = load_model(hf_dir, sharder, **dict(c.model_overrides))
   pm_head = heads.init_head(cfg, jax.random.key(1))
   pm = {"backbone": ref, "head": pm_head}  # a PM the size of the policy (shares weights)
-  reward_fn = pm_reward_fn(Scorer(cfg, pm, tok, max_len=c.reward.max_len, sharder=sharder), tok)
   tx, _ = optim.make_optimizer(c.optim, 100, learner_lib.abstract_policy(cfg, critic))
   ids = [generation_ids(tok, [{"role": "user", "content": p}]) for p in texts]
+  # The PM's input as stage 7 chooses it (`reward.pm_input="auto"`: the PM shares the
+  # policy's tokenizer, so token ids), or decoded text (`cai_jax_text_reward`).
+  scorer = Scorer(cfg, pm, tok, max_len=c.reward.max_len, sharder=sharder)
+  reward_fn = (pm_ids_reward_fn(scorer, dict(zip(texts, ids))) if reward_input == "ids"
+               else pm_reward_fn(scorer, tok))
   width = c.data.max_prompt_len if max_width else PromptSet(texts, ids).width(c.data.max_prompt_len)
   learner = learner_lib.Learner(c, cfg, tok, sharder, reward_fn, tx, width)
   state = jax.jit(lambda p, k: optim.init_train_state(
@@ -154,7 +159,7 @@ def run_cai_jax(hf_dir: str, max_width: bool = False, algorithm: str = "ppo") ->
   state, m = learner.iterate(state, ref, texts, ids, KL_COEF)
   total_s = time.perf_counter() - t0
   stages = {k: v for k, v in m.items() if k.endswith("_s")}
-  return {"system": "cai_jax", "algorithm": algorithm,
+  return {"system": "cai_jax", "algorithm": algorithm, "reward_input": reward_input,
           "prompts": len(texts), "samples_per_prompt": c.rollout.samples_per_prompt,
           "prompt_width": width, "device": jax.devices()[0].device_kind, "iteration_s": total_s, "first_iteration_s": first_s,
           "load_s": load_s, "stages_s": stages, "peak_rss_gib": peak_rss_gib(),
@@ -565,6 +570,7 @@ def main(argv):
     fn = {"cai_jax": run_cai_jax, "cai_jax_max_width": lambda d: run_cai_jax(d, max_width=True),
           "cai_jax_rloo": lambda d: run_cai_jax(d, algorithm="rloo"),
           "cai_jax_grpo": lambda d: run_cai_jax(d, algorithm="grpo"),
+          "cai_jax_text_reward": lambda d: run_cai_jax(d, reward_input="text"),
           "tunix": run_tunix, "tunix_grpo": run_tunix_grpo}[_WORKER.value]
     print("RESULT " + json.dumps(fn(_HF_DIR.value)), flush=True)
     return

@@ -79,6 +79,9 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.reward.sources = "pm=1"
   c.reward.normalize = False  # standardise each source by its running mean / std
   c.reward.max_len = 256  # PM input tokens (prompt + response)
+  # "auto": score the sampled token ids when the PM shares the policy's tokenizer,
+  # else decode and re-render the text; "ids" / "text" force one.
+  c.reward.pm_input = "auto"
   c.reward.no_eos_penalty = 1.0  # subtracted from the score of a response cut at M
   c.reward.overlong_after = 48  # "overlong": tokens after which the penalty grows to -1
   c.reward.feedback = ml_collections.ConfigDict()

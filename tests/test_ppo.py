@@ -345,6 +345,11 @@ def test_bad_input_errors(tmp_path):
     (bad[section] if section else bad)[name] = value
     with pytest.raises(ValueError, match=f"{field}=.*{message}"):
       p7_ppo.run(bad, str(tmp_path), reward_fn=target_frequency)
+  write_prompts(str(tmp_path))
+  bad = tiny_config()
+  bad.reward.pm_input = "logits"
+  with pytest.raises(ValueError, match="reward.pm_input='logits': use auto, ids or text"):
+    p7_ppo.run(bad, str(tmp_path))
 
 
 @pytest.mark.slow

@@ -29,7 +29,8 @@ from cai_jax.phases import paths
 from cai_jax.preference import calibration, saved
 from cai_jax.preference import model as pm
 from cai_jax.preference.scorer import Scorer
-from cai_jax.rl.reward import pm_reward_fn
+from cai_jax.rl.reward import pm_ids_reward_fn, pm_reward_fn, shares_tokenizer
+from cai_jax.text.chat import generation_ids, user_turn
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
 from configs import preference_model as pm_config
@@ -419,3 +420,19 @@ def test_ppo_reward_equals_the_pm_training_forward(tok, mesh_shape, batch_size):
     lengths_B = np.asarray([len(r) for r in rows])
     rewards = reward_fn([c.prompt for c in comps], tokens_BM, lengths_B)
     np.testing.assert_allclose(rewards, train_B2[:, j], rtol=1e-5, atol=1e-5)
+    # The device-side path (issue 13): the sampled ids after the prompt's ids, no
+    # text round trip; equal on the same rollouts, and for rollouts cut before
+    # their end-of-turn token (both paths append one).
+    assert shares_tokenizer(tok, tok)
+    prompts = [c.prompt for c in comps]
+    ids_fn = pm_ids_reward_fn(scorer, {p: generation_ids(tok, user_turn(p)) for p in prompts})
+    np.testing.assert_allclose(ids_fn(prompts, tokens_BM, lengths_B), train_B2[:, j],
+                               rtol=1e-5, atol=1e-5)
+    # (Where the cut leaves trailing whitespace the text path strips it and scores
+    # other ids: the ids path scores exactly what was sampled; those rows are left out.)
+    cut_B = lengths_B - 2
+    same = np.array([tok.decode(t[:n]) == tok.decode(t[:n]).strip()
+                     for t, n in zip(tokens_BM, cut_B)])
+    assert same.sum() >= 4
+    np.testing.assert_allclose(ids_fn(prompts, tokens_BM, cut_B)[same],
+                               reward_fn(prompts, tokens_BM, cut_B)[same], rtol=1e-5, atol=1e-5)

@@ -76,6 +76,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   records = [r for path in paths.require_prompts(workdir, "train", c.data.kinds)
              for r in prompts.read_jsonl(path)]
   texts = [r.prompt for r in records]
+  prompt_set = rollout_prompts.render_prompts(tok, texts, c.data.max_prompt_len)
+  if len(prompt_set.ids) < c.rollout.batch_size:
+    raise ValueError(f"{len(prompt_set.ids)} usable prompts, fewer than rollout.batch_size="
+                     f"{c.rollout.batch_size}")
 
   # --- The reward: weighted sources (`rl.reward`) ---
   reward = None
@@ -90,8 +94,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         else:
           pm_cfg, pm_params, pm_tok = restore_preference_model(
               paths.preference_model_dir(c.reward_model, workdir), sharder)
-        fns[name] = reward_lib.pm_reward_fn(
-            Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder), tok)
+        scorer = Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder)
+        if c.reward.pm_input not in ("auto", "ids", "text"):
+          raise ValueError(f"reward.pm_input={c.reward.pm_input!r}: use auto, ids or text")
+        shared = c.reward.pm_input != "text" and reward_lib.shares_tokenizer(tok, pm_tok)
+        if c.reward.pm_input == "ids" and not shared:
+          raise ValueError("reward.pm_input='ids' but the PM's tokenizer differs from the"
+                           " policy's; use auto or text")
+        logging.info("PM reward from %s", "token ids" if shared else "decoded text")
+        fns[name] = (reward_lib.pm_ids_reward_fn(scorer, dict(zip(prompt_set.texts,
+                                                                  prompt_set.ids)))
+                     if shared else reward_lib.pm_reward_fn(scorer, tok))
       elif name == "feedback":
         f = c.reward.feedback
         model = FeedbackModel.load(paths.feedback_model(f.model, workdir), sharder, f.dtype)
@@ -107,10 +120,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         fns[name] = reward_lib.refusal_reward_fn(tok, {r.prompt: r.kind for r in records})
     reward_fn = reward = reward_lib.WeightedReward([(n, w, fns[n]) for n, w in sources],
                                                    c.reward.normalize)
-  prompt_set = rollout_prompts.render_prompts(tok, texts, c.data.max_prompt_len)
-  if len(prompt_set.ids) < c.rollout.batch_size:
-    raise ValueError(f"{len(prompt_set.ids)} usable prompts, fewer than rollout.batch_size="
-                     f"{c.rollout.batch_size}")
   iterations = c.learner.iterations
   sequences = c.rollout.batch_size * c.rollout.samples_per_prompt
   updates = iterations * c.learner.epochs * (sequences // c.train.minibatch_size)

@@ -5,7 +5,10 @@
 `config.reward.sources` names them as "name=weight,name=weight" (default "pm=1"):
 
   pm         the stage-6 preference model's score at the end-of-turn token,
-             through the one scorer (`preference.scorer`), as it was trained;
+             through the one scorer (`preference.scorer`), as it was trained:
+             from the sampled token ids when the PM and the policy share a
+             tokenizer (`reward.pm_input`: "auto" / "ids"), else by decoding
+             and re-rendering the text ("text");
   feedback   the feedback model itself, live (RLAIF without a distilled PM, an
              ablation of it): each rollout's pointwise Yes/No log-odds under one
              constitution principle, exactly the stage-5 labeler's pointwise
@@ -35,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from cai_jax.preference.scorer import Scorer
+from cai_jax.text.chat import conversation_ids, prompt_response_ids
 from cai_jax.text.tokenizer import Tokenizer
 
 # reward_fn(prompt texts, response tokens [B, M], lengths [B]) -> scores [B] float32.
@@ -81,6 +85,43 @@ def pm_reward_fn(scorer: Scorer, policy_tok: Tokenizer) -> RewardFn:
   def reward(prompt_texts, tokens_BM, lengths_B):
     responses = decode_responses(policy_tok, tokens_BM, lengths_B)
     return scorer.score_texts(list(prompt_texts), responses).astype(np.float32)
+
+  return reward
+
+
+def shares_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+  """Whether two tokenizers give the same ids: vocabulary size, end-of-turn ids, chat
+  template and the ids of a probe conversation (the default pipeline: the PM
+  starts from SL-CAI, so both are SmolLM2's)."""
+  probe = "Is 2 + 2 = 4? Yes, it is \u00e9t\u00e9 \u4f60\u597d."
+  return (a.vocab_size == b.vocab_size and tuple(a.eos_ids) == tuple(b.eos_ids)
+          and a.chat_template == b.chat_template
+          and conversation_ids(a, probe, probe) == conversation_ids(b, probe, probe))
+
+
+def pm_ids_reward_fn(scorer: Scorer, prompt_ids: Mapping[str, Sequence[int]]) -> RewardFn:
+  """The PM's score of each rollout from its token ids, with no text round trip,
+  when the PM and the policy share a tokenizer (`shares_tokenizer`).
+
+  The conversation is the rollout's prompt ids (`prompt_ids[text]`, the
+  generation prompt the policy sampled from) + its response ids up to and
+  including the first end-of-turn token, which is appended when the response
+  was cut at rollout.max_new_tokens: what `text.chat.conversation_ids` gives
+  for the decoded text whenever the sampled ids are the tokenizer's own
+  encoding of it. Scored by the one scorer, one jitted call per batch.
+  """
+  eos = tuple(scorer.tok.eos_ids)
+  # The token the one chat rule ends an assistant turn with (ChatML: <|im_end|>).
+  end_of_turn = prompt_response_ids(scorer.tok, "?", "!")[1][-1]
+
+  def reward(prompt_texts, tokens_BM, lengths_B):
+    rows = []
+    for text, toks, n in zip(prompt_texts, np.asarray(tokens_BM), np.asarray(lengths_B)):
+      response = [int(t) for t in toks[:n]]
+      ends = [i for i, t in enumerate(response) if t in eos]
+      response = response[:ends[0] + 1] if ends else response + [end_of_turn]
+      rows.append(list(prompt_ids[text]) + response)
+    return scorer.score_ids(rows)
 
   return reward
 
