@@ -2,6 +2,7 @@
 # The GPU rows of BENCHMARKS.md; each named step has its own time limit so a
 # set of them fits one 10-minute slot:
 #   benchmarks/gpu_suite.sh OUT_DIR decode_smollm2 decode_llama1b sft mesh ppo
+#   (also: ppo_reward memory_plan cudnn_test sft_cudnn sft_cudnn_large mesh_cudnn)
 # Random weights of the named architectures (the benchmarks time the same
 # computation whatever the weight values; the bundled GGUF need not be there).
 # Wheels in .whl/ (packages the machine lacks) are installed first when present.
@@ -44,6 +45,13 @@ for name in "$@"; do
       --new_tokens=128 --dtype=bfloat16 --steps=5 --out="$out/mesh_gpu.json" ;;
     ppo) run_step "$name" 200 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
       --dtype=bfloat16 --systems=cai_jax --out="$out/ppo_gpu.json" ;;
+    # The reward share with the PM fed token ids (stage 7's default) vs decoded text.
+    ppo_reward) run_step "$name" 300 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
+      --dtype=bfloat16 --systems=cai_jax_text_reward,cai_jax --out="$out/ppo_reward_gpu.json" ;;
+    # The memory plan as the GPU compiles it (compare benchmarks/results/memory_plan_cpu.json).
+    memory_plan) run_step "$name" 240 python3 -m benchmarks.memory_plan --models=llama3_2_1b,llama3_8b \
+      --stages=sft,pm,dpo,ppo --meshes=1,1,1 --batch=16 --seq=2048 \
+      --out="$out/memory_plan_gpu.json" ;;
     cudnn_test) run_step "$name" 150 python3 -m pytest -q -x tests/test_gpu_attention.py ;;
     sft_cudnn) run_step "$name" 150 python3 benchmarks/sft_throughput.py \
       --model=random:smollm2_135m --device=gpu --dtype=bfloat16 --attention_impl=cudnn \
