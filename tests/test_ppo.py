@@ -201,33 +201,46 @@ def tree_hashes(tree):
           for x in jax.tree.leaves(jax.device_get(tree))]
 
 
-def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_raises_a_programmatic_reward_with_bounded_kl(tmp_path, algorithm):
+  """PPO (value head), and RLOO / GRPO: 4 responses to each of 4 prompts, no value
+  head, the group is the baseline."""
   workdir = str(tmp_path)
   write_prompts(workdir)
   c = tiny_config(iterations=14, epochs=4)
+  critic = algorithm == "ppo"
+  if not critic:
+    ppo_config.critic_free(c, algorithm)
   c.kl.estimator, c.kl.coef = "k3", 0.02
   c.optim.lr = 3e-3
   c.train.save_every = 100
   result = p7_ppo.run(c, workdir, reward_fn=target_frequency)
+  assert result.output_dir == paths.stage_dir(workdir, paths.rl_stage(algorithm))
+  assert set(result.state.params) == ({"backbone", "head"} if critic else {"backbone"})
   log = read_metrics(result.output_dir)
   first = log[0]
   # Policy == reference at iteration 1: both KL estimators are exactly 0, and the
   # trainer's log-probs of the sampled tokens match the sampler's.
   assert first["kl"] == 0.0 and first["kl_k1"] == 0.0
   assert first["logprob_gap_max"] < 1e-4
+  assert ("value_loss" in first) == critic and (critic or first["group_reward_std"] > 0)
   before = np.mean([m["reward"] for m in log[:2]])
   after = np.mean([m["reward"] for m in log[-3:]])
-  print(f"target-token frequency: {before:.4f} -> {after:.4f}; KL per sequence"
+  print(f"{algorithm}: target-token frequency {before:.4f} -> {after:.4f}; KL per sequence"
         f" {[round(m['kl'], 2) for m in log]}")
   assert after > 0.04 and after > 5 * before
   assert max(m["kl"] for m in log) < 40.0  # 16 tokens: < 2.5 nats a token
   assert all(m["logprob_gap_max"] < 1e-3 for m in log)
+  assert os.path.exists(os.path.join(result.output_dir, "hf", "config.json"))
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_resume_is_bit_identical(tmp_path, algorithm):
   for d in ("full", "resumed"):
     write_prompts(str(tmp_path / d))
   c = tiny_config(iterations=3)
+  if algorithm != "ppo":
+    ppo_config.critic_free(c, algorithm)
   c.kl.target, c.kl.horizon = 1.0, 100  # adaptive beta: it must be restored too
   full = p7_ppo.run(c, str(tmp_path / "full"), reward_fn=target_frequency)
   part = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency,
@@ -243,50 +256,6 @@ def test_resume_is_bit_identical(tmp_path):
   untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
   assert untimed(full.metrics) == untimed(resumed.metrics)
   assert [m["step"] for m in read_metrics(resumed.output_dir)] == [1, 2, 3]
-
-
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
-def test_critic_free_raises_a_programmatic_reward_with_bounded_kl(tmp_path, algorithm):
-  """K = 4 responses to each of 4 prompts, no value head: the group is the baseline."""
-  workdir = str(tmp_path)
-  write_prompts(workdir)
-  c = tiny_config(iterations=14, epochs=4)
-  ppo_config.critic_free(c, algorithm)
-  c.kl.estimator, c.kl.coef = "k3", 0.02
-  c.optim.lr = 3e-3
-  c.train.save_every = 100
-  result = p7_ppo.run(c, workdir, reward_fn=target_frequency)
-  assert result.output_dir == paths.stage_dir(workdir, paths.rl_stage(algorithm))
-  assert set(result.state.params) == {"backbone"}  # no critic
-  log = read_metrics(result.output_dir)
-  assert log[0]["kl"] == 0.0 and log[0]["logprob_gap_max"] < 1e-4
-  assert "value_loss" not in log[0] and log[0]["group_reward_std"] > 0
-  before = np.mean([m["reward"] for m in log[:2]])
-  after = np.mean([m["reward"] for m in log[-3:]])
-  print(f"{algorithm}: target-token frequency {before:.4f} -> {after:.4f}; KL per sequence"
-        f" {[round(m['kl'], 2) for m in log]}")
-  assert after > 0.04 and after > 5 * before
-  assert max(m["kl"] for m in log) < 40.0  # 16 tokens: < 2.5 nats a token
-  assert os.path.exists(os.path.join(result.output_dir, "hf", "config.json"))
-
-
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
-def test_critic_free_resume_is_bit_identical(tmp_path, algorithm):
-  for d in ("full", "resumed"):
-    write_prompts(str(tmp_path / d))
-  c = tiny_config(iterations=3)
-  ppo_config.critic_free(c, algorithm)
-  c.kl.target, c.kl.horizon = 1.0, 100  # adaptive beta: it must be restored too
-  full = p7_ppo.run(c, str(tmp_path / "full"), reward_fn=target_frequency)
-  part = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency,
-                    should_stop=lambda it: it == 1)
-  assert part.status == "preempted" and part.step == 1
-  resumed = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency)
-  assert resumed.status == "done" and resumed.step == 3
-  for name in ("params", "opt_state"):
-    assert tree_hashes(getattr(full.state, name)) == tree_hashes(getattr(resumed.state, name))
-  untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
-  assert untimed(full.metrics) == untimed(resumed.metrics)
 
 
 _ONE_DEVICE_RUN = """
