@@ -33,7 +33,7 @@ import time
 from cai_jax.phases import paths
 
 _CHILD = r"""
-import importlib, logging, sys
+import importlib.util, sys
 from absl import logging as absl_logging
 absl_logging.set_verbosity(absl_logging.WARNING)
 path, arg, mode, workdir, name = sys.argv[1:6]

@@ -97,3 +97,21 @@ def test_stage7_on_weighted_normalised_sources_resumes_bit_identically(tmp_path)
   untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
   assert untimed(full.metrics) == untimed(resumed.metrics)
   assert {"reward/pm", "reward/overlong", "reward/refusal"} <= set(full.metrics)
+
+
+def test_pm_source_reads_ids_only_with_a_shared_tokenizer(tiny_model_dir):
+  from cai_jax.checkpoints import load
+  from cai_jax.model import config as model_config
+  from cai_jax.preference.scorer import Scorer
+  bpe, byte = Tokenizer.from_dir(tiny_model_dir), load.byte_tokenizer()
+  assert reward_lib.shares_tokenizer(bpe, Tokenizer.from_dir(tiny_model_dir))
+  assert not reward_lib.shares_tokenizer(bpe, byte)
+  scorer = Scorer(model_config.tiny_llama(), None, byte, max_len=32)  # never called here
+  with pytest.raises(ValueError, match="reward.pm_input='ids' but the PM's tokenizer differs"):
+    reward_lib.pm_source(scorer, bpe, {}, "ids")
+  with pytest.raises(ValueError, match="reward.pm_input='raw': use auto, ids or text"):
+    reward_lib.pm_source(scorer, byte, {}, "raw")
+  # auto: ids with the shared tokenizer, the text path otherwise (a closure of each).
+  assert "pm_ids_reward_fn" in reward_lib.pm_source(scorer, byte, {}).__qualname__
+  assert "pm_reward_fn" in reward_lib.pm_source(scorer, bpe, {}).__qualname__
+  assert "pm_reward_fn" in reward_lib.pm_source(scorer, byte, {}, "text").__qualname__

@@ -94,17 +94,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         else:
           pm_cfg, pm_params, pm_tok = restore_preference_model(
               paths.preference_model_dir(c.reward_model, workdir), sharder)
-        scorer = Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder)
-        if c.reward.pm_input not in ("auto", "ids", "text"):
-          raise ValueError(f"reward.pm_input={c.reward.pm_input!r}: use auto, ids or text")
-        shared = c.reward.pm_input != "text" and reward_lib.shares_tokenizer(tok, pm_tok)
-        if c.reward.pm_input == "ids" and not shared:
-          raise ValueError("reward.pm_input='ids' but the PM's tokenizer differs from the"
-                           " policy's; use auto or text")
-        logging.info("PM reward from %s", "token ids" if shared else "decoded text")
-        fns[name] = (reward_lib.pm_ids_reward_fn(scorer, dict(zip(prompt_set.texts,
-                                                                  prompt_set.ids)))
-                     if shared else reward_lib.pm_reward_fn(scorer, tok))
+        fns[name] = reward_lib.pm_source(
+            Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder),
+            tok, dict(zip(prompt_set.texts, prompt_set.ids)), c.reward.pm_input)
       elif name == "feedback":
         f = c.reward.feedback
         model = FeedbackModel.load(paths.feedback_model(f.model, workdir), sharder, f.dtype)

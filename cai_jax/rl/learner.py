@@ -24,8 +24,9 @@ Each iteration, in the paper's order:
 The KL has one knob, `config.kl` (coefficient, estimator, target), and
 enters only through the reward: there is no second KL loss term.
 
-Critic (PPO only; RLOO and GRPO have no value head): the value head sits on the policy's backbone (one model, params
-`{"backbone", "head"}` like `model.heads`), not on a separate critic model.
+Critic (PPO only; RLOO and GRPO have no value head): the value head sits on
+the policy's backbone (one model, params `{"backbone", "head"}` like
+`model.heads`), not on a separate critic model.
 A separate critic costs another model's params plus its two Adam moments
 (3x params) and another forward+backward over every minibatch; sharing the
 backbone makes step 3 one policy pass giving both log-probs and values and
@@ -91,29 +92,32 @@ def score_pass(policy, ref, batch, *, cfg: ModelConfig, sharder: Sharder | None,
   return out
 
 
+def _kl(logp_BM, ref_logp_BM, mask_BM, estimator: str) -> tuple[jax.Array, dict]:
+  """The penalty's per-token KL estimate, and each sequence's sum of it and of k1."""
+  kl_BM = ppo.KL_ESTIMATORS[estimator](logp_BM, ref_logp_BM) * mask_BM
+  return kl_BM, {"kl_B": jnp.sum(kl_BM, axis=1),
+                 "k1_B": jnp.sum(ppo.kl_k1(logp_BM, ref_logp_BM) * mask_BM, axis=1)}
+
+
 def advantages(scores_B, logp_BM, ref_logp_BM, values_BM, mask_BM, kl_coef, *,
                estimator: str, gamma: float, lam: float, whiten_rewards: bool
                ) -> dict[str, jax.Array]:
   """PPO: per-token KL-penalised rewards, GAE on the value head, whitened."""
-  kl_BM = ppo.KL_ESTIMATORS[estimator](logp_BM, ref_logp_BM) * mask_BM
+  kl_BM, sums = _kl(logp_BM, ref_logp_BM, mask_BM, estimator)
   rewards_BM = ppo.token_rewards(scores_B, kl_BM, mask_BM, kl_coef)
   if whiten_rewards:
     rewards_BM = ppo.whiten(rewards_BM, mask_BM, shift_mean=False)
   adv_BM, returns_BM = ppo.gae(rewards_BM, values_BM, mask_BM, gamma, lam)
-  return {"adv": ppo.whiten(adv_BM, mask_BM), "returns": returns_BM,
-          "kl_B": jnp.sum(kl_BM, axis=1),
-          "k1_B": jnp.sum(ppo.kl_k1(logp_BM, ref_logp_BM) * mask_BM, axis=1)}
+  return {"adv": ppo.whiten(adv_BM, mask_BM), "returns": returns_BM, **sums}
 
 
 def group_advantages(scores_B, logp_BM, ref_logp_BM, mask_BM, kl_coef, *, algorithm: str,
                      estimator: str, samples_per_prompt: int) -> dict[str, jax.Array]:
   """RLOO / GRPO: sequence rewards R = score - beta * KL, the group's advantage."""
-  kl_BM = ppo.KL_ESTIMATORS[estimator](logp_BM, ref_logp_BM) * mask_BM
+  kl_BM, sums = _kl(logp_BM, ref_logp_BM, mask_BM, estimator)
   rewards_B = critic_free.sequence_rewards(scores_B, kl_BM, mask_BM, kl_coef)
   C = samples_per_prompt
-  return {"adv": critic_free.token_advantages(algorithm, rewards_B, mask_BM, C),
-          "kl_B": jnp.sum(kl_BM, axis=1),
-          "k1_B": jnp.sum(ppo.kl_k1(logp_BM, ref_logp_BM) * mask_BM, axis=1),
+  return {"adv": critic_free.token_advantages(algorithm, rewards_B, mask_BM, C), **sums,
           "group_std_Q": jnp.std(rewards_B.reshape(-1, C), axis=1, ddof=1)}
 
 
@@ -171,11 +175,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.algorithm not in critic_free.ALGORITHMS:
     raise ValueError(f"algorithm={c.algorithm!r}: use one of {list(critic_free.ALGORITHMS)}")
   r, C = c.rollout, c.rollout.samples_per_prompt
-  if C < (1 if c.algorithm == "ppo" else 2):
+  if C < 1:
+    raise ValueError(f"rollout.samples_per_prompt={C}: it must be at least 1")
+  if C < 2 and c.algorithm != "ppo":
     raise ValueError(f"rollout.samples_per_prompt={C}: {c.algorithm} compares each"
-                     " response with the others of its prompt, so it needs at least 2"
-                     if c.algorithm != "ppo" else
-                     f"rollout.samples_per_prompt={C}: it must be at least 1")
+                     " response with the others of its prompt, so it needs at least 2")
   if r.temperature <= 0:  # and no top-k / top-p: the sampler's log-probs are pi's
     raise ValueError(f"rollout.temperature={r.temperature}: RL samples from the"
                      " policy, so it must be > 0")

@@ -32,6 +32,7 @@ is logged per iteration as `reward/<name>`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -61,8 +62,10 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
     except ValueError:
       raise ValueError(f"reward.sources={spec!r}: weight {weight!r} of {name!r} is not a"
                        " number") from None
-    if not math.isfinite(w) or name in dict(out):
-      raise ValueError(f"reward.sources={spec!r}: {name!r} {'repeats' if name in dict(out) else 'has a non-finite weight'}")
+    if name in dict(out):
+      raise ValueError(f"reward.sources={spec!r}: {name!r} repeats")
+    if not math.isfinite(w):
+      raise ValueError(f"reward.sources={spec!r}: {name!r} has a non-finite weight")
     out.append((name, w))
   return out
 
@@ -115,15 +118,30 @@ def pm_ids_reward_fn(scorer: Scorer, prompt_ids: Mapping[str, Sequence[int]]) ->
   end_of_turn = prompt_response_ids(scorer.tok, "?", "!")[1][-1]
 
   def reward(prompt_texts, tokens_BM, lengths_B):
-    rows = []
-    for text, toks, n in zip(prompt_texts, np.asarray(tokens_BM), np.asarray(lengths_B)):
-      response = [int(t) for t in toks[:n]]
-      ends = [i for i, t in enumerate(response) if t in eos]
-      response = response[:ends[0] + 1] if ends else response + [end_of_turn]
-      rows.append(list(prompt_ids[text]) + response)
+    tokens_BM, lengths_B = np.asarray(tokens_BM), np.asarray(lengths_B)
+    M = tokens_BM.shape[1]
+    is_end_BM = np.isin(tokens_BM, eos) & (np.arange(M)[None] < lengths_B[:, None])
+    has_end_B = is_end_BM.any(axis=1)
+    stop_B = np.where(has_end_B, is_end_BM.argmax(axis=1) + 1, lengths_B)
+    rows = [list(prompt_ids[text]) + tokens_BM[b, :stop_B[b]].tolist()
+            + ([] if has_end_B[b] else [end_of_turn]) for b, text in enumerate(prompt_texts)]
     return scorer.score_ids(rows)
 
   return reward
+
+
+def pm_source(scorer: Scorer, policy_tok: Tokenizer, prompt_ids: Mapping[str, Sequence[int]],
+              pm_input: str = "auto") -> RewardFn:
+  """The `pm` source as `reward.pm_input` asks: "ids" (`pm_ids_reward_fn`, needs a
+  shared tokenizer), "text" (`pm_reward_fn`) or "auto" (ids when shared)."""
+  if pm_input not in ("auto", "ids", "text"):
+    raise ValueError(f"reward.pm_input={pm_input!r}: use auto, ids or text")
+  shared = pm_input != "text" and shares_tokenizer(policy_tok, scorer.tok)
+  if pm_input == "ids" and not shared:
+    raise ValueError("reward.pm_input='ids' but the PM's tokenizer differs from the"
+                     " policy's; use auto or text")
+  logging.info("PM reward from %s", "token ids" if shared else "decoded text")
+  return pm_ids_reward_fn(scorer, prompt_ids) if shared else pm_reward_fn(scorer, policy_tok)
 
 
 def feedback_reward_fn(labeler, principle_id: str, policy_tok: Tokenizer) -> RewardFn:
@@ -176,9 +194,9 @@ class Moments:
 
   def update(self, x: np.ndarray) -> None:
     x = np.asarray(x, np.float64)
-    n, mean = float(x.size), float(x.mean()) if x.size else 0.0
-    if not n:
+    if not x.size:
       return
+    n, mean = float(x.size), float(x.mean())
     m2 = float(((x - mean) ** 2).sum())
     total = self.count + n
     delta = mean - self.mean
@@ -205,18 +223,17 @@ class WeightedReward:
     self.last: dict[str, float] = {}
 
   def __call__(self, prompt_texts, tokens_BM, lengths_B) -> np.ndarray:
-    total = np.zeros(len(lengths_B), np.float64)
+    total = None
     for name, weight, fn in self.sources:
       s = np.asarray(fn(prompt_texts, tokens_BM, lengths_B), np.float32)
       self.last[f"reward/{name}"] = float(s.mean())
-      if len(self.sources) == 1 and weight == 1.0 and not self.normalize:
-        return s  # the plain single source, unchanged (float32 as it came)
       x = s.astype(np.float64)
       if self.normalize:
         m = self.moments[name]
         m.update(x)
         x = (x - m.mean) / (m.std + NORM_EPS)
-      total += weight * x
+      # Exact for one plain source of weight 1: float32 -> float64 * 1.0 -> float32.
+      total = weight * x if total is None else total + weight * x
     return total.astype(np.float32)
 
   def state(self) -> dict[str, dict[str, float]]:
