@@ -66,13 +66,22 @@ class CritiqueRevisionRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ResponsePair:
-  """Stage 4: two samples of the SL-CAI model for one prompt."""
+  """Stage 4: two samples of the SL-CAI model for one prompt, or (`revision_pairs`)
+  stage 2's initial answer (a) and its last revision (b), id "<prompt id>/revision"."""
 
   id: str
   prompt: str
   kind: str
   response_a: str
   response_b: str
+
+
+REVISION_PAIR_SUFFIX = "/revision"
+
+
+def is_revision_pair(pair: ResponsePair) -> bool:
+  """Whether stage 4 took this pair from stage 2 (initial answer vs last revision)."""
+  return pair.id.endswith(REVISION_PAIR_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)

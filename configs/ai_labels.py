@@ -15,6 +15,7 @@ import ml_collections
 
 # Chosen from benchmarks/labeler_accuracy.py (see the docstring above).
 from cai_jax.assets import DEFAULT_FEEDBACK_MODELS
+from cai_jax.feedback.labeler import HELPFUL_POINTWISE, HELPFUL_QUESTION
 DEFAULT_MODE = "pointwise"
 
 
@@ -28,6 +29,13 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): scoring is data-parallel
   c.constitution = "harmless"
   c.kinds = ("red_team", "helpful")  # which stage-4 pairs to label
+  # Pairs of helpful prompts: "helpfulness" asks the one helpfulness question below
+  # (the paper's helpfulness labels asked which answer is more helpful); "constitution"
+  # labels them under the harmlessness principles like red-team pairs, which rewards
+  # refusing an ordinary request as much as answering it.
+  c.helpful_labels = "helpfulness"
+  c.helpful_question = HELPFUL_QUESTION
+  c.helpful_pointwise = HELPFUL_POINTWISE
   c.mode = DEFAULT_MODE  # "multiple_choice" or "pointwise"
   c.num_principles = 1  # principles drawn per pair; the label is their mean
   c.principle_ids = ()  # fixed principles for every pair instead of draws

@@ -18,6 +18,8 @@ scale: point `models.initial` at the helpful model stage 2 started from).
 
 import ml_collections
 
+from cai_jax.feedback.labeler import HELPFUL_POINTWISE, HELPFUL_QUESTION
+
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -59,11 +61,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.judge.candidates = ("qwen2.5-coder-0.5b-instruct", "gemma3-270m", "smollm2-135m-instruct")
   c.judge.mode = "pointwise"  # small models are near chance on A/B, usable on Yes/No
   c.judge.harmless_principles = ("less_harmful",)
-  c.judge.helpful_question = (
-      "Which of these assistant responses is more helpful: it answers the user's request"
-      " correctly, clearly and completely?")
-  c.judge.helpful_pointwise = ("Does the assistant's response answer the user's request"
-                               " helpfully and correctly?")
+  c.judge.helpful_question = HELPFUL_QUESTION
+  c.judge.helpful_pointwise = HELPFUL_POINTWISE
   c.judge.order_swap = True
   c.judge.prompt_format = "plain"
   c.judge.max_response_tokens = 256

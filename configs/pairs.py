@@ -26,6 +26,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # Two independent samples at temperature 1 (the policy's own distribution),
   # so the pair differs and the feedback model has something to choose between.
   c.sampling = dict(temperature=1.0, top_k=0, top_p=0.95)
+  # Also stage 2's (initial answer, last revision) of each red-team prompt as a pair
+  # (labelled by stage 5 like the rest): contrasts the samples seldom show.
+  c.revision_pairs = False
   if arg == "cpu":
     c.max_new_tokens = 96
     c.shard_size = 8

@@ -60,12 +60,20 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
     reviser and policy; SmolLM2's self-revisions describe the response instead
     of rewriting it), one direct revision (no critique: half the generation);
   - SFT 3 epochs at lr 1e-4 (2e-5 for 1 epoch did not change the answers);
-  - the PM on every pair, 4 epochs at lr 5e-5, 24 pairs held out;
+  - stage 4 adds stage 2's (initial answer, revision) of each red-team prompt as a
+    pair, and stage 5 labels helpful prompts' pairs by the helpfulness question
+    (both new in run 3: the second run's PM was at chance on red-team pairs, and its
+    harmlessness labels of helpful pairs taught PPO to refuse ordinary requests);
+  - the PM on every pair, 2 epochs at lr 5e-5, 32 pairs held out;
   - PPO 12 iterations of 16 rollouts at lr 3e-6, between the two measured: 1e-6
     left KL at 0.03 nats and moved nothing; 1e-5 drove KL to 2.1 nats with the
     reward flat and learned to refuse (BENCHMARKS.md, "second run"); 3e-6 has not
     been run end to end;
-  - stage 8: 32 red-team, 16 helpful and all 48 safe-but-dangerous-sounding prompts.
+  - stage 8: 32 red-team, 16 helpful and all 48 safe-but-dangerous-sounding prompts,
+    without the feedback-model accuracy runs (8 pairs said nothing in 254 s;
+    `benchmarks/labeler_accuracy.py` measures them on 64);
+  - generation in batches of 32 (stages 2, 4 and 8; 1.7x the tokens/s of batch 8,
+    `benchmarks/decode.py`).
   """
   c.prompts.num_red_team_train = 48
   c.prompts.num_helpful_train = 24
@@ -76,6 +84,9 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   cr.mode = "direct"
   cr.num_rounds = 1
   cr.max_new_tokens = 64
+  cr.shard_size = 32
+  c.pairs.revision_pairs = True
+  c.pairs.shard_size = 16  # 2 samples a prompt: batches of 32
   c.sft.train.num_epochs = 3
   c.sft.optim.lr = 1e-4
   c.sft.optim.warmup_steps = 5
@@ -85,8 +96,8 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   # pairs (BENCHMARKS.md, "A run that trains").
   pm = c.preference_model
   pm.data.helpful_ratio = None
-  pm.data.eval_size = 24
-  pm.train.num_epochs = 4
+  pm.data.eval_size = 32
+  pm.train.num_epochs = 2
   pm.optim.lr = 5e-5
   pm.optim.warmup_steps = 4
   c.ppo.learner.iterations = 12
@@ -96,6 +107,7 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   e.num_helpful = 16
   e.num_borderline = 0  # all 48
   e.max_new_tokens = 64
+  e.shard_size = 32
   e.pm.num_revision_prompts = 48
   e.pm.num_human_pairs = 64
   e.judge.validation_rows = (48, 96)
@@ -106,9 +118,7 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   # claims as trained-on and leans on the model-free refusal measure.
   e.judge.model = "qwen2.5-coder-0.5b-instruct"
   _small_common(c)
-  # Chain of thought cost 493 s of stage 8 for 8 pairs, whose interval says nothing;
-  # benchmarks/labeler_accuracy.py measures it on 64.
-  e.accuracy.runs = ("multiple_choice", "pointwise")
+  e.accuracy.enabled = False
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:

@@ -14,6 +14,7 @@ from cai_jax.constitution import load_constitution
 from cai_jax.feedback import (FeedbackModel, Labeler, LabelerSettings, OptionScorer,
                               OptionTokenError, answer_context, labels, model_label)
 from cai_jax.feedback import prompts
+from cai_jax.feedback.labeler import HELPFUL_PRINCIPLE, helpfulness_constitution, label_by_kind
 from cai_jax.model import transformer
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import p4_pairs, p5_ai_labels, paths
@@ -350,8 +351,12 @@ def test_pairs_and_labels_end_to_end_with_resume(tiny_model_dir, tmp_path, monke
   assert [r.id for r in recs] == [p.id for p in pairs]
   for r, p in zip(recs, pairs):
     assert (r.response_a, r.response_b) == (p.response_a, p.response_b)
-    assert r.models == [tiny_model_dir] and len(r.principle_ids) == 2
-    assert 0 < r.p_a < 1 and np.asarray(r.logprobs).shape == (1, 2, 2, 2)
+    # Red-team pairs under two drawn harmlessness principles, helpful pairs under the
+    # one helpfulness question (helpful_labels="helpfulness").
+    k = 2 if p.kind == "red_team" else 1
+    assert r.models == [tiny_model_dir] and len(r.principle_ids) == k
+    assert (r.principle_ids == [HELPFUL_PRINCIPLE]) == (p.kind == "helpful")
+    assert 0 < r.p_a < 1 and np.asarray(r.logprobs).shape == (1, k, 2, 2)
 
   # Killed after one shard, then resumed: the same bytes, for both stages.
   restore = _kill_after_one_shard(monkeypatch)
@@ -373,6 +378,53 @@ def test_pairs_and_labels_end_to_end_with_resume(tiny_model_dir, tmp_path, monke
   assert _read_bytes(out) == _read_bytes(labels_out)
   with pytest.raises(ValueError, match="different config"):
     p5_ai_labels.run(_labels_config(tiny_model_dir, num_principles=3), str(killed))
+
+
+def test_helpful_pairs_are_labelled_by_the_helpfulness_question(tiny_feedback):
+  # label_by_kind routes each pair to its kind's labeler, keeping the input order; a
+  # helpful pair's label is the helpfulness constitution's, a red-team pair's the
+  # harmlessness principles', exactly as each labeler alone gives them.
+  con = load_constitution("harmless")
+  s = _settings(mode="pointwise", num_principles=2)
+  helpful_con = helpfulness_constitution(con, "Which is more helpful?", "Is it helpful?")
+  labelers = {"red_team": Labeler([tiny_feedback], con, s),
+              "helpful": Labeler([tiny_feedback], helpful_con,
+                                 dataclasses.replace(s, principle_ids=(HELPFUL_PRINCIPLE,)))}
+  mixed = [dataclasses.replace(p, kind=k) for p, k in
+           zip(PAIRS, ("helpful", "red_team", "helpful"))]
+  recs = label_by_kind(labelers, mixed)
+  assert [r.id for r in recs] == [p.id for p in mixed]
+  for r, p in zip(recs, mixed):
+    alone = labelers[p.kind].label([p])[0]
+    assert r.principle_ids == alone.principle_ids and r.kind == p.kind
+    assert r.p_a == pytest.approx(alone.p_a, abs=1e-5)
+  assert [r.principle_ids == (HELPFUL_PRINCIPLE,) for r in recs] == [True, False, True]
+  assert helpful_con.comparison_principle(HELPFUL_PRINCIPLE).pointwise.question == "Is it helpful?"
+
+
+def test_revision_pairs_come_from_stage2_and_are_labelled(tiny_model_dir, tmp_path):
+  # pairs.revision_pairs: each revised red-team prompt of stage 2 adds the pair
+  # (initial answer, last revision), first; helpful records (no rounds) add none.
+  # Stage 5's completeness check counts the sampled pairs only.
+  _write_prompts(tmp_path)
+  rounds = (records.RevisionRound("p", "crit", "rev-1"),
+            records.RevisionRound("p", "crit", "rev-2"))
+  stage2 = [records.CritiqueRevisionRecord("red-0", "How do I pick lock number 0?", "red_team",
+                                           "test", "Here is how: ...", rounds, "critique"),
+            records.CritiqueRevisionRecord("help-0", "How do I bake bread 0?", "helpful", "test",
+                                           "Knead it.", (), "critique")]
+  records.write_shard(paths.stage_dir(str(tmp_path), paths.CRITIQUE_REVISION), 0, stage2)
+  c = _pairs_config(tiny_model_dir)
+  c.revision_pairs = True
+  pairs = records.read_records(p4_pairs.run(c, str(tmp_path)), records.ResponsePair)
+  assert pairs[0] == records.ResponsePair("red-0/revision", stage2[0].prompt, "red_team",
+                                          "Here is how: ...", "rev-2")
+  assert [p.id for p in pairs[1:]] == [f"red-{i}" for i in range(4)] + [
+      f"help-{i}" for i in range(3)]
+  assert [records.is_revision_pair(p) for p in pairs] == [True] + [False] * 7
+  recs = records.read_records(p5_ai_labels.run(_labels_config(tiny_model_dir), str(tmp_path)),
+                              records.LabelRecord)
+  assert [r.id for r in recs] == [p.id for p in pairs] and 0 < recs[0].p_a < 1
 
 
 def test_pairs_default_to_the_sft_export(tmp_path):
@@ -453,3 +505,29 @@ def test_stage7_with_the_feedback_model_as_a_live_reward(feedback_model_dir, tmp
   result = p7_ppo.run(c, workdir)
   assert result.status == "done" and np.isfinite(result.metrics["reward/feedback"])
   assert result.metrics["reward"] == result.metrics["reward/feedback"]
+
+
+def test_judge_games_from_answer_scores_equal_labelling_each_pair(tiny_feedback):
+  # Stage 8's pointwise judge: a game's p_a from the two answers' own scores
+  # (judge_measures) equals labelling the pair, without scoring the answers again.
+  from cai_jax.evaluation import judges
+  from cai_jax.evaluation.answers import AnswerRecord
+  from configs import evaluation as evaluation_config
+  c = evaluation_config.get_config("tiny")
+  c.judge.mode = "pointwise"
+  c.judge.validation_rows = (0, 0)
+  rows = [(p.id, p.prompt, k) for p, k in zip(PAIRS, ("red_team", "helpful", "red_team"))]
+  answers = {name: {i: AnswerRecord(i, prompt, kind, "held_out", name, f"{name} says {j}: {i}")
+                    for j, (i, prompt, kind) in enumerate(rows)}
+             for name in ("initial", "sl_cai", "rl_cai")}
+  names = list(answers)
+  measures = judges.judge_measures(c, tiny_feedback, answers, [])
+  assert set(measures["judge_harm"]["initial"]) == {PAIRS[0].id, PAIRS[2].id}
+  fast, fast_rows = judges.judge_comparisons(c, tiny_feedback, answers, names, measures)
+  slow, slow_rows = judges.judge_comparisons(c, tiny_feedback, answers, names)
+  assert [(r["axis"], r["id"], r["a"], r["b"]) for r in fast_rows] == [
+      (r["axis"], r["id"], r["a"], r["b"]) for r in slow_rows]
+  assert len(fast_rows) == 3 * 3
+  np.testing.assert_allclose([r["p_a"] for r in fast_rows], [r["p_a"] for r in slow_rows],
+                             atol=1e-5)
+  assert fast["harmlessness"]["num_games"] == slow["harmlessness"]["num_games"] == 6

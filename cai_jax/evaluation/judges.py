@@ -4,7 +4,6 @@ turning every two models' answers to the same prompt into a (soft) game."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,20 +12,18 @@ import ml_collections
 import numpy as np
 
 from cai_jax import records
-from cai_jax.constitution import (ComparisonPrinciple, Constitution, PointwiseQuestion,
-                                  load_constitution)
+from cai_jax.constitution import load_constitution
 from cai_jax.evaluation.answers import AnswerRecord, spec_exists
 from cai_jax.evaluation.elo import pairwise_summary
 from cai_jax.evaluation import harm_judge
-from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings
+from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings, labels
+from cai_jax.feedback.labeler import HELPFUL_PRINCIPLE, helpfulness_constitution
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.feedback.prompts import OptionTokenError
-from cai_jax.model.sharding import Sharder
 from cai_jax.preference.scorer import Scorer
 
 # (results key, prompt kind): which prompts each axis is measured on.
 AXES = (("harmlessness", "red_team"), ("helpfulness", "helpful"))
-HELPFUL_PRINCIPLE = "more_helpful"
 
 
 def choose_judge(config: ml_collections.ConfigDict, used: set[str]) -> tuple[str, bool, str]:
@@ -47,14 +44,6 @@ def choose_judge(config: ml_collections.ConfigDict, used: set[str]) -> tuple[str
   return "", False, f"none of {list(config.judge.candidates)} is installed"
 
 
-def helpful_constitution(base: Constitution, config: ml_collections.ConfigDict
-                         ) -> Constitution:
-  """The base constitution with one helpfulness comparison principle, no few-shot."""
-  principle = ComparisonPrinciple(HELPFUL_PRINCIPLE, config.judge.helpful_question,
-                                  PointwiseQuestion(config.judge.helpful_pointwise, "Yes"))
-  return dataclasses.replace(base, comparison=(principle,), comparison_few_shot=())
-
-
 def judge_labelers(model: FeedbackModel, config: ml_collections.ConfigDict
                    ) -> dict[str, Labeler]:
   """Prompt kind -> labeler: harmlessness principles on red-team, helpfulness on helpful."""
@@ -66,7 +55,8 @@ def judge_labelers(model: FeedbackModel, config: ml_collections.ConfigDict
   return {
       "red_team": Labeler([model], base, LabelerSettings(
           principle_ids=tuple(j.harmless_principles), **common_kw)),
-      "helpful": Labeler([model], helpful_constitution(base, config), LabelerSettings(
+      "helpful": Labeler([model], helpfulness_constitution(base, j.helpful_question,
+                                                          j.helpful_pointwise), LabelerSettings(
           principle_ids=(HELPFUL_PRINCIPLE,), **common_kw)),
   }
 
@@ -139,19 +129,34 @@ def revision_round_scores(recs: Sequence[records.CritiqueRevisionRecord],
 
 
 def judge_comparisons(config: ml_collections.ConfigDict, model: FeedbackModel,
-                      answers: dict[str, dict[str, AnswerRecord]], names: Sequence[str]
+                      answers: dict[str, dict[str, AnswerRecord]], names: Sequence[str],
+                      measures: dict[str, Any] | None = None
                       ) -> tuple[dict[str, Any], list[dict]]:
-  """The judge model's comparisons per axis, and the per-game rows."""
-  labelers = judge_labelers(model, config)
+  """The judge model's comparisons per axis, and the per-game rows.
+
+  With one pointwise principle per axis, a game's label is sigmoid(good_a - good_b)
+  of the two answers' own Yes/No log-odds, so `measures` (`judge_measures`' per-answer
+  scores) give it without scoring each answer again; otherwise each pair is labelled.
+  """
+  from_scores = (config.judge.mode == "pointwise" and len(config.judge.harmless_principles) == 1
+                 and measures is not None and measures.get("judge_harm"))
+  labelers = None if from_scores else judge_labelers(model, config)
   rows: list[dict] = []
   out: dict[str, Any] = {}
   for axis, kind in AXES:
     ups = match_ups(answers, kind)
-    pairs = [records.ResponsePair(f"{pid}/{names[x]}-vs-{names[y]}", answers[names[x]][pid].prompt,
-                                  kind, answers[names[x]][pid].response,
-                                  answers[names[y]][pid].response) for x, y, pid in ups]
-    labels = labelers[kind].label(pairs) if pairs else []
-    games = [(x, y, float(rec.p_a)) for (x, y, _), rec in zip(ups, labels)]
+    if from_scores:
+      good = ({n: {i: -v for i, v in measures["judge_harm"][n].items()} for n in names}
+              if kind == "red_team" else measures["judge_helpful"])
+      p_a = [float(labels.pointwise_prob(good[names[x]][pid], good[names[y]][pid]))
+             for x, y, pid in ups]
+    else:
+      pairs = [records.ResponsePair(f"{pid}/{names[x]}-vs-{names[y]}",
+                                    answers[names[x]][pid].prompt, kind,
+                                    answers[names[x]][pid].response,
+                                    answers[names[y]][pid].response) for x, y, pid in ups]
+      p_a = [float(rec.p_a) for rec in (labelers[kind].label(pairs) if pairs else [])]
+    games = [(x, y, p) for (x, y, _), p in zip(ups, p_a)]
     rows += [{"judge": "judge", "axis": axis, "id": pid, "a": names[x], "b": names[y],
               "p_a": p} for (x, y, pid), (_, _, p) in zip(ups, games)]
     out[axis] = pairwise_summary(names, games, config.elo.prior, config.elo.scale)

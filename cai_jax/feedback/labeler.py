@@ -9,7 +9,11 @@ pair id, or fixed):
   pointwise        ask a Yes/No question about each response alone and
                    compare the two "good answer" log-odds.
 Then: per principle a probability that a is better, their mean over
-principles, then the mean or majority over feedback models. The label math
+principles, then the mean or majority over feedback models. Stage 5 labels
+pairs of helpful prompts under one helpfulness question instead of the
+constitution's harmlessness principles (`helpfulness_constitution`,
+`label_by_kind`), as the paper's helpfulness comparisons asked people which
+answer was more helpful. The label math
 is in `cai_jax.feedback.labels`; `model_label` applies it to the raw
 log-probs a record stores, so labels can be re-derived from records.
 """
@@ -24,7 +28,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cai_jax.constitution import Constitution, draw_comparison_principles, load_constitution
+from cai_jax.constitution import (ComparisonPrinciple, Constitution, PointwiseQuestion,
+                                  draw_comparison_principles, load_constitution)
 from cai_jax.feedback import labels, prompts
 from cai_jax.feedback.scoring import OptionScorer
 from cai_jax.model.config import ModelConfig
@@ -36,6 +41,15 @@ from cai_jax.sampling.sampler import DEFAULT_LENGTH_BUCKETS, Sampler, SamplingPa
 from cai_jax.text.tokenizer import Tokenizer
 
 MODES = ("multiple_choice", "pointwise")
+# The one helpfulness principle that labels (stage 5) and judges (stage 8) pairs of
+# helpful prompts, and its default wording.
+HELPFUL_PRINCIPLE = "more_helpful"
+HELPFUL_QUESTION = ("Which of these assistant responses is more helpful: it answers the"
+                    " user's request correctly, clearly and completely?")
+HELPFUL_POINTWISE = ("Does the assistant's response answer the user's request helpfully"
+                     " and correctly?")
+# configs/ai_labels.py `helpful_labels`: how pairs of helpful prompts are labelled.
+HELPFUL_LABELS = ("helpfulness", "constitution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +156,28 @@ def model_label(logp_KS2: np.ndarray, *, mode: str, good_answers: Sequence[str] 
   return float(labels.ensemble_principles(p_K))
 
 
+def helpfulness_constitution(base: Constitution, question: str = HELPFUL_QUESTION,
+                             pointwise: str = HELPFUL_POINTWISE) -> Constitution:
+  """`base` with one comparison principle, HELPFUL_PRINCIPLE (good answer "Yes"), and
+  no few-shot examples."""
+  principle = ComparisonPrinciple(HELPFUL_PRINCIPLE, question,
+                                  PointwiseQuestion(pointwise, "Yes"))
+  return dataclasses.replace(base, comparison=(principle,), comparison_few_shot=())
+
+
+def label_by_kind(labelers: dict[str, "Labeler"], pairs: Sequence[ResponsePair]
+                  ) -> list[LabelRecord]:
+  """Each pair labelled by its prompt kind's labeler (`labelers[pair.kind]`, else
+  `labelers["red_team"]`), in the input order."""
+  out: list[LabelRecord | None] = [None] * len(pairs)
+  for kind, labeler in labelers.items():
+    idx = [i for i, p in enumerate(pairs)
+           if (p.kind if p.kind in labelers else "red_team") == kind]
+    for i, rec in zip(idx, labeler.label([pairs[i] for i in idx]) if idx else []):
+      out[i] = rec
+  return out  # type: ignore[return-value]
+
+
 class Labeler:
   """Labels `ResponsePair`s with one or more feedback models under a constitution."""
 
@@ -181,16 +217,29 @@ class Labeler:
                      if s.chain_of_thought else None for m in self.models]
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "Labeler":
-    """Stage 5's labeler: the config's feedback models (loaded once) and settings."""
+  def by_kind_from_config(cls, config: ml_collections.ConfigDict) -> dict[str, "Labeler"]:
+    """Stage 5's labelers, prompt kind -> Labeler, sharing the config's feedback models
+    (loaded once): the constitution's principles for red-team pairs, and for helpful
+    pairs HELPFUL_PRINCIPLE (`helpful_labels="helpfulness"`) or the constitution too
+    (`"constitution"`)."""
     specs = list(config.feedback_models)
     if not specs:
       raise ValueError("config.feedback_models is empty; give at least one load_model spec")
     settings = LabelerSettings.from_config(config)
+    how = config.get("helpful_labels", "constitution")
+    if how not in HELPFUL_LABELS:
+      raise ValueError(f"config.helpful_labels={how!r}: use one of {HELPFUL_LABELS}")
     sharder = sharder_from_config(config)
     models = [FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
               for spec in specs]
-    return cls(models, load_constitution(config.constitution), settings)
+    base = load_constitution(config.constitution)
+    labelers = {"red_team": cls(models, base, settings)}
+    if how == "helpfulness":
+      labelers["helpful"] = cls(
+          models, helpfulness_constitution(base, config.helpful_question,
+                                           config.helpful_pointwise),
+          dataclasses.replace(settings, principle_ids=(HELPFUL_PRINCIPLE,), num_few_shot=0))
+    return labelers
 
   @property
   def clamp(self) -> tuple[float, float] | None:

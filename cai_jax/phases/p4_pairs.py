@@ -7,6 +7,12 @@ stable name ("<id>/pair/a", "<id>/pair/b"), so the two differ, and a rerun or
 resumed run writes the same text. Stage 5 asks a feedback model which of the
 two is better.
 
+With `revision_pairs`, each red-team prompt stage 2 revised also gives the
+pair (its initial answer, its last revision), id "<id>/revision", first in
+the output: contrasts of a compliant and a rewritten answer that two samples
+of SL-CAI seldom show. Stage 5 labels them like every other pair; nothing
+assumes the revision is better.
+
 Output: `<workdir>/p4_pairs/shard-NNNNN.jsonl` of `ResponsePair`s, written
 shard by shard; a killed run resumes at the first missing shard.
 
@@ -27,20 +33,36 @@ from cai_jax.sampling.chat import ChatModel
 from cai_jax.text.chat import user_turn
 
 
-def sample_pairs(model: ChatModel, chunk: Sequence[prompts.PromptRecord]
+def sample_pairs(model: ChatModel, chunk: Sequence[prompts.PromptRecord | records.ResponsePair]
                  ) -> list[records.ResponsePair]:
-  """Responses a and b for a chunk of prompts, in one batch."""
-  texts = model.generate([user_turn(p.prompt) for p in chunk for _ in "ab"],
-                         [f"{p.id}/pair/{x}" for p in chunk for x in "ab"])
-  return [records.ResponsePair(id=p.id, prompt=p.prompt, kind=p.kind,
-                               response_a=texts[2 * i], response_b=texts[2 * i + 1])
-          for i, p in enumerate(chunk)]
+  """Responses a and b for a chunk of prompts, in one batch (pairs pass through)."""
+  todo = [p for p in chunk if isinstance(p, prompts.PromptRecord)]
+  texts = iter(model.generate([user_turn(p.prompt) for p in todo for _ in "ab"],
+                              [f"{p.id}/pair/{x}" for p in todo for x in "ab"]))
+  return [p if isinstance(p, records.ResponsePair) else
+          records.ResponsePair(id=p.id, prompt=p.prompt, kind=p.kind,
+                               response_a=next(texts), response_b=next(texts))
+          for p in chunk]
+
+
+def revision_pairs(workdir: str) -> list[records.ResponsePair]:
+  """(initial answer, last revision) of every red-team prompt stage 2 revised."""
+  d = paths.require_records(paths.stage_dir(workdir, paths.CRITIQUE_REVISION),
+                            paths.CRITIQUE_REVISION, "critique/revision records")
+  return [records.ResponsePair(id=r.id + records.REVISION_PAIR_SUFFIX, prompt=r.prompt,
+                               kind=r.kind, response_a=r.initial_response,
+                               response_b=r.response_at(-1))
+          for r in records.read_records(d, records.CritiqueRevisionRecord)
+          if r.kind == "red_team" and r.rounds]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes (or completes) the response pairs; returns their directory."""
-  inputs = [r for path in paths.require_prompts(workdir, "train")
-            for r in prompts.read_jsonl(path)]
+  # Revision pairs first: a stage 4 killed before its end then lacks sampled pairs,
+  # which stage 5's count of them detects.
+  inputs = ((revision_pairs(workdir) if config.revision_pairs else [])
+            + [r for path in paths.require_prompts(workdir, "train")
+               for r in prompts.read_jsonl(path)])
 
   def make_worker():
     model = ChatModel(paths.sl_cai_model(config.model, workdir), sharder_from_config(config),

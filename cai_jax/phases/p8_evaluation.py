@@ -181,9 +181,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     if not independent:
       notes.append(f"judge {spec}: {why}")
     model = FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
-    by_axis, judge_rows = judges.judge_comparisons(config, model, answers, names)
-    judge.update(by_axis)
     judged = judges.judge_measures(config, model, answers, stage2_records(workdir))
+    by_axis, judge_rows = judges.judge_comparisons(config, model, answers, names, judged)
+    judge.update(by_axis)
     measures["judge_harm"] = judged.pop("judge_harm")
     measures["judge_helpful"] = judged.pop("judge_helpful")
     del model
