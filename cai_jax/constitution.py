@@ -327,6 +327,24 @@ def _check_duplicate_keys(node: yaml.Node, source: str) -> None:
       _check_duplicate_keys(child, source)
 
 
+# The one helpfulness principle that labels (stage 5) and judges (stage 8) pairs of
+# helpful prompts, and its default wording.
+HELPFUL_PRINCIPLE = "more_helpful"
+HELPFUL_QUESTION = ("Which of these assistant responses is more helpful: it answers the"
+                    " user's request correctly, clearly and completely?")
+HELPFUL_POINTWISE = ("Does the assistant's response answer the user's request helpfully"
+                     " and correctly?")
+
+
+def helpfulness_constitution(base: Constitution, question: str = HELPFUL_QUESTION,
+                             pointwise: str = HELPFUL_POINTWISE) -> Constitution:
+  """`base` with one comparison principle, HELPFUL_PRINCIPLE (good answer "Yes"), and
+  no few-shot examples."""
+  principle = ComparisonPrinciple(HELPFUL_PRINCIPLE, question,
+                                  PointwiseQuestion(pointwise, "Yes"))
+  return dataclasses.replace(base, comparison=(principle,), comparison_few_shot=())
+
+
 def constitution_path(name_or_path: str | os.PathLike[str]) -> str:
   """Resolves a file path, or a shipped constitution name such as "harmless"."""
   path = os.fspath(name_or_path)

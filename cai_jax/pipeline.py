@@ -8,7 +8,8 @@ every attempt: a resumed run adds the time of the attempt that finished a stage
 to what earlier attempts spent on it; only a killed attempt's unfinished stage is
 not counted) and `<workdir>/pipeline_memory.json` (the process's resident memory
 after each stage, once the stage's models and compiled programs are let go, and
-the highest peak of any attempt so far).
+the highest peak of any attempt so far), and `<workdir>/pipeline_config.json` (each
+stage's config as it last ran; the report's "Choices" section names them).
 
 All stages run in one process. Between stages what a stage held is released:
 its return value and models (garbage-collected) and the heap pages the
@@ -31,7 +32,7 @@ import time
 
 import ml_collections
 
-from cai_jax.phases import (cli, p1_prompts, p2_critique_revision, p3_sft, p4_pairs,
+from cai_jax.phases import (cli, p1_prompts, paths, p2_critique_revision, p3_sft, p4_pairs,
                             p5_ai_labels, p6_preference_model, p7_dpo, p7_ppo,
                             p8_evaluation)
 
@@ -93,10 +94,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   memory_path = os.path.join(workdir, "pipeline_memory.json")
   timings: dict[str, float] = _read_json(timings_path)
   memory: dict[str, dict[str, float]] = _read_json(memory_path)
+  config_path = paths.pipeline_config(workdir)
+  configs: dict[str, dict] = _read_json(config_path)
   for name, stage in STAGES:
     if name not in config:
       continue
     logging.info("=== stage %s ===", name)
+    configs[name] = json.loads(config[name].to_json())
+    with open(config_path + ".tmp", "w") as f:
+      json.dump(configs, f, indent=1)
+    os.replace(config_path + ".tmp", config_path)
     start = time.perf_counter()
     result = stage.run(config[name], workdir)
     seconds = time.perf_counter() - start

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from cai_jax import distributed
+from cai_jax.constitution import HELPFUL_POINTWISE, HELPFUL_QUESTION
 from cai_jax.data import files
 
 R = TypeVar("R")
@@ -147,7 +148,9 @@ def _json_types(annotation: str) -> tuple[type, ...]:
 
 # Config fields added after records were first written, with the value that does what
 # runs before the field did: a saved config without the field compares as that value.
-ADDED_CONFIG_FIELDS = {"reviser": ""}
+ADDED_CONFIG_FIELDS = {"reviser": "", "revision_pairs": False, "helpful_labels": "constitution",
+                       "helpful_question": HELPFUL_QUESTION,
+                       "helpful_pointwise": HELPFUL_POINTWISE}
 # Fields that change how fast records are made, never what they hold (the shared-prefix
 # KV cache gives the same tokens, tests/test_prefix_cache.py): a run may resume with
 # another value.

@@ -22,9 +22,29 @@ from cai_jax.phases import paths
 
 REPORT_DIR = paths.REPORT
 JUDGES = (("pm", "preference model (stage 6)"), ("judge", "judge model (config `judge`)"))
-SECTIONS = ("Claims", "Models", "Refusal and harm by prompt set", "Instruments", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
+SECTIONS = ("Claims", "Choices", "Models", "Refusal and harm by prompt set", "Instruments", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
             "PPO training curves", "Feedback-model accuracy", "Labeler calibration",
             "Sample answers", "Notes")
+# (stage, config fields) the "Choices" section names: what the presets decide.
+CHOICES = (
+    ("critique_revision", ("model", "reviser", "mode", "num_rounds", "num_few_shot",
+                           "max_new_tokens")),
+    ("sft", ("train.num_epochs", "optim.lr")),
+    ("pairs", ("revision_pairs", "max_new_tokens")),
+    ("ai_labels", ("feedback_models", "mode", "helpful_labels", "num_principles")),
+    ("preference_model", ("data.helpful_ratio", "data.eval_size", "train.num_epochs",
+                          "optim.lr")),
+    *((rl, ("algorithm", "learner.iterations", "rollout.batch_size",
+            "rollout.samples_per_prompt", "rollout.max_new_tokens", "optim.lr", "kl.coef",
+            "reward.sources")) for rl in ("ppo", "rloo", "grpo")),
+    ("dpo", ("dpo.beta", "dpo.loss_type", "train.num_epochs", "optim.lr")),
+    ("evaluation", ("judge.model", "num_red_team", "num_helpful", "num_borderline",
+                    "max_new_tokens")),
+)
+# Stages whose outputs keep their own config.json (the generation stages), read when
+# the stages were run one by one instead of by cai_jax.pipeline.
+STAGE_CONFIG_DIRS = {"critique_revision": paths.CRITIQUE_REVISION, "pairs": paths.PAIRS,
+                     "ai_labels": paths.AI_LABELS}
 PPO_CURVES = (("reward", "PM reward"), ("kl", "KL(policy || SL-CAI)"),
               ("response_length", "response length (tokens)"))
 
@@ -144,6 +164,41 @@ def instruments_section(results: dict, lines: list[str]) -> None:
   lines += table(["instrument", "estimate", "95% CI", "n", "metric"], rows) if rows else []
   if "missing" in jv:
     _missing(lines, f"judge validation: {jv['missing']}")
+
+
+def _field(config: dict, dotted: str) -> Any:
+  for part in dotted.split("."):
+    if not isinstance(config, dict) or part not in config:
+      return None
+    config = config[part]
+  return config
+
+
+def stage_configs(workdir: str) -> tuple[dict[str, dict], str]:
+  """(stage -> config dict, where they were read from)."""
+  path = paths.pipeline_config(workdir)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), f"`{path}`"
+  found = {}
+  for stage, d in STAGE_CONFIG_DIRS.items():
+    p = os.path.join(paths.stage_dir(workdir, d), "config.json")
+    if os.path.exists(p):
+      with open(p) as f:
+        found[stage] = json.load(f)
+  return found, "each generation stage's `config.json` (no pipeline_config.json: the stages ran one by one)"
+
+
+def choices_section(workdir: str, lines: list[str]) -> None:
+  configs, source = stage_configs(workdir)
+  if not configs:
+    _missing(lines, f"{paths.pipeline_config(workdir)} and the stages' config.json")
+    return
+  rows = [[stage, field, cell(json.dumps(v, ensure_ascii=False))]
+          for stage, fields in CHOICES if stage in configs
+          for field in fields if (v := _field(configs[stage], field)) is not None]
+  lines += [f"What this run was configured to do, from {source}.", ""]
+  lines += table(["stage", "field", "value"], rows)
 
 
 def models_section(results: dict, lines: list[str]) -> None:
@@ -337,6 +392,8 @@ def build_report(results: dict | None, workdir: str, out_dir: str) -> str:
     lines += [f"## {title}", ""]
     if title == "PPO training curves":
       ppo_section(workdir, out_dir, lines)
+    elif title == "Choices":
+      choices_section(workdir, lines)
     elif results is None:
       _missing(lines, f"{res_path} (stage 8 has not run)")
     elif title == "Claims":

@@ -15,7 +15,7 @@ import ml_collections
 
 # Chosen from benchmarks/labeler_accuracy.py (see the docstring above).
 from cai_jax.assets import DEFAULT_FEEDBACK_MODELS
-from cai_jax.feedback.labeler import HELPFUL_POINTWISE, HELPFUL_QUESTION
+from cai_jax.constitution import HELPFUL_POINTWISE, HELPFUL_QUESTION
 DEFAULT_MODE = "pointwise"
 
 

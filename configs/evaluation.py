@@ -18,7 +18,7 @@ scale: point `models.initial` at the helpful model stage 2 started from).
 
 import ml_collections
 
-from cai_jax.feedback.labeler import HELPFUL_POINTWISE, HELPFUL_QUESTION
+from cai_jax.constitution import HELPFUL_POINTWISE, HELPFUL_QUESTION
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:

@@ -14,7 +14,8 @@ from cai_jax.constitution import load_constitution
 from cai_jax.feedback import (FeedbackModel, Labeler, LabelerSettings, OptionScorer,
                               OptionTokenError, answer_context, labels, model_label)
 from cai_jax.feedback import prompts
-from cai_jax.feedback.labeler import HELPFUL_PRINCIPLE, helpfulness_constitution, label_by_kind
+from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution
+from cai_jax.feedback.labeler import label_by_kind
 from cai_jax.model import transformer
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import p4_pairs, p5_ai_labels, paths
@@ -531,3 +532,20 @@ def test_judge_games_from_answer_scores_equal_labelling_each_pair(tiny_feedback)
   np.testing.assert_allclose([r["p_a"] for r in fast_rows], [r["p_a"] for r in slow_rows],
                              atol=1e-5)
   assert fast["harmlessness"]["num_games"] == slow["harmlessness"]["num_games"] == 6
+
+
+def test_labels_made_before_helpful_labels_resume_only_as_they_were_made(tmp_path):
+  # A stage-5 directory written before `helpful_labels` existed labelled helpful
+  # pairs under the constitution: today's default (helpfulness) is refused, naming
+  # the old behaviour; helpful_labels="constitution" resumes it.
+  import json as json_lib
+  import ml_collections
+  c = labels_config.get_config("tiny")
+  old = {k: v for k, v in json_lib.loads(c.to_json()).items()
+         if k not in ("helpful_labels", "helpful_question", "helpful_pointwise")}
+  (tmp_path / "config.json").write_text(json_lib.dumps(old))
+  records.write_shard(str(tmp_path), 0, [])
+  with pytest.raises(ValueError, match=r"helpful_labels.*helpful_labels='constitution'"):
+    records.check_same_config(str(tmp_path), c)
+  c.helpful_labels = "constitution"
+  records.check_same_config(str(tmp_path), ml_collections.ConfigDict(c.to_dict()))

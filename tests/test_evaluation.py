@@ -151,6 +151,10 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   other_model(tiny_model_dir, os.path.join(workdir, "p7_ppo", "hf"), seed=2)
   train_tiny_pm(workdir)
   ppo_rows = write_ppo_metrics(workdir)
+  from configs import pipeline as pipeline_config  # what cai_jax.pipeline writes
+  with open(paths.pipeline_config(workdir), "w") as f:
+    json.dump({k: json.loads(v.to_json()) for k, v in
+               pipeline_config.get_config("cpu").items()}, f)
 
   path = p8.run(tiny_config(tiny_model_dir), workdir)
   with open(path) as f:
@@ -234,6 +238,10 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   calib = section(text, "Labeler calibration")
   pm_cal = report.latest_pm_calibration(workdir)
   assert f"step {pm_cal['step']}: ECE {report.fmt(pm_cal['eval_ece'])}" in calib
+  choices = section(text, "Choices")
+  for row in ('| ai_labels | helpful_labels | "helpfulness" |', '| pairs | revision_pairs | true |',
+              '| ppo | optim.lr | 3e-06 |', '| critique_revision | reviser |'):
+    assert row in choices
   claims_md = section(text, "Claims")
   for c in claims:
     assert report.cell(c["claim"]) in claims_md

@@ -12,12 +12,11 @@ import ml_collections
 import numpy as np
 
 from cai_jax import records
-from cai_jax.constitution import load_constitution
+from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution, load_constitution
 from cai_jax.evaluation.answers import AnswerRecord, spec_exists
 from cai_jax.evaluation.elo import pairwise_summary
 from cai_jax.evaluation import harm_judge
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings, labels
-from cai_jax.feedback.labeler import HELPFUL_PRINCIPLE, helpfulness_constitution
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.feedback.prompts import OptionTokenError
 from cai_jax.preference.scorer import Scorer

@@ -28,8 +28,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cai_jax.constitution import (ComparisonPrinciple, Constitution, PointwiseQuestion,
-                                  draw_comparison_principles, load_constitution)
+from cai_jax.constitution import (HELPFUL_PRINCIPLE, Constitution, draw_comparison_principles,
+                                  helpfulness_constitution, load_constitution)
 from cai_jax.feedback import labels, prompts
 from cai_jax.feedback.scoring import OptionScorer
 from cai_jax.model.config import ModelConfig
@@ -41,13 +41,6 @@ from cai_jax.sampling.sampler import DEFAULT_LENGTH_BUCKETS, Sampler, SamplingPa
 from cai_jax.text.tokenizer import Tokenizer
 
 MODES = ("multiple_choice", "pointwise")
-# The one helpfulness principle that labels (stage 5) and judges (stage 8) pairs of
-# helpful prompts, and its default wording.
-HELPFUL_PRINCIPLE = "more_helpful"
-HELPFUL_QUESTION = ("Which of these assistant responses is more helpful: it answers the"
-                    " user's request correctly, clearly and completely?")
-HELPFUL_POINTWISE = ("Does the assistant's response answer the user's request helpfully"
-                     " and correctly?")
 # configs/ai_labels.py `helpful_labels`: how pairs of helpful prompts are labelled.
 HELPFUL_LABELS = ("helpfulness", "constitution")
 
@@ -154,15 +147,6 @@ def model_label(logp_KS2: np.ndarray, *, mode: str, good_answers: Sequence[str] 
   else:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   return float(labels.ensemble_principles(p_K))
-
-
-def helpfulness_constitution(base: Constitution, question: str = HELPFUL_QUESTION,
-                             pointwise: str = HELPFUL_POINTWISE) -> Constitution:
-  """`base` with one comparison principle, HELPFUL_PRINCIPLE (good answer "Yes"), and
-  no few-shot examples."""
-  principle = ComparisonPrinciple(HELPFUL_PRINCIPLE, question,
-                                  PointwiseQuestion(pointwise, "Yes"))
-  return dataclasses.replace(base, comparison=(principle,), comparison_few_shot=())
 
 
 def label_by_kind(labelers: dict[str, "Labeler"], pairs: Sequence[ResponsePair]

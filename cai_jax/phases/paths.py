@@ -72,6 +72,11 @@ def results_file(workdir: str) -> str:
   return os.path.join(workdir, EVALUATION, "results.json")
 
 
+def pipeline_config(workdir: str) -> str:
+  """Each stage's config as `cai_jax.pipeline` last ran it (stage name -> dict)."""
+  return os.path.join(workdir, "pipeline_config.json")
+
+
 def calibration_dir(workdir: str) -> str:
   return os.path.join(workdir, PREFERENCE_MODEL, "calibration")
 
