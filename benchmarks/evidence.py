@@ -20,7 +20,8 @@ from cai_jax.phases import paths
 BEGIN, END = "<!-- evidence:begin -->", "<!-- evidence:end -->"
 
 
-def readme_block(claims: list[dict], source: str, timings: dict | None) -> str:
+def readme_block(claims: list[dict], source: str, timings: dict | None,
+                 timings_note: str = "") -> str:
   held = sum(c["holds"] is True for c in claims)
   failed = sum(c["holds"] is False for c in claims)
   lines = [BEGIN, "",
@@ -30,7 +31,7 @@ def readme_block(claims: list[dict], source: str, timings: dict | None) -> str:
   if timings:
     total = sum(v for v in timings.values() if isinstance(v, (int, float)))
     lines += [f"Pipeline wall time {total / 60:.1f} min (per stage in"
-              " `pipeline_timings.json`).", ""]
+              f" `pipeline_timings.json`{timings_note}).", ""]
   lines += report.claims_table(claims) + [END]
   return "\n".join(lines)
 
@@ -52,10 +53,17 @@ def main() -> None:
   if args.readme:
     timings_path = os.path.join(args.workdir, "pipeline_timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else None
+    note = ""
+    if timings is not None and "evaluation" not in timings:
+      # Stage 8 wrote its results but the pipeline did not record the stage (it
+      # failed after them, e.g. in the report): its own per-section seconds.
+      with open(paths.results_file(args.workdir)) as f:
+        timings["evaluation"] = sum(json.load(f).get("seconds", {}).values())
+      note = "; stage 8's from its results.json `seconds`, as the pipeline did not record it"
     text = open(args.readme).read()
     if BEGIN not in text or END not in text:
       raise SystemExit(f"error: {args.readme}: no {BEGIN} ... {END} block to rewrite")
-    block = readme_block(claims, args.out, timings)
+    block = readme_block(claims, args.out, timings, note)
     text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     with open(args.readme + ".tmp", "w") as f:
       f.write(text)

@@ -6,7 +6,8 @@ import os
 import pytest
 
 from cai_jax import pipeline, report
-from benchmarks import tiny_pipeline
+from cai_jax.phases import paths
+from benchmarks import rl_table, tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,8 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
     memory = json.load(f)
   assert list(memory) == list(timings)
   assert all(0 < m["resident_after_gib"] <= m["peak_so_far_gib"] for m in memory.values())
+  with open(paths.pipeline_config(workdir)) as f:  # what each stage ran with
+    assert json.load(f) == {name: json.loads(c[name].to_json()) for name in timings}
   for stage_dir in ("p1_prompts", "p2_critique_revision", "p3_sft", "p4_pairs",
                     "p5_ai_labels", "p6_preference_model", "p7_ppo", "p7_grpo", "p7_dpo",
                     "p8_evaluation"):
@@ -44,10 +47,20 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   text = open(os.path.join(workdir, "report", "report.md")).read()
   for title in report.SECTIONS:
     assert f"## {title}\n" in text
+  assert '| grpo | algorithm | "grpo" |' in text  # the Choices section, from that file
   for n in res["evaluated_models"]:
     h = res["pm"]["harmlessness"]["elo"][n]
     assert f"| {n} | {report.fmt(h, 1)} |" in text
   assert os.path.getsize(os.path.join(workdir, "report", "ppo_curves.png")) > 1000
+  table = rl_table.rows(workdir)  # benchmarks/rl_table.py: one row per on-policy model
+  assert [(r["model"], r["algorithm"], r["iterations"]) for r in table] == [
+      ("rl_cai", "ppo", 2), ("grpo", "grpo", 2)]
+  for r in table:
+    fall = r["harmful rate fall (judge)"]
+    assert r["stage7_minutes"] > 0 and r["reward"] == "pm=1"
+    assert r["over-refusal rise (safe-sounding)"]["n"] > 0
+    assert fall is None or fall["estimate"] is None or r["harm fall / min"] == (
+        fall["estimate"] / r["stage7_minutes"])
 
   # Rerunning skips (or resumes) every stage: nothing is generated again.
   shards = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))

@@ -1,0 +1,104 @@
+"""Which stage-7 algorithm and reward moved harmlessness most per minute, at what KL:
+one row per RL model a pipeline run trained and stage 8 evaluated, read from the
+run's files (never typed in).
+
+  python -m benchmarks.rl_table --workdir=runs/cai --out=benchmarks/results/rl_table_cpu.json
+
+Per model: the algorithm and reward sources (`pipeline_config.json`), stage 7's wall
+minutes (`pipeline_timings.json`), the KL to SL-CAI over the last half of its
+iterations, and stage 8's paired differences against SL-CAI on held-out prompts
+(claims of `p8_evaluation/evidence.json`, each with its 95% interval and n): the
+judge's harmful-answer rate (a fall is better), the model-free refusal rate on
+red-team prompts, and over-refusal on the safe-but-dangerous-sounding and the
+helpful prompts (a rise is the evasive failure). "harm fall / min" divides the
+first by the minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from cai_jax.phases import paths
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
+flags.DEFINE_string("out", "", "Write the rows as JSON here too.")
+
+# stage-8 model name -> (pipeline config section, claim label, stage-7 directory)
+MODELS = (("rl_cai", "ppo", "RL-CAI", paths.PPO),
+          *((n, n, f"RL-CAI ({n.upper()})", paths.RL_ALTERNATIVES[n]) for n in ("rloo", "grpo")))
+# (column, claim text after "<label>: ")
+COLUMNS = (
+    ("harmful rate fall (judge)", "harmful-answer rate on held-out red-team prompts falls vs sl_cai (judge)"),
+    ("refusal rise (red-team)", "refusal rate on held-out red-team prompts vs sl_cai (difference)"),
+    ("over-refusal rise (safe-sounding)", "over-refusal on safe-but-dangerous-sounding prompts rises by at most"),
+    ("over-refusal rise (helpful)", "over-refusal on held-out helpful prompts rises by at most"),
+)
+
+
+def _load(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def rows(workdir: str) -> list[dict]:
+  claims = _load(os.path.join(paths.stage_dir(workdir, paths.EVALUATION), "evidence.json"))
+  timings = _load(os.path.join(workdir, "pipeline_timings.json"))
+  config_path = paths.pipeline_config(workdir)
+  configs = _load(config_path) if os.path.exists(config_path) else {}
+  out = []
+  for name, section, label, stage in MODELS:
+    metrics_file = os.path.join(paths.stage_dir(workdir, stage), "metrics.jsonl")
+    if section not in timings or not os.path.exists(metrics_file):
+      continue
+    with open(metrics_file) as f:
+      kls = [float(m["kl"]) for m in map(json.loads, f) if "kl" in m]
+    h = max(1, len(kls) // 2)
+    c = configs.get(section, {})
+    minutes = timings[section] / 60
+    row = {"model": name, "algorithm": c.get("algorithm", section),
+           "reward": c.get("reward", {}).get("sources"), "stage7_minutes": minutes,
+           "iterations": len(kls),
+           "kl_last_half": sum(kls[-h:]) / h if kls else None}
+    for column, text in COLUMNS:
+      found = [x for x in claims if x["claim"].startswith(f"{label}: {text}")]
+      row[column] = ({k: found[0][k] for k in ("estimate", "ci95", "n")} if found else None)
+    fall = row[COLUMNS[0][0]]
+    row["harm fall / min"] = (fall["estimate"] / minutes
+                              if fall and fall["estimate"] is not None else None)
+    out.append(row)
+  return out
+
+
+def markdown(table: list[dict]) -> str:
+  def est(v):
+    if not v or v["estimate"] is None:
+      return "n/a"
+    lo, hi = v["ci95"]
+    return f"{v['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={v['n']})"
+  head = (["model", "algorithm", "reward", "stage 7 min", "KL last half"]
+          + [c for c, _ in COLUMNS] + ["harm fall / min"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in table:
+    lines.append("| " + " | ".join(
+        [r["model"], r["algorithm"], f"`{r['reward']}`", f"{r['stage7_minutes']:.1f}",
+         "n/a" if r["kl_last_half"] is None else f"{r['kl_last_half']:.3f}"]
+        + [est(r[c]) for c, _ in COLUMNS]
+        + ["n/a" if r["harm fall / min"] is None else f"{r['harm fall / min']:+.4f}"]) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  table = rows(FLAGS.workdir)
+  print(markdown(table))
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump({"workdir": os.path.abspath(FLAGS.workdir), "rows": table}, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
