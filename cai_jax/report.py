@@ -22,7 +22,7 @@ from cai_jax.phases import paths
 
 REPORT_DIR = paths.REPORT
 JUDGES = (("pm", "preference model (stage 6)"), ("judge", "judge model (config `judge`)"))
-SECTIONS = ("Claims", "Choices", "Models", "Refusal and harm by prompt set", "Instruments", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
+SECTIONS = ("Claims", "Choices", "Signals by stage", "Models", "Refusal and harm by prompt set", "Instruments", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
             "PPO training curves", "Feedback-model accuracy", "Labeler calibration",
             "Sample answers", "Notes")
 # (stage, config fields) the "Choices" section names: what the presets decide.
@@ -199,6 +199,67 @@ def choices_section(workdir: str, lines: list[str]) -> None:
           for field in fields if (v := _field(configs[stage], field)) is not None]
   lines += [f"What this run was configured to do, from {source}.", ""]
   lines += table(["stage", "field", "value"], rows)
+
+
+def signals_section(workdir: str, lines: list[str]) -> None:
+  """What each training stage's signal measured, read from its outputs, so a claim
+  that fails can be traced to the stage whose signal was too weak."""
+  from cai_jax import records
+  from cai_jax.training.metrics import METRICS_FILE, read_metrics
+  rows = []
+  d = paths.stage_dir(workdir, paths.AI_LABELS)
+  if records.completed_shards(d):
+    recs = records.read_records(d, records.LabelRecord)
+    for name, pick in (
+        ("stage-2 revision pairs (a: initial answer, b: revision)",
+         lambda r: r.id.endswith(records.REVISION_PAIR_SUFFIX)),
+        ("red-team pairs of two SL-CAI samples",
+         lambda r: r.kind == "red_team" and not r.id.endswith(records.REVISION_PAIR_SUFFIX)),
+        ("helpful pairs of two SL-CAI samples", lambda r: r.kind == "helpful")):
+      p = np.asarray([r.p_a for r in recs if pick(r)], np.float64)
+      if len(p):
+        rows.append(["5 AI labels", name,
+                     f"n={len(p)}; mean \\|p − 0.5\\| {fmt(np.mean(np.abs(p - 0.5)))};"
+                     f" b preferred in {fmt(np.mean(p < 0.5))}; p in [{fmt(p.min())},"
+                     f" {fmt(p.max())}]"])
+  files = sorted(glob.glob(os.path.join(paths.calibration_dir(workdir), "step-*.json")))
+  if files:
+    with open(files[0]) as f:
+      first = json.load(f)
+    with open(files[-1]) as f:
+      last = json.load(f)
+    kinds = "; ".join(f"{k} {fmt(first.get(f'eval_accuracy_{k}'))} → {fmt(last.get(f'eval_accuracy_{k}'))}"
+                      for k in paths.PROMPT_KINDS if f"eval_accuracy_{k}" in last)
+    rows.append(["6 PM", f"held-out accuracy, step {first['step']} → {last['step']}",
+                 f"{fmt(first.get('eval_accuracy'))} → {fmt(last.get('eval_accuracy'))}"
+                 f" on {last.get('eval_decided')} decided pairs ({kinds})"])
+    rows.append(["6 PM", "held-out reward std (the spread PPO's rewards can have)",
+                 fmt(last.get("eval_reward_std"))])
+  for label, stage in (("7 PPO", paths.PPO),
+                       *((f"7 {n.upper()}", s) for n, s in paths.RL_ALTERNATIVES.items()
+                         if n != "dpo")):
+    d = paths.stage_dir(workdir, stage)
+    if not os.path.exists(os.path.join(d, METRICS_FILE)):
+      continue
+    m = [x for x in read_metrics(d) if "reward" in x]
+    if len(m) < 2:
+      continue
+    half = len(m) // 2
+    r = [float(x["reward"]) for x in m]
+    kl = [float(x["kl"]) for x in m if "kl" in x]
+    rows.append([label, f"reward, first {half} → last {half} iterations (mean)",
+                 f"{fmt(np.mean(r[:half]))} → {fmt(np.mean(r[-half:]))}; per-iteration"
+                 f" std {fmt(np.std(r, ddof=1))}"])
+    if kl:
+      rows.append([label, "KL(policy ‖ SL-CAI), last half (mean, max)",
+                   f"{fmt(np.mean(kl[-half:]))}, {fmt(max(kl[-half:]))}"])
+  if not rows:
+    _missing(lines, "no stage-5 labels, stage-6 calibration or stage-7 metrics in the workdir")
+    return
+  lines += ["How strong each training stage's signal was. A claim fails when an upstream"
+            " signal is weak: labels near 0.5 give the PM little to learn; a PM whose"
+            " rewards barely differ gives PPO no trend to climb.", ""]
+  lines += table(["stage", "signal", "measured"], rows)
 
 
 def models_section(results: dict, lines: list[str]) -> None:
@@ -394,6 +455,8 @@ def build_report(results: dict | None, workdir: str, out_dir: str) -> str:
       ppo_section(workdir, out_dir, lines)
     elif title == "Choices":
       choices_section(workdir, lines)
+    elif title == "Signals by stage":
+      signals_section(workdir, lines)
     elif results is None:
       _missing(lines, f"{res_path} (stage 8 has not run)")
     elif title == "Claims":

@@ -62,13 +62,13 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   - SFT 3 epochs at lr 1e-4 (2e-5 for 1 epoch did not change the answers);
   - stage 4 adds stage 2's (initial answer, revision) of each red-team prompt as a
     pair, and stage 5 labels helpful prompts' pairs by the helpfulness question
-    (both new in run 3: the second run's PM was at chance on red-team pairs, and its
-    harmlessness labels of helpful pairs taught PPO to refuse ordinary requests);
+    (new in run 3, where the PM went from 0.47 to 0.77 on PyRIT's human-labelled
+    pairs; the second run's PM was at chance on red-team pairs);
   - the PM on every pair, 2 epochs at lr 5e-5, 32 pairs held out;
   - PPO 12 iterations of 16 rollouts at lr 3e-6, between the two measured: 1e-6
     left KL at 0.03 nats and moved nothing; 1e-5 drove KL to 2.1 nats with the
-    reward flat and learned to refuse (BENCHMARKS.md, "second run"); 3e-6 has not
-    been run end to end;
+    reward flat and learned to refuse (BENCHMARKS.md, "second run"); 3e-6 (run 3)
+    kept KL at 0.19 nats, the reward still flat and RL-CAI still more refusing;
   - stage 8: 32 red-team, 16 helpful and all 48 safe-but-dangerous-sounding prompts,
     without the feedback-model accuracy runs (8 pairs said nothing in 254 s;
     `benchmarks/labeler_accuracy.py` measures them on 64);

@@ -242,6 +242,10 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   for row in ('| ai_labels | helpful_labels | "helpfulness" |', '| pairs | revision_pairs | true |',
               '| ppo | optim.lr | 3e-06 |', '| critique_revision | reviser |'):
     assert row in choices
+  signals = section(text, "Signals by stage")  # every training stage's signal, measured
+  for row in ("| 5 AI labels | red-team pairs of two SL-CAI samples | n=", "| 6 PM | held-out accuracy",
+              "| 7 PPO | reward, first 2 → last 2 iterations (mean) |"):
+    assert row in signals
   claims_md = section(text, "Claims")
   for c in claims:
     assert report.cell(c["claim"]) in claims_md
