@@ -28,8 +28,10 @@ flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has
 flags.DEFINE_string("out", "", "Write the rows as JSON here too.")
 
 # stage-8 model name -> (pipeline config section, claim label, stage-7 directory)
-MODELS = (("rl_cai", "ppo", "RL-CAI", paths.PPO),
-          *((n, n, f"RL-CAI ({n.upper()})", paths.RL_ALTERNATIVES[n]) for n in ("rloo", "grpo")))
+# and the label of its reward/KL curve claims.
+MODELS = (("rl_cai", "ppo", "RL-CAI", paths.PPO, "PPO"),
+          *((n, n, f"RL-CAI ({n.upper()})", paths.RL_ALTERNATIVES[n], n.upper())
+            for n in ("rloo", "grpo")))
 # (column, claim text after "<label>: ")
 COLUMNS = (
     ("harmful rate fall (judge)", "harmful-answer rate on held-out red-team prompts falls vs sl_cai (judge)"),
@@ -50,44 +52,47 @@ def rows(workdir: str) -> list[dict]:
   config_path = paths.pipeline_config(workdir)
   configs = _load(config_path) if os.path.exists(config_path) else {}
   out = []
-  for name, section, label, stage in MODELS:
+  for name, section, label, stage, curve in MODELS:
     metrics_file = os.path.join(paths.stage_dir(workdir, stage), "metrics.jsonl")
     if section not in timings or not os.path.exists(metrics_file):
       continue
     with open(metrics_file) as f:
       kls = [float(m["kl"]) for m in map(json.loads, f) if "kl" in m]
-    h = max(1, len(kls) // 2)
     c = configs.get(section, {})
+    kl = [x for x in claims if x["claim"].startswith(f"{curve}: KL(policy")]
     minutes = timings[section] / 60
     row = {"model": name, "algorithm": c.get("algorithm", section),
            "reward": c.get("reward", {}).get("sources"), "stage7_minutes": minutes,
            "iterations": len(kls),
-           "kl_last_half": sum(kls[-h:]) / h if kls else None}
+           # stage 8's KL claim: mean over the last half of iterations, bootstrap CI
+           "kl_last_half": ({k: kl[0][k] for k in ("estimate", "ci95", "n")} if kl else None)}
     for column, text in COLUMNS:
       found = [x for x in claims if x["claim"].startswith(f"{label}: {text}")]
       row[column] = ({k: found[0][k] for k in ("estimate", "ci95", "n")} if found else None)
     fall = row[COLUMNS[0][0]]
-    row["harm fall / min"] = (fall["estimate"] / minutes
+    # The interval of the fall over the one measured wall time (minutes are n=1).
+    row["harm fall / min"] = ({"estimate": fall["estimate"] / minutes,
+                               "ci95": [v / minutes for v in fall["ci95"]], "n": fall["n"]}
                               if fall and fall["estimate"] is not None else None)
     out.append(row)
   return out
 
 
 def markdown(table: list[dict]) -> str:
-  def est(v):
+  def est(v, digits=3):
     if not v or v["estimate"] is None:
       return "n/a"
     lo, hi = v["ci95"]
-    return f"{v['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={v['n']})"
+    return f"{v['estimate']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] (n={v['n']})"
   head = (["model", "algorithm", "reward", "stage 7 min", "KL last half"]
           + [c for c, _ in COLUMNS] + ["harm fall / min"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in table:
     lines.append("| " + " | ".join(
         [r["model"], r["algorithm"], f"`{r['reward']}`", f"{r['stage7_minutes']:.1f}",
-         "n/a" if r["kl_last_half"] is None else f"{r['kl_last_half']:.3f}"]
+         est(r["kl_last_half"])]
         + [est(r[c]) for c, _ in COLUMNS]
-        + ["n/a" if r["harm fall / min"] is None else f"{r['harm fall / min']:+.4f}"]) + " |")
+        + [est(r["harm fall / min"], 4)]) + " |")
   return "\n".join(lines)
 
 

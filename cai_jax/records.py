@@ -80,8 +80,20 @@ class ResponsePair:
 REVISION_PAIR_SUFFIX = "/revision"
 
 
-def is_revision_pair(pair: ResponsePair) -> bool:
-  """Whether stage 4 took this pair from stage 2 (initial answer vs last revision)."""
+def red_team_records(directory: str) -> list["CritiqueRevisionRecord"]:
+  """Stage 2's red-team records (helpful prompts get no revisions)."""
+  return [r for r in read_records(directory, CritiqueRevisionRecord) if r.kind == "red_team"]
+
+
+def revision_pair(record: "CritiqueRevisionRecord") -> ResponsePair:
+  """Stage 2's initial answer (a) against its last revision (b), as a stage-4 pair."""
+  return ResponsePair(id=record.id + REVISION_PAIR_SUFFIX, prompt=record.prompt,
+                      kind=record.kind, response_a=record.initial_response,
+                      response_b=record.response_at(-1))
+
+
+def is_revision_pair(pair: "ResponsePair | LabelRecord") -> bool:
+  """Whether stage 4 took this pair (or its label) from stage 2's revisions."""
   return pair.id.endswith(REVISION_PAIR_SUFFIX)
 
 

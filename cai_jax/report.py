@@ -212,9 +212,9 @@ def signals_section(workdir: str, lines: list[str]) -> None:
     recs = records.read_records(d, records.LabelRecord)
     for name, pick in (
         ("stage-2 revision pairs (a: initial answer, b: revision)",
-         lambda r: r.id.endswith(records.REVISION_PAIR_SUFFIX)),
+         records.is_revision_pair),
         ("red-team pairs of two SL-CAI samples",
-         lambda r: r.kind == "red_team" and not r.id.endswith(records.REVISION_PAIR_SUFFIX)),
+         lambda r: r.kind == "red_team" and not records.is_revision_pair(r)),
         ("helpful pairs of two SL-CAI samples", lambda r: r.kind == "helpful")):
       p = np.asarray([r.p_a for r in recs if pick(r)], np.float64)
       if len(p):

@@ -59,8 +59,10 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
     fall = r["harmful rate fall (judge)"]
     assert r["stage7_minutes"] > 0 and r["reward"] == "pm=1"
     assert r["over-refusal rise (safe-sounding)"]["n"] > 0
-    assert fall is None or fall["estimate"] is None or r["harm fall / min"] == (
-        fall["estimate"] / r["stage7_minutes"])
+    assert r["kl_last_half"]["n"] == 1  # stage 8's KL claim over the last of 2 iterations
+    assert fall is None or fall["estimate"] is None or r["harm fall / min"] == {
+        "estimate": fall["estimate"] / r["stage7_minutes"],
+        "ci95": [v / r["stage7_minutes"] for v in fall["ci95"]], "n": fall["n"]}
 
   # Rerunning skips (or resumes) every stage: nothing is generated again.
   shards = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))

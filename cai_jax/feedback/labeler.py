@@ -151,12 +151,11 @@ def model_label(logp_KS2: np.ndarray, *, mode: str, good_answers: Sequence[str] 
 
 def label_by_kind(labelers: dict[str, "Labeler"], pairs: Sequence[ResponsePair]
                   ) -> list[LabelRecord]:
-  """Each pair labelled by its prompt kind's labeler (`labelers[pair.kind]`, else
-  `labelers["red_team"]`), in the input order."""
+  """Each pair labelled by `labelers[pair.kind]`, in the input order; pairs that share
+  a labeler go through it in one call."""
   out: list[LabelRecord | None] = [None] * len(pairs)
-  for kind, labeler in labelers.items():
-    idx = [i for i, p in enumerate(pairs)
-           if (p.kind if p.kind in labelers else "red_team") == kind]
+  for labeler in {id(x): x for x in labelers.values()}.values():
+    idx = [i for i, p in enumerate(pairs) if labelers[p.kind] is labeler]
     for i, rec in zip(idx, labeler.label([pairs[i] for i in idx]) if idx else []):
       out[i] = rec
   return out  # type: ignore[return-value]
@@ -217,13 +216,12 @@ class Labeler:
     models = [FeedbackModel.load(spec, sharder, config.dtype, config.decode_layers)
               for spec in specs]
     base = load_constitution(config.constitution)
-    labelers = {"red_team": cls(models, base, settings)}
-    if how == "helpfulness":
-      labelers["helpful"] = cls(
-          models, helpfulness_constitution(base, config.helpful_question,
-                                           config.helpful_pointwise),
-          dataclasses.replace(settings, principle_ids=(HELPFUL_PRINCIPLE,), num_few_shot=0))
-    return labelers
+    harmless = cls(models, base, settings)
+    if how == "constitution":
+      return {"red_team": harmless, "helpful": harmless}
+    return {"red_team": harmless, "helpful": cls(
+        models, helpfulness_constitution(base, config.helpful_question, config.helpful_pointwise),
+        dataclasses.replace(settings, principle_ids=(HELPFUL_PRINCIPLE,), num_few_shot=0))}
 
   @property
   def clamp(self) -> tuple[float, float] | None:

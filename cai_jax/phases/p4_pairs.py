@@ -45,24 +45,17 @@ def sample_pairs(model: ChatModel, chunk: Sequence[prompts.PromptRecord | record
           for p in chunk]
 
 
-def revision_pairs(workdir: str) -> list[records.ResponsePair]:
-  """(initial answer, last revision) of every red-team prompt stage 2 revised."""
-  d = paths.require_records(paths.stage_dir(workdir, paths.CRITIQUE_REVISION),
-                            paths.CRITIQUE_REVISION, "critique/revision records")
-  return [records.ResponsePair(id=r.id + records.REVISION_PAIR_SUFFIX, prompt=r.prompt,
-                               kind=r.kind, response_a=r.initial_response,
-                               response_b=r.response_at(-1))
-          for r in records.read_records(d, records.CritiqueRevisionRecord)
-          if r.kind == "red_team" and r.rounds]
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes (or completes) the response pairs; returns their directory."""
   # Revision pairs first: a stage 4 killed before its end then lacks sampled pairs,
   # which stage 5's count of them detects.
-  inputs = ((revision_pairs(workdir) if config.revision_pairs else [])
-            + [r for path in paths.require_prompts(workdir, "train")
-               for r in prompts.read_jsonl(path)])
+  inputs: list = []
+  if config.revision_pairs:
+    d = paths.require_records(paths.stage_dir(workdir, paths.CRITIQUE_REVISION),
+                              paths.CRITIQUE_REVISION, "critique/revision records")
+    inputs = [records.revision_pair(r) for r in records.red_team_records(d) if r.rounds]
+  inputs += [r for path in paths.require_prompts(workdir, "train")
+             for r in prompts.read_jsonl(path)]
 
   def make_worker():
     model = ChatModel(paths.sl_cai_model(config.model, workdir), sharder_from_config(config),

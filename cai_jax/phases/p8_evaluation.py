@@ -80,8 +80,7 @@ def stage2_records(workdir: str) -> list[records.CritiqueRevisionRecord]:
   d = paths.stage_dir(workdir, paths.CRITIQUE_REVISION)
   if not records.completed_shards(d):
     return []
-  return [r for r in records.read_records(d, records.CritiqueRevisionRecord)
-          if r.kind == "red_team"]
+  return records.red_team_records(d)
 
 
 def run_pm(config, workdir, sharder, answers, names, notes):
