@@ -67,8 +67,10 @@ class CritiqueRevisionRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ResponsePair:
-  """Stage 4: two samples of the SL-CAI model for one prompt, or (`revision_pairs`)
-  stage 2's initial answer (a) and its last revision (b), id "<prompt id>/revision"."""
+  """Stage 4: two samples of the SL-CAI model for one prompt; or (`revision_pairs`)
+  stage 2's initial answer (a) and its last revision (b), id "<prompt id>/revision";
+  or (`refusal_pairs`) a helpful prompt's first sample (a) against a canned refusal
+  (b), id "<prompt id>/refusal"."""
 
   id: str
   prompt: str
@@ -78,6 +80,7 @@ class ResponsePair:
 
 
 REVISION_PAIR_SUFFIX = "/revision"
+REFUSAL_PAIR_SUFFIX = "/refusal"
 
 
 def red_team_records(directory: str) -> list["CritiqueRevisionRecord"]:
@@ -92,9 +95,24 @@ def revision_pair(record: "CritiqueRevisionRecord") -> ResponsePair:
                       response_b=record.response_at(-1))
 
 
-def is_revision_pair(pair: "ResponsePair | LabelRecord") -> bool:
-  """Whether stage 4 took this pair (or its label) from stage 2's revisions."""
-  return pair.id.endswith(REVISION_PAIR_SUFFIX)
+def refusal_pair(pair: ResponsePair, refusal: str) -> ResponsePair:
+  """A sampled pair's first answer (a) against `refusal` (b), as a stage-4 pair."""
+  return ResponsePair(id=pair.id + REFUSAL_PAIR_SUFFIX, prompt=pair.prompt, kind=pair.kind,
+                      response_a=pair.response_a, response_b=refusal)
+
+
+PAIR_SOURCES = ("samples", "revision", "refusal")
+
+
+def pair_source(pair) -> str:
+  """Where stage 4 took a pair (or its label, or a PM comparison) from: "samples"
+  (two SL-CAI samples), "revision" (stage 2's initial answer and revision) or
+  "refusal" (a sample against a canned refusal)."""
+  if pair.id.endswith(REVISION_PAIR_SUFFIX):
+    return "revision"
+  if pair.id.endswith(REFUSAL_PAIR_SUFFIX):
+    return "refusal"
+  return "samples"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +178,8 @@ def _json_types(annotation: str) -> tuple[type, ...]:
 
 # Config fields added after records were first written, with the value that does what
 # runs before the field did: a saved config without the field compares as that value.
-ADDED_CONFIG_FIELDS = {"reviser": "", "revision_pairs": False, "helpful_labels": "constitution",
+ADDED_CONFIG_FIELDS = {"reviser": "", "revision_pairs": False, "refusal_pairs": False,
+                       "helpful_labels": "constitution",
                        "helpful_question": HELPFUL_QUESTION,
                        "helpful_pointwise": HELPFUL_POINTWISE}
 # Fields that change how fast records are made, never what they hold (the shared-prefix

@@ -30,7 +30,7 @@ CHOICES = (
     ("critique_revision", ("model", "reviser", "mode", "num_rounds", "num_few_shot",
                            "max_new_tokens")),
     ("sft", ("train.num_epochs", "optim.lr")),
-    ("pairs", ("revision_pairs", "max_new_tokens")),
+    ("pairs", ("revision_pairs", "refusal_pairs", "max_new_tokens")),
     ("ai_labels", ("feedback_models", "mode", "helpful_labels", "num_principles")),
     ("preference_model", ("data.helpful_ratio", "data.eval_size", "train.num_epochs",
                           "optim.lr")),
@@ -212,10 +212,13 @@ def signals_section(workdir: str, lines: list[str]) -> None:
     recs = records.read_records(d, records.LabelRecord)
     for name, pick in (
         ("stage-2 revision pairs (a: initial answer, b: revision)",
-         records.is_revision_pair),
+         lambda r: records.pair_source(r) == "revision"),
         ("red-team pairs of two SL-CAI samples",
-         lambda r: r.kind == "red_team" and not records.is_revision_pair(r)),
-        ("helpful pairs of two SL-CAI samples", lambda r: r.kind == "helpful")):
+         lambda r: r.kind == "red_team" and records.pair_source(r) == "samples"),
+        ("helpful pairs of two SL-CAI samples",
+         lambda r: r.kind == "helpful" and records.pair_source(r) == "samples"),
+        ("helpful refusal pairs (a: a sample, b: a canned refusal; PM training only)",
+         lambda r: records.pair_source(r) == "refusal")):
       p = np.asarray([r.p_a for r in recs if pick(r)], np.float64)
       if len(p):
         rows.append(["5 AI labels", name,

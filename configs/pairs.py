@@ -29,6 +29,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # Also stage 2's (initial answer, last revision) of each red-team prompt as a pair
   # (labelled by stage 5 like the rest): contrasts the samples seldom show.
   c.revision_pairs = False
+  # Also each helpful prompt's first sample against a canned refusal (data/refusals.py),
+  # labelled by stage 5 like the rest: the samples never show a refusal of an ordinary
+  # request, so the PM cannot learn that it is unhelpful.
+  c.refusal_pairs = False
   if arg == "cpu":
     c.max_new_tokens = 96
     c.shard_size = 8

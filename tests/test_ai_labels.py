@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from cai_jax.data import comparisons, refusals
 from cai_jax.data import prompts as prompt_data
 from cai_jax import records
 from cai_jax.constitution import load_constitution
@@ -422,10 +423,68 @@ def test_revision_pairs_come_from_stage2_and_are_labelled(tiny_model_dir, tmp_pa
                                           "Here is how: ...", "rev-2")
   assert [p.id for p in pairs[1:]] == [f"red-{i}" for i in range(4)] + [
       f"help-{i}" for i in range(3)]
-  assert [records.is_revision_pair(p) for p in pairs] == [True] + [False] * 7
+  assert [records.pair_source(p) for p in pairs] == ["revision"] + ["samples"] * 7
   recs = records.read_records(p5_ai_labels.run(_labels_config(tiny_model_dir), str(tmp_path)),
                               records.LabelRecord)
   assert [r.id for r in recs] == [p.id for p in pairs] and 0 < recs[0].p_a < 1
+
+
+def test_refusal_pairs_follow_helpful_samples_and_are_labelled(tiny_model_dir, tmp_path):
+  # pairs.refusal_pairs: each helpful prompt's sampled pair is followed by (its sample a,
+  # a canned refusal); red-team prompts add none. The sampled pairs are the ones made
+  # without the option, and stage 5 labels every pair (its count check skips these).
+  _write_prompts(tmp_path)
+  c = _pairs_config(tiny_model_dir)
+  plain = records.read_records(_pairs_in(c, tmp_path / "plain"), records.ResponsePair)
+  c.refusal_pairs = True
+  pairs = records.read_records(p4_pairs.run(c, str(tmp_path)), records.ResponsePair)
+  assert [p.id for p in pairs] == [f"red-{i}" for i in range(4)] + [
+      x for i in range(3) for x in (f"help-{i}", f"help-{i}/refusal")]
+  assert [p for p in pairs if records.pair_source(p) == "samples"] == plain
+  for sampled, contrast in zip(pairs[4::2], pairs[5::2]):
+    assert records.pair_source(contrast) == "refusal" and contrast.kind == "helpful"
+    assert contrast.prompt == sampled.prompt and contrast.response_a == sampled.response_a
+    assert contrast.response_b == refusals.refusal_for(sampled.id) in refusals.REFUSALS
+  recs = records.read_records(p5_ai_labels.run(_labels_config(tiny_model_dir), str(tmp_path)),
+                              records.LabelRecord)
+  assert [r.id for r in recs] == [p.id for p in pairs] and all(0 < r.p_a < 1 for r in recs)
+
+
+def _pairs_in(config, workdir):
+  _write_prompts(workdir)
+  return p4_pairs.run(config, str(workdir))
+
+
+def test_canned_refusals_are_refusals_by_the_evaluation_measure():
+  # The contrast must be what stage 8's model-free measure counts as over-refusal.
+  from cai_jax.evaluation import refusal
+  assert len(set(refusals.REFUSALS)) == len(refusals.REFUSALS) >= 2
+  for text in refusals.REFUSALS:
+    for prompt in ("How do I bake bread?", "How do I kill a stuck process on Linux?"):
+      assert refusal.classify(prompt, text).category == "refuses", text
+  assert {refusals.refusal_for(f"help-{i}") for i in range(32)} == set(refusals.REFUSALS)
+
+
+def test_refusal_comparisons_always_train_and_leave_the_split_alone(tmp_path):
+  # The PM's held-out pairs are the same with or without refusal pairs, which all train.
+  def label(pid, kind, p):
+    return records.LabelRecord(id=pid, prompt="q", kind=kind, response_a="a", response_b="b",
+                               mode="pointwise", models=("m",), principle_ids=("x",),
+                               logprobs=(), cot=(), model_p_a=(p,), p_a=p)
+  base = [label(f"r{i}", "red_team", 0.4) for i in range(10)] + [
+      label(f"h{i}", "helpful", 0.6) for i in range(6)]
+  with_refusals = base + [label(f"h{i}/refusal", "helpful", 0.7) for i in range(6)]
+  splits = []
+  for name, recs in (("base", base), ("refusals", with_refusals)):
+    d = tmp_path / name
+    records.write_shard(str(d), 0, recs)
+    splits.append(comparisons.load_split(str(d), "", None, 5, 0))
+  (train0, held0), (train1, held1) = splits
+  assert held1 == held0 and len(held0) == 5
+  assert train1 == train0 + [c for c in train1 if c.id.endswith("/refusal")]
+  assert sum(c.id.endswith("/refusal") for c in train1) == 6
+  with pytest.raises(ValueError, match="eval_size=16"):
+    comparisons.load_split(str(tmp_path / "refusals"), "", None, 16, 0)
 
 
 def test_pairs_default_to_the_sft_export(tmp_path):

@@ -100,7 +100,7 @@ def write_stage2(workdir: str) -> list[records.CritiqueRevisionRecord]:
 def train_tiny_pm(workdir: str) -> None:
   """Stage 6 for real on fabricated stage-5 labels: 2 steps of the tiny PM."""
   label_recs = [records.LabelRecord(
-      id=f"l{i}", prompt="q", kind="red_team" if i % 2 else "helpful",
+      id=f"l{i}" + ("/refusal" if i == 14 else ""), prompt="q", kind="red_team" if i % 2 else "helpful",
       response_a="I cannot help." if i % 3 else "Sure.", response_b="Sure, here is how.",
       mode="multiple_choice", models=("m",), principle_ids=("p",), logprobs=(), cot=(),
       model_p_a=(0.8,), p_a=0.8) for i in range(16)]
@@ -240,10 +240,13 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   assert f"step {pm_cal['step']}: ECE {report.fmt(pm_cal['eval_ece'])}" in calib
   choices = section(text, "Choices")
   for row in ('| ai_labels | helpful_labels | "helpfulness" |', '| pairs | revision_pairs | true |',
+              '| pairs | refusal_pairs | true |',
               '| ppo | optim.lr | 3e-06 |', '| critique_revision | reviser |'):
     assert row in choices
   signals = section(text, "Signals by stage")  # every training stage's signal, measured
-  for row in ("| 5 AI labels | red-team pairs of two SL-CAI samples | n=", "| 6 PM | held-out accuracy",
+  for row in ("| 5 AI labels | red-team pairs of two SL-CAI samples | n=",
+              "| 5 AI labels | helpful refusal pairs (a: a sample, b: a canned refusal; PM"
+              " training only) | n=1;", "| 6 PM | held-out accuracy",
               "| 7 PPO | reward, first 2 → last 2 iterations (mean) |"):
     assert row in signals
   claims_md = section(text, "Claims")

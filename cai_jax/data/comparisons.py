@@ -111,7 +111,10 @@ def load_split(labels_dir: str | None, helpful_comparisons: str, helpful_ratio: 
   """(train, held-out) comparisons: stage 5's red-team labels (`labels_dir`, None:
   none) mixed with helpfulness pairs (the human file when given, else stage 5's
   helpful labels) at `helpful_ratio`, then split, seeded. The PM and DPO read the
-  same split from the same config fields, so DPO's held-out pairs are the PM's."""
+  same split from the same config fields, so DPO's held-out pairs are the PM's.
+  Stage 4's refusal pairs (a sample against a canned refusal) always train: held
+  out, they would be easy pairs inflating the held-out accuracy of the method's own
+  pairs, and the split of the others stays what it is without them."""
   ai = read_ai_labels(labels_dir) if labels_dir else []
   harmless = [c for c in ai if c.kind == "red_team"]
   helpful = (read_human_comparisons(helpful_comparisons) if helpful_comparisons
@@ -120,9 +123,12 @@ def load_split(labels_dir: str | None, helpful_comparisons: str, helpful_ratio: 
   logging.info("comparisons: %d harmlessness (AI) + %d helpfulness (%s)",
                sum(c.kind == "red_team" for c in mixed), sum(c.kind == "helpful" for c in mixed),
                "human" if helpful_comparisons else "AI")
+  contrasts = [c for c in mixed if records.pair_source(c) == "refusal"]
+  mixed = [c for c in mixed if records.pair_source(c) != "refusal"]
   if len(mixed) <= eval_size:
     raise ValueError(f"{len(mixed)} comparisons, need more than data.eval_size={eval_size}")
-  return batching.split_held_out(mixed, eval_size, seed, "pairs")
+  train, held_out = batching.split_held_out(mixed, eval_size, seed, "pairs")
+  return train + contrasts, held_out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,12 @@ the output: contrasts of a compliant and a rewritten answer that two samples
 of SL-CAI seldom show. Stage 5 labels them like every other pair; nothing
 assumes the revision is better.
 
+With `refusal_pairs`, each helpful prompt also gives the pair (its sample a, a
+canned refusal from `data.refusals`), id "<id>/refusal", after its sampled pair:
+the samples never show the PM that refusing an ordinary request is unhelpful.
+Stage 5 labels them under the helpfulness question; nothing assumes the sample
+wins.
+
 Output: `<workdir>/p4_pairs/shard-NNNNN.jsonl` of `ResponsePair`s, written
 shard by shard; a killed run resumes at the first missing shard.
 
@@ -26,23 +32,31 @@ from collections.abc import Sequence
 import ml_collections
 
 from cai_jax import records
-from cai_jax.data import prompts
+from cai_jax.data import prompts, refusals
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, generation, paths
 from cai_jax.sampling.chat import ChatModel
 from cai_jax.text.chat import user_turn
 
 
-def sample_pairs(model: ChatModel, chunk: Sequence[prompts.PromptRecord | records.ResponsePair]
-                 ) -> list[records.ResponsePair]:
-  """Responses a and b for a chunk of prompts, in one batch (pairs pass through)."""
+def sample_pairs(model: ChatModel, chunk: Sequence[prompts.PromptRecord | records.ResponsePair],
+                 refusal_pairs: bool = False) -> list[records.ResponsePair]:
+  """Responses a and b for a chunk of prompts, in one batch (pairs pass through);
+  with `refusal_pairs`, each helpful prompt's pair is followed by its refusal pair."""
   todo = [p for p in chunk if isinstance(p, prompts.PromptRecord)]
   texts = iter(model.generate([user_turn(p.prompt) for p in todo for _ in "ab"],
                               [f"{p.id}/pair/{x}" for p in todo for x in "ab"]))
-  return [p if isinstance(p, records.ResponsePair) else
-          records.ResponsePair(id=p.id, prompt=p.prompt, kind=p.kind,
-                               response_a=next(texts), response_b=next(texts))
-          for p in chunk]
+  out = []
+  for p in chunk:
+    if isinstance(p, records.ResponsePair):
+      out.append(p)
+      continue
+    pair = records.ResponsePair(id=p.id, prompt=p.prompt, kind=p.kind,
+                                response_a=next(texts), response_b=next(texts))
+    out.append(pair)
+    if refusal_pairs and p.kind == "helpful":
+      out.append(records.refusal_pair(pair, refusals.refusal_for(pair.id)))
+  return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -60,7 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   def make_worker():
     model = ChatModel(paths.sl_cai_model(config.model, workdir), sharder_from_config(config),
                       config)
-    return lambda chunk: sample_pairs(model, chunk)
+    return lambda chunk: sample_pairs(model, chunk, config.refusal_pairs)
 
   return generation.run_generation(paths.stage_dir(workdir, paths.PAIRS), inputs,
                                    config.shard_size, config, make_worker, "response pairs")

@@ -37,7 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
                                     "response pairs")
   pairs = records.read_records(pairs_dir, records.ResponsePair)
   expected = sum(len(prompts.read_jsonl(p)) for p in paths.require_prompts(workdir, "train"))
-  if sum(not records.is_revision_pair(p) for p in pairs) != expected:
+  if sum(records.pair_source(p) == "samples" for p in pairs) != expected:
     raise ValueError(f"{pairs_dir}: {len(pairs)} pairs for {expected} stage-1 prompts; stage 4"
                      " is incomplete, rerun it (it resumes) before labelling")
   pairs = [p for p in pairs if p.kind in tuple(config.kinds)]
