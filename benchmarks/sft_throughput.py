@@ -63,8 +63,9 @@ _LR = flags.DEFINE_float("lr", 1e-5, "Learning rate (constant).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one implementation.")
 _DATA = flags.DEFINE_string("data", None, "Internal: the token rows (.npz).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Internal: the model's HF directory.")
-_ATTN = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"],
-                          "Our attention: einsum (xla) or cuDNN flash attention (GPU, bf16).")
+_ATTN = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn", "splash"],
+                          "Our attention: einsum (xla), cuDNN flash attention (GPU, bf16) or"
+                          " the Pallas splash kernel (TPU).")
 _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where every implementation runs.")
 _RESULT = flags.DEFINE_string("result", None, "Internal: the worker's JSON output.")
 

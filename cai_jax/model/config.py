@@ -79,7 +79,12 @@ class ModelConfig:
   # cuDNN's fused flash attention on NVIDIA GPUs (bf16/fp16 compute, no
   # [B, N, T, S] logits in memory) for full-sequence passes; decode steps
   # against the KV cache keep the xla path.
-  attention_impl: Literal["xla", "cudnn"] = "xla"
+  # "splash": JAX's Pallas splash (flash) attention kernel for TPUs, the same
+  # full-sequence passes (causal, padding as segment ids, sliding-window layers,
+  # logit soft-cap; attention_chunk does not apply); off a TPU it runs in Pallas
+  # interpret mode (the tests' parity check; slow). Set it in a stage config's
+  # model_overrides.
+  attention_impl: Literal["xla", "cudnn", "splash"] = "xla"
   # The sampler's decode loop: "unrolled" runs the layers as straight-line code
   # over per-layer copies of the weights and cache; "scan" runs the layer scan,
   # which costs no extra memory but makes XLA copy every layer's weights and
@@ -99,8 +104,9 @@ class ModelConfig:
           f" num_layers={self.num_layers}")
     if "local" in self.resolved_layer_types and not self.sliding_window:
       raise ValueError("local layers need sliding_window to be set")
-    if self.attention_impl not in ("xla", "cudnn"):
-      raise ValueError(f"attention_impl={self.attention_impl!r}: use 'xla' or 'cudnn'")
+    if self.attention_impl not in ("xla", "cudnn", "splash"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}: use 'xla', 'cudnn' or"
+                       " 'splash'")
     if self.decode_layers not in ("unrolled", "scan"):
       raise ValueError(f"decode_layers={self.decode_layers!r}: use 'unrolled' or 'scan'")
     if self.attention_impl == "cudnn":

@@ -32,6 +32,7 @@ attended to, so each row sees exactly its own tokens at its own positions.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -238,7 +239,10 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder, keys
         jax.lax.dynamic_update_slice(cache_v, v_BKTH.astype(cache_v.dtype), (0, 0, index, 0)))
     k_BKSH, v_BKSH = (c.astype(dt) for c in updated_kv)  # keys: [B, K, H, S] if keys_HS
   C = cfg.attention_chunk
-  if cfg.attention_impl == "cudnn" and layer_kv is None:
+  if cfg.attention_impl == "splash" and layer_kv is None:
+    segments_BT, is_local = mask_BTS  # hidden_states passes these instead of a mask
+    out_BTNH = _attend_splash(q_BTNH, k_BKTH, v_BKTH, segments_BT, is_local, cfg, sharder)
+  elif cfg.attention_impl == "cudnn" and layer_kv is None:
     out_BTNH = _attend_cudnn(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg)
   elif C and T > C:
     # Query chunks under remat: the backward pass recomputes each chunk's
@@ -277,6 +281,74 @@ def _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg: ModelConfig) -> jax.Arr
   out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                           scale=cfg.scale, implementation="cudnn")
   return out_BTNH[:, :T]
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the padded length is used
+
+
+def _splash_kernel(T: int, N: int, window: int | None, cfg: ModelConfig):
+  """JAX's Pallas splash attention for one [N, T, H] x [K, T, H] sequence, causal or
+  causal within `window` (a query sees keys q - window < k <= q); interpret mode off
+  a TPU."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  head_mask = (masks.CausalMask((T, T)) if window is None else
+               masks.LocalMask((T, T), window_size=(window - 1, 0), offset=0))
+  b = next(b for b in SPLASH_BLOCKS if T % b == 0)
+  blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                             block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b,
+                             block_kv_dq=b)
+  return splash.make_splash_mha(masks.MultiHeadMask([head_mask] * N), block_sizes=blocks,
+                                head_shards=1, q_seq_shards=1,
+                                attn_logits_soft_cap=cfg.attn_logit_softcap,
+                                interpret=jax.default_backend() != "tpu")
+
+
+def _attend_splash(q_BTNH, k_BKTH, v_BKTH, segments_BT, is_local, cfg: ModelConfig,
+                   sharder: Sharder | None) -> jax.Array:
+  """Splash attention [B, T, N, H]: no [B, N, T, T] scores in either pass.
+
+  Padding is a segment id (real tokens 1, padding 0), so a real query sees real
+  keys only; the causal and sliding-window masks are on slots, which equal the
+  RoPE positions' differences for left- or right-padded rows (every batch the
+  stages build). T is padded to a multiple of 128 with its own segment (dropped
+  again). The kernel runs per sequence (vmap over B) and, on a mesh, per shard of
+  the batch and heads (shard_map: a Pallas call cannot be auto-partitioned).
+  `is_local` may be traced (the layer scan): then both masks are built and
+  `lax.cond` picks one.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  B, T, N, H = q_BTNH.shape
+  pad = -T % SPLASH_BLOCKS[-1]
+  q_BNTH = jnp.swapaxes(q_BTNH * jnp.asarray(cfg.scale, q_BTNH.dtype), 1, 2)
+  k_BKTH, v_BKTH = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k_BKTH, v_BKTH))
+  q_BNTH = jnp.pad(q_BNTH, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  seg_BT = jnp.pad(segments_BT.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=2)
+  shards = 1 if sharder is None else sharder.mesh.size
+  heads_spec = None
+  if shards > 1:
+    q_heads = sharder.spec(("batch", "heads", None, None), q_BNTH.shape)
+    kv_heads = sharder.spec(("batch", "kv_heads", None, None), k_BKTH.shape)
+    batch, heads_spec = q_heads[0], q_heads[1] if q_heads[1] == kv_heads[1] else None
+  n_local = N // (1 if heads_spec is None else math.prod(
+      sharder.mesh.shape[a] for a in ((heads_spec,) if isinstance(heads_spec, str)
+                                      else heads_spec)))
+
+  def attend(q, k, v, seg, local):
+    def run(window):
+      kernel = _splash_kernel(T + pad, n_local, window, cfg)
+      return jax.vmap(kernel)(q, k, v, splash.SegmentIds(seg, seg))
+    if isinstance(local, bool):
+      return run(cfg.sliding_window if local else None)
+    return jax.lax.cond(local, lambda: run(cfg.sliding_window), lambda: run(None))
+
+  if shards > 1:
+    from jax.sharding import PartitionSpec as P
+    qkv = P(batch, heads_spec, None, None)
+    attend = jax.shard_map(attend, mesh=sharder.mesh, check_vma=False,
+                           in_specs=(qkv, qkv, qkv, P(batch, None), P()), out_specs=qkv)
+  out_BNTH = attend(q_BNTH, k_BKTH, v_BKTH, seg_BT, is_local)
+  return jnp.swapaxes(out_BNTH[:, :, :T], 1, 2).astype(q_BTNH.dtype)
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -397,8 +469,13 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     k_pos_BS = jax.lax.dynamic_update_slice(cache["pos"], new_pos_BT, (0, index))
   q_slot_T = index + jnp.arange(T, dtype=jnp.int32)
 
-  global_mask = attention_mask(q_slot_T, positions_BT, k_pos_BS, None)
-  local_mask = attention_mask(q_slot_T, positions_BT, k_pos_BS, cfg.sliding_window)
+  if cfg.attention_impl == "splash" and cache is None:
+    # The kernel builds its masks from the slots; it gets padding as segment ids and
+    # whether the layer is local (see _attend_splash).
+    global_mask, local_mask = (mask_BT, False), (mask_BT, True)
+  else:
+    global_mask = attention_mask(q_slot_T, positions_BT, k_pos_BS, None)
+    local_mask = attention_mask(q_slot_T, positions_BT, k_pos_BS, cfg.sliding_window)
   global_rope = rope_sin_cos(positions_BT, rope_inv_freq(cfg, cfg.rope_theta))
   local_rope = rope_sin_cos(
       positions_BT, rope_inv_freq(cfg.replace(rope_scaling=None),
@@ -449,7 +526,10 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     # the stacked cache afterwards.
     def scan_fn(x, xs):
       lp, is_local, layer_kv = xs
-      mask = jnp.where(is_local, local_mask, global_mask)
+      if isinstance(global_mask, tuple):  # splash: a static flag unless layer types mix
+        mask = (global_mask[0], is_local if len(set(is_local_L)) > 1 else is_local_L[0])
+      else:
+        mask = jnp.where(is_local, local_mask, global_mask)
       sin_cos = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local_rope, global_rope)
       x, new_kv, _ = layer_fn(x, lp, layer_kv, mask, sin_cos)
       return x, (new_kv if cache is not None else None)
