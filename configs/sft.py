@@ -61,6 +61,13 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.train.save_every = 100
   c.train.keep_checkpoints = 2
 
+  # LoRA (cai_jax.model.lora): rank 0 trains every weight; > 0 trains adapters of that
+  # rank on `targets` only, scaled by alpha / rank, and exports the merged model.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+
   c.optim = ml_collections.ConfigDict()
   c.optim.pretrain_lr = 3e-4  # the base model's pretraining peak rate
   c.optim.lr = 2e-5  # an instruct model: a gentle fine-tuning rate

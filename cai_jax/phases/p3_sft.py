@@ -15,6 +15,11 @@ Output, under `<workdir>/p3_sft/`: `checkpoints/` (Orbax: params, optimizer
 state, PRNG key, data position), `metrics.jsonl`, `tensorboard/` and the
 final model as a Hugging Face directory `hf/`.
 
+With `lora.rank` > 0 only low-rank adapters on `lora.targets` train
+(`cai_jax.model.lora`): the base stays frozen and is not in the checkpoint (the
+checkpoint names it and refuses another), the optimizer holds the adapters' state
+alone, and `hf/` is the base with the adapters merged in.
+
   python -m cai_jax.phases.p3_sft --config=configs/sft.py:cpu --workdir=runs/cai
 """
 
@@ -31,7 +36,7 @@ import ml_collections
 from cai_jax import distributed, records
 from cai_jax.checkpoints.load import load_model
 from cai_jax.data import batching, sft
-from cai_jax.model import transformer
+from cai_jax.model import lora, transformer
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, paths
 from cai_jax.training import loop as train_loop
@@ -83,35 +88,55 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   train_buckets, held_buckets, order, total_steps = batching.plan(
       train, held, config.data, t, config.seed, "examples")
 
-  # --- Optimizer, state, checkpoints ---
-  abstract = transformer.abstract_params(cfg)
+  # --- What trains: every weight, or LoRA adapters on a frozen base ---
+  spec = lora.LoraSpec.from_config(config.get("lora"))
   param_sh = transformer.param_shardings(cfg, sharder)
-  s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
-                    param_sh, sharder, t.keep_checkpoints)
   data_info = train.identity(t.batch_size, config.seed)
+  if spec is None:
+    abstract, train_sh, frozen = transformer.abstract_params(cfg), param_sh, None
+  else:
+    abstract, train_sh = lora.abstract_adapters(cfg, spec), lora.adapter_shardings(
+        cfg, spec, sharder)
+    data_info |= spec.identity(config.model)
+    frozen, params = params, jax.jit(lambda k: lora.init_adapters(cfg, spec, k),
+                                     out_shardings=train_sh)(jax.random.fold_in(init_key, 1))
+    logging.info("LoRA rank %d on %s: %.2fM trainable params", spec.rank,
+                 ",".join(spec.targets), lora.num_params(params) / 1e6)
+
+  # --- Optimizer, state, checkpoints ---
+  s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
+                    train_sh, sharder, t.keep_checkpoints)
   if s.ckpt.latest_step() is not None:
     params = None  # superseded by the checkpoint: free it before restoring
   state, start = setup.start_state(s, abstract, params, state_key, data_info)
   del params
 
-  # --- Jitted steps ---
+  # --- Jitted steps (the frozen base, if any, is an argument, never a constant) ---
   batch_sh = sharder.sharding(("batch", "seq"))
-  step_fn = jax.jit(
+  step_jit = jax.jit(
       functools.partial(sft_step.train_step, cfg=cfg, tx=s.tx, schedule=s.schedule,
-                        sharder=sharder, microbatches=t.microbatches, loss_chunk=t.loss_chunk),
-      in_shardings=(s.state_sh, batch_sh), out_shardings=(s.state_sh, sharder.replicated),
-      donate_argnums=0)
+                        sharder=sharder, microbatches=t.microbatches, loss_chunk=t.loss_chunk,
+                        lora=spec),
+      in_shardings=(s.state_sh, batch_sh, param_sh if spec else None),
+      out_shardings=(s.state_sh, sharder.replicated), donate_argnums=0)
+  step_fn = lambda state, batch: step_jit(state, batch, frozen)
   eval_fn = jax.jit(functools.partial(sft_step.eval_step, cfg=cfg, sharder=sharder,
-                                      loss_chunk=t.loss_chunk),
-                    in_shardings=(param_sh, batch_sh), out_shardings=sharder.replicated)
+                                      loss_chunk=t.loss_chunk, lora=spec),
+                    in_shardings=(train_sh, batch_sh, param_sh if spec else None),
+                    out_shardings=sharder.replicated)
 
   def evaluate(params, step: int) -> dict[str, float]:
     total, count = 0.0, 0.0
     for T, rows in batching.eval_batches(held_buckets, t.eval_batch_size):
       batch = distributed.batch_to_global(sft.make_batch(held, rows, T, tok.pad_id), batch_sh)
-      s_, c_ = eval_fn(params, batch)
+      s_, c_ = eval_fn(params, batch, frozen)
       total, count = total + s_, count + c_
     return {"eval_loss": float(total) / max(float(count), 1.0)}
+
+  def export(trained, step: int) -> None:  # LoRA: the adapters merged into the base
+    merged = trained if spec is None else jax.jit(
+        lambda b, a: lora.merge(b, a, spec), out_shardings=param_sh)(frozen, trained)
+    export_hf(merged, cfg, tok, paths.hf_export(workdir, paths.SFT), step)
 
   loop = train_loop.ordered_loop(
       "sft", step_fn, order, lambda rows, T: sft.make_batch(train, rows, T, tok.pad_id),
@@ -120,8 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       units=lambda fetched: sum(float(m["tokens"]) for m in fetched), rate_name="tokens_per_s",
       evaluate=evaluate if held.size else None,
       postfix=lambda last: {"loss": f"{last['loss']:.4f}"})
-  return setup.train(loop, state, start, total_steps, s, out, should_stop, export=lambda p, step:
-                     export_hf(p, cfg, tok, paths.hf_export(workdir, paths.SFT), step))
+  return setup.train(loop, state, start, total_steps, s, out, should_stop, export=export)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""LoRA (cai_jax.model.lora): untrained adapters are the base model exactly, the merged
+weights are base + (alpha / r) A B, only the adapters train, SFT with LoRA resumes bit
+for bit, and its merged export is the adapted model in `transformers`."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cai_jax.checkpoints import hf
+from cai_jax.model import lora, transformer
+from cai_jax.phases import p3_sft, paths
+from cai_jax.training import checkpoint
+from conftest import TINY_PRESETS, left_pad
+from test_sft import records_dir, tiny_config, tree_hashes  # noqa: F401 (fixture)
+
+SPEC = lora.LoraSpec(rank=4, alpha=8.0, targets=tuple(lora.TARGETS))
+
+
+def _inputs():
+  ids, mask = left_pad([list(np.random.RandomState(1).randint(3, 256, size=n))
+                        for n in (14, 9)])
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _trained_adapters(cfg, key):
+  """Adapters with B != 0, as after some training."""
+  adapters = lora.init_adapters(cfg, SPEC, key)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: (0.05 * jax.random.normal(jax.random.fold_in(key, len(str(p))), x.shape)
+                    if jax.tree_util.keystr(p).endswith("['b']") else x), adapters)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: o has two input axes
+def test_untrained_adapters_are_the_base_model_exactly(family):
+  cfg = TINY_PRESETS[family]()
+  base = transformer.init_params(cfg, jax.random.key(0))
+  adapted = lora.attach(base, lora.init_adapters(cfg, SPEC, jax.random.key(1)), SPEC)
+  ids, mask = _inputs()
+  want, _ = transformer.forward(base, ids, cfg, mask_BT=mask)
+  got, _ = transformer.forward(adapted, ids, cfg, mask_BT=mask)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # The sampler's path: unrolled layers prefilling a KV cache.
+  cache = lambda: transformer.unstack_cache(transformer.init_cache(cfg, *ids.shape))
+  want, _ = transformer.forward(transformer.unstack_layers(base), ids, cfg, mask_BT=mask,
+                                cache=cache())
+  got, _ = transformer.forward(transformer.unstack_layers(adapted), ids, cfg, mask_BT=mask,
+                               cache=cache())
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_merged_weights_are_base_plus_scaled_product():
+  cfg = TINY_PRESETS["gemma3"]()
+  base = transformer.init_params(cfg, jax.random.key(0))
+  adapters = _trained_adapters(cfg, jax.random.key(2))
+  merged = lora.merge(base, adapters, SPEC)
+  for group, name in (("attn", "q"), ("attn", "o"), ("mlp", "down")):
+    a = np.asarray(adapters["layers"][group][name]["a"], np.float64)
+    b = np.asarray(adapters["layers"][group][name]["b"], np.float64)
+    W = np.asarray(base["layers"][group][name], np.float64)
+    L, r = a.shape[0], a.shape[-1]
+    delta = np.stack([(a[l].reshape(-1, r) @ b[l].reshape(r, -1)).reshape(W.shape[1:])
+                      for l in range(L)])
+    np.testing.assert_allclose(merged["layers"][group][name], W + 2.0 * delta, atol=1e-6)
+  assert merged["embed"] is base["embed"]  # untargeted weights are the base's own
+  ids, mask = _inputs()
+  got, _ = transformer.forward(lora.attach(base, adapters, SPEC), ids, cfg, mask_BT=mask)
+  want, _ = transformer.forward(merged, ids, cfg, mask_BT=mask)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_gradients_reach_the_adapters_and_not_the_base():
+  cfg = TINY_PRESETS["qwen2"]()
+  base = transformer.init_params(cfg, jax.random.key(0))
+  ids, mask = _inputs()
+
+  def loss(adapters, base):
+    logits, _ = transformer.forward(lora.attach(base, adapters, SPEC), ids, cfg, mask_BT=mask)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 5])
+
+  adapters = lora.init_adapters(cfg, SPEC, jax.random.key(1))
+  g_adapters, g_base = jax.grad(loss, argnums=(0, 1))(adapters, base)
+  # The targeted base weights are frozen (stop_gradient); training differentiates the
+  # adapters only, so the untargeted ones (embeddings, norms) get no update either.
+  for name, (group, _) in lora.TARGETS.items():
+    assert float(jnp.abs(g_base["layers"][group][name]).max()) == 0, name
+  assert float(jnp.abs(g_base["embed"]).max()) > 0
+  for name, ab in g_adapters["layers"]["attn"].items():
+    assert float(jnp.abs(ab["b"]).max()) > 0, name  # B = 0: A's gradient is zero at first
+  with pytest.raises(ValueError, match="lora.targets"):
+    lora.LoraSpec(rank=2, alpha=1.0, targets=("qkv",))
+
+
+def _lora_config(records_dir, **train):
+  c = tiny_config(records_dir, **train)
+  c.lora.rank, c.lora.alpha = 4, 8.0
+  c.optim.lr = 1e-2
+  return c
+
+
+def test_sft_with_lora_trains_adapters_only_and_exports_the_merged_model(tmp_path,
+                                                                         records_dir):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  config = _lora_config(records_dir, num_steps=6, save_every=3, eval_every=6)
+  result = p3_sft.run(config, str(tmp_path))
+  assert result.status == "done" and result.step == 6
+  adapters = result.state.params
+  assert set(adapters) == {"layers"}  # the state holds the adapters alone ...
+  assert jax.tree.structure(result.state.opt_state[1][0].mu) == jax.tree.structure(adapters)
+  assert any(float(jnp.abs(ab["b"]).max()) > 0  # ... and they moved
+             for group in adapters["layers"].values() for ab in group.values())
+  out = paths.stage_dir(str(tmp_path), paths.SFT)
+  with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
+    assert ckpt.latest_step() == 6
+  # The export is base + adapters; transformers reads it as the adapted model.
+  from cai_jax.checkpoints import load
+  cfg, base, _ = load.load_model(config.model, None, tokenizer="bytes",
+                                 key=jax.random.split(jax.random.key(config.seed))[0],
+                                 **dict(config.model_overrides))
+  ids, mask = _inputs()
+  ours, _ = transformer.forward(lora.attach(base, adapters, lora.LoraSpec.from_config(
+      config.lora)), ids, cfg, mask_BT=mask)
+  hf_dir = paths.hf_export(str(tmp_path), paths.SFT)
+  cfg2, exported = hf.load_hf(hf_dir)
+  theirs_jax, _ = transformer.forward(exported, ids, cfg2, mask_BT=mask)
+  np.testing.assert_allclose(theirs_jax, ours, atol=1e-4)
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+  positions = np.maximum(np.cumsum(np.asarray(mask), axis=1) - 1, 0)
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(np.asarray(ids)),
+                   attention_mask=torch.tensor(np.asarray(mask).astype(np.int64)),
+                   position_ids=torch.tensor(positions)).logits.numpy()
+  m = np.asarray(mask)
+  assert np.abs(theirs - np.asarray(ours))[m].max() <= 1e-4
+
+
+def test_sft_with_lora_resumes_bit_identically_and_names_its_base(tmp_path, records_dir):
+  config = _lora_config(records_dir, num_steps=6, save_every=100, eval_every=3)
+  full = p3_sft.run(config, str(tmp_path / "full"))
+
+  def kill_at_3(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return False
+
+  assert p3_sft.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
+  resumed = p3_sft.run(config, str(tmp_path / "resumed"))
+  assert resumed.status == "done" and resumed.step == 6
+  assert tree_hashes(full.state.params) == tree_hashes(resumed.state.params)
+  assert tree_hashes(full.state.opt_state) == tree_hashes(resumed.state.opt_state)
+  # A checkpoint of rank-4 adapters does not resume as rank 8, nor as full fine-tuning.
+  p3_sft.run(config, str(tmp_path / "other"), should_stop=kill_at_3)
+  for rank in (8, 0):
+    config.lora.rank = rank
+    with pytest.raises(Exception, match="does not fit this run|other data"):
+      p3_sft.run(config, str(tmp_path / "other"))
