@@ -16,8 +16,10 @@ per device
 
 PPO also needs the frozen reference (one more copy of the backbone's params,
 not trained) and, during the rollout, the KV cache; the table adds the
-reference's bytes to the PPO row and does not model the cache. Full fine-tuning
-only: LoRA is not implemented yet (issue 13). Compiled for the backend this runs
+reference's bytes to the PPO row and does not model the cache. `--lora_rank` > 0
+plans SFT with LoRA adapters (`cai_jax.model.lora`, every projection targeted): the
+state is the adapters and their moments, the frozen base one more argument (LoRA
+is in SFT only so far). Compiled for the backend this runs
 on: on CPU the fusion decisions and temporaries differ from a GPU's or TPU's
 (no cuDNN / Pallas attention, so attention here is the `xla` path that keeps
 [B, N, T, T] scores for the backward), so a CPU plan is an estimate of the
@@ -60,7 +62,7 @@ def model_config(name: str, dtype: str, remat: str, param_dtype: str, attention_
 
 def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, seq: int,
              dtype: str, remat: str, param_dtype: str, microbatches: int,
-             attention_chunk: int = 0) -> dict:
+             attention_chunk: int = 0, lora_rank: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -78,6 +80,16 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
   abstract = heads.abstract_scalar_params(cfg) if scalar else transformer.abstract_params(cfg)
   param_sh = (heads.scalar_model_shardings(cfg, sharder) if scalar
               else transformer.param_shardings(cfg, sharder))
+  spec, frozen = None, None
+  if lora_rank:
+    from cai_jax.model import lora
+    if stage != "sft":
+      raise ValueError(f"--lora_rank: LoRA is implemented for sft only, not {stage}")
+    spec = lora.LoraSpec(lora_rank, 16.0, tuple(lora.TARGETS))
+    frozen = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          abstract, param_sh)
+    abstract, param_sh = (lora.abstract_adapters(cfg, spec),
+                          lora.adapter_shardings(cfg, spec, sharder))
   tx, schedule = optim.make_optimizer(optim_config, 1000, abstract)
   state_sh = optim.train_state_shardings(tx, abstract, param_sh, sharder)
   state = optim.abstract_train_state(tx, abstract, state_sh)
@@ -90,7 +102,8 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
     data = {"inputs": S((B, T), jnp.int32, row), "targets": S((B, T), jnp.int32, row),
             "input_mask": S((B, T), jnp.bool_, row), "loss_mask": S((B, T), jnp.bool_, row)}
     fn = functools.partial(sft_step.train_step, cfg=cfg, tx=tx, schedule=schedule,
-                           sharder=sharder, microbatches=microbatches, loss_chunk=512)
+                           sharder=sharder, microbatches=microbatches, loss_chunk=512,
+                           lora=spec)
   elif stage in ("pm", "dpo"):
     pair = ("batch", None, "seq")
     data = {"tokens": S((B, 2, T), jnp.int32, pair), "mask": S((B, 2, T), jnp.bool_, pair),
@@ -123,13 +136,15 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
 
   t0 = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=0, out_shardings=(state_sh, sharder.replicated)
-                     ).lower(state, data).compile()
+                     ).lower(state, data, *([frozen] if spec else [])).compile()
   seconds = time.perf_counter() - t0
   m = compiled.memory_analysis()
   row_out = {"model": name, "stage": stage, "mesh": list(mesh_shape), "devices": n,
              "params_b": cfg.num_params() / 1e9, "batch": B, "seq": T, "dtype": dtype,
              "param_dtype": cfg.param_dtype, "attention_chunk": attention_chunk,
-             "remat": remat, "microbatches": microbatches, "compile_s": round(seconds, 1),
+             "remat": remat, "microbatches": microbatches, "lora_rank": lora_rank,
+             "trainable_b": sum(x.size for x in jax.tree.leaves(abstract)) / 1e9,
+             "compile_s": round(seconds, 1),
              "argument_gib": m.argument_size_in_bytes / GIB,
              "output_gib": m.output_size_in_bytes / GIB,
              "alias_gib": m.alias_size_in_bytes / GIB,
@@ -161,6 +176,8 @@ def main() -> None:
   parser.add_argument("--attention_chunk", type=int, default=0,
                       help="ModelConfig.attention_chunk: queries per rematerialised chunk"
                       " (0: the whole sequence, [B, N, T, T] scores)")
+  parser.add_argument("--lora_rank", type=int, default=0,
+                      help="> 0: SFT with LoRA adapters of this rank (sft only)")
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -171,7 +188,8 @@ def main() -> None:
         shape = tuple(int(x) for x in mesh.split(","))
         r = plan_one(name, stage, shape, batch=args.batch, seq=args.seq, dtype=args.dtype,
                      remat=args.remat, param_dtype=args.param_dtype,
-                     microbatches=args.microbatches, attention_chunk=args.attention_chunk)
+                     microbatches=args.microbatches, attention_chunk=args.attention_chunk,
+                     lora_rank=args.lora_rank)
         rows.append(r)
         print(f"{name:12s} {stage:4s} mesh {mesh:7s}: peak {r['peak_gib']:8.2f} GiB/device"
               f" (args {r['argument_gib']:.2f}, temp {r['temp_gib']:.2f}); fits:"

@@ -63,6 +63,13 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.mesh = (1, -1, 1)  # (data, fsdp, tensor)
   c.sharding_rules = sft_config.FSDP_RULES
 
+  # LoRA (cai_jax.model.lora): rank 0 trains every weight; > 0 trains adapters (and
+  # PPO's value head) on the reference's frozen weights, one copy for both.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+
   c.data = ml_collections.ConfigDict()
   c.data.kinds = ("red_team", "helpful")
   c.data.max_prompt_len = 128  # tokens of the rendered prompt; longer ones are dropped

@@ -15,9 +15,17 @@ from cai_jax.model import lora, transformer
 from cai_jax.phases import p3_sft, paths
 from cai_jax.training import checkpoint
 from conftest import TINY_PRESETS, left_pad
-from test_sft import records_dir, tiny_config, tree_hashes  # noqa: F401 (fixture)
+from test_sft import make_records, tiny_config, tree_hashes
 
 SPEC = lora.LoraSpec(rank=4, alpha=8.0, targets=tuple(lora.TARGETS))
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+  from cai_jax import records
+  path = str(tmp_path_factory.mktemp("records"))
+  records.write_shard(path, 0, make_records())
+  return path
 
 
 def _inputs():
@@ -92,6 +100,26 @@ def test_gradients_reach_the_adapters_and_not_the_base():
     assert float(jnp.abs(ab["b"]).max()) > 0, name  # B = 0: A's gradient is zero at first
   with pytest.raises(ValueError, match="lora.targets"):
     lora.LoraSpec(rank=2, alpha=1.0, targets=("qkv",))
+
+
+def test_adapter_gradients_are_the_chain_rule_of_the_weight_gradient():
+  """dL/dB = s A^T dL/dW and dL/dA = s dL/dW B^T at W = base + s A B (s = alpha / r),
+  for weights with one (q, down) and two (o) input axes."""
+  cfg = TINY_PRESETS["llama"]()
+  base = transformer.init_params(cfg, jax.random.key(0))
+  adapters = _trained_adapters(cfg, jax.random.key(2))
+  ids = jnp.asarray(np.random.RandomState(0).randint(3, 250, (2, 12)))
+  loss = lambda p: jnp.mean(jax.nn.log_softmax(transformer.forward(p, ids, cfg)[0])[..., 7])
+  g_W = jax.grad(loss)(lora.merge(base, adapters, SPEC))
+  g = jax.grad(lambda a: loss(lora.attach(base, a, SPEC)))(adapters)
+  for group, name, ins in (("attn", "q", "i"), ("attn", "o", "ij"), ("mlp", "down", "i")):
+    a, b = (np.asarray(adapters["layers"][group][name][k], np.float64) for k in "ab")
+    W = np.asarray(g_W["layers"][group][name], np.float64)
+    outs = "xyz"[:W.ndim - 1 - len(ins)]
+    want_b = SPEC.scale * np.einsum(f"L{ins}r,L{ins}{outs}->Lr{outs}", a, W)
+    want_a = SPEC.scale * np.einsum(f"L{ins}{outs},Lr{outs}->L{ins}r", W, b)
+    np.testing.assert_allclose(g["layers"][group][name]["b"], want_b, atol=1e-6)
+    np.testing.assert_allclose(g["layers"][group][name]["a"], want_a, atol=1e-6)
 
 
 def _lora_config(records_dir, **train):

@@ -39,11 +39,14 @@ def scalar_model_shardings(cfg: ModelConfig, sharder: Sharder) -> Params:
           "head": head_shardings(cfg, sharder)}
 
 
+def abstract_head(cfg: ModelConfig) -> Params:
+  return {"w": jax.ShapeDtypeStruct((cfg.dim,), jnp.float32),
+          "b": jax.ShapeDtypeStruct((), jnp.float32)}
+
+
 def abstract_scalar_params(cfg: ModelConfig) -> Params:
   """`jax.ShapeDtypeStruct`s of a scalar model's params (no memory)."""
-  return {"backbone": transformer.abstract_params(cfg),
-          "head": {"w": jax.ShapeDtypeStruct((cfg.dim,), jnp.float32),
-                   "b": jax.ShapeDtypeStruct((), jnp.float32)}}
+  return {"backbone": transformer.abstract_params(cfg), "head": abstract_head(cfg)}
 
 
 def head_values(head: Params, x_BTD: jax.Array) -> jax.Array:

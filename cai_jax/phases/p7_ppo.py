@@ -2,7 +2,8 @@
 to SL-CAI: PPO (the paper's algorithm, the default) or the critic-free RLOO and
 GRPO (`config.algorithm`, with `rollout.samples_per_prompt` responses a prompt).
 
-The policy and the frozen reference start from SL-CAI (`paths.sl_cai_model`);
+The policy and the frozen reference start from SL-CAI (`paths.sl_cai_model`)
+(with `lora.rank` > 0 the policy is LoRA adapters on the reference's own weights);
 the reward is stage 6's PM through the one scorer, or a weighted sum of sources
 (the PM, the feedback model live, rules: `rl.reward`, `reward.sources`); one
 iteration of rollout, reward, score pass, advantages and clipped updates is
@@ -37,6 +38,7 @@ from cai_jax.checkpoints.load import load_model
 from cai_jax.constitution import load_constitution
 from cai_jax.data import prompts, rollout_prompts
 from cai_jax.feedback.labeler import FeedbackModel, Labeler, LabelerSettings
+from cai_jax.model import lora
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, paths
 from cai_jax.preference import model as pm
@@ -116,10 +118,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   sequences = c.rollout.batch_size * c.rollout.samples_per_prompt
   updates = iterations * c.learner.epochs * (sequences // c.train.minibatch_size)
 
-  # --- Optimizer, state, checkpoints ---
-  abstract = learner_lib.abstract_policy(cfg, critic)
+  # --- Optimizer, state, checkpoints (LoRA: adapters (+ head) on the reference) ---
+  lora_spec = lora.LoraSpec.from_config(c.get("lora"))
+  abstract = learner_lib.abstract_policy(cfg, critic, lora_spec)
   s = setup.prepare(os.path.join(out, "checkpoints"), c.optim, updates, abstract,
-                    learner_lib.policy_shardings(cfg, sharder, critic), sharder,
+                    learner_lib.policy_shardings(cfg, sharder, critic, lora_spec), sharder,
                     c.train.keep_checkpoints)
   learner = learner_lib.Learner(c, cfg, tok, sharder, reward_fn, s.tx,
                                 prompt_set.width(c.data.max_prompt_len))
@@ -127,9 +130,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                "batch_size": c.rollout.batch_size, "seed": c.seed}
   if c.rollout.samples_per_prompt != 1:  # absent at K = 1: PPO workdirs of before resume
     data_info["samples_per_prompt"] = c.rollout.samples_per_prompt
+  if lora_spec is not None:
+    data_info |= lora_spec.identity(spec)
   # No donation: the policy starts as a copy, the reference stays as loaded.
   init = jax.jit(lambda p, hk, k: optim.init_train_state(
-      learner_lib.init_policy(p, cfg, hk, critic), s.tx, k), out_shardings=s.state_sh)
+      learner_lib.init_policy(p, cfg, hk, critic, lora_spec), s.tx, k),
+      out_shardings=s.state_sh)
   state = setup.init_or_restore(s, abstract, lambda: init(ref_params, head_key, state_key),
                                 data_info)
   start, kl = 0, {"coef": float(c.kl.coef)}
@@ -161,7 +167,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       postfix=lambda last: {"reward": f"{last['reward']:.3f}", "kl": f"{last['kl']:.3f}"},
       save_every=c.train.save_every, eval_every=1, log_every=1)
   return setup.train(loop, state, start, iterations, s, out, should_stop, export=lambda p, it:
-                     export_hf(p["backbone"], cfg, tok, paths.hf_export(workdir, stage), it))
+                     export_hf(learner.rollout_params(p, ref_params), cfg, tok,
+                               paths.hf_export(workdir, stage), it))
 
 
 if __name__ == "__main__":

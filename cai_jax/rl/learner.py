@@ -39,6 +39,12 @@ only the sampled tokens' log-probs and the entropy leave each chunk, never
 [B, M, V] float32 logits; and only the response positions are unembedded.
 The sampling keys and minibatch orders come from the PRNG key in the train
 state, so an iteration is a pure function of (state, prompts, beta).
+
+LoRA (`config.lora.rank` > 0, `cai_jax.model.lora`): the trained params are
+`{"adapters"}` (+ `"head"`), the policy is the frozen reference with the adapters
+attached, and the reference is that same base with them off: one copy of the
+weights for both, and optimizer state for the adapters (and head) alone. The
+rollout samples from the merged weights (merged once per iteration).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ import numpy as np
 import optax
 
 from cai_jax import distributed
-from cai_jax.model import heads, transformer
+from cai_jax.model import heads, lora as lora_lib, transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
 from cai_jax.rl import critic_free, ppo
@@ -74,10 +80,21 @@ def response_hidden(backbone, batch, *, cfg: ModelConfig, sharder: Sharder | Non
   return x_BSD[:, prompt_len - 1:]
 
 
+def policy_view(params, ref, lora: lora_lib.LoraSpec | None):
+  """The policy as `{"backbone"(, "head")}`: the trained params themselves, or with
+  LoRA the reference with the trained adapters attached."""
+  if lora is None:
+    return params
+  return {"backbone": lora_lib.attach(ref, params["adapters"], lora),
+          **({"head": params["head"]} if "head" in params else {})}
+
+
 def score_pass(policy, ref, batch, *, cfg: ModelConfig, sharder: Sharder | None,
-               prompt_len: int, temperature: float, chunk: int) -> dict[str, jax.Array]:
+               prompt_len: int, temperature: float, chunk: int,
+               lora: lora_lib.LoraSpec | None = None) -> dict[str, jax.Array]:
   """Policy log-probs (and values when the policy has a head), reference
   log-probs of the sampled tokens (no grads)."""
+  policy = policy_view(policy, ref, lora)
   hidden = functools.partial(response_hidden, batch=batch, cfg=cfg, sharder=sharder,
                              prompt_len=prompt_len)
   x_BMD = hidden(policy["backbone"])
@@ -145,11 +162,13 @@ def loss_fn(params, mb, *, cfg: ModelConfig, sharder: Sharder | None, prompt_len
   return total, stats
 
 
-def train_step(state: optim.TrainState, mb, *, tx: optax.GradientTransformation,
-               microbatches: int, sharder: Sharder | None, **loss_kw
+def train_step(state: optim.TrainState, mb, ref=None, *, tx: optax.GradientTransformation,
+               microbatches: int, sharder: Sharder | None,
+               lora: lora_lib.LoraSpec | None = None, **loss_kw
                ) -> tuple[optim.TrainState, dict[str, jax.Array]]:
-  """One AdamW update on the token-mean clipped loss of a minibatch."""
-  loss = functools.partial(loss_fn, sharder=sharder, **loss_kw)
+  """One AdamW update on the token-mean clipped loss of a minibatch (with LoRA, of
+  the adapters on `ref`)."""
+  loss = lambda p, b: loss_fn(policy_view(p, ref, lora), b, sharder=sharder, **loss_kw)
   grads, stats = optim.accumulate_gradients(loss, state.params, mb, microbatches, sharder)
   count = jnp.maximum(stats["tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
@@ -194,21 +213,28 @@ def has_critic(c: ml_collections.ConfigDict) -> bool:
   return c.algorithm == "ppo"
 
 
-def abstract_policy(cfg: ModelConfig, critic: bool):
-  """The trained params' shapes: `{"backbone", "head"}` with a critic, else `{"backbone"}`."""
-  return (heads.abstract_scalar_params(cfg) if critic
-          else {"backbone": transformer.abstract_params(cfg)})
+def abstract_policy(cfg: ModelConfig, critic: bool, lora: lora_lib.LoraSpec | None = None):
+  """The trained params' shapes: `{"backbone", "head"}` with a critic, else `{"backbone"}`;
+  with LoRA `"adapters"` in place of `"backbone"`."""
+  trunk = ({"backbone": transformer.abstract_params(cfg)} if lora is None
+           else {"adapters": lora_lib.abstract_adapters(cfg, lora)})
+  return {**trunk, **({"head": heads.abstract_head(cfg)} if critic else {})}
 
 
-def policy_shardings(cfg: ModelConfig, sharder: Sharder, critic: bool):
-  return (heads.scalar_model_shardings(cfg, sharder) if critic
-          else {"backbone": transformer.param_shardings(cfg, sharder)})
+def policy_shardings(cfg: ModelConfig, sharder: Sharder, critic: bool,
+                     lora: lora_lib.LoraSpec | None = None):
+  trunk = ({"backbone": transformer.param_shardings(cfg, sharder)} if lora is None
+           else {"adapters": lora_lib.adapter_shardings(cfg, lora, sharder)})
+  return {**trunk, **({"head": heads.head_shardings(cfg, sharder)} if critic else {})}
 
 
-def init_policy(backbone, cfg: ModelConfig, head_key: jax.Array, critic: bool):
-  """The policy at iteration 0: SL-CAI's weights (plus a fresh value head for PPO)."""
-  return ({"backbone": backbone, "head": heads.init_head(cfg, head_key)} if critic
-          else {"backbone": backbone})
+def init_policy(backbone, cfg: ModelConfig, head_key: jax.Array, critic: bool,
+                lora: lora_lib.LoraSpec | None = None):
+  """The policy at iteration 0: SL-CAI's weights, or untrained adapters on them (so
+  the same model), plus a fresh value head for PPO."""
+  trunk = ({"backbone": backbone} if lora is None else
+           {"adapters": lora_lib.init_adapters(cfg, lora, jax.random.fold_in(head_key, 1))})
+  return {**trunk, **({"head": heads.init_head(cfg, head_key)} if critic else {})}
 
 
 @dataclasses.dataclass
@@ -232,15 +258,19 @@ class Learner:
     self.sampler = Sampler(cfg, max_new_tokens=self.M, stop_ids=cfg.eos_token_ids,
                            pad_id=self.tok.pad_id, sharder=sharder, length_buckets=(self.P,))
     self.sampling = SamplingParams(temperature=float(r.temperature))
-    abstract = abstract_policy(cfg, self.critic)
-    self.param_sh = policy_shardings(cfg, sharder, self.critic)
+    self.lora = lora_lib.LoraSpec.from_config(c.get("lora"))
+    abstract = abstract_policy(cfg, self.critic, self.lora)
+    self.param_sh = policy_shardings(cfg, sharder, self.critic, self.lora)
     self.state_sh = optim.train_state_shardings(self.tx, abstract, self.param_sh, sharder)
     ref_sh = transformer.param_shardings(cfg, sharder)
+    if self.lora is not None:  # the rollout's weights: adapters merged, once an iteration
+      self._merged = jax.jit(lambda p, ref: lora_lib.merge(ref, p["adapters"], self.lora),
+                             in_shardings=(self.param_sh, ref_sh), out_shardings=ref_sh)
     row_sh = sharder.sharding(("batch", None))
     self.row_sh, self.vec_sh = row_sh, sharder.sharding(("batch",))
     common_kw = dict(cfg=cfg, sharder=sharder, prompt_len=self.P,
                      temperature=float(r.temperature), chunk=c.train.logits_chunk)
-    self._score = jax.jit(functools.partial(score_pass, **common_kw),
+    self._score = jax.jit(functools.partial(score_pass, lora=self.lora, **common_kw),
                           in_shardings=(self.param_sh, ref_sh, row_sh),
                           out_shardings=row_sh)
     if self.critic:
@@ -254,10 +284,14 @@ class Learner:
     self._step = jax.jit(
         functools.partial(train_step, tx=self.tx, microbatches=c.train.microbatches,
                           clip_eps=lc.clip_eps, value_clip=lc.value_clip,
-                          vf_coef=lc.vf_coef, ent_coef=lc.ent_coef, **common_kw),
-        in_shardings=(self.state_sh, row_sh), out_shardings=(self.state_sh,
-                                                               sharder.replicated),
-        donate_argnums=0)
+                          vf_coef=lc.vf_coef, ent_coef=lc.ent_coef, lora=self.lora,
+                          **common_kw),
+        in_shardings=(self.state_sh, row_sh, ref_sh if self.lora else None),
+        out_shardings=(self.state_sh, sharder.replicated), donate_argnums=0)
+
+  def rollout_params(self, params, ref_params):
+    """The weights the rollout samples from."""
+    return params["backbone"] if self.lora is None else self._merged(params, ref_params)
 
   def iterate(self, state: optim.TrainState, ref_params, prompt_texts: Sequence[str],
               prompt_ids: Sequence[Sequence[int]], kl_coef: float
@@ -276,7 +310,8 @@ class Learner:
     # 1. Rollout.
     t0 = time.perf_counter()
     keys = sequence_keys(rollout_key, list(range(B)))
-    out = self.sampler.generate(state.params["backbone"], prompt_ids, keys, self.sampling)
+    out = self.sampler.generate(self.rollout_params(state.params, ref_params), prompt_ids,
+                                keys, self.sampling)
     tokens_BM, sample_logp_BM, lengths_B = (np.asarray(out.tokens), np.asarray(out.logprobs),
                                             np.asarray(out.lengths))
     _timed(timings, "rollout_s", t0)
@@ -322,7 +357,7 @@ class Learner:
       for start in range(0, B, mb_size):
         rows = np.sort(order[start:start + mb_size])
         mb = {k: distributed.to_global(v[rows], self.row_sh) for k, v in data.items()}
-        state, m = self._step(state, mb)
+        state, m = self._step(state, mb, ref_params if self.lora else None)
         step_metrics.append(m)
     step_metrics = jax.device_get(step_metrics)
     _timed(timings, "update_s", t0, state.params)
