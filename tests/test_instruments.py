@@ -184,3 +184,18 @@ def test_claims_fail_honestly_when_revisions_are_not_less_harmful():
   over = claims["SL-CAI: over-refusal on safe-but-dangerous-sounding prompts rises by at most"
                 " 10 points vs initial"]
   assert over["estimate"] == 1.0 and over["holds"] is False
+
+
+def test_reward_curve_claims_name_the_reward_sources():
+  # A run rewarded by the feedback model (or several sources) claims that reward, not
+  # "PM reward"; the PM alone, or logs from before weighted sources, say "PM reward".
+  from cai_jax.evaluation import evidence
+  harm = list(np.linspace(-1, 1, 30))
+  res = _results(harm, harm, [False] * 10, [False] * 10)
+  curve = lambda extra: [{"reward": 0.1 * k, "kl": 0.1, **extra} for k in range(8)]
+  for extra, what in (({}, "PM reward"), ({"reward/pm": 0.0}, "PM reward"),
+                      ({"reward/feedback": 0.0}, "reward (feedback)"),
+                      ({"reward/pm": 0.0, "reward/refusal": 0.0}, "reward (pm + refusal)")):
+    claims = {c["claim"]: c for c in evidence.claims(res, curve(extra))}
+    c = claims[f"PPO: {what} rises (mean of the last half of iterations minus the first half)"]
+    assert c["holds"] is True and c["measure"] == f"stage-7 {what}"

@@ -153,13 +153,17 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
   def curve_claims(metrics: Sequence[dict], label: str):
     rewards = [float(x["reward"]) for x in metrics if "reward" in x]
     kls = [float(x["kl"]) for x in metrics if "kl" in x]
-    text = f"{label}: PM reward rises (mean of the last half of iterations minus the first half)"
+    # The reward's sources, from the per-source means the run logged (`rl.reward`):
+    # runs from before weighted sources logged none, and had the PM alone.
+    sources = sorted({k.split("/", 1)[1] for x in metrics for k in x if k.startswith("reward/")})
+    what = "PM reward" if sources in ([], ["pm"]) else f"reward ({' + '.join(sources)})"
+    text = f"{label}: {what} rises (mean of the last half of iterations minus the first half)"
     if len(rewards) >= 4:
       half = len(rewards) // 2
       est = intervals.difference(rewards[-half:], rewards[:half], seed=seed)
-      out.append(claim(text, est, est.lo > 0, measure="stage-7 PM reward", trained_on=True))
+      out.append(claim(text, est, est.lo > 0, measure=f"stage-7 {what}", trained_on=True))
     else:
-      out.append(_missing(text, "stage-7 PM reward", True,
+      out.append(_missing(text, f"stage-7 {what}", True,
                           f"{len(rewards)} {label} iterations logged; need at least 4"))
     text = (f"{label}: KL(policy || SL-CAI) stays below {max_kl} nats over the last half"
             " of iterations")
