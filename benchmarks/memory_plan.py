@@ -17,9 +17,10 @@ per device
 PPO also needs the frozen reference (one more copy of the backbone's params,
 not trained) and, during the rollout, the KV cache; the table adds the
 reference's bytes to the PPO row and does not model the cache. `--lora_rank` > 0
-plans SFT with LoRA adapters (`cai_jax.model.lora`, every projection targeted): the
-state is the adapters and their moments, the frozen base one more argument (LoRA
-is in SFT only so far). Compiled for the backend this runs
+plans SFT and PPO with LoRA adapters (`cai_jax.model.lora`, every projection
+targeted): the state is the adapters (PPO: and the value head) and their moments,
+the frozen base one more argument, which for PPO is also the reference (no second
+copy). Compiled for the backend this runs
 on: on CPU the fusion decisions and temporaries differ from a GPU's or TPU's
 (no cuDNN / Pallas attention, so attention here is the `xla` path that keeps
 [B, N, T, T] scores for the backward), so a CPU plan is an estimate of the
@@ -83,13 +84,18 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
   spec, frozen = None, None
   if lora_rank:
     from cai_jax.model import lora
-    if stage != "sft":
-      raise ValueError(f"--lora_rank: LoRA is implemented for sft only, not {stage}")
+    from cai_jax.rl import learner as learner_lib
+    if stage not in ("sft", "ppo"):
+      raise ValueError(f"--lora_rank: LoRA is implemented for sft and ppo, not {stage}")
     spec = lora.LoraSpec(lora_rank, 16.0, tuple(lora.TARGETS))
     frozen = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          abstract, param_sh)
-    abstract, param_sh = (lora.abstract_adapters(cfg, spec),
-                          lora.adapter_shardings(cfg, spec, sharder))
+                          transformer.abstract_params(cfg), transformer.param_shardings(cfg, sharder))
+    if stage == "sft":
+      abstract, param_sh = (lora.abstract_adapters(cfg, spec),
+                            lora.adapter_shardings(cfg, spec, sharder))
+    else:  # the policy's adapters and value head; the reference is the frozen base
+      abstract = learner_lib.abstract_policy(cfg, True, spec)
+      param_sh = learner_lib.policy_shardings(cfg, sharder, True, spec)
   tx, schedule = optim.make_optimizer(optim_config, 1000, abstract)
   state_sh = optim.train_state_shardings(tx, abstract, param_sh, sharder)
   state = optim.abstract_train_state(tx, abstract, state_sh)
@@ -130,7 +136,8 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
                for k in ("old_logp", "old_values", "adv", "returns")}}
     fn = functools.partial(learner.train_step, tx=tx, microbatches=microbatches,
                            sharder=sharder, cfg=cfg, prompt_len=P, temperature=1.0,
-                           chunk=512, clip_eps=0.2, value_clip=0.2, vf_coef=0.1, ent_coef=0.0)
+                           chunk=512, clip_eps=0.2, value_clip=0.2, vf_coef=0.1, ent_coef=0.0,
+                           lora=spec)
   else:
     raise ValueError(f"unknown stage {stage!r}")
 
@@ -151,7 +158,8 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
              "temp_gib": m.temp_size_in_bytes / GIB}
   peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
           + m.temp_size_in_bytes)
-  if stage == "ppo":  # the frozen reference backbone, sharded like the policy's
+  if stage == "ppo" and spec is None:  # the frozen reference backbone, sharded like the policy's
+    # (with LoRA the reference is the base already among the step's arguments)
     ref = sum(x.size * jnp.dtype(x.dtype).itemsize
               for x in jax.tree.leaves(transformer.abstract_params(cfg))) / n
     row_out["reference_gib"] = ref / GIB
@@ -177,7 +185,7 @@ def main() -> None:
                       help="ModelConfig.attention_chunk: queries per rematerialised chunk"
                       " (0: the whole sequence, [B, N, T, T] scores)")
   parser.add_argument("--lora_rank", type=int, default=0,
-                      help="> 0: SFT with LoRA adapters of this rank (sft only)")
+                      help="> 0: LoRA adapters of this rank (sft and ppo)")
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

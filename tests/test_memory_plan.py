@@ -17,3 +17,18 @@ def test_every_stage_plans_on_a_tiny_model(stage):
   assert r["alias_gib"] >= 0.99 * state_gib
   assert r["temp_gib"] > 0 and r["peak_gib"] >= r["argument_gib"]
   assert ("reference_gib" in r) == (stage == "ppo")
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_lora_plans_hold_the_base_once_and_adapter_state_only(stage):
+  kw = dict(batch=4, seq=32, dtype="float32", remat="none", param_dtype="", microbatches=1)
+  full = memory_plan.plan_one("tiny_llama", stage, (1, 2, 1), **kw)
+  r = memory_plan.plan_one("tiny_llama", stage, (1, 2, 1), lora_rank=4, **kw)
+  base_gib = 4 * r["params_b"] * 1e9 / 2 / 2**30  # the fp32 base, half per device
+  adapter_state_gib = 3 * 4 * r["trainable_b"] * 1e9 / 2 / 2**30
+  assert 0 < r["trainable_b"] < 0.2 * r["params_b"]
+  # Arguments: the base once (PPO: also the reference) + adapters and their moments.
+  assert base_gib + adapter_state_gib <= r["argument_gib"] < 1.2 * (base_gib + adapter_state_gib)
+  assert "reference_gib" not in r and r["peak_gib"] < full["peak_gib"]
+  with pytest.raises(ValueError, match="sft and ppo"):
+    memory_plan.plan_one("tiny_llama", "dpo", (1, 2, 1), lora_rank=4, **kw)
