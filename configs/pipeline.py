@@ -64,13 +64,12 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
     pair, and stage 5 labels helpful prompts' pairs by the helpfulness question
     (new in run 3, where the PM went from 0.47 to 0.77 on PyRIT's human-labelled
     pairs; the second run's PM was at chance on red-team pairs);
-  - stage 4 also sets each helpful prompt's first sample against a canned refusal
-    (`pairs.refusal_pairs`, new in run 4): run 3's RL-CAI refused ordinary requests
-    (+0.19 on helpful, +0.21 on safe-but-dangerous-sounding prompts), and its PM had
-    never seen a refused helpful prompt; Qwen's helpfulness labels prefer the sample
-    clearly (p 0.66-0.78 on four probes, where sampled pairs sit within 0.1 of 0.5);
-  - the PM on every pair, 2 epochs at lr 5e-5, 32 pairs held out (refusal pairs
-    always train);
+  - no refusal pairs (`pairs.refusal_pairs`, each helpful prompt's sample against a
+    canned refusal): run 4 measured them. RL-CAI then refused no more helpful prompts
+    than SL-CAI (+0.00, run 3: +0.19) and PPO's reward rose, but the PM learned that
+    refusing is worse everywhere: 0.34 on PyRIT's human harm pairs (run 3: 0.77) and
+    RL-CAI no more harmless than SL-CAI by the judge (BENCHMARKS.md, "fourth run");
+  - the PM on every pair, 2 epochs at lr 5e-5, 32 pairs held out;
   - PPO 12 iterations of 16 rollouts at lr 3e-6, between the two measured: 1e-6
     left KL at 0.03 nats and moved nothing; 1e-5 drove KL to 2.1 nats with the
     reward flat and learned to refuse (BENCHMARKS.md, "second run"); 3e-6 (run 3)
@@ -92,7 +91,6 @@ def _small_experiment(c: ml_collections.ConfigDict) -> None:
   cr.max_new_tokens = 64
   cr.shard_size = 32
   c.pairs.revision_pairs = True
-  c.pairs.refusal_pairs = True
   c.pairs.shard_size = 16  # 2 samples a prompt: batches of 32
   c.sft.train.num_epochs = 3
   c.sft.optim.lr = 1e-4

@@ -240,7 +240,7 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   assert f"step {pm_cal['step']}: ECE {report.fmt(pm_cal['eval_ece'])}" in calib
   choices = section(text, "Choices")
   for row in ('| ai_labels | helpful_labels | "helpfulness" |', '| pairs | revision_pairs | true |',
-              '| pairs | refusal_pairs | true |',
+              '| pairs | refusal_pairs | false |',
               '| ppo | optim.lr | 3e-06 |', '| critique_revision | reviser |'):
     assert row in choices
   signals = section(text, "Signals by stage")  # every training stage's signal, measured
