@@ -17,8 +17,8 @@ per device
 PPO also needs the frozen reference (one more copy of the backbone's params,
 not trained) and, during the rollout, the KV cache; the table adds the
 reference's bytes to the PPO row and does not model the cache. `--lora_rank` > 0
-plans SFT and PPO with LoRA adapters (`cai_jax.model.lora`, every projection
-targeted): the state is the adapters (PPO: and the value head) and their moments,
+plans SFT, the PM and PPO with LoRA adapters (`cai_jax.model.lora`, every projection
+targeted): the state is the adapters (PM, PPO: and the head) and their moments,
 the frozen base one more argument, which for PPO is also the reference (no second
 copy). Compiled for the backend this runs
 on: on CPU the fusion decisions and temporaries differ from a GPU's or TPU's
@@ -85,15 +85,15 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
   if lora_rank:
     from cai_jax.model import lora
     from cai_jax.rl import learner as learner_lib
-    if stage not in ("sft", "ppo"):
-      raise ValueError(f"--lora_rank: LoRA is implemented for sft and ppo, not {stage}")
+    if stage not in ("sft", "pm", "ppo"):
+      raise ValueError(f"--lora_rank: LoRA is implemented for sft, pm and ppo, not {stage}")
     spec = lora.LoraSpec(lora_rank, 16.0, tuple(lora.TARGETS))
     frozen = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           transformer.abstract_params(cfg), transformer.param_shardings(cfg, sharder))
     if stage == "sft":
       abstract, param_sh = (lora.abstract_adapters(cfg, spec),
                             lora.adapter_shardings(cfg, spec, sharder))
-    else:  # the policy's adapters and value head; the reference is the frozen base
+    else:  # adapters and the (value) head; for PPO the frozen base is also the reference
       abstract = learner_lib.abstract_policy(cfg, True, spec)
       param_sh = learner_lib.policy_shardings(cfg, sharder, True, spec)
   tx, schedule = optim.make_optimizer(optim_config, 1000, abstract)
@@ -117,7 +117,7 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
     if stage == "pm":
       from cai_jax.preference import model as pm
       fn = functools.partial(pm.train_step, cfg=cfg, tx=tx, schedule=schedule, sharder=sharder,
-                             microbatches=microbatches)
+                             microbatches=microbatches, lora=spec)
     else:
       from cai_jax.rl import dpo
       data["response_mask"] = S((B, 2, T), jnp.bool_, pair)
@@ -185,7 +185,7 @@ def main() -> None:
                       help="ModelConfig.attention_chunk: queries per rematerialised chunk"
                       " (0: the whole sequence, [B, N, T, T] scores)")
   parser.add_argument("--lora_rank", type=int, default=0,
-                      help="> 0: LoRA adapters of this rank (sft and ppo)")
+                      help="> 0: LoRA adapters of this rank (sft, pm and ppo)")
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

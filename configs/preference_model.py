@@ -42,6 +42,13 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.mesh = (1, -1, 1)  # (data, fsdp, tensor)
   c.sharding_rules = FSDP_RULES
 
+  # LoRA (cai_jax.model.lora): rank 0 trains every weight; > 0 trains adapters of that
+  # rank on `targets` and the head, on the frozen SL-CAI backbone.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+
   c.data = ml_collections.ConfigDict()
   c.data.labels_dir = ""  # "": <workdir>/p5_ai_labels
   c.data.helpful_comparisons = ""  # "": the AI-labelled helpful pairs of stage 5

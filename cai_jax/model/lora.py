@@ -168,3 +168,18 @@ def merge(base: Params, adapters: Params, spec: LoraSpec) -> Params:
 def num_params(adapters: Params) -> int:
   return sum(x.size for x in jax.tree.leaves(adapters))
 
+
+def model_view(trainable: Params, frozen: Params | None, spec: LoraSpec | None) -> Params:
+  """The model a step trains: `trainable` itself, or the frozen base with the trainable
+  adapters attached."""
+  return trainable if spec is None else attach(frozen, trainable, spec)
+
+
+def scalar_view(trainable: Params, frozen: Params | None, spec: LoraSpec | None) -> Params:
+  """A `{"backbone"(, "head")}` model (the PM, the RL policy): `trainable` itself, or
+  `{"adapters"(, "head")}` on the frozen backbone as `{"backbone": attached, ...}`."""
+  if spec is None:
+    return trainable
+  return {"backbone": attach(frozen, trainable["adapters"], spec),
+          **{k: v for k, v in trainable.items() if k != "adapters"}}
+

@@ -14,6 +14,11 @@ with p > 0.5; p = 0.5 pairs left out), accuracy per kind, reward mean/std and
 the expected calibration error of sigma(r_a - r_b) against p, with its
 reliability table written to `calibration/step-NNNNNNN.json`.
 
+With `lora.rank` > 0 only LoRA adapters on the backbone and the head train; the
+checkpoint holds them, `model/pm.json` names the base, and
+`saved.restore_preference_model` rebuilds the base and merges them, so stages 7
+and 8 read a LoRA PM like any other.
+
 Output, under `<workdir>/p6_preference_model/`: `checkpoints/` (Orbax),
 `model/` (`cai_jax.preference.saved`), metrics.jsonl, tensorboard/, calibration/.
 
@@ -33,7 +38,7 @@ import numpy as np
 
 from cai_jax import distributed
 from cai_jax.data import batching, comparisons
-from cai_jax.model import heads
+from cai_jax.model import heads, lora, transformer
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, paths
 from cai_jax.preference import calibration, saved
@@ -75,34 +80,54 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   held = comparisons.tokenize_pairs(tok, held_c, d.seq_len, d.truncation)
   train_buckets, held_buckets, order, total_steps = batching.plan(
       train, held, d, t, config.seed, "pairs")
-  saved.save_model_files(out, cfg, tok, {"source_model": spec, "seq_len": d.seq_len})
+  # --- What trains: every weight and the head, or LoRA adapters and the head ---
+  lora_spec = lora.LoraSpec.from_config(config.get("lora"))
+  data_info = train.identity(t.batch_size, config.seed)
+  backbone_sh = transformer.param_shardings(cfg, sharder)
+  info = {"source_model": spec, "seq_len": d.seq_len}
+  if lora_spec is None:
+    abstract = heads.abstract_scalar_params(cfg)
+    param_sh, frozen = heads.scalar_model_shardings(cfg, sharder), None
+  else:
+    abstract = {"adapters": lora.abstract_adapters(cfg, lora_spec),
+                "head": heads.abstract_head(cfg)}
+    param_sh = {"adapters": lora.adapter_shardings(cfg, lora_spec, sharder),
+                "head": heads.head_shardings(cfg, sharder)}
+    adapters = jax.jit(lambda k: lora.init_adapters(cfg, lora_spec, k),
+                       out_shardings=param_sh["adapters"])(jax.random.fold_in(init_key, 1))
+    frozen, params = params["backbone"], {"adapters": adapters, "head": params["head"]}
+    data_info |= lora_spec.identity(spec)
+    # What `saved.restore_preference_model` needs to rebuild the base and merge.
+    info |= {"lora": lora_spec.identity(spec), "tokenizer": config.tokenizer,
+             "model_overrides": dict(config.model_overrides)}
+  saved.save_model_files(out, cfg, tok, info)
 
   # --- Optimizer, state, checkpoints ---
-  abstract = heads.abstract_scalar_params(cfg)
-  param_sh = heads.scalar_model_shardings(cfg, sharder)
   s = setup.prepare(os.path.join(out, saved.CHECKPOINTS), config.optim, total_steps,
                     abstract, param_sh, sharder, t.keep_checkpoints)
-  data_info = train.identity(t.batch_size, config.seed)
   if s.ckpt.latest_step() is not None:
     params = None  # superseded by the checkpoint: free it before restoring
   state, start = setup.start_state(s, abstract, params, state_key, data_info)
   del params
 
-  # --- Jitted steps ---
+  # --- Jitted steps (a frozen LoRA base is an argument, never a constant) ---
   batch_sh = comparisons.batch_shardings(sharder)
-  step_fn = jax.jit(
+  frozen_sh = backbone_sh if lora_spec else None
+  step_jit = jax.jit(
       functools.partial(pm.train_step, cfg=cfg, tx=s.tx, schedule=s.schedule, sharder=sharder,
-                        microbatches=t.microbatches),
-      in_shardings=(s.state_sh, batch_sh), out_shardings=(s.state_sh, sharder.replicated),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(pm.eval_step, cfg=cfg, sharder=sharder),
-                    in_shardings=(param_sh, batch_sh), out_shardings=sharder.replicated)
+                        microbatches=t.microbatches, lora=lora_spec),
+      in_shardings=(s.state_sh, batch_sh, frozen_sh),
+      out_shardings=(s.state_sh, sharder.replicated), donate_argnums=0)
+  step_fn = lambda state, batch: step_jit(state, batch, frozen)
+  eval_fn = jax.jit(functools.partial(pm.eval_step, cfg=cfg, sharder=sharder, lora=lora_spec),
+                    in_shardings=(param_sh, batch_sh, frozen_sh),
+                    out_shardings=sharder.replicated)
 
   def evaluate(params, step: int) -> dict[str, float]:
     rewards_E2 = np.zeros((held.size, 2), np.float32)
     for T, rows in batching.eval_batches(held_buckets, t.eval_batch_size):
       batch = distributed.batch_to_global(comparisons.make_batch(held, rows, T), batch_sh)
-      r_B2 = np.asarray(jax.device_get(eval_fn(params, batch)))
+      r_B2 = np.asarray(jax.device_get(eval_fn(params, batch, frozen)))
       rewards_E2[rows[rows >= 0]] = r_B2[rows >= 0]
     metrics, table = calibration.eval_metrics(rewards_E2, held, config.eval.num_bins)
     calibration.write_calibration(paths.calibration_dir(workdir), step, metrics, table)

@@ -16,6 +16,7 @@ import optax
 
 from cai_jax.checkpoints.load import load_model
 from cai_jax.model import heads
+from cai_jax.model import lora as lora_lib
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
 from cai_jax.text.tokenizer import Tokenizer
@@ -61,12 +62,15 @@ def pm_loss_fn(params, batch, *, cfg: ModelConfig, sharder: Sharder | None
                  "reward_sum": jnp.sum(r), "reward_sq_sum": jnp.sum(r * r)}
 
 
-def train_step(state: optim.TrainState, batch, *, cfg: ModelConfig,
+def train_step(state: optim.TrainState, batch, frozen=None, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               sharder: Sharder | None, microbatches: int
+               sharder: Sharder | None, microbatches: int,
+               lora: lora_lib.LoraSpec | None = None
                ) -> tuple[optim.TrainState, dict[str, jax.Array]]:
-  """One AdamW update on the mean Bradley-Terry loss of the batch's pairs."""
-  loss_fn = functools.partial(pm_loss_fn, cfg=cfg, sharder=sharder)
+  """One AdamW update on the mean Bradley-Terry loss of the batch's pairs (with LoRA,
+  `state.params` are `{"adapters", "head"}` on the `frozen` backbone)."""
+  loss_fn = lambda p, b: pm_loss_fn(lora_lib.scalar_view(p, frozen, lora), b, cfg=cfg,
+                                    sharder=sharder)
   grads, s = optim.accumulate_gradients(loss_fn, state.params, batch, microbatches, sharder)
   pairs = jnp.maximum(s["pairs"], 1.0)
   grads = jax.tree.map(lambda g: g / pairs, grads)
@@ -81,5 +85,7 @@ def train_step(state: optim.TrainState, batch, *, cfg: ModelConfig,
   return new_state, metrics
 
 
-def eval_step(params, batch, *, cfg: ModelConfig, sharder: Sharder | None) -> jax.Array:
-  return pair_rewards(params, batch["tokens"], batch["mask"], cfg, sharder)
+def eval_step(params, batch, frozen=None, *, cfg: ModelConfig, sharder: Sharder | None,
+              lora: lora_lib.LoraSpec | None = None) -> jax.Array:
+  return pair_rewards(lora_lib.scalar_view(params, frozen, lora), batch["tokens"],
+                      batch["mask"], cfg, sharder)

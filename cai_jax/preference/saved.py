@@ -3,7 +3,8 @@
   <pm dir>/model/        model_config.json (`model.config.config_to_json`),
                          pm.json (seq_len, system prompt, source model),
                          the tokenizer files
-  <pm dir>/checkpoints/  Orbax steps; params {"backbone", "head"}
+  <pm dir>/checkpoints/  Orbax steps; params {"backbone", "head"}, or with LoRA
+                         {"adapters", "head"} (pm.json's "lora" names the base)
 """
 
 from __future__ import annotations
@@ -68,8 +69,33 @@ def restore_preference_model(pm_dir: str, sharder: Sharder, step: int | None = N
   with open(os.path.join(model, "model_config.json")) as f:
     cfg = config_from_json(json.load(f))
   tok = Tokenizer.from_dir(model).with_system_prompt(read_info(pm_dir).get("system_prompt"))
-  shardings = heads.scalar_model_shardings(cfg, sharder)
+  info = read_info(pm_dir)
+  if "lora" not in info:
+    shardings = heads.scalar_model_shardings(cfg, sharder)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          heads.abstract_scalar_params(cfg), shardings)
+    return cfg, checkpoint.restore_params(os.path.join(pm_dir, CHECKPOINTS), target, step), tok
+  # LoRA: the adapters and head from the checkpoint, merged into the named base.
+  from cai_jax.checkpoints.load import load_model
+  from cai_jax.model import lora, transformer
+  spec = lora.LoraSpec(int(info["lora"]["lora_rank"]), float(info["lora"]["lora_alpha"]),
+                       tuple(info["lora"]["lora_targets"]))
+  base_spec = info["lora"]["lora_base"]
+  if base_spec.startswith("random:"):
+    raise ValueError(f"{pm_dir}: a LoRA PM on a random base ({base_spec}) cannot be"
+                     " restored (its weights are not on disk); train it on a saved model")
+  base_cfg, base, _ = load_model(base_spec, sharder, tokenizer=info.get("tokenizer", "bytes"),
+                                 **info.get("model_overrides", {}))
+  if base_cfg != cfg:
+    raise ValueError(f"{pm_dir}: pm.json's base {base_spec} is not the model this PM was"
+                     " trained on (its config differs from model/model_config.json)")
+  shardings = {"adapters": lora.adapter_shardings(cfg, spec, sharder),
+               "head": heads.head_shardings(cfg, sharder)}
+  abstract = {"adapters": lora.abstract_adapters(cfg, spec), "head": heads.abstract_head(cfg)}
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        heads.abstract_scalar_params(cfg), shardings)
-  params = checkpoint.restore_params(os.path.join(pm_dir, CHECKPOINTS), target, step)
-  return cfg, params, tok
+                        abstract, shardings)
+  trained = checkpoint.restore_params(os.path.join(pm_dir, CHECKPOINTS), target, step)
+  backbone = jax.jit(lambda b, a: lora.merge(b, a, spec),
+                     out_shardings=transformer.param_shardings(cfg, sharder))(
+                         base, trained["adapters"])
+  return cfg, {"backbone": backbone, "head": trained["head"]}, tok

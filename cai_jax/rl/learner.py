@@ -80,21 +80,12 @@ def response_hidden(backbone, batch, *, cfg: ModelConfig, sharder: Sharder | Non
   return x_BSD[:, prompt_len - 1:]
 
 
-def policy_view(params, ref, lora: lora_lib.LoraSpec | None):
-  """The policy as `{"backbone"(, "head")}`: the trained params themselves, or with
-  LoRA the reference with the trained adapters attached."""
-  if lora is None:
-    return params
-  return {"backbone": lora_lib.attach(ref, params["adapters"], lora),
-          **({"head": params["head"]} if "head" in params else {})}
-
-
 def score_pass(policy, ref, batch, *, cfg: ModelConfig, sharder: Sharder | None,
                prompt_len: int, temperature: float, chunk: int,
                lora: lora_lib.LoraSpec | None = None) -> dict[str, jax.Array]:
   """Policy log-probs (and values when the policy has a head), reference
   log-probs of the sampled tokens (no grads)."""
-  policy = policy_view(policy, ref, lora)
+  policy = lora_lib.scalar_view(policy, ref, lora)
   hidden = functools.partial(response_hidden, batch=batch, cfg=cfg, sharder=sharder,
                              prompt_len=prompt_len)
   x_BMD = hidden(policy["backbone"])
@@ -168,7 +159,7 @@ def train_step(state: optim.TrainState, mb, ref=None, *, tx: optax.GradientTrans
                ) -> tuple[optim.TrainState, dict[str, jax.Array]]:
   """One AdamW update on the token-mean clipped loss of a minibatch (with LoRA, of
   the adapters on `ref`)."""
-  loss = lambda p, b: loss_fn(policy_view(p, ref, lora), b, sharder=sharder, **loss_kw)
+  loss = lambda p, b: loss_fn(lora_lib.scalar_view(p, ref, lora), b, sharder=sharder, **loss_kw)
   grads, stats = optim.accumulate_gradients(loss, state.params, mb, microbatches, sharder)
   count = jnp.maximum(stats["tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)

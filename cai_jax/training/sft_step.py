@@ -28,12 +28,6 @@ def sft_loss_fn(params, batch, *, cfg: ModelConfig, sharder: Sharder | None,
   return total, {"loss_sum": total, "loss_tokens": count, "tokens": tokens}
 
 
-def model_params(trainable, frozen, lora: lora_lib.LoraSpec | None):
-  """The model the step trains: `trainable` itself, or with LoRA the frozen base with
-  the trainable adapters attached."""
-  return trainable if lora is None else lora_lib.attach(frozen, trainable, lora)
-
-
 def train_step(state: optim.TrainState, batch, frozen=None, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                sharder: Sharder | None, microbatches: int, loss_chunk: int,
@@ -41,7 +35,7 @@ def train_step(state: optim.TrainState, batch, frozen=None, *, cfg: ModelConfig,
                ) -> tuple[optim.TrainState, dict[str, jax.Array]]:
   """One AdamW update on the mean response-token NLL of the whole batch; with `lora`,
   `state.params` are the adapters and `frozen` the base they adapt."""
-  loss_fn = lambda p, b: sft_loss_fn(model_params(p, frozen, lora), b, cfg=cfg,
+  loss_fn = lambda p, b: sft_loss_fn(lora_lib.model_view(p, frozen, lora), b, cfg=cfg,
                                      sharder=sharder, loss_chunk=loss_chunk)
   grads, stats = optim.accumulate_gradients(loss_fn, state.params, batch, microbatches,
                                             sharder)
@@ -59,6 +53,6 @@ def train_step(state: optim.TrainState, batch, frozen=None, *, cfg: ModelConfig,
 def eval_step(params, batch, frozen=None, *, cfg: ModelConfig, sharder: Sharder | None,
               loss_chunk: int, lora: lora_lib.LoraSpec | None = None
               ) -> tuple[jax.Array, jax.Array]:
-  total, stats = sft_loss_fn(model_params(params, frozen, lora), batch, cfg=cfg,
+  total, stats = sft_loss_fn(lora_lib.model_view(params, frozen, lora), batch, cfg=cfg,
                              sharder=sharder, loss_chunk=loss_chunk)
   return total, stats["loss_tokens"]
