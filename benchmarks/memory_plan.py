@@ -17,9 +17,9 @@ per device
 PPO also needs the frozen reference (one more copy of the backbone's params,
 not trained) and, during the rollout, the KV cache; the table adds the
 reference's bytes to the PPO row and does not model the cache. `--lora_rank` > 0
-plans SFT, the PM and PPO with LoRA adapters (`cai_jax.model.lora`, every projection
+plans SFT, the PM, DPO and PPO with LoRA adapters (`cai_jax.model.lora`, every projection
 targeted): the state is the adapters (PM, PPO: and the head) and their moments,
-the frozen base one more argument, which for PPO is also the reference (no second
+the frozen base one more argument, which for DPO and PPO is also the reference (no second
 copy). Compiled for the backend this runs
 on: on CPU the fusion decisions and temporaries differ from a GPU's or TPU's
 (no cuDNN / Pallas attention, so attention here is the `xla` path that keeps
@@ -85,12 +85,12 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
   if lora_rank:
     from cai_jax.model import lora
     from cai_jax.rl import learner as learner_lib
-    if stage not in ("sft", "pm", "ppo"):
-      raise ValueError(f"--lora_rank: LoRA is implemented for sft, pm and ppo, not {stage}")
+    if stage not in ("sft", "pm", "dpo", "ppo"):
+      raise ValueError(f"--lora_rank: LoRA is implemented for sft, pm, dpo and ppo, not {stage}")
     spec = lora.LoraSpec(lora_rank, 16.0, tuple(lora.TARGETS))
     frozen = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           transformer.abstract_params(cfg), transformer.param_shardings(cfg, sharder))
-    if stage == "sft":
+    if stage in ("sft", "dpo"):  # DPO: the frozen base is also the reference
       abstract, param_sh = (lora.abstract_adapters(cfg, spec),
                             lora.adapter_shardings(cfg, spec, sharder))
     else:  # adapters and the (value) head; for PPO the frozen base is also the reference
@@ -124,7 +124,7 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
       data["ref_logp"] = S((B, 2), jnp.float32, ("batch", None))
       fn = functools.partial(dpo.train_step, cfg=cfg, tx=tx, schedule=schedule,
                              sharder=sharder, microbatches=microbatches, beta=0.1,
-                             loss_type="sigmoid", chunk=512)
+                             loss_type="sigmoid", chunk=512, lora=spec)
   elif stage == "ppo":
     from cai_jax.rl import learner
     P = M = T // 2  # prompt and response halves of the sequence

@@ -47,6 +47,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.train.save_every = 50
   c.train.keep_checkpoints = 2
 
+  # LoRA (cai_jax.model.lora), as in configs/sft.py: rank 0 trains every weight; > 0
+  # trains adapters on the frozen SL-CAI model, which is also the reference.
+  c.lora = sft.get_config(arg).lora
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-7
   c.optim.warmup_steps = 5

@@ -19,7 +19,7 @@ def test_every_stage_plans_on_a_tiny_model(stage):
   assert ("reference_gib" in r) == (stage == "ppo")
 
 
-@pytest.mark.parametrize("stage", ["sft", "pm", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "pm", "dpo", "ppo"])
 def test_lora_plans_hold_the_base_once_and_adapter_state_only(stage):
   kw = dict(batch=4, seq=32, dtype="float32", remat="none", param_dtype="", microbatches=1)
   full = memory_plan.plan_one("tiny_llama", stage, (1, 2, 1), **kw)
@@ -27,8 +27,8 @@ def test_lora_plans_hold_the_base_once_and_adapter_state_only(stage):
   base_gib = 4 * r["params_b"] * 1e9 / 2 / 2**30  # the fp32 base, half per device
   adapter_state_gib = 3 * 4 * r["trainable_b"] * 1e9 / 2 / 2**30
   assert 0 < r["trainable_b"] < 0.2 * r["params_b"]
-  # Arguments: the base once (PPO: also the reference) + adapters and their moments.
+  # Arguments: the base once (DPO, PPO: also the reference) + adapters and their moments.
   assert base_gib + adapter_state_gib <= r["argument_gib"] < 1.2 * (base_gib + adapter_state_gib)
   assert "reference_gib" not in r and r["peak_gib"] < full["peak_gib"]
-  with pytest.raises(ValueError, match="sft, pm and ppo"):
-    memory_plan.plan_one("tiny_llama", "dpo", (1, 2, 1), lora_rank=4, **kw)
+  with pytest.raises(ValueError, match="sft, pm, dpo and ppo"):
+    memory_plan.plan_one("tiny_llama", "decode", (1, 2, 1), lora_rank=4, **kw)

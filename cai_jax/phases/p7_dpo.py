@@ -16,6 +16,11 @@ Output, under `<workdir>/p7_dpo/`: `checkpoints/` (Orbax), reference_logps.npz,
 metrics.jsonl, tensorboard/ and the final model as a Hugging Face directory
 `hf/` (stage 8 evaluates it beside the PPO model).
 
+With `lora.rank` > 0 only low-rank adapters train on the frozen SL-CAI weights
+(`cai_jax.model.lora`, as in SFT): the reference is that same base with the
+adapters off, the checkpoint holds the adapters and their optimizer state and
+names the base, and `hf/` is the base with the adapters merged in.
+
   python -m cai_jax.phases.p7_dpo --config=configs/dpo.py:cpu --workdir=runs/cai
 """
 
@@ -33,7 +38,7 @@ import ml_collections
 from cai_jax import distributed
 from cai_jax.checkpoints.load import load_model
 from cai_jax.data import batching, comparisons
-from cai_jax.model import transformer
+from cai_jax.model import lora, transformer
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, paths
 from cai_jax.rl import dpo
@@ -79,41 +84,56 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(out, exist_ok=True)
   ref_train, ref_held = dpo.stored_reference_logps(
       os.path.join(out, REFERENCE_FILE),
-      lambda: dpo.reference_logps(params, [(train, train_buckets), (held, held_buckets)],
-                                  cfg=cfg, sharder=sharder, batch_size=t.eval_batch_size,
-                                  chunk=t.logits_chunk),
+      functools.partial(dpo.reference_logps, params,
+                        [(train, train_buckets), (held, held_buckets)], cfg=cfg,
+                        sharder=sharder, batch_size=t.eval_batch_size, chunk=t.logits_chunk),
       {"train_fingerprint": train.fingerprint(), "held_out_fingerprint": held.fingerprint(),
        "reference": spec})
   ref_digest = hashlib.sha256(ref_train.tobytes() + ref_held.tobytes()).hexdigest()[:16]
 
-  # --- Optimizer, state, checkpoints ---
-  abstract = transformer.abstract_params(cfg)
+  # --- What trains: every weight, or LoRA adapters on the frozen reference ---
+  lspec = lora.LoraSpec.from_config(config.get("lora"))
   param_sh = transformer.param_shardings(cfg, sharder)
-  s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
-                    param_sh, sharder, t.keep_checkpoints)
   data_info = {**train.identity(t.batch_size, config.seed), "reference": ref_digest}
+  if lspec is None:
+    abstract, train_sh, frozen = transformer.abstract_params(cfg), param_sh, None
+  else:
+    abstract, train_sh = lora.abstract_adapters(cfg, lspec), lora.adapter_shardings(
+        cfg, lspec, sharder)
+    data_info |= lspec.identity(spec)
+    frozen, params = params, jax.jit(lambda k: lora.init_adapters(cfg, lspec, k),
+                                     out_shardings=train_sh)(jax.random.fold_in(init_key, 1))
+    logging.info("LoRA rank %d on %s: %.2fM trainable params", lspec.rank,
+                 ",".join(lspec.targets), lora.num_params(params) / 1e6)
+
+  # --- Optimizer, state, checkpoints ---
+  s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
+                    train_sh, sharder, t.keep_checkpoints)
   if s.ckpt.latest_step() is not None:
     params = None  # superseded by the checkpoint: free it before restoring
   state, start = setup.start_state(s, abstract, params, state_key, data_info)
   del params
 
-  # --- Jitted steps ---
+  # --- Jitted steps (the frozen base, if any, is an argument, never a constant) ---
   batch_sh = dpo.batch_shardings(sharder)
+  frozen_sh = param_sh if lspec else None
   loss_kw = dict(cfg=cfg, sharder=sharder, beta=config.dpo.beta,
-                 loss_type=config.dpo.loss_type, chunk=t.logits_chunk)
-  step_fn = jax.jit(
+                 loss_type=config.dpo.loss_type, chunk=t.logits_chunk, lora=lspec)
+  step_jit = jax.jit(
       functools.partial(dpo.train_step, tx=s.tx, schedule=s.schedule,
                         microbatches=t.microbatches, **loss_kw),
-      in_shardings=(s.state_sh, batch_sh), out_shardings=(s.state_sh, sharder.replicated),
-      donate_argnums=0)
+      in_shardings=(s.state_sh, batch_sh, frozen_sh),
+      out_shardings=(s.state_sh, sharder.replicated), donate_argnums=0)
+  step_fn = lambda state, batch: step_jit(state, batch, frozen)
   eval_fn = jax.jit(functools.partial(dpo.eval_step, **loss_kw),
-                    in_shardings=(param_sh, batch_sh), out_shardings=sharder.replicated)
+                    in_shardings=(train_sh, batch_sh, frozen_sh),
+                    out_shardings=sharder.replicated)
 
   def evaluate(params, step: int) -> dict[str, float]:
     sums: dict[str, float] = {}
     for T, rows in batching.eval_batches(held_buckets, t.eval_batch_size):
       batch = distributed.batch_to_global(dpo.make_batch(held, ref_held, rows, T), batch_sh)
-      for k, v in jax.device_get(eval_fn(params, batch)).items():
+      for k, v in jax.device_get(eval_fn(params, batch, frozen)).items():
         sums[k] = sums.get(k, 0.0) + float(v)
     pairs = max(sums["pairs"], 1.0)
     return {"eval_loss": sums["loss_sum"] / pairs,
@@ -129,8 +149,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       units=lambda fetched: len(fetched) * t.batch_size, rate_name="pairs_per_s",
       evaluate=evaluate if held.size else None,
       postfix=lambda last: {"loss": f"{last['loss']:.4f}", "margin": f"{last['margin']:.3f}"})
-  return setup.train(loop, state, start, total_steps, s, out, should_stop, export=lambda p, step:
-                     export_hf(p, cfg, tok, paths.hf_export(workdir, paths.DPO), step))
+  def export(trained, step: int) -> None:  # LoRA: the adapters merged into the base
+    merged = trained if lspec is None else jax.jit(
+        lambda b, a: lora.merge(b, a, lspec), out_shardings=param_sh)(frozen, trained)
+    export_hf(merged, cfg, tok, paths.hf_export(workdir, paths.DPO), step)
+
+  return setup.train(loop, state, start, total_steps, s, out, should_stop, export=export)
 
 
 if __name__ == "__main__":

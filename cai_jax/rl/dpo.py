@@ -11,11 +11,14 @@ training and a resumed run reads the same numbers. The loss is
 Both members of a pair go through one [2B, T] forward; log-probs come in
 chunks of `chunk` positions (`ppo.token_logprobs`), never [B, T, V] float32
 logits.
+
+With `lora`, the steps' `state.params` are adapters on a frozen base passed as
+`frozen` (`lora.model_view`, the rule SFT, the PM and the RL policy share); the
+reference is that base with the adapters off, scored once like any reference.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -27,6 +30,7 @@ import optax
 
 from cai_jax import distributed
 from cai_jax.data import batching, comparisons
+from cai_jax.model import lora as lora_lib
 from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
@@ -83,13 +87,16 @@ def dpo_loss_fn(params, batch, *, cfg: ModelConfig, sharder: Sharder | None, bet
                  "tokens": jnp.sum(batch["mask"].astype(jnp.float32) * v[:, None, None])}
 
 
-def train_step(state: optim.TrainState, batch, *, cfg: ModelConfig,
+def train_step(state: optim.TrainState, batch, frozen=None, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                sharder: Sharder | None, microbatches: int, beta: float, loss_type: str,
-               chunk: int) -> tuple[optim.TrainState, dict[str, jax.Array]]:
-  """One AdamW update on the pair-mean DPO loss of the whole batch."""
-  loss_fn = functools.partial(dpo_loss_fn, cfg=cfg, sharder=sharder, beta=beta,
-                              loss_type=loss_type, chunk=chunk)
+               chunk: int, lora: lora_lib.LoraSpec | None = None
+               ) -> tuple[optim.TrainState, dict[str, jax.Array]]:
+  """One AdamW update on the pair-mean DPO loss of the whole batch; with `lora`,
+  `state.params` are the adapters and `frozen` the base they adapt."""
+  loss_fn = lambda p, b: dpo_loss_fn(lora_lib.model_view(p, frozen, lora), b, cfg=cfg,
+                                     sharder=sharder, beta=beta, loss_type=loss_type,
+                                     chunk=chunk)
   grads, stats = optim.accumulate_gradients(loss_fn, state.params, batch, microbatches, sharder)
   count = jnp.maximum(stats["pairs"], 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
@@ -104,11 +111,12 @@ def train_step(state: optim.TrainState, batch, *, cfg: ModelConfig,
   return new_state, metrics
 
 
-def eval_step(params, batch, *, cfg: ModelConfig, sharder: Sharder | None, beta: float,
-              loss_type: str, chunk: int) -> dict[str, jax.Array]:
+def eval_step(params, batch, frozen=None, *, cfg: ModelConfig, sharder: Sharder | None,
+              beta: float, loss_type: str, chunk: int,
+              lora: lora_lib.LoraSpec | None = None) -> dict[str, jax.Array]:
   """Sums of the loss, agreement and margins over a batch of held-out pairs."""
-  _, stats = dpo_loss_fn(params, batch, cfg=cfg, sharder=sharder, beta=beta,
-                         loss_type=loss_type, chunk=chunk)
+  _, stats = dpo_loss_fn(lora_lib.model_view(params, frozen, lora), batch, cfg=cfg,
+                         sharder=sharder, beta=beta, loss_type=loss_type, chunk=chunk)
   return stats
 
 
