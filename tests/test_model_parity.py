@@ -151,6 +151,24 @@ def test_splash_attention_equals_full(tiny_hf):
     _assert_grads_close(g_got, g_plain, f"{family} {name} gradients")
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
+def test_unrolled_layers_without_a_cache_equal_stacked(family):
+  """`unstack_layers` params run a full-sequence pass (no KV cache) to the stacked
+  logits, plain and query-chunked: the cache's [B, K, H, S] key layout is not
+  applied to this call's own keys (it was, and the einsum failed)."""
+  ids, mask = left_pad([list(np.random.RandomState(7).randint(3, 256, size=n))
+                        for n in (13, 9)])
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  for chunk in (0, 4):
+    cfg = TINY_PRESETS[family]().replace(attention_chunk=chunk)
+    params = transformer.init_params(cfg, jax.random.key(2))
+    want, _ = transformer.forward(params, ids, cfg, mask_BT=mask)
+    got, _ = transformer.forward(transformer.unstack_layers(params), ids, cfg, mask_BT=mask)
+    np.testing.assert_allclose(np.asarray(got)[np.asarray(mask)],
+                               np.asarray(want)[np.asarray(mask)], atol=1e-5,
+                               err_msg=f"{family} chunk {chunk}")
+
+
 def test_splash_attention_on_a_mesh_equals_one_device():
   """Under a (2, 2, 2) mesh the kernel runs per shard of batch and heads (shard_map):
   the one-device logits and gradients."""

@@ -200,7 +200,7 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder, keys
 
   `layer_kv`: this layer's cache (keys, values) [B, K, S, H], or None (the T
   tokens attend to each other only; the updated cache is then None).
-  keys_HS: the cached keys are [B, K, H, S] (see `_attend`).
+  keys_HS: the cached keys are [B, K, H, S] (see `_attend`); ignored without a cache.
   """
   dt = cfg.compute_dtype
   w = lambda name: lp["attn"][name].astype(dt)
@@ -228,6 +228,7 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder, keys
   updated_kv = None
   if layer_kv is None:
     k_BKSH, v_BKSH = k_BKTH, v_BKTH
+    keys_HS = False  # the layout of a cache; without one the keys are this call's
   else:
     cache_k, cache_v = layer_kv
     if keys_HS:
