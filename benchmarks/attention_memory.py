@@ -17,7 +17,11 @@ subprocess, so its peak RSS is its own:
   timed steps after one untimed one (random weights and tokens; the same rows for
   every variant) and the process's peak RSS.
 
-Variants run in the order chunk A, chunk B, A, B, ... (`--repeats`), so on this noisy
+`--lora_ranks=0,16` adds LoRA variants (`cai_jax.model.lora` on every projection: the
+adapters and their AdamW moments are the state, the base a frozen argument), the
+stage's own LoRA step.
+
+Variants (chunk × rank) run in the order A, B, A, B, ... (`--repeats`), so on this noisy
 shared box a ratio is read from one run, alternated; each row keeps its repeats.
 """
 
@@ -35,7 +39,7 @@ import time
 GIB = 2**30
 
 
-def worker(B: int, T: int, chunk: int, steps: int, max_timed_gib: float) -> dict:
+def worker(B: int, T: int, chunk: int, rank: int, steps: int, max_timed_gib: float) -> dict:
   import functools
 
   import jax
@@ -43,7 +47,7 @@ def worker(B: int, T: int, chunk: int, steps: int, max_timed_gib: float) -> dict
   import numpy as np
 
   from cai_jax.checkpoints.load import byte_tokenizer, random_model
-  from cai_jax.model import transformer
+  from cai_jax.model import lora, transformer
   from cai_jax.model.sharding import Sharder, make_mesh
   from cai_jax.training import optim, sft_step
 
@@ -53,14 +57,23 @@ def worker(B: int, T: int, chunk: int, steps: int, max_timed_gib: float) -> dict
   c = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, decay="constant",
                                      end_lr_ratio=1.0, b1=0.9, b2=0.95, eps=1e-8,
                                      weight_decay=0.0, clip_norm=1.0))
-  abstract = transformer.abstract_params(cfg)
+  spec = lora.LoraSpec(rank, 16.0, tuple(lora.TARGETS)) if rank else None
+  if spec:  # the stage's LoRA: adapters train, the base is a frozen argument
+    abstract, param_sh = lora.abstract_adapters(cfg, spec), lora.adapter_shardings(cfg, spec,
+                                                                                  sharder)
+    frozen, params = params, lora.init_adapters(cfg, spec, jax.random.key(1))
+  else:
+    abstract, param_sh = transformer.abstract_params(cfg), transformer.param_shardings(cfg,
+                                                                                     sharder)
+    frozen = None
   tx, schedule = optim.make_optimizer(c, steps + 1, abstract)
-  state_sh = optim.train_state_shardings(tx, abstract, transformer.param_shardings(cfg, sharder),
-                                         sharder)
+  state_sh = optim.train_state_shardings(tx, abstract, param_sh, sharder)
+  frozen_sh = transformer.param_shardings(cfg, sharder) if spec else None
   batch_sh = sharder.sharding(("batch", "seq"))
   step = jax.jit(functools.partial(sft_step.train_step, cfg=cfg, tx=tx, schedule=schedule,
-                                   sharder=sharder, microbatches=1, loss_chunk=128),
-                 in_shardings=(state_sh, batch_sh),
+                                   sharder=sharder, microbatches=1, loss_chunk=128,
+                                   lora=spec),
+                 in_shardings=(state_sh, batch_sh, frozen_sh),
                  out_shardings=(state_sh, sharder.replicated), donate_argnums=0)
   rows = np.random.default_rng(0).integers(3, 256, (2 * B, T + 1), np.int32)
   loss_mask = np.zeros((B, T), bool)
@@ -75,7 +88,7 @@ def worker(B: int, T: int, chunk: int, steps: int, max_timed_gib: float) -> dict
                   donate_argnums=0)(params, jax.random.key(0))
   del params
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch_at(0)).compile()
+  compiled = step.lower(state, batch_at(0), frozen).compile()
   out = {"compile_s": time.perf_counter() - t0}
   m = compiled.memory_analysis()
   out.update(argument_gib=m.argument_size_in_bytes / GIB, temp_gib=m.temp_size_in_bytes / GIB,
@@ -84,12 +97,12 @@ def worker(B: int, T: int, chunk: int, steps: int, max_timed_gib: float) -> dict
   if out["peak_plan_gib"] > max_timed_gib:
     out["timed"] = f"not run: the plan ({out['peak_plan_gib']:.1f} GiB) exceeds --max_timed_gib"
     return out
-  state, m0 = compiled(state, batch_at(0))  # untimed: first touch of every buffer
+  state, m0 = compiled(state, batch_at(0), frozen)  # untimed: first touch of every buffer
   jax.block_until_ready(state)
   t0 = time.perf_counter()
   losses = [float(m0["loss"])]
   for i in range(1, steps + 1):
-    state, mi = compiled(state, batch_at(i))
+    state, mi = compiled(state, batch_at(i), frozen)
     losses.append(mi["loss"])
   jax.block_until_ready(state)
   secs = time.perf_counter() - t0
@@ -103,6 +116,8 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--shapes", default="8x512,16x1024", help="BxT,...")
   ap.add_argument("--chunks", default="0,128", help="attention_chunk values; 0 = xla path")
+  ap.add_argument("--lora_ranks", default="0",
+                  help="LoRA ranks (every projection, alpha 16); 0 = full fine-tuning")
   ap.add_argument("--steps", type=int, default=2, help="timed steps per process")
   ap.add_argument("--repeats", type=int, default=2, help="alternated processes per variant")
   ap.add_argument("--max_timed_gib", type=float, default=18.0,
@@ -111,14 +126,15 @@ def main() -> None:
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
-    B, T, chunk = (int(x) for x in args.worker.split(","))
-    print(json.dumps(worker(B, T, chunk, args.steps, args.max_timed_gib)))
+    B, T, chunk, rank = (int(x) for x in args.worker.split(","))
+    print(json.dumps(worker(B, T, chunk, rank, args.steps, args.max_timed_gib)))
     return
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-  chunks = [int(c) for c in args.chunks.split(",")]
+  chunks = [(int(c), int(r)) for c in args.chunks.split(",")
+            for r in args.lora_ranks.split(",")]
   results = {"command": "python -m benchmarks.attention_memory " + " ".join(sys.argv[1:]),
              "model": "random:smollm2_135m", "dtype": "float32", "remat": "none",
              "loss_chunk": 128, "machine": {"platform": platform.platform(),
@@ -126,14 +142,14 @@ def main() -> None:
                                             "load_avg_start": os.getloadavg()},
              "rows": []}
   for B, T in shapes:
-    runs: dict[int, list[dict]] = {c: [] for c in chunks}
+    runs: dict[tuple, list[dict]] = {c: [] for c in chunks}
     for rep in range(args.repeats):
       for c in chunks:
         if rep and runs[c] and runs[c][-1].get("timed") is not True:
           continue  # a plan alone: the same on every repeat
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.attention_memory",
-                               f"--worker={B},{T},{c}", f"--steps={args.steps}",
+                               f"--worker={B},{T},{c[0]},{c[1]}", f"--steps={args.steps}",
                                f"--max_timed_gib={args.max_timed_gib}"],
                               env=env, capture_output=True, text=True)
         if proc.returncode:
@@ -142,9 +158,10 @@ def main() -> None:
           r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["wall_s"] = time.perf_counter() - t0
         runs[c].append(r)
-        print(f"{B}x{T} chunk {c} repeat {rep}: {json.dumps(r)[:400]}", flush=True)
+        print(f"{B}x{T} chunk {c[0]} lora {c[1]} repeat {rep}: {json.dumps(r)[:400]}", flush=True)
     for c in chunks:
-      results["rows"].append({"batch": B, "seq": T, "attention_chunk": c, "runs": runs[c]})
+      results["rows"].append({"batch": B, "seq": T, "attention_chunk": c[0], "lora_rank": c[1],
+                              "runs": runs[c]})
   results["machine"]["load_avg_end"] = os.getloadavg()
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
