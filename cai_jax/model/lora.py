@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder
 
@@ -145,6 +148,21 @@ def abstract_adapters(cfg: ModelConfig, spec: LoraSpec) -> Params:
 def adapter_shardings(cfg: ModelConfig, spec: LoraSpec, sharder: Sharder) -> Params:
   return jax.tree.map(lambda s: sharder.sharding(s[1], s[0]), adapter_shapes(cfg, spec),
                       is_leaf=_is_spec)
+
+
+def trainable_params(cfg: ModelConfig, spec: LoraSpec | None, params: Params,
+                     param_sh: Params, sharder: Sharder, key: jax.Array
+                     ) -> tuple[Params, Params, Params, Params | None]:
+  """(abstract, shardings, trainable, frozen) of what a causal-LM stage trains: every
+  weight of `params` (spec None; nothing frozen), or fresh adapters from `key` on the
+  frozen `params` (`param_sh` their shardings)."""
+  if spec is None:
+    return transformer.abstract_params(cfg), param_sh, params, None
+  train_sh = adapter_shardings(cfg, spec, sharder)
+  adapters = jax.jit(lambda k: init_adapters(cfg, spec, k), out_shardings=train_sh)(key)
+  logging.info("LoRA rank %d on %s: %.2fM trainable params", spec.rank,
+               ",".join(spec.targets), num_params(adapters) / 1e6)
+  return abstract_adapters(cfg, spec), train_sh, adapters, params
 
 
 def attach(base: Params, adapters: Params, spec: LoraSpec) -> Params:

@@ -92,16 +92,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   spec = lora.LoraSpec.from_config(config.get("lora"))
   param_sh = transformer.param_shardings(cfg, sharder)
   data_info = train.identity(t.batch_size, config.seed)
-  if spec is None:
-    abstract, train_sh, frozen = transformer.abstract_params(cfg), param_sh, None
-  else:
-    abstract, train_sh = lora.abstract_adapters(cfg, spec), lora.adapter_shardings(
-        cfg, spec, sharder)
+  abstract, train_sh, params, frozen = lora.trainable_params(
+      cfg, spec, params, param_sh, sharder, jax.random.fold_in(init_key, 1))
+  if spec is not None:
     data_info |= spec.identity(config.model)
-    frozen, params = params, jax.jit(lambda k: lora.init_adapters(cfg, spec, k),
-                                     out_shardings=train_sh)(jax.random.fold_in(init_key, 1))
-    logging.info("LoRA rank %d on %s: %.2fM trainable params", spec.rank,
-                 ",".join(spec.targets), lora.num_params(params) / 1e6)
 
   # --- Optimizer, state, checkpoints ---
   s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,

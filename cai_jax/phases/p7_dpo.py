@@ -95,16 +95,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   lspec = lora.LoraSpec.from_config(config.get("lora"))
   param_sh = transformer.param_shardings(cfg, sharder)
   data_info = {**train.identity(t.batch_size, config.seed), "reference": ref_digest}
-  if lspec is None:
-    abstract, train_sh, frozen = transformer.abstract_params(cfg), param_sh, None
-  else:
-    abstract, train_sh = lora.abstract_adapters(cfg, lspec), lora.adapter_shardings(
-        cfg, lspec, sharder)
+  abstract, train_sh, params, frozen = lora.trainable_params(
+      cfg, lspec, params, param_sh, sharder, jax.random.fold_in(init_key, 1))
+  if lspec is not None:
     data_info |= lspec.identity(spec)
-    frozen, params = params, jax.jit(lambda k: lora.init_adapters(cfg, lspec, k),
-                                     out_shardings=train_sh)(jax.random.fold_in(init_key, 1))
-    logging.info("LoRA rank %d on %s: %.2fM trainable params", lspec.rank,
-                 ",".join(lspec.targets), lora.num_params(params) / 1e6)
 
   # --- Optimizer, state, checkpoints ---
   s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
