@@ -99,6 +99,7 @@ def main(argv):
   bandwidth = peaks.read_bandwidth_gbs()
   results = {"model": _MODEL.value, "device": str(jax.devices()[0].device_kind),
              "platform": platform.platform(), "cpu_count": os.cpu_count(),
+             "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "prompt_len": _PROMPT.value, "new_tokens": _NEW.value, "dtype": _DTYPE.value,
              "weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth,
              "bandwidth_limit_tokens_per_s": bandwidth * 1e9 / weight_bytes, "runs": []}

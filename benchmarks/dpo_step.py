@@ -17,6 +17,13 @@ Timed: the steps after --warmup (ours: compile and the reference pass excluded;
 TRL: its reference precompute and first steps excluded). Tokens/s counts every
 token of both sequences of a pair.
 
+On a GPU (`--device=gpu`, with `--dtype=bfloat16`): JAX and PyTorch both on the GPU,
+fp32 master weights in both, bf16 compute (ours: compute dtype; TRL: `bf16=True`),
+and each implementation's peak device memory beside its peak RSS:
+
+  python benchmarks/dpo_step.py --model=random:smollm2_135m --device=gpu --dtype=bfloat16 \
+      --batch=8 --steps=20 --warmup=3 --out=/tmp/dpo_gpu.json
+
 Quick check of the script itself (not a measurement):
   PYTHONPATH=. python benchmarks/dpo_step.py --batch=2 --prompt_len=16 --response_len=16 \
       --steps=2 --warmup=1 --out=/tmp/dpo_check.json
@@ -50,10 +57,24 @@ _WORKER = flags.DEFINE_string("worker", None, "Internal: run one implementation.
 _DATA = flags.DEFINE_string("data", None, "Internal: the token pairs (.npz).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Internal: the model's HF directory.")
 _RESULT = flags.DEFINE_string("result", None, "Internal: the worker's JSON output.")
+_DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where every implementation runs.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype (fp32 master weights either way).")
 
 
 def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _jax_peak_device_mib() -> float | None:
+  import jax
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  return peak / 2**20 if peak is not None else None
+
+
+def _torch_peak_device_mib() -> float | None:
+  import torch
+  return torch.cuda.max_memory_allocated() / 2**20 if _DEVICE.value == "gpu" else None
 
 
 def worker_jax(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_dir: str
@@ -71,7 +92,7 @@ def worker_jax(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
   from cai_jax.training import optim
 
   sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))
-  cfg, params, _ = load_model(hf_dir, sharder, param_dtype="float32", dtype="float32",
+  cfg, params, _ = load_model(hf_dir, sharder, param_dtype="float32", dtype=_DTYPE.value,
                               remat="none")
   c = ml_collections.ConfigDict(dict(lr=_LR.value, warmup_steps=0, decay="constant",
                                      end_lr_ratio=1.0, b1=0.9, b2=0.999, eps=1e-8,
@@ -122,7 +143,8 @@ def worker_jax(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
   jax.block_until_ready(state)
   secs = time.perf_counter() - t0
   return {"seconds": secs, "losses": [float(x) for x in losses], "reference_pass_s": ref_s,
-          "peak_rss_mib": peak_rss_mib(), "version": f"jax {jax.__version__}"}
+          "peak_rss_mib": peak_rss_mib(), "peak_device_mib": _jax_peak_device_mib(),
+          "device": jax.devices()[0].device_kind, "version": f"jax {jax.__version__}"}
 
 
 def worker_trl(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_dir: str,
@@ -136,6 +158,8 @@ def worker_trl(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
   torch.manual_seed(0)
   load = lambda: transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   model, ref = load(), load()
+  if _DEVICE.value == "gpu":
+    model, ref = model.cuda(), ref.cuda()
   tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
   n = (warmup + steps) * B
   idx = np.arange(n) % len(prompts)
@@ -168,8 +192,9 @@ def worker_trl(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
         loss_type=["sigmoid"], precompute_ref_log_probs=precompute,
         max_steps=warmup + steps, learning_rate=_LR.value, lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
-        gradient_checkpointing=False, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+        gradient_checkpointing=False, save_strategy="no", report_to="none",
+        use_cpu=_DEVICE.value == "cpu", bf16=_DTYPE.value == "bfloat16", fp16=False,
+        dataloader_num_workers=0, disable_tqdm=True, seed=0)
     t_init = time.perf_counter()
     trainer = Pretokenized(model=model, ref_model=ref, args=args, train_dataset=data,
                            processing_class=tok, callbacks=[Clock()])
@@ -177,7 +202,8 @@ def worker_trl(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
     trainer.train()
   first = stamps[warmup - 1]
   return {"seconds": stamps[-1] - first, "losses": losses, "init_s": init_s,
-          "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
+          "peak_rss_mib": peak_rss_mib(), "peak_device_mib": _torch_peak_device_mib(),
+          "threads": torch.get_num_threads(),
           "precompute_ref_log_probs": precompute,
           "version": f"trl {trl.__version__}, transformers {transformers.__version__}"}
 
@@ -211,7 +237,8 @@ def main(argv) -> None:
 
   B, P, R, steps = _BATCH.value, _PROMPT.value, _RESPONSE.value, _STEPS.value
   child_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
-  child_env["JAX_PLATFORMS"] = "cpu"
+  if _DEVICE.value == "cpu":
+    child_env["JAX_PLATFORMS"] = "cpu"
   child_env["PYTHONPATH"] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
        child_env.get("PYTHONPATH", "")])
@@ -226,14 +253,16 @@ def main(argv) -> None:
     np.savez(data, prompts=prompts, chosen=chosen, rejected=rejected)
     results: dict = {"model": _MODEL.value, "pairs_per_step": B, "prompt_len": P,
                      "response_len": R, "steps": steps, "warmup": _WARMUP.value,
-                     "beta": _BETA.value, "dtype": "float32", "cpu_count": os.cpu_count(),
+                     "beta": _BETA.value, "dtype": _DTYPE.value, "device": _DEVICE.value,
+                     "cpu_count": os.cpu_count(),
                      "impls": {}}
     for name in _IMPLS.value:
       result_path = os.path.join(tmp, f"{name}.json")
       cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--data={data}",
              f"--result={result_path}", f"--batch={B}", f"--steps={steps}",
              f"--warmup={_WARMUP.value}", f"--beta={_BETA.value}", f"--lr={_LR.value}",
-             f"--logits_chunk={_CHUNK.value}", f"--hf_dir={hf_dir}"]
+             f"--logits_chunk={_CHUNK.value}", f"--hf_dir={hf_dir}", f"--device={_DEVICE.value}",
+             f"--dtype={_DTYPE.value}"]
       print(f"running {name} ...", flush=True)
       start = time.perf_counter()
       proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
@@ -249,12 +278,18 @@ def main(argv) -> None:
       results["impls"][name] = r
       print(f"{name}: {r['pairs_per_s']:.2f} pairs/s ({r['tokens_per_s']:.0f} tokens/s), peak"
             f" RSS {r['peak_rss_mib']:.0f} MiB, first loss {r['losses'][0]:.4f}", flush=True)
+      os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+      with open(_OUT.value, "w") as f:  # after every implementation: a cut run keeps its rows
+        json.dump(results, f, indent=1)
   ok = {k: v for k, v in results["impls"].items() if "tokens_per_s" in v}
   for other in ("trl", "trl_default"):
     if "jax" in ok and other in ok:
       results[f"time_ratio_jax_over_{other}"] = ok["jax"]["seconds"] / ok[other]["seconds"]
       results[f"peak_rss_ratio_jax_over_{other}"] = (ok["jax"]["peak_rss_mib"]
                                                      / ok[other]["peak_rss_mib"])
+      if ok["jax"].get("peak_device_mib") and ok[other].get("peak_device_mib"):
+        results[f"peak_device_ratio_jax_over_{other}"] = (ok["jax"]["peak_device_mib"]
+                                                          / ok[other]["peak_device_mib"])
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)

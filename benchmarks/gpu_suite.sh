@@ -2,7 +2,8 @@
 # The GPU rows of BENCHMARKS.md; each named step has its own time limit so a
 # set of them fits one 10-minute slot:
 #   benchmarks/gpu_suite.sh OUT_DIR decode_smollm2 decode_llama1b sft mesh ppo
-#   (also: ppo_reward memory_plan cudnn_test sft_cudnn sft_cudnn_large mesh_cudnn)
+#   (also: ppo_reward memory_plan cudnn_test sft_cudnn sft_cudnn_large mesh_cudnn
+#    sft_1b decode_cmdbuf dpo)
 # Random weights of the named architectures (the benchmarks time the same
 # computation whatever the weight values; the bundled GGUF need not be there).
 # Wheels in .whl/ (packages the machine lacks) are installed first when present.
@@ -46,7 +47,7 @@ for name in "$@"; do
     ppo) run_step "$name" 200 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
       --dtype=bfloat16 --systems=cai_jax --out="$out/ppo_gpu.json" ;;
     # The reward share with the PM fed token ids (stage 7's default) vs decoded text.
-    ppo_reward) run_step "$name" 300 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
+    ppo_reward) run_step "$name" 160 python3 benchmarks/ppo_iteration.py --model=random:smollm2_135m \
       --dtype=bfloat16 --systems=cai_jax_text_reward,cai_jax --out="$out/ppo_reward_gpu.json" ;;
     # The memory plan as the GPU compiles it (compare benchmarks/results/memory_plan_cpu.json).
     memory_plan) run_step "$name" 240 python3 -m benchmarks.memory_plan --models=llama3_2_1b,llama3_8b \
@@ -65,6 +66,25 @@ for name in "$@"; do
       --model=random:smollm2_135m --meshes='1,1,1' --batch=16 --seq_len=1024 \
       --workloads=sft,pm,ppo --dtype=bfloat16 --attention_impl=cudnn --steps=5 \
       --out="$out/mesh_gpu_cudnn.json" ;;
+    # The issue's MFU figure: Llama-3.2-1B, 16 x 2048, bf16, cuDNN attention, no remat;
+    # ours (logits in chunks), the PyTorch loop, and ours with rank-16 LoRA, one process each.
+    sft_1b) run_step "$name" 190 python3 benchmarks/sft_throughput.py --model=random:llama3_2_1b \
+      --device=gpu --dtype=bfloat16 --attention_impl=cudnn --impls=jax_chunked,torch,jax_lora \
+      --loss_chunk=256 --batch=16 --seq=2048 --steps=8 --warmup=2 \
+      --out="$out/sft_gpu_llama1b_b16_t2048.json" ;;
+    # Decode at batch 1 under XLA's default command buffers, with none, and with the
+    # while/conditional loops captured too (SmolLM2 is launch-bound at batch 1).
+    decode_cmdbuf)
+      for v in default:"" off:"--xla_gpu_enable_command_buffer=" \
+          loops:"--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+        XLA_FLAGS="${v#*:}" run_step "$name.${v%%:*}" 45 python3 benchmarks/decode.py \
+          --model=random:smollm2_135m --dtype=bfloat16 --batch_sizes=1 --torch=false \
+          --decode_layers=unrolled,scan --repeats=3 --out="$out/decode_gpu_cmdbuf_${v%%:*}.json"
+      done ;;
+    # DPO step against TRL's DPOTrainer (precomputed reference log-probs), bf16 on the GPU.
+    dpo) run_step "$name" 95 python3 benchmarks/dpo_step.py --model=random:smollm2_135m \
+      --device=gpu --dtype=bfloat16 --impls=jax,trl --batch=8 --steps=10 --warmup=2 \
+      --out="$out/dpo_gpu.json" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done

@@ -17,6 +17,13 @@ Implementations (--impls):
   trl          trl.SFTTrainer on the pre-tokenized rows (labels -100 on prompts),
                gradient checkpointing off like the others
   trl_default  the same with TRL's own default, gradient checkpointing on
+  jax_lora     jax_chunked with LoRA adapters of rank --lora_rank on every projection
+               (`cai_jax.model.lora`, the stages' own LoRA step: adapters and their
+               AdamW moments are the state, the base a frozen argument). Its MFU uses the
+               same 3 x forward FLOPs as full fine-tuning, though the backward skips the
+               frozen weights' gradients: read its tokens/s against jax_chunked.
+
+`--remat` is our `ModelConfig.remat` (none / full / ...) for the jax implementations.
 
 On a GPU (`--device=gpu`: JAX and PyTorch both on the GPU), use
 `--dtype=bfloat16`: all three keep fp32 master weights and compute in bf16
@@ -68,6 +75,8 @@ _ATTN = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn", "splash"],
                           " the Pallas splash kernel (TPU).")
 _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where every implementation runs.")
 _RESULT = flags.DEFINE_string("result", None, "Internal: the worker's JSON output.")
+_REMAT = flags.DEFINE_string("remat", "none", "Our remat policy (the jax implementations).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "Adapter rank of jax_lora.")
 
 CPU_MATMUL_SIZES = (512, 1024, 2048)
 GPU_MATMUL_SIZES = (4096, 8192)
@@ -104,7 +113,7 @@ def torch_device() -> str:
 
 
 def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
-               hf_dir: str) -> dict:
+               hf_dir: str, lora_rank: int = 0) -> dict:
   import functools
 
   import jax
@@ -113,28 +122,32 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
 
   from cai_jax.checkpoints.load import load_model
   from cai_jax.model.sharding import Sharder, make_mesh
-  from cai_jax.model import transformer
+  from cai_jax.model import lora, transformer
   from cai_jax.training import sft_step
   from cai_jax.training import optim
 
   sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))
   cfg, params, _ = load_model(hf_dir, sharder, param_dtype="float32",
-                              dtype=_DTYPE.value, remat="none",
+                              dtype=_DTYPE.value, remat=_REMAT.value,
                               attention_impl=_ATTN.value)
   c = ml_collections.ConfigDict(dict(lr=_LR.value, warmup_steps=0, decay="constant",
                                      end_lr_ratio=1.0, b1=0.9, b2=0.999, eps=1e-8,
                                      weight_decay=0.0, clip_norm=1.0))
-  abstract = transformer.abstract_params(cfg)
-  tx, schedule = optim.make_optimizer(c, warmup + steps, abstract)
-  state_sh = optim.train_state_shardings(
-      tx, abstract, transformer.param_shardings(cfg, sharder), sharder)
-  state = jax.jit(lambda p, k: optim.init_train_state(p, tx, k), out_shardings=state_sh,
-                  donate_argnums=0)(params, jax.random.key(0))
+  spec = lora.LoraSpec(lora_rank, 16.0, tuple(lora.TARGETS)) if lora_rank else None
+  param_sh = transformer.param_shardings(cfg, sharder)
+  abstract, train_sh, trainable, frozen = lora.trainable_params(
+      cfg, spec, params, param_sh, sharder, jax.random.key(1))
   del params
+  tx, schedule = optim.make_optimizer(c, warmup + steps, abstract)
+  state_sh = optim.train_state_shardings(tx, abstract, train_sh, sharder)
+  state = jax.jit(lambda p, k: optim.init_train_state(p, tx, k), out_shardings=state_sh,
+                  donate_argnums=0)(trainable, jax.random.key(0))
+  del trainable
   batch_sh = sharder.sharding(("batch", "seq"))
   step = jax.jit(functools.partial(sft_step.train_step, cfg=cfg, tx=tx, schedule=schedule,
-                                   sharder=sharder, microbatches=1, loss_chunk=loss_chunk),
-                 in_shardings=(state_sh, batch_sh),
+                                   sharder=sharder, microbatches=1, loss_chunk=loss_chunk,
+                                   lora=spec),
+                 in_shardings=(state_sh, batch_sh, param_sh if spec else None),
                  out_shardings=(state_sh, sharder.replicated), donate_argnums=0)
   mask = np.broadcast_to(response_mask(T), (B, T))
 
@@ -149,7 +162,7 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
     if i == warmup:
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-    state, m = step(state, batch_at(i))
+    state, m = step(state, batch_at(i), frozen)
     losses.append(m["loss"])
   jax.block_until_ready(state)
   secs = time.perf_counter() - t0
@@ -289,9 +302,10 @@ def run_worker(name: str) -> None:
   import numpy as np
   rows = np.load(_DATA.value)["rows"]
   B, T, steps, warmup = _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value
-  if name in ("jax", "jax_chunked"):
-    chunk = _LOSS_CHUNK.value if name == "jax_chunked" else 0
-    result = worker_jax(rows, B, T, steps, warmup, chunk, _HF_DIR.value)
+  if name in ("jax", "jax_chunked", "jax_lora"):
+    chunk = 0 if name == "jax" else _LOSS_CHUNK.value
+    result = worker_jax(rows, B, T, steps, warmup, chunk, _HF_DIR.value,
+                        _LORA_RANK.value if name == "jax_lora" else 0)
   else:
     if name == "torch":
       result = worker_torch(rows, B, T, steps, warmup, _HF_DIR.value)
@@ -303,6 +317,29 @@ def run_worker(name: str) -> None:
 
 
 # --- The comparison ------------------------------------------------------------------------
+
+
+def _summarize_and_write(results: dict, cfg, T: int) -> None:
+  """The ratios and MFU of what has run so far, written to --out (after every
+  implementation, so a run cut short keeps its finished rows)."""
+  ok = {k: v for k, v in results["impls"].items() if "tokens_per_s" in v}
+  kind = next((v["device"] for k, v in ok.items() if k.startswith("jax")), "")
+  datasheet = peaks.datasheet_bf16_tflops(kind) if on_gpu() else None
+  if datasheet:  # the issue's GPU figure: MFU against the dense bf16 datasheet peak
+    results["device"], results["datasheet_bf16_tflops"] = kind, datasheet
+    for v in ok.values():
+      v["mfu_vs_bf16_datasheet"] = v["model_flops_per_s"] / (datasheet * 1e12)
+  for ours in ("jax", "jax_chunked", "jax_lora"):
+    for other in ("torch", "trl", "trl_default", "jax_chunked"):
+      if ours == other:
+        continue
+      if ours in ok and other in ok:
+        results[f"speedup_{ours}_vs_{other}"] = (ok[ours]["tokens_per_s"]
+                                                 / ok[other]["tokens_per_s"])
+  results["train_flops_per_token"] = 3 * cfg.flops_per_token(T)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(results, f, indent=1)
 
 
 def main(argv) -> None:
@@ -329,7 +366,8 @@ def main(argv) -> None:
     rows = np.random.default_rng(0).integers(100, cfg.vocab_size, (max(4 * B, 32), T + 1),
                                              np.int32)
     results: dict = {"model": _MODEL.value, "batch": B, "seq": T, "steps": steps,
-                     "warmup": _WARMUP.value, "dtype": _DTYPE.value, "remat": "none",
+                     "warmup": _WARMUP.value, "dtype": _DTYPE.value, "remat": _REMAT.value,
+                     "lora_rank": _LORA_RANK.value if "jax_lora" in _IMPLS.value else 0,
                      "attention_impl": _ATTN.value,
                      "cpu_count": os.cpu_count(), "impls": {}}
     data = os.path.join(tmp, "rows.npz")
@@ -341,7 +379,8 @@ def main(argv) -> None:
              f"--warmup={_WARMUP.value}", f"--loss_chunk={_LOSS_CHUNK.value}",
              f"--lr={_LR.value}", f"--model={_MODEL.value}", f"--hf_dir={hf_dir}",
              f"--dtype={_DTYPE.value}", f"--device={_DEVICE.value}",
-             f"--attention_impl={_ATTN.value}"]
+             f"--attention_impl={_ATTN.value}", f"--remat={_REMAT.value}",
+             f"--lora_rank={_LORA_RANK.value}"]
       print(f"running {name} ...", flush=True)
       start = time.perf_counter()
       proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
@@ -360,22 +399,8 @@ def main(argv) -> None:
             f" {100 * r['flop_utilization']:.1f}% of {r['matmul_flops'] / 1e9:.0f} GFLOP/s"
             f" matmul, first loss {r['losses'][0] if r['losses'] else float('nan'):.4f}",
             flush=True)
-  ok = {k: v for k, v in results["impls"].items() if "tokens_per_s" in v}
-  kind = next((v["device"] for k, v in ok.items() if k.startswith("jax")), "")
-  datasheet = peaks.datasheet_bf16_tflops(kind) if on_gpu() else None
-  if datasheet:  # the issue's GPU figure: MFU against the dense bf16 datasheet peak
-    results["device"], results["datasheet_bf16_tflops"] = kind, datasheet
-    for v in ok.values():
-      v["mfu_vs_bf16_datasheet"] = v["model_flops_per_s"] / (datasheet * 1e12)
-  for ours in ("jax", "jax_chunked"):
-    for other in ("torch", "trl", "trl_default"):
-      if ours in ok and other in ok:
-        results[f"speedup_{ours}_vs_{other}"] = (ok[ours]["tokens_per_s"]
-                                                 / ok[other]["tokens_per_s"])
-  results["train_flops_per_token"] = 3 * cfg.flops_per_token(T)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=1)
+      _summarize_and_write(results, cfg, T)
+  _summarize_and_write(results, cfg, T)
   print(json.dumps({k: v for k, v in results.items() if k != "impls"}, indent=1))
 
 
