@@ -5,7 +5,6 @@ against one device."""
 
 import functools
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,8 @@ from cai_jax.rl import dpo
 from cai_jax.training import losses, optim
 from cai_jax.training.metrics import read_metrics
 from configs import dpo as dpo_config
-from test_preference_model import as_comparisons, marker_records, tree_hashes, write_labels
+from test_preference_model import as_comparisons, marker_records, write_labels
+from resume_helpers import sigterm_at, tree_hashes
 
 
 SEQ = 128  # the tiny pairs' conversations, system prompt included
@@ -255,10 +255,7 @@ def test_resume_after_sigterm_is_bit_identical(tmp_path):
   full = p7_dpo.run(config, str(tmp_path / "full"))
   assert full.status == "done" and full.step == 6
 
-  def kill_at_3(step):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)  # handled by run's StopFlag
-    return False
+  kill_at_3 = sigterm_at(3)
 
   part = p7_dpo.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3)
   assert part.status == "preempted" and part.step == 3
@@ -356,10 +353,7 @@ def test_lora_dpo_trains_adapters_on_the_reference_resumes_and_exports_merged(tm
   assert first["step"] == 0 and abs(first["eval_logratio"]) < 1e-4
   assert abs(full.metrics["eval_logratio"]) > 1e-3  # ... and then it moved
 
-  def kill_at_3(step):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return False
+  kill_at_3 = sigterm_at(3)
 
   assert p7_dpo.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
   resumed = p7_dpo.run(config, str(tmp_path / "resumed"))

@@ -3,7 +3,6 @@ weights are base + (alpha / r) A B, only the adapters train, SFT with LoRA resum
 for bit, and its merged export is the adapted model in `transformers`."""
 
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,8 @@ from cai_jax.model import lora, transformer
 from cai_jax.phases import p3_sft, paths
 from cai_jax.training import checkpoint
 from conftest import TINY_PRESETS, left_pad
-from test_sft import make_records, tiny_config, tree_hashes
+from test_sft import make_records, tiny_config
+from resume_helpers import sigterm_at, tree_hashes
 
 SPEC = lora.LoraSpec(rank=4, alpha=8.0, targets=tuple(lora.TARGETS))
 
@@ -170,10 +170,7 @@ def test_sft_with_lora_resumes_bit_identically_and_names_its_base(tmp_path, reco
   config = _lora_config(records_dir, num_steps=6, save_every=100, eval_every=3)
   full = p3_sft.run(config, str(tmp_path / "full"))
 
-  def kill_at_3(step):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return False
+  kill_at_3 = sigterm_at(3)
 
   assert p3_sft.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
   resumed = p3_sft.run(config, str(tmp_path / "resumed"))

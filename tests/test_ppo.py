@@ -3,7 +3,6 @@ against hand computations and numpy references, then the phase on a tiny random
 model (learning a programmatic reward, exact resume, a mesh against one device,
 the binary)."""
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from cai_jax.rl import critic_free, ppo
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
 from configs import ppo as ppo_config
+from resume_helpers import tree_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,11 +194,6 @@ def tiny_config(**ppo_fields):
   c.reward.no_eos_penalty = 0.0
   c.learner.update(ppo_fields)
   return c
-
-
-def tree_hashes(tree):
-  return [hashlib.sha256(np.asarray(x).tobytes()).hexdigest()
-          for x in jax.tree.leaves(jax.device_get(tree))]
 
 
 def _with_lora(c, variant: str):

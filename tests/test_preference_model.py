@@ -4,10 +4,8 @@ restore + score for PPO, and the phase binary end to end."""
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from cai_jax.text.chat import generation_ids, user_turn
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
 from configs import preference_model as pm_config
+from resume_helpers import sigterm_at, tree_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "@"
@@ -85,11 +84,6 @@ def tiny_config(**train):
 
 def write_labels(workdir: str, recs) -> None:
   records.write_shard(os.path.join(workdir, "p5_ai_labels"), 0, recs)
-
-
-def tree_hashes(tree) -> list[str]:
-  leaves = jax.tree.leaves(jax.device_get(tree))
-  return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in leaves]
 
 
 def single_device_sharder() -> Sharder:
@@ -310,10 +304,7 @@ def test_resume_after_sigterm_is_bit_identical(tmp_path):
   full = p6.run(config, str(tmp_path / "full"))
   assert full.status == "done" and full.step == 6
 
-  def kill_at_3(step):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)  # handled by run's StopFlag
-    return False
+  kill_at_3 = sigterm_at(3)
 
   part = p6.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3)
   assert part.status == "preempted" and part.step == 3
@@ -457,10 +448,7 @@ def test_lora_pm_resumes_bit_identically_and_restores_merged(tmp_path):
   full = p6.run(config, str(tmp_path / "full"))
   assert set(full.state.params) == {"adapters", "head"}
 
-  def kill_at_3(step):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return False
+  kill_at_3 = sigterm_at(3)
 
   assert p6.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
   resumed = p6.run(config, str(tmp_path / "resumed"))

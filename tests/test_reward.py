@@ -8,7 +8,8 @@ import pytest
 from cai_jax.phases import p7_ppo
 from cai_jax.rl import reward as reward_lib
 from cai_jax.text.tokenizer import Tokenizer
-from test_ppo import tiny_config, tree_hashes, write_prompts
+from test_ppo import tiny_config, write_prompts
+from resume_helpers import tree_hashes
 
 
 def constant(values):

@@ -3,7 +3,6 @@ the phase binary end to end, and the shared training infrastructure."""
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import signal
@@ -31,6 +30,7 @@ from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
 from benchmarks.chaos import damage
 from configs import sft as sft_config
+from resume_helpers import sigterm_at, tree_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,11 +74,6 @@ def tiny_config(records_dir: str, **train):
 
 def single_device_sharder() -> Sharder:
   return Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))
-
-
-def tree_hashes(tree) -> list[str]:
-  leaves = jax.tree.leaves(jax.device_get(tree))
-  return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in leaves]
 
 
 def tiny_batch(tok, n: int = 8, seq_len: int = 128):
@@ -300,10 +295,7 @@ def test_resume_after_sigterm_is_bit_identical(tmp_path, records_dir):
   full = p3_sft.run(config, str(tmp_path / "full"))
   assert full.status == "done" and full.step == 6
 
-  def kill_at_3(step):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)  # handled by run's StopFlag
-    return False
+  kill_at_3 = sigterm_at(3)
 
   part = p3_sft.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3)
   assert part.status == "preempted" and part.step == 3
