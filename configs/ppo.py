@@ -81,9 +81,11 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0  # no top-k / top-p: log-probs must be the policy's
 
   c.reward = ml_collections.ConfigDict()
-  # Weighted sources, "name=weight,...": pm (stage 6), feedback (the feedback model
-  # live, pointwise under reward.feedback.principle), overlong, refusal (rl/reward.py).
+  # Weighted sources, "name=weight,...": pm (stage 6), helpful_pm (the PM at
+  # reward.helpful_pm), feedback (the feedback model live, pointwise under
+  # reward.feedback.principle), overlong, refusal (rl/reward.py).
   c.reward.sources = "pm=1"
+  c.reward.helpful_pm = ""  # a stage-6 PM dir (or its workdir) trained on helpfulness pairs
   c.reward.normalize = False  # standardise each source by its running mean / std
   c.reward.max_len = 256  # PM input tokens (prompt + response)
   # "auto": score the sampled token ids when the PM shares the policy's tokenizer,

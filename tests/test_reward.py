@@ -84,12 +84,14 @@ def test_overlong_and_refusal_rules(tiny_model_dir):
 
 
 def test_stage7_on_weighted_normalised_sources_resumes_bit_identically(tmp_path):
-  """The random PM, the overlong and refusal rules, normalised: each source's mean
-  is logged, and a run stopped after iteration 1 resumes to the same weights."""
+  """Two random PMs (pm and helpful_pm), the overlong and refusal rules, normalised:
+  each source's mean is logged, and a run stopped after iteration 1 resumes to the
+  same weights."""
   for d in ("full", "resumed"):
     write_prompts(str(tmp_path / d))
   c = tiny_config(iterations=3)
-  c.reward.sources, c.reward.normalize = "pm=1,overlong=0.5,refusal=1", True
+  c.reward.sources = "pm=1,helpful_pm=0.5,overlong=0.5,refusal=1"
+  c.reward.helpful_pm, c.reward.normalize = "random:tiny_llama", True
   full = p7_ppo.run(c, str(tmp_path / "full"))
   part = p7_ppo.run(c, str(tmp_path / "resumed"), should_stop=lambda it: it == 1)
   assert part.status == "preempted"
@@ -97,7 +99,18 @@ def test_stage7_on_weighted_normalised_sources_resumes_bit_identically(tmp_path)
   assert tree_hashes(full.state.params) == tree_hashes(resumed.state.params)
   untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
   assert untimed(full.metrics) == untimed(resumed.metrics)
-  assert {"reward/pm", "reward/overlong", "reward/refusal"} <= set(full.metrics)
+  assert {"reward/pm", "reward/helpful_pm", "reward/overlong", "reward/refusal"} <= set(
+      full.metrics)
+  # Two models, not one read twice (the second PM's key is folded from the first's).
+  assert full.metrics["reward/pm"] != full.metrics["reward/helpful_pm"]
+
+
+def test_helpful_pm_source_needs_its_directory(tmp_path):
+  write_prompts(str(tmp_path))
+  c = tiny_config(iterations=1)
+  c.reward.sources = "pm=1,helpful_pm=1"
+  with pytest.raises(ValueError, match="reward.helpful_pm is empty"):
+    p7_ppo.run(c, str(tmp_path))
 
 
 def test_pm_source_reads_ids_only_with_a_shared_tokenizer(tiny_model_dir):

@@ -88,17 +88,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if reward_fn is None:
     sources = reward_lib.parse_sources(c.reward.sources)
     fns: dict[str, reward_lib.RewardFn] = {}
+    def pm_source(configured: str, key: jax.Array) -> reward_lib.RewardFn:
+      if configured.startswith("random:"):  # smoke runs: a random scalar model
+        pm_cfg, pm_params, pm_tok = pm.init_scalar_model(
+            configured, sharder, key, tokenizer=c.tokenizer, **dict(c.model_overrides))
+      else:
+        pm_cfg, pm_params, pm_tok = restore_preference_model(
+            paths.preference_model_dir(configured, workdir), sharder)
+      return reward_lib.pm_source(
+          Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder),
+          tok, dict(zip(prompt_set.texts, prompt_set.ids)), c.reward.pm_input)
+
     for name, _ in sources:
       if name == "pm":
-        if c.reward_model.startswith("random:"):  # smoke runs: a random scalar model
-          pm_cfg, pm_params, pm_tok = pm.init_scalar_model(
-              c.reward_model, sharder, pm_key, tokenizer=c.tokenizer, **dict(c.model_overrides))
-        else:
-          pm_cfg, pm_params, pm_tok = restore_preference_model(
-              paths.preference_model_dir(c.reward_model, workdir), sharder)
-        fns[name] = reward_lib.pm_source(
-            Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder),
-            tok, dict(zip(prompt_set.texts, prompt_set.ids)), c.reward.pm_input)
+        fns[name] = pm_source(c.reward_model, pm_key)
+      elif name == "helpful_pm":
+        if not c.reward.get("helpful_pm"):
+          raise ValueError("config reward.helpful_pm is empty but reward.sources names"
+                           " helpful_pm: set it to a stage-6 PM trained on helpfulness pairs"
+                           " (its directory, or the workdir holding it)")
+        fns[name] = pm_source(c.reward.helpful_pm, jax.random.fold_in(pm_key, 1))
       elif name == "feedback":
         f = c.reward.feedback
         model = FeedbackModel.load(paths.feedback_model(f.model, workdir), sharder, f.dtype)

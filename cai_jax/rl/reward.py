@@ -9,6 +9,10 @@
              from the sampled token ids when the PM and the policy share a
              tokenizer (`reward.pm_input`: "auto" / "ids"), else by decoding
              and re-rendering the text ("text");
+  helpful_pm a second preference model, read from `reward.helpful_pm`, the same way:
+             the paper's mixture of a helpfulness and a harmlessness signal, where a
+             PM was trained on helpfulness pairs alone (stage 6 in another workdir,
+             e.g. on `data.helpful_comparisons` with human labels);
   feedback   the feedback model itself, live (RLAIF without a distilled PM, an
              ablation of it): each rollout's pointwise Yes/No log-odds under one
              constitution principle, exactly the stage-5 labeler's pointwise
@@ -44,7 +48,7 @@ from cai_jax.text.tokenizer import Tokenizer
 
 # reward_fn(prompt texts, response tokens [B, M], lengths [B]) -> scores [B] float32.
 RewardFn = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
-SOURCES = ("pm", "feedback", "overlong", "refusal")
+SOURCES = ("pm", "helpful_pm", "feedback", "overlong", "refusal")
 NORM_EPS = 1e-6
 
 
