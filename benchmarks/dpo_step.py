@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 from absl import app, flags
+
+from benchmarks import peaks
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the results (JSON).")
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
@@ -60,21 +61,6 @@ _RESULT = flags.DEFINE_string("result", None, "Internal: the worker's JSON outpu
 _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where every implementation runs.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (fp32 master weights either way).")
-
-
-def peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _jax_peak_device_mib() -> float | None:
-  import jax
-  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-  return peak / 2**20 if peak is not None else None
-
-
-def _torch_peak_device_mib() -> float | None:
-  import torch
-  return torch.cuda.max_memory_allocated() / 2**20 if _DEVICE.value == "gpu" else None
 
 
 def worker_jax(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_dir: str
@@ -143,7 +129,7 @@ def worker_jax(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
   jax.block_until_ready(state)
   secs = time.perf_counter() - t0
   return {"seconds": secs, "losses": [float(x) for x in losses], "reference_pass_s": ref_s,
-          "peak_rss_mib": peak_rss_mib(), "peak_device_mib": _jax_peak_device_mib(),
+          "peak_rss_mib": peaks.peak_rss_mib(), "peak_device_mib": peaks.jax_peak_device_mib(),
           "device": jax.devices()[0].device_kind, "version": f"jax {jax.__version__}"}
 
 
@@ -202,7 +188,7 @@ def worker_trl(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
     trainer.train()
   first = stamps[warmup - 1]
   return {"seconds": stamps[-1] - first, "losses": losses, "init_s": init_s,
-          "peak_rss_mib": peak_rss_mib(), "peak_device_mib": _torch_peak_device_mib(),
+          "peak_rss_mib": peaks.peak_rss_mib(), "peak_device_mib": peaks.torch_peak_device_mib(),
           "threads": torch.get_num_threads(),
           "precompute_ref_log_probs": precompute,
           "version": f"trl {trl.__version__}, transformers {transformers.__version__}"}

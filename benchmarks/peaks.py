@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 
 # Dense bf16 datasheet peaks, TFLOP/s per device (matched against device_kind).
@@ -82,3 +83,26 @@ def read_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     host = np.ones(size_bytes // 8, np.float64)
     secs = min(secs, best_seconds(host.sum, repeats))
   return size_bytes / secs / 1e9
+
+
+# --- Peak memory of this process (each benchmark runs an implementation per process) ---
+
+
+def peak_rss_mib() -> float:
+  """Peak resident set size of this process (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def jax_peak_device_mib() -> float | None:
+  """JAX's peak bytes in use on the first device, where its allocator reports one (GPU,
+  TPU; not the CPU)."""
+  import jax
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  return peak / 2**20 if peak is not None else None
+
+
+def torch_peak_device_mib() -> float | None:
+  """PyTorch's `max_memory_allocated` on CUDA (the same notion as JAX's peak in use);
+  None when this process never used CUDA."""
+  import torch
+  return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -80,10 +79,6 @@ _LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "Adapter rank of jax_lora.")
 
 CPU_MATMUL_SIZES = (512, 1024, 2048)
 GPU_MATMUL_SIZES = (4096, 8192)
-
-
-def peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def response_mask(T: int):
@@ -168,25 +163,11 @@ def worker_jax(rows, B: int, T: int, steps: int, warmup: int, loss_chunk: int,
   secs = time.perf_counter() - t0
 
   return {"seconds": secs, "losses": [float(x) for x in losses],
-          "peak_rss_mib": peak_rss_mib(),
+          "peak_rss_mib": peaks.peak_rss_mib(),
           "matmul_flops": peaks.jax_matmul_flops(_DTYPE.value, matmul_sizes()),
           "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-          "peak_device_mib": _jax_peak_device_mib(),
+          "peak_device_mib": peaks.jax_peak_device_mib(),
           "version": f"jax {jax.__version__}"}
-
-
-def _jax_peak_device_mib() -> float | None:
-  import jax
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return peak / 2**20 if peak is not None else None
-
-
-def _torch_peak_device_mib() -> float | None:
-  import torch
-  if torch_device() != "cuda":
-    return None
-  return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _torch_model(hf_dir: str):
@@ -239,8 +220,8 @@ def worker_torch(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str) -> 
     opt.zero_grad(set_to_none=True)
     losses.append(out.loss.item())  # a host sync each step, like the others' metrics
   secs = time.perf_counter() - t0
-  return {"seconds": secs, "losses": losses, "peak_rss_mib": peak_rss_mib(),
-          "peak_device_mib": _torch_peak_device_mib(), "device": device,
+  return {"seconds": secs, "losses": losses, "peak_rss_mib": peaks.peak_rss_mib(),
+          "peak_device_mib": peaks.torch_peak_device_mib(), "device": device,
           "matmul_flops": _torch_matmul_rate(), "fused_adamw": fused,
           "threads": torch.get_num_threads(), "version": f"torch {torch.__version__}",
           "attn_implementation": model.config._attn_implementation}
@@ -292,8 +273,8 @@ def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str,
     trainer.train()
   # Seconds from the end of the last warmup step to the end of the last step.
   first = stamps[warmup - 1] if warmup else start
-  return {"seconds": stamps[-1] - first, "losses": losses, "peak_rss_mib": peak_rss_mib(),
-          "peak_device_mib": _torch_peak_device_mib(),
+  return {"seconds": stamps[-1] - first, "losses": losses, "peak_rss_mib": peaks.peak_rss_mib(),
+          "peak_device_mib": peaks.torch_peak_device_mib(),
           "matmul_flops": _torch_matmul_rate(), "threads": torch.get_num_threads(),
           "version": f"trl {trl.__version__}, transformers {transformers.__version__}"}
 
