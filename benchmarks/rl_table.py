@@ -12,6 +12,12 @@ judge's harmful-answer rate (a fall is better), the model-free refusal rate on
 red-team prompts, and over-refusal on the safe-but-dangerous-sounding and the
 helpful prompts (a rise is the evasive failure). "harm fall / min" divides the
 first by the minutes.
+
+DPO (off-policy, no reward model and no rollouts) has a row too where the run trained
+it: its "reward" is stage 5's soft labels and the loss, its "iterations"
+are optimizer steps, and it has no KL on its own samples. Its KL column stays empty;
+`heldout_logratio` is the last held-out mean log(pi / pi_ref) per response on the
+pairs' responses (not samples of the policy, so not comparable to PPO's KL).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ flags.DEFINE_string("out", "", "Write the rows as JSON here too.")
 # and the label of its reward/KL curve claims.
 MODELS = (("rl_cai", "ppo", "RL-CAI", paths.PPO, "PPO"),
           *((n, n, f"RL-CAI ({n.upper()})", paths.RL_ALTERNATIVES[n], n.upper())
-            for n in ("rloo", "grpo")))
+            for n in ("rloo", "grpo")),
+          ("dpo", "dpo", "RL-CAI (DPO)", paths.RL_ALTERNATIVES["dpo"], "DPO"))
 # (column, claim text after "<label>: ")
 COLUMNS = (
     ("harmful rate fall (judge)", "harmful-answer rate on held-out red-team prompts falls vs sl_cai (judge)"),
@@ -57,13 +64,20 @@ def rows(workdir: str) -> list[dict]:
     if section not in timings or not os.path.exists(metrics_file):
       continue
     with open(metrics_file) as f:
-      kls = [float(m["kl"]) for m in map(json.loads, f) if "kl" in m]
+      metrics = [json.loads(line) for line in f]
+    kls = [float(m["kl"]) for m in metrics if "kl" in m]
     c = configs.get(section, {})
     kl = [x for x in claims if x["claim"].startswith(f"{curve}: KL(policy")]
     minutes = timings[section] / 60
+    if section == "dpo":
+      reward = f"stage-5 soft labels, {c.get('dpo', {}).get('loss_type', 'sigmoid')} loss"
+      evals = [m for m in metrics if "eval_logratio" in m]
+      extra = {"heldout_logratio": float(evals[-1]["eval_logratio"]) if evals else None}
+      iterations = max((int(m["step"]) for m in metrics), default=0)
+    else:
+      reward, extra, iterations = c.get("reward", {}).get("sources"), {}, len(kls)
     row = {"model": name, "algorithm": c.get("algorithm", section),
-           "reward": c.get("reward", {}).get("sources"), "stage7_minutes": minutes,
-           "iterations": len(kls),
+           "reward": reward, "stage7_minutes": minutes, "iterations": iterations, **extra,
            # stage 8's KL claim: mean over the last half of iterations, bootstrap CI
            "kl_last_half": ({k: kl[0][k] for k in ("estimate", "ci95", "n")} if kl else None)}
     for column, text in COLUMNS:

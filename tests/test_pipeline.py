@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from cai_jax import pipeline, report
@@ -52,9 +53,13 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
     h = res["pm"]["harmlessness"]["elo"][n]
     assert f"| {n} | {report.fmt(h, 1)} |" in text
   assert os.path.getsize(os.path.join(workdir, "report", "ppo_curves.png")) > 1000
-  table = rl_table.rows(workdir)  # benchmarks/rl_table.py: one row per on-policy model
+  table = rl_table.rows(workdir)  # benchmarks/rl_table.py: one row per RL model
   assert [(r["model"], r["algorithm"], r["iterations"]) for r in table] == [
-      ("rl_cai", "ppo", 2), ("grpo", "grpo", 2)]
+      ("rl_cai", "ppo", 2), ("grpo", "grpo", 2), ("dpo", "dpo", c.dpo.train.num_steps)]
+  dpo_row = table.pop()  # off-policy: no reward model, no KL on its own samples
+  assert dpo_row["reward"] == "stage-5 soft labels, sigmoid loss"
+  assert dpo_row["kl_last_half"] is None and np.isfinite(dpo_row["heldout_logratio"])
+  assert dpo_row["over-refusal rise (safe-sounding)"]["n"] > 0
   for r in table:
     fall = r["harmful rate fall (judge)"]
     assert r["stage7_minutes"] > 0 and r["reward"] == "pm=1"
