@@ -308,8 +308,11 @@ def _summarize_and_write(results: dict, cfg, T: int) -> None:
   datasheet = peaks.datasheet_bf16_tflops(kind) if on_gpu() else None
   if datasheet:  # the issue's GPU figure: MFU against the dense bf16 datasheet peak
     results["device"], results["datasheet_bf16_tflops"] = kind, datasheet
-    for v in ok.values():
+    for k, v in ok.items():
       v["mfu_vs_bf16_datasheet"] = v["model_flops_per_s"] / (datasheet * 1e12)
+      if k == "jax_lora":  # the field alone would read as LoRA's own FLOP count
+        v["mfu_flops_counted"] = ("full fine-tuning's (3x forward); LoRA skips the frozen"
+                                  " weights' gradients, so this overstates its MFU")
   for ours in ("jax", "jax_chunked", "jax_lora"):
     for other in ("torch", "trl", "trl_default", "jax_chunked"):
       if ours == other:

@@ -205,7 +205,8 @@ def test_pairs_render_and_batch(tok):
 def test_microbatches_and_sharding_keep_pairs_together(tok):
   sharder = single_device_sharder()
   comps = as_comparisons(marker_records(8, seed=2))
-  batch = comparisons.make_batch(comparisons.tokenize_pairs(tok, comps, 64, "truncate"), np.arange(8), 64)
+  batch = comparisons.make_batch(comparisons.tokenize_pairs(tok, comps, 64, "truncate"),
+                                 np.arange(8), 64)
   cfg, backbone = load.random_model("tiny_llama", tok, sharder, jax.random.key(0))
   params = {"backbone": backbone, "head": heads.init_head(cfg, jax.random.key(1))}
   params["head"]["w"] = params["head"]["w"] * 100  # rewards far from 0: differences show
@@ -329,8 +330,9 @@ def test_resume_after_sigterm_is_bit_identical(tmp_path):
   recs = marker_records(40, seed=5)[:3]
   rewards = Scorer(cfg, params, tok, max_len=64, batch_size=2, sharder=mesh).score_texts(
       [r.prompt for r in recs], [r.response_a for r in recs])
-  batch = comparisons.make_batch(comparisons.tokenize_pairs(tok, as_comparisons(recs), 64, "truncate"),
-                        np.arange(3), 64)
+  batch = comparisons.make_batch(
+      comparisons.tokenize_pairs(tok, as_comparisons(recs), 64, "truncate"),
+      np.arange(3), 64)
   direct = pm.pair_rewards(resumed.state.params, batch["tokens"], batch["mask"], cfg, None)
   np.testing.assert_allclose(rewards, np.asarray(direct)[:, 0], rtol=1e-4, atol=1e-5)
 
@@ -375,7 +377,7 @@ def test_phase_binary_end_to_end(tmp_path):
   assert tok.encode("hi <|im_end|>") == load.byte_tokenizer().encode("hi <|im_end|>")
 
 
-# --- The one scorer ---------------------------------------------------------------------------------
+# --- The one scorer ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mesh_shape,batch_size", [(None, None), (None, 3), ((2, 2, 2), None),

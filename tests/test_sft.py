@@ -410,7 +410,7 @@ def test_bad_input_errors(tmp_path, records_dir, tok):
   assert train.size and train.lengths_E.max() <= 41
 
 
-# --- The phase binary ------------------------------------------------------------------------------
+# --- The phase binary ----------------------------------------------------------
 
 
 @pytest.mark.slow
