@@ -3,6 +3,11 @@ one row per RL model a pipeline run trained and stage 8 evaluated, read from the
 run's files (never typed in).
 
   python -m benchmarks.rl_table --workdir=runs/cai --out=benchmarks/results/rl_table_cpu.json
+  python -m benchmarks.rl_table --merge=benchmarks/results/rl_table_cpu.json,...
+
+`--merge` prints one table from several runs' `--out` files (issue 12: every algorithm
+and reward tried on the embedded run, side by side), each row named by its run and
+the settings that differ between runs (stage 5's label temperature, stage 7's lr).
 
 Per model: the algorithm and reward sources (`pipeline_config.json`), stage 7's wall
 minutes (`pipeline_timings.json`), the KL to SL-CAI over the last half of its
@@ -32,6 +37,8 @@ from cai_jax.phases import paths
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
 flags.DEFINE_string("out", "", "Write the rows as JSON here too.")
+flags.DEFINE_list("merge", [], "rl_table JSON files (from --out) to print as one table "
+                  "instead of reading --workdir.")
 
 # stage-8 model name -> (pipeline config section, claim label, stage-7 directory)
 # and the label of its reward/KL curve claims.
@@ -76,7 +83,11 @@ def rows(workdir: str) -> list[dict]:
       iterations = max((int(m["step"]) for m in metrics), default=0)
     else:
       reward, extra, iterations = c.get("reward", {}).get("sources"), {}, len(kls)
-    row = {"model": name, "algorithm": c.get("algorithm", section),
+    row = {"run": os.path.basename(os.path.normpath(workdir)),
+           # what may differ between runs compared in one table (--merge)
+           "label_temperature": configs.get("ai_labels", {}).get("pointwise_temperature"),
+           "lr": c.get("optim", {}).get("lr"),
+           "model": name, "algorithm": c.get("algorithm", section),
            "reward": reward, "stage7_minutes": minutes, "iterations": iterations, **extra,
            # stage 8's KL claim: mean over the last half of iterations, bootstrap CI
            "kl_last_half": ({k: kl[0][k] for k in ("estimate", "ci95", "n")} if kl else None)}
@@ -92,18 +103,34 @@ def rows(workdir: str) -> list[dict]:
   return out
 
 
+def merged(files: list[str]) -> list[dict]:
+  """The rows of several runs' JSON files, in file order; files written before the
+  run fields existed are named by their workdir."""
+  out = []
+  for path in files:
+    data = _load(path)
+    for r in data["rows"]:
+      out.append({"run": os.path.basename(os.path.normpath(data["workdir"])),
+                  "label_temperature": None, "lr": None, **r, "file": os.path.basename(path)})
+  return out
+
+
 def markdown(table: list[dict]) -> str:
   def est(v, digits=3):
     if not v or v["estimate"] is None:
       return "n/a"
     lo, hi = v["ci95"]
     return f"{v['estimate']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] (n={v['n']})"
-  head = (["model", "algorithm", "reward", "stage 7 min", "KL last half"]
+  runs = len({r.get("run") for r in table}) > 1
+  head = ((["run", "label T", "lr"] if runs else [])
+          + ["model", "algorithm", "reward", "stage 7 min", "KL last half"]
           + [c for c, _ in COLUMNS] + ["harm fall / min"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in table:
+    given = lambda v: "?" if v is None else f"{v:g}"
     lines.append("| " + " | ".join(
-        [r["model"], r["algorithm"], f"`{r['reward']}`", f"{r['stage7_minutes']:.1f}",
+        ([r["run"], given(r.get("label_temperature")), given(r.get("lr"))] if runs else [])
+        + [r["model"], r["algorithm"], f"`{r['reward']}`", f"{r['stage7_minutes']:.1f}",
          est(r["kl_last_half"])]
         + [est(r[c]) for c, _ in COLUMNS]
         + [est(r["harm fall / min"], 4)]) + " |")
@@ -112,6 +139,9 @@ def markdown(table: list[dict]) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.merge:
+    print(markdown(merged(FLAGS.merge)))
+    return
   table = rows(FLAGS.workdir)
   print(markdown(table))
   if FLAGS.out:

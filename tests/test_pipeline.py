@@ -56,6 +56,14 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   table = rl_table.rows(workdir)  # benchmarks/rl_table.py: one row per RL model
   assert [(r["model"], r["algorithm"], r["iterations"]) for r in table] == [
       ("rl_cai", "ppo", 2), ("grpo", "grpo", 2), ("dpo", "dpo", c.dpo.train.num_steps)]
+  assert {(r["run"], r["label_temperature"]) for r in table} == {
+      (os.path.basename(workdir), c.ai_labels.pointwise_temperature)}
+  out = os.path.join(workdir, "rl_table.json")  # --merge reads --out files back
+  with open(out, "w") as f:
+    json.dump({"workdir": workdir, "rows": table}, f)
+  both = rl_table.merged([out, out])
+  assert [{k: v for k, v in r.items() if k != "file"} for r in both] == table + table
+  assert rl_table.markdown(both).count("\n") == 2 * len(table) + 1
   dpo_row = table.pop()  # off-policy: no reward model, no KL on its own samples
   assert dpo_row["reward"] == "stage-5 soft labels, sigmoid loss"
   assert dpo_row["kl_last_half"] is None and np.isfinite(dpo_row["heldout_logratio"])
