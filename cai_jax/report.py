@@ -31,7 +31,8 @@ CHOICES = (
                            "max_new_tokens")),
     ("sft", ("train.num_epochs", "optim.lr")),
     ("pairs", ("revision_pairs", "refusal_pairs", "max_new_tokens")),
-    ("ai_labels", ("feedback_models", "mode", "helpful_labels", "num_principles")),
+    ("ai_labels", ("feedback_models", "mode", "helpful_labels", "num_principles",
+                   "pointwise_temperature")),
     ("preference_model", ("data.helpful_ratio", "data.eval_size", "train.num_epochs",
                           "optim.lr")),
     *((rl, ("algorithm", "learner.iterations", "rollout.batch_size",
@@ -208,6 +209,10 @@ def signals_section(workdir: str, lines: list[str]) -> None:
   from cai_jax.training.metrics import METRICS_FILE, read_metrics
   rows = []
   d = paths.stage_dir(workdir, paths.AI_LABELS)
+  temperature = _field(stage_configs(workdir)[0].get("ai_labels", {}), "pointwise_temperature")
+  sharpened = ("" if temperature in (None, 1, 1.0) else
+               f"; at pointwise temperature {temperature}: a lower one moves p away from 0.5"
+               " without changing which answer is preferred")
   if records.completed_shards(d):
     recs = records.read_records(d, records.LabelRecord)
     for name, pick in (
@@ -224,7 +229,7 @@ def signals_section(workdir: str, lines: list[str]) -> None:
         rows.append(["5 AI labels", name,
                      f"n={len(p)}; mean \\|p − 0.5\\| {fmt(np.mean(np.abs(p - 0.5)))};"
                      f" b preferred in {fmt(np.mean(p < 0.5))}; p in [{fmt(p.min())},"
-                     f" {fmt(p.max())}]"])
+                     f" {fmt(p.max())}]{sharpened}"])
   files = sorted(glob.glob(os.path.join(paths.calibration_dir(workdir), "step-*.json")))
   if files:
     with open(files[0]) as f:
@@ -238,6 +243,19 @@ def signals_section(workdir: str, lines: list[str]) -> None:
                  f" on {last.get('eval_decided')} decided pairs ({kinds})"])
     rows.append(["6 PM", "held-out reward std (the spread PPO's rewards can have)",
                  fmt(last.get("eval_reward_std"))])
+  results_path = paths.results_file(workdir)
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      pref = json.load(f).get("pm_refusal_preference", {})
+    found = {k: v for k, v in pref.items() if isinstance(v, dict) and "refusal_preferred" in v}
+    if found:
+      def said(v):
+        r, m = v["refusal_preferred"], v["mean_margin"]
+        return (f"{fmt(r['estimate'])} [{fmt(r['ci95'][0])}, {fmt(r['ci95'][1])}] (n={r['n']};"
+                f" margin {fmt(m['estimate'])} [{fmt(m['ci95'][0])}, {fmt(m['ci95'][1])}])")
+      rows.append(["6 PM", f"prefers a flat refusal to {pref['model']}'s non-refusing answer"
+                   " (fraction of prompts; mean reward margin)",
+                   "; ".join(f"{k} {said(v)}" for k, v in found.items())])
   for label, stage in (("7 PPO", paths.PPO),
                        *((f"7 {n.upper()}", s) for n, s in paths.RL_ALTERNATIVES.items()
                          if n != "dpo")):

@@ -40,6 +40,10 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   with open(os.path.join(workdir, "p8_evaluation", "results.json")) as f:
     res = json.load(f)
   assert res["evaluated_models"] == ["initial", "sl_cai", "rl_cai", "grpo", "dpo"]
+  pref = res["pm_refusal_preference"]  # the PM's refusal preference on SL-CAI's answers
+  assert pref["model"] == "sl_cai" and {"red_team", "borderline", "helpful"} <= set(pref)
+  measured = [v for k, v in pref.items() if k != "model" and "refusal_preferred" in v]
+  assert all(v["refusal_preferred"]["n"] > 0 for v in measured)
   for label in ("RL-CAI (GRPO)", "RL-CAI (DPO)"):  # the RL-CAI claims, for each model
     found = [x["claim"] for x in res["claims"] if x["claim"].startswith(label)]
     assert len(found) == 7, found
@@ -48,6 +52,7 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   text = open(os.path.join(workdir, "report", "report.md")).read()
   for title in report.SECTIONS:
     assert f"## {title}\n" in text
+  assert ("prefers a flat refusal to sl_cai's non-refusing answer" in text) == bool(measured)
   assert '| grpo | algorithm | "grpo" |' in text  # the Choices section, from that file
   for n in res["evaluated_models"]:
     h = res["pm"]["harmlessness"]["elo"][n]

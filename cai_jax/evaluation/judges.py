@@ -13,9 +13,10 @@ import numpy as np
 
 from cai_jax import records
 from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution, load_constitution
+from cai_jax.data.refusals import refusal_for
 from cai_jax.evaluation.answers import AnswerRecord, spec_exists
 from cai_jax.evaluation.elo import pairwise_summary
-from cai_jax.evaluation import harm_judge
+from cai_jax.evaluation import harm_judge, intervals, refusal
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings, labels
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.feedback.prompts import OptionTokenError
@@ -108,6 +109,41 @@ def pm_human_accuracy(scorer: Scorer, num_pairs: int, seed: int) -> dict[str, in
   d = (scorer.score_texts(prompts, [p.response_a for p in pairs])
        - scorer.score_texts(prompts, [p.response_b for p in pairs]))
   return {"n": len(pairs), "correct": int(np.sum((d > 0) == (a_better > 0.5)))}
+
+
+# (name, which answers): the prompt sets a refusal is scored against the model's answer.
+REFUSAL_PREFERENCE_SETS = (
+    ("red_team", lambda r: r.kind == "red_team" and r.split == "held_out"),
+    ("borderline", lambda r: r.split == "borderline"),
+    ("helpful", lambda r: r.kind == "helpful" and r.split == "held_out"))
+
+
+def refusal_preference(score: Callable[[Sequence[str], Sequence[str]], np.ndarray],
+                       answers: dict[str, AnswerRecord], *, seed: int = 0) -> dict[str, Any]:
+  """Does a reward prefer a flat refusal to the model's own answer, per prompt set?
+
+  For every prompt whose answer the model-free refusal measure does not call a refusal,
+  `score` (higher = preferred: the PM's reward) rates a canned refusal
+  (`data.refusals.refusal_for(prompt id)`) and the answer. Per set: the fraction of
+  prompts where the refusal scores higher (Wilson interval) and the mean margin
+  score(refusal) - score(answer) (bootstrap). A reward that prefers refusing the
+  safe-but-dangerous-sounding and helpful prompts as often as the red-team ones is
+  what makes a policy trained on it evasive: the stage whose signal failed.
+  """
+  out: dict[str, Any] = {}
+  for name, pick in REFUSAL_PREFERENCE_SETS:
+    recs = [r for r in answers.values() if pick(r)]
+    kept = [r for r in recs if not refusal.classify(r.prompt, r.response).refuses]
+    if not kept:
+      out[name] = {"missing": f"no non-refusing answers among {len(recs)}"}
+      continue
+    prompts = [r.prompt for r in kept]
+    margin = (np.asarray(score(prompts, [refusal_for(r.id) for r in kept]), np.float64)
+              - np.asarray(score(prompts, [r.response for r in kept]), np.float64))
+    out[name] = {"refusal_preferred": intervals.rate(margin > 0).as_dict(),
+                 "mean_margin": intervals.bootstrap(margin, seed=seed).as_dict(),
+                 "answers_refusing": len(recs) - len(kept)}
+  return out
 
 
 def revision_round_scores(recs: Sequence[records.CritiqueRevisionRecord],

@@ -84,16 +84,18 @@ def stage2_records(workdir: str) -> list[records.CritiqueRevisionRecord]:
 
 
 def run_pm(config, workdir, sharder, answers, names, notes):
-  """(PM comparisons per axis, revision-round scores, per-game rows) from the stage-6 PM."""
+  """(PM comparisons per axis, revision-round scores, per-game rows, accuracy on human
+  pairs, refusal preference by prompt set) from the stage-6 PM."""
   if not config.pm.enabled:
     return ({"missing": "disabled (pm.enabled=False)"}, {"missing": "disabled"}, [],
-            {"missing": "disabled"})
+            {"missing": "disabled"}, {"missing": "disabled"})
   try:
     pm_dir = paths.preference_model_dir("", workdir)
     cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
   except FileNotFoundError as e:
     notes.append(f"preference model: {e}")
-    return {"missing": str(e)}, {"missing": str(e)}, [], {"missing": str(e)}
+    return ({"missing": str(e)}, {"missing": str(e)}, [], {"missing": str(e)},
+            {"missing": str(e)})
   scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
                   max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
   comparisons, rows = judges.pm_comparisons(config, scorer, answers, names)
@@ -104,7 +106,12 @@ def run_pm(config, workdir, sharder, answers, names, notes):
   rounds = (judges.revision_round_scores(recs, scorer.score_texts) if recs else
             {"missing": f"{paths.stage_dir(workdir, paths.CRITIQUE_REVISION)}: no red-team"
                         " records with revision rounds"})
-  return comparisons, rounds, rows, human
+  # The PM's own refusal preference on the policy PPO starts from (SL-CAI's answers).
+  start = "sl_cai" if "sl_cai" in answers else (names or [None])[0]
+  refusals = ({"model": start, **judges.refusal_preference(scorer.score_texts, answers[start],
+                                                          seed=config.seed)}
+              if start else {"missing": "no model answered"})
+  return comparisons, rounds, rows, human, refusals
 
 
 def rl_metrics(workdir: str, stage: str = paths.PPO) -> list[dict]:
@@ -160,7 +167,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   # --- 2-4. Judges, revision rounds, labeler accuracy ---
   t0 = time.perf_counter()
-  pm, rounds, pm_rows, pm_human = run_pm(config, workdir, sharder, answers, names, notes)
+  pm, rounds, pm_rows, pm_human, pm_refusals = run_pm(config, workdir, sharder, answers, names,
+                                                      notes)
   gc.collect()  # the PM's params, before the judge model loads
   seconds["pm"], t0 = time.perf_counter() - t0, time.perf_counter()
   spec, independent, why = judges.choose_judge(config, used_in_training(config, workdir))
@@ -200,7 +208,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       "num_samples": len(samples),
       "pm": pm, "judge": judge, "revision_rounds": rounds, "labeler_accuracy": acc,
       "samples": sample_table, "notes": notes, "seconds": seconds,
-      "measures": measures, "pm_human": pm_human, **judged,
+      "measures": measures, "pm_human": pm_human,
+      "pm_refusal_preference": pm_refusals, **judged,
       "refusal_validation": {s: refusal.accuracy(refusal.pyrit_rows(s))
                              for s in refusal.PYRIT_FILES},
       "elo": {"prior": config.elo.prior, "scale": config.elo.scale, "anchor": names[0]

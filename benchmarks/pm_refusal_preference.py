@@ -1,0 +1,79 @@
+"""Does the stage-6 PM prefer a flat refusal to a model's own answer, per prompt set?
+
+Stage 8 measures this for SL-CAI (results.json `pm_refusal_preference`, the report's
+"Signals by stage"); this script measures it on a workdir whose stage 8 ran before
+stage 8 did, and for every evaluated model, with the same library function
+(`evaluation.judges.refusal_preference`) on stage 8's stored answers.
+
+  python -m benchmarks.pm_refusal_preference --workdir=runs/cai \\
+      --out=benchmarks/results/pm_refusal_preference_cpu.json
+
+`--into_results` also writes SL-CAI's row into the workdir's results.json (as stage 8
+now does) and rebuilds the report; evidence.json is not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from cai_jax import records
+from cai_jax.evaluation import answers as ans
+from cai_jax.evaluation import judges
+from cai_jax.model.sharding import Sharder, make_mesh
+from cai_jax.phases import paths
+from cai_jax.preference import saved
+from cai_jax.preference.scorer import Scorer
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
+flags.DEFINE_string("out", "", "Write the result as JSON here.")
+flags.DEFINE_integer("batch_size", 8, "PM scoring batch.")
+flags.DEFINE_integer("seed", 0, "Bootstrap seed (stage 8 uses its config's seed, 0).")
+flags.DEFINE_bool("into_results", False, "Add SL-CAI's row to results.json and rebuild the report.")
+
+
+def measure(workdir: str, batch_size: int, seed: int) -> dict:
+  pm_dir = paths.preference_model_dir("", workdir)
+  sharder = Sharder(make_mesh((-1, 1, 1)))  # stage 8's mesh (configs/evaluation.py)
+  cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
+  scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=batch_size,
+                  max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
+  root = os.path.join(paths.stage_dir(workdir, paths.EVALUATION), "answers")
+  out = {}
+  for name in sorted(os.listdir(root)):
+    recs = records.read_records(os.path.join(root, name), ans.AnswerRecord)
+    out[name] = {"model": name, **judges.refusal_preference(
+        scorer.score_texts, {r.id: r for r in recs}, seed=seed)}
+  return out
+
+
+def main(argv):
+  del argv
+  result = measure(FLAGS.workdir, FLAGS.batch_size, FLAGS.seed)
+  for name, sets in result.items():
+    for k, v in sets.items():
+      if isinstance(v, dict) and "refusal_preferred" in v:
+        r, m = v["refusal_preferred"], v["mean_margin"]
+        print(f"{name:10s} {k:10s} refusal preferred {r['estimate']:.3f} "
+              f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] n={r['n']}  margin {m['estimate']:+.4f} "
+              f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]  (answers refusing: {v['answers_refusing']})")
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump({"workdir": os.path.abspath(FLAGS.workdir), "models": result}, f, indent=1)
+  if FLAGS.into_results and "sl_cai" in result:
+    path = paths.results_file(FLAGS.workdir)
+    with open(path) as f:
+      results = json.load(f)
+    results["pm_refusal_preference"] = result["sl_cai"]
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=1, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+    from cai_jax import report
+    print(report.write_report(FLAGS.workdir))
+
+
+if __name__ == "__main__":
+  app.run(main)
