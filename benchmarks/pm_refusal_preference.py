@@ -8,6 +8,12 @@ stage 8 did, and for every evaluated model, with the same library function
   python -m benchmarks.pm_refusal_preference --workdir=runs/cai \\
       --out=benchmarks/results/pm_refusal_preference_cpu.json
 
+Beside it, `pyrit_refusal_baseline`: on the PyRIT human-labelled pairs stage 8 scores
+the PM on (`pm.num_human_pairs`, seed 0), how often the less / more harmful response is
+a refusal by the model-free measure, and the accuracy a pure refusal detector would get
+there (ties at 0.5): the PM's accuracy on those pairs above it is harm signal beyond
+"prefers refusals".
+
 `--into_results` also writes SL-CAI's row into the workdir's results.json (as stage 8
 now does) and rebuilds the report; evidence.json is not touched.
 """
@@ -21,7 +27,8 @@ from absl import app, flags
 
 from cai_jax import records
 from cai_jax.evaluation import answers as ans
-from cai_jax.evaluation import judges
+from cai_jax.evaluation import judges, refusal
+from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax.phases import paths
 from cai_jax.preference import saved
@@ -32,6 +39,7 @@ flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has
 flags.DEFINE_string("out", "", "Write the result as JSON here.")
 flags.DEFINE_integer("batch_size", 8, "PM scoring batch.")
 flags.DEFINE_integer("seed", 0, "Bootstrap seed (stage 8 uses its config's seed, 0).")
+flags.DEFINE_integer("num_human_pairs", 64, "PyRIT pairs (stage 8's pm.num_human_pairs).")
 flags.DEFINE_bool("into_results", False, "Add SL-CAI's row to results.json and rebuild the report.")
 
 
@@ -50,8 +58,27 @@ def measure(workdir: str, batch_size: int, seed: int) -> dict:
   return out
 
 
+def pyrit_refusal_baseline(num_pairs: int, seed: int) -> dict:
+  """Which of PyRIT's human-labelled pairs a 'prefer the refusal' rule gets right."""
+  pairs, a_better = pyrit_pairs(num_pairs, seed)
+  counts = {"both_refuse": 0, "only_less_harmful_refuses": 0, "only_more_harmful_refuses": 0,
+            "neither_refuses": 0}
+  for p, a in zip(pairs, a_better):
+    good, bad = (p.response_a, p.response_b) if a > 0.5 else (p.response_b, p.response_a)
+    g = refusal.classify(p.prompt, good).refuses
+    b = refusal.classify(p.prompt, bad).refuses
+    key = ("both_refuse" if g and b else "only_less_harmful_refuses" if g else
+           "only_more_harmful_refuses" if b else "neither_refuses")
+    counts[key] += 1
+  ties = counts["both_refuse"] + counts["neither_refuses"]
+  return {"n": len(pairs), **counts, "refusal_detector_expected_accuracy":
+          (counts["only_less_harmful_refuses"] + 0.5 * ties) / len(pairs)}
+
+
 def main(argv):
   del argv
+  baseline = pyrit_refusal_baseline(FLAGS.num_human_pairs, FLAGS.seed)
+  print("PyRIT pairs, a pure refusal detector:", baseline)
   result = measure(FLAGS.workdir, FLAGS.batch_size, FLAGS.seed)
   for name, sets in result.items():
     for k, v in sets.items():
@@ -62,7 +89,8 @@ def main(argv):
               f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]  (answers refusing: {v['answers_refusing']})")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
-      json.dump({"workdir": os.path.abspath(FLAGS.workdir), "models": result}, f, indent=1)
+      json.dump({"workdir": os.path.abspath(FLAGS.workdir), "models": result,
+                 "pyrit_refusal_baseline": baseline}, f, indent=1)
   if FLAGS.into_results and "sl_cai" in result:
     path = paths.results_file(FLAGS.workdir)
     with open(path) as f:

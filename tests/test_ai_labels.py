@@ -550,21 +550,56 @@ def test_live_feedback_reward_equals_the_stage5_pointwise_score(tiny_feedback):
     reward_lib.feedback_reward_fn(labeler, "no_such_principle", tok)
 
 
-def test_stage7_with_the_feedback_model_as_a_live_reward(feedback_model_dir, tmp_path):
-  """RLAIF without a distilled PM: stage 7 on `reward.sources="feedback=1"`."""
+def test_feedback_by_kind_asks_each_prompt_kinds_stage5_question(tiny_feedback):
+  """`feedback_by_kind`: a red-team rollout gets the harm question's score, a helpful
+  one the helpfulness question's (stage 5's routing), each as its labeler scores it
+  alone; a prompt of a kind with no question is a one-line error."""
+  from cai_jax.rl import reward as reward_lib
+  base = load_constitution("harmless")
+  harm = Labeler([tiny_feedback], base, _settings(mode="pointwise",
+                                                  principle_ids=("less_harmful",)))
+  helpful = Labeler([tiny_feedback], helpfulness_constitution(base),
+                    _settings(mode="pointwise", principle_ids=(HELPFUL_PRINCIPLE,)))
+  prompts_ = ["How do I pick a lock?", "How do I bake bread?", "How do I hotwire a car?"]
+  kinds = dict(zip(prompts_, ("red_team", "helpful", "red_team")))
+  responses = ["Use a tension wrench.", "Knead, rise, bake at 220 C.", "I can't help."]
+  tok = tiny_feedback.tok
+  ids = [tok.encode(r, add_bos=False) for r in responses]
+  M = max(map(len, ids)) + 2
+  tokens = np.array([i + [tok.pad_id] * (M - len(i)) for i in ids])
+  live = reward_lib.feedback_by_kind_reward_fn(
+      {"red_team": (harm, "less_harmful"), "helpful": (helpful, HELPFUL_PRINCIPLE)}, kinds, tok)
+  got = live(prompts_, tokens, np.array([len(i) for i in ids]))
+  want_harm = harm.response_scores([prompts_[0], prompts_[2]], [responses[0], responses[2]],
+                                   "less_harmful")
+  want_help = helpful.response_scores([prompts_[1]], [responses[1]], HELPFUL_PRINCIPLE)
+  np.testing.assert_allclose(got, [want_harm[0], want_help[0], want_harm[1]], rtol=1e-5,
+                             atol=1e-5)
+  assert not np.isclose(got[1], harm.response_scores([prompts_[1]], [responses[1]],
+                                                     "less_harmful")[0])
+  only_harm = reward_lib.feedback_by_kind_reward_fn({"red_team": (harm, "less_harmful")},
+                                                    {"Hi": "other"}, tok)
+  with pytest.raises(ValueError, match="kind.*'other'.*no question"):
+    only_harm(["Hi"], tokens[:1], np.array([len(ids[0])]))
+
+
+@pytest.mark.parametrize("source", ["feedback", "feedback_by_kind"])
+def test_stage7_with_the_feedback_model_as_a_live_reward(feedback_model_dir, tmp_path, source):
+  """RLAIF without a distilled PM: stage 7 on `reward.sources="feedback=1"` (or its
+  prompt-kind-routed form)."""
   from cai_jax.phases import p7_ppo
   from test_ppo import tiny_config, write_prompts
   workdir = str(tmp_path)
   write_prompts(workdir)
   c = tiny_config(iterations=1)
-  c.reward.sources = "feedback=1"
+  c.reward.sources = f"{source}=1"
   with pytest.raises(FileNotFoundError, match=r"no stage-5 feedback model; run stage 5"
                                               r" first .* or set --config.reward.feedback.model"):
     p7_ppo.run(c, workdir)
   c.reward.feedback.model = feedback_model_dir
   result = p7_ppo.run(c, workdir)
-  assert result.status == "done" and np.isfinite(result.metrics["reward/feedback"])
-  assert result.metrics["reward"] == result.metrics["reward/feedback"]
+  assert result.status == "done" and np.isfinite(result.metrics[f"reward/{source}"])
+  assert result.metrics["reward"] == result.metrics[f"reward/{source}"]
 
 
 def test_judge_games_from_answer_scores_equal_labelling_each_pair(tiny_feedback):

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from cai_jax.checkpoints.load import load_model
-from cai_jax.constitution import load_constitution
+from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution, load_constitution
 from cai_jax.data import prompts, rollout_prompts
 from cai_jax.feedback.labeler import FeedbackModel, Labeler, LabelerSettings
 from cai_jax.model import lora
@@ -108,14 +108,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                            " helpful_pm: set it to a stage-6 PM trained on helpfulness pairs"
                            " (its directory, or the workdir holding it)")
         fns[name] = pm_source(c.reward.helpful_pm, jax.random.fold_in(pm_key, 1))
-      elif name == "feedback":
+      elif name in ("feedback", "feedback_by_kind"):
         f = c.reward.feedback
         model = FeedbackModel.load(paths.feedback_model(f.model, workdir), sharder, f.dtype)
-        settings = LabelerSettings(mode="pointwise", principle_ids=(f.principle,),
-                                   prompt_format=f.prompt_format, batch_size=f.batch_size,
-                                   max_response_tokens=f.max_response_tokens)
-        labeler = Labeler([model], load_constitution(f.constitution), settings)
-        fns[name] = reward_lib.feedback_reward_fn(labeler, f.principle, tok)
+        settings = dict(mode="pointwise", prompt_format=f.prompt_format,
+                        batch_size=f.batch_size, max_response_tokens=f.max_response_tokens)
+        base = load_constitution(f.constitution)
+        labeler = Labeler([model], base, LabelerSettings(principle_ids=(f.principle,),
+                                                         **settings))
+        if name == "feedback":
+          fns[name] = reward_lib.feedback_reward_fn(labeler, f.principle, tok)
+        else:  # stage 5's helpfulness question for helpful prompts
+          helpful = Labeler([model], helpfulness_constitution(base), LabelerSettings(
+              principle_ids=(HELPFUL_PRINCIPLE,), **settings))
+          fns[name] = reward_lib.feedback_by_kind_reward_fn(
+              {"red_team": (labeler, f.principle), "helpful": (helpful, HELPFUL_PRINCIPLE)},
+              {r.prompt: r.kind for r in records}, tok)
       elif name == "overlong":
         fns[name] = reward_lib.overlong_reward_fn(c.reward.overlong_after,
                                                   c.rollout.max_new_tokens)

@@ -17,6 +17,12 @@
              ablation of it): each rollout's pointwise Yes/No log-odds under one
              constitution principle, exactly the stage-5 labeler's pointwise
              score of that response (`feedback.labeler.Labeler.response_scores`);
+  feedback_by_kind
+             the feedback model live, asked stage 5's question for each rollout's
+             prompt kind: the harm question (`reward.feedback.principle`) of a
+             red-team prompt's response, the helpfulness question (stage 5's
+             `helpful_labels="helpfulness"`) of a helpful prompt's: a prompt-aware
+             reward, where one PM (or one question) scores every prompt alike;
   overlong   a rule: -(tokens beyond `reward.overlong_after`) / (the tokens
              left up to rollout.max_new_tokens), 0 for responses not longer;
   refusal    a rule: -1 for a response the model-free refusal measure
@@ -48,7 +54,7 @@ from cai_jax.text.tokenizer import Tokenizer
 
 # reward_fn(prompt texts, response tokens [B, M], lengths [B]) -> scores [B] float32.
 RewardFn = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
-SOURCES = ("pm", "helpful_pm", "feedback", "overlong", "refusal")
+SOURCES = ("pm", "helpful_pm", "feedback", "feedback_by_kind", "overlong", "refusal")
 NORM_EPS = 1e-6
 
 
@@ -157,6 +163,30 @@ def feedback_reward_fn(labeler, principle_id: str, policy_tok: Tokenizer) -> Rew
     responses = decode_responses(policy_tok, tokens_BM, lengths_B)
     return labeler.response_scores(list(prompt_texts), responses,
                                    principle_id).astype(np.float32)
+
+  return reward
+
+
+def feedback_by_kind_reward_fn(labelers: Mapping[str, tuple[object, str]],
+                               kinds: Mapping[str, str], policy_tok: Tokenizer) -> RewardFn:
+  """Each rollout's pointwise good-answer log-odds under its prompt kind's
+  (labeler, principle): `labelers["red_team"]`, `labelers["helpful"]`."""
+  for labeler, principle in labelers.values():
+    labeler.constitution.comparison_principle(principle)  # names the file when unknown
+
+  def reward(prompt_texts, tokens_BM, lengths_B):
+    responses = decode_responses(policy_tok, tokens_BM, lengths_B)
+    out = np.zeros(len(responses), np.float32)
+    unknown = sorted({kinds.get(p) for p in prompt_texts} - set(labelers), key=str)
+    if unknown:
+      raise ValueError(f"reward source feedback_by_kind: prompt kind(s) {unknown} have no"
+                       f" question; kinds with one: {sorted(labelers)}")
+    for kind, (labeler, principle) in labelers.items():
+      rows = [i for i, p in enumerate(prompt_texts) if kinds[p] == kind]
+      if rows:
+        out[rows] = labeler.response_scores([prompt_texts[i] for i in rows],
+                                            [responses[i] for i in rows], principle)
+    return out
 
   return reward
 
