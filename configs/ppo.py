@@ -83,7 +83,8 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.reward = ml_collections.ConfigDict()
   # Weighted sources, "name=weight,...": pm (stage 6), helpful_pm (the PM at
   # reward.helpful_pm), feedback (the feedback model live, pointwise under
-  # reward.feedback.principle), overlong, refusal (rl/reward.py).
+  # reward.feedback.principle), feedback_by_kind (the same, with stage 5's helpfulness
+  # question for helpful prompts), overlong, refusal (rl/reward.py).
   c.reward.sources = "pm=1"
   c.reward.helpful_pm = ""  # a stage-6 PM dir (or its workdir) trained on helpfulness pairs
   c.reward.normalize = False  # standardise each source by its running mean / std
