@@ -246,3 +246,30 @@ def test_refusal_preference_by_prompt_set_on_a_known_reward():
   assert out["helpful"]["mean_margin"]["estimate"] < 0
   none = judges.refusal_preference(score, {"r3": answers["r3"]})
   assert "missing" in none["red_team"] and "missing" in none["helpful"]
+
+
+def test_paired_runs_pairs_the_same_prompts_of_two_runs(tmp_path):
+  """benchmarks/paired_runs.py: refusal-rate differences of two runs' models on the
+  prompts both answered, per set, by the paired bootstrap."""
+  import json
+  import os
+  from benchmarks import paired_runs
+  from cai_jax.phases import paths
+  kinds = {"r1": ["red_team", "held_out"], "r2": ["red_team", "held_out"],
+           "b1": ["red_team", "borderline"], "b2": ["red_team", "borderline"],
+           "h1": ["helpful", "held_out"], "s1": ["red_team", "sample"]}
+  runs = {"x": {"r1": "refuses", "r2": "complies", "b1": "refuses", "b2": "refuses_explains",
+                "h1": "complies", "s1": "refuses"},
+          "y": {"r1": "complies", "r2": "complies", "b1": "complies", "b2": "refuses",
+                "h1": "complies"}}
+  for name, refusals_ in runs.items():
+    path = paths.results_file(str(tmp_path / name))
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+      json.dump({"measures": {"kinds": kinds, "refusal": {"m": refusals_}}}, f)
+  out = paired_runs.compare(f"{tmp_path / 'x'}:m", f"{tmp_path / 'y'}:m", seed=0)["sets"]
+  want = {"red_team": ([1, 0], [0, 0]), "safe-but-dangerous-sounding": ([1, 1], [0, 1]),
+          "helpful": ([0], [0])}
+  for name, (a, b) in want.items():
+    assert out[name]["refusal_rate_difference_a_minus_b"] == intervals.paired(
+        a, b, seed=0).as_dict(), name
