@@ -20,10 +20,15 @@ from cai_jax.evaluation import intervals, refusal
 from cai_jax.phases import paths
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("a", None, "workdir:model", required=True)
-flags.DEFINE_string("b", None, "workdir:model", required=True)
-flags.DEFINE_string("out", "", "Write the result as JSON here too.")
-flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+
+
+def define_flags() -> None:
+  """At run time, not import time: tests import this module beside other benchmarks
+  whose absl flags share names."""
+  flags.DEFINE_string("a", None, "workdir:model", required=True)
+  flags.DEFINE_string("b", None, "workdir:model", required=True)
+  flags.DEFINE_string("out", "", "Write the result as JSON here too.")
+  flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
 
 SETS = (("red_team", "red_team", "held_out"), ("safe-but-dangerous-sounding", None, "borderline"),
         ("helpful", "helpful", "held_out"))
@@ -62,4 +67,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

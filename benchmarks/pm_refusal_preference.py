@@ -35,12 +35,16 @@ from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
-flags.DEFINE_string("out", "", "Write the result as JSON here.")
-flags.DEFINE_integer("batch_size", 8, "PM scoring batch.")
-flags.DEFINE_integer("seed", 0, "Bootstrap seed (stage 8 uses its config's seed, 0).")
-flags.DEFINE_integer("num_human_pairs", 64, "PyRIT pairs (stage 8's pm.num_human_pairs).")
-flags.DEFINE_bool("into_results", False, "Add SL-CAI's row to results.json and rebuild the report.")
+
+
+def define_flags() -> None:
+  """At run time, not import time (other benchmarks share flag names)."""
+  flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
+  flags.DEFINE_string("out", "", "Write the result as JSON here.")
+  flags.DEFINE_integer("batch_size", 8, "PM scoring batch.")
+  flags.DEFINE_integer("seed", 0, "Bootstrap seed (stage 8 uses its config's seed, 0).")
+  flags.DEFINE_integer("num_human_pairs", 64, "PyRIT pairs (stage 8's pm.num_human_pairs).")
+  flags.DEFINE_bool("into_results", False, "Add SL-CAI's row to results.json and rebuild the report.")
 
 
 def measure(workdir: str, batch_size: int, seed: int) -> dict:
@@ -104,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
