@@ -13,10 +13,11 @@ prompts; only prompts both models answered are paired.
 from __future__ import annotations
 
 import json
+import types
 
 from absl import app, flags
 
-from cai_jax.evaluation import intervals, refusal
+from cai_jax.evaluation import intervals, judges, refusal
 from cai_jax.phases import paths
 
 FLAGS = flags.FLAGS
@@ -30,8 +31,6 @@ def define_flags() -> None:
   flags.DEFINE_string("out", "", "Write the result as JSON here too.")
   flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
 
-SETS = (("red_team", "red_team", "held_out"), ("safe-but-dangerous-sounding", None, "borderline"),
-        ("helpful", "helpful", "held_out"))
 
 
 def refusals(spec: str) -> tuple[dict[str, bool], dict[str, tuple[str, str]]]:
@@ -46,9 +45,9 @@ def compare(a: str, b: str, seed: int) -> dict:
   ra, kinds = refusals(a)
   rb, _ = refusals(b)
   out = {"a": a, "b": b, "sets": {}}
-  for name, kind, split in SETS:
-    ids = sorted(i for i in ra if i in rb and kinds[i][1] == split
-                 and (kind is None or kinds[i][0] == kind))
+  for name, pick in judges.REFUSAL_PREFERENCE_SETS:  # stage 8's prompt sets
+    ids = sorted(i for i in ra if i in rb and pick(
+        types.SimpleNamespace(kind=kinds[i][0], split=kinds[i][1])))
     est = intervals.paired([float(ra[i]) for i in ids], [float(rb[i]) for i in ids], seed=seed)
     out["sets"][name] = {"refusal_rate_difference_a_minus_b": est.as_dict()}
   return out

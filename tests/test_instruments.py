@@ -268,7 +268,7 @@ def test_paired_runs_pairs_the_same_prompts_of_two_runs(tmp_path):
     with open(path, "w") as f:
       json.dump({"measures": {"kinds": kinds, "refusal": {"m": refusals_}}}, f)
   out = paired_runs.compare(f"{tmp_path / 'x'}:m", f"{tmp_path / 'y'}:m", seed=0)["sets"]
-  want = {"red_team": ([1, 0], [0, 0]), "safe-but-dangerous-sounding": ([1, 1], [0, 1]),
+  want = {"red_team": ([1, 0], [0, 0]), "borderline": ([1, 1], [0, 1]),
           "helpful": ([0], [0])}
   for name, (a, b) in want.items():
     assert out[name]["refusal_rate_difference_a_minus_b"] == intervals.paired(
