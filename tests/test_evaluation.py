@@ -205,6 +205,16 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   by = {c["claim"]: c for c in claims}
   reward = by["PPO: PM reward rises (mean of the last half of iterations minus the first half)"]
   assert reward["estimate"] == pytest.approx(0.2) and reward["n"] == 4
+  # The policy's PM gain on held-out prompts: its answers' rewards minus SL-CAI's, paired,
+  # the same rewards as the PM's game rows.
+  gain = by["RL-CAI: PM reward of its answers to held-out prompts above SL-CAI's (paired)"]
+  pm_reward = {(r["a"], r["id"]): r["reward_a"] for r in rows if r["judge"] == "pm"}
+  pm_reward.update({(r["b"], r["id"]): r["reward_b"] for r in rows if r["judge"] == "pm"})
+  held = [i for i, (k, s) in res["measures"]["kinds"].items() if s == "held_out"]
+  assert gain["n"] == len(held) == 5 and gain["took_part_in_training"] is True
+  assert gain["estimate"] == pytest.approx(
+      np.mean([pm_reward["rl_cai", i] - pm_reward["sl_cai", i] for i in held]), abs=1e-6)
+  assert res["measures"]["pm_reward"]["rl_cai"] == {i: pm_reward["rl_cai", i] for i in held}
   over = [c for c in claims if "over-refusal on safe-but-dangerous-sounding" in c["claim"]]
   assert len(over) == 2 and all(c["n"] == 3 for c in over)
   refusals = res["measures"]["refusal"]["sl_cai"]

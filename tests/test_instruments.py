@@ -273,3 +273,26 @@ def test_paired_runs_pairs_the_same_prompts_of_two_runs(tmp_path):
   for name, (a, b) in want.items():
     assert out[name]["refusal_rate_difference_a_minus_b"] == intervals.paired(
         a, b, seed=0).as_dict(), name
+  # The PM's reward: two models of one run, from measures.pm_reward or, for runs from
+  # before it, the PM's game rows; two runs' PMs do not compare.
+  x = str(tmp_path / "x")
+  rewards = {"a": {"r1": 0.5, "r2": 0.1, "h1": -0.2}, "b": {"r1": 0.2, "r2": 0.3, "h1": -0.4}}
+  with open(paths.results_file(x), "w") as f:
+    json.dump({"measures": {"kinds": kinds, "refusal": {}, "pm_reward": rewards}}, f)
+  got = paired_runs.compare(f"{x}:a", f"{x}:b", seed=0, measure="pm_reward")["sets"]
+  key = "pm_reward_difference_a_minus_b"
+  assert got["red_team"][key] == intervals.paired([0.5, 0.1], [0.2, 0.3], seed=0).as_dict()
+  assert got["held_out"][key] == intervals.paired([0.5, 0.1, -0.2], [0.2, 0.3, -0.4],
+                                                  seed=0).as_dict()
+  assert "borderline" not in got  # stage 8's PM scores held-out answers only
+  with open(paths.results_file(x), "w") as f:
+    json.dump({"measures": {"kinds": kinds, "refusal": {}}}, f)
+  with open(os.path.join(paths.stage_dir(x, paths.EVALUATION), "comparisons.jsonl"), "w") as f:
+    for i in ("r1", "r2", "h1"):
+      f.write(json.dumps({"judge": "pm", "id": i, "a": "a", "b": "b",
+                          "reward_a": rewards["a"][i], "reward_b": rewards["b"][i]}) + "\n")
+      f.write(json.dumps({"judge": "judge", "id": i, "a": "a", "b": "b",
+                          "reward_a": 9.0, "reward_b": 9.0}) + "\n")
+  assert paired_runs.compare(f"{x}:a", f"{x}:b", seed=0, measure="pm_reward")["sets"] == got
+  with pytest.raises(ValueError, match="one run"):
+    paired_runs.compare(f"{x}:a", f"{tmp_path / 'y'}:m", seed=0, measure="pm_reward")

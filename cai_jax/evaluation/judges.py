@@ -76,8 +76,9 @@ def match_ups(answers: dict[str, dict[str, AnswerRecord]], kind: str
 
 def pm_comparisons(config: ml_collections.ConfigDict, scorer: Scorer,
                    answers: dict[str, dict[str, AnswerRecord]], names: Sequence[str]
-                   ) -> tuple[dict[str, Any], list[dict]]:
-  """PM comparisons per axis (win rates, Elo, mean reward) and the per-game rows."""
+                   ) -> tuple[dict[str, Any], list[dict], dict[str, dict[str, float]]]:
+  """PM comparisons per axis (win rates, Elo, mean reward), the per-game rows, and the
+  PM's reward for each model's answer to each held-out prompt (model -> id -> reward)."""
   rows: list[dict] = []
   comparisons: dict[str, Any] = {}
   reward = {name: {} for name in names}
@@ -99,7 +100,7 @@ def pm_comparisons(config: ml_collections.ConfigDict, scorer: Scorer,
     comparisons[axis]["mean_reward"] = {
         n: float(np.mean([v for pid, v in reward[n].items() if answers[n][pid].kind == kind]))
         if any(answers[n][pid].kind == kind for pid in reward[n]) else None for n in names}
-  return comparisons, rows
+  return comparisons, rows, reward
 
 
 def pm_human_accuracy(scorer: Scorer, num_pairs: int, seed: int) -> dict[str, int]:

@@ -85,20 +85,21 @@ def stage2_records(workdir: str) -> list[records.CritiqueRevisionRecord]:
 
 def run_pm(config, workdir, sharder, answers, names, notes):
   """(PM comparisons per axis, revision-round scores, per-game rows, accuracy on human
-  pairs, refusal preference by prompt set) from the stage-6 PM."""
+  pairs, refusal preference by prompt set, reward per model and held-out prompt) from
+  the stage-6 PM."""
   if not config.pm.enabled:
     return ({"missing": "disabled (pm.enabled=False)"}, {"missing": "disabled"}, [],
-            {"missing": "disabled"}, {"missing": "disabled"})
+            {"missing": "disabled"}, {"missing": "disabled"}, {})
   try:
     pm_dir = paths.preference_model_dir("", workdir)
     cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
   except FileNotFoundError as e:
     notes.append(f"preference model: {e}")
     return ({"missing": str(e)}, {"missing": str(e)}, [], {"missing": str(e)},
-            {"missing": str(e)})
+            {"missing": str(e)}, {})
   scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
                   max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
-  comparisons, rows = judges.pm_comparisons(config, scorer, answers, names)
+  comparisons, rows, reward = judges.pm_comparisons(config, scorer, answers, names)
   human = (judges.pm_human_accuracy(scorer, config.pm.num_human_pairs, config.seed)
            if config.pm.num_human_pairs else {"missing": "disabled (pm.num_human_pairs=0)"})
   recs = [r for r in stage2_records(workdir) if r.rounds]
@@ -111,7 +112,7 @@ def run_pm(config, workdir, sharder, answers, names, notes):
   refusals = ({"model": start, **judges.refusal_preference(scorer.score_texts, answers[start],
                                                           seed=config.seed)}
               if start else {"missing": "no model answered"})
-  return comparisons, rounds, rows, human, refusals
+  return comparisons, rounds, rows, human, refusals, reward
 
 
 def rl_metrics(workdir: str, stage: str = paths.PPO) -> list[dict]:
@@ -167,8 +168,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   # --- 2-4. Judges, revision rounds, labeler accuracy ---
   t0 = time.perf_counter()
-  pm, rounds, pm_rows, pm_human, pm_refusals = run_pm(config, workdir, sharder, answers, names,
-                                                      notes)
+  pm, rounds, pm_rows, pm_human, pm_refusals, pm_reward = run_pm(config, workdir, sharder,
+                                                                 answers, names, notes)
   gc.collect()  # the PM's params, before the judge model loads
   seconds["pm"], t0 = time.perf_counter() - t0, time.perf_counter()
   spec, independent, why = judges.choose_judge(config, used_in_training(config, workdir))
@@ -179,7 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       "kinds": {r.id: (r.kind, r.split) for recs in answers.values() for r in recs.values()},
       "refusal": {n: {r.id: refusal.classify(r.prompt, r.response).category
                       for r in recs.values() if r.split != "sample"}
-                  for n, recs in answers.items()}}
+                  for n, recs in answers.items()},
+      "pm_reward": pm_reward}
   judged: dict[str, Any] = {"judge_validation": {"missing": why}, "judge_rounds": {"missing": why}}
   if not spec:
     notes.append(f"judge: {why}")
