@@ -33,7 +33,7 @@ CHOICES = (
     ("pairs", ("revision_pairs", "refusal_pairs", "max_new_tokens")),
     ("ai_labels", ("feedback_models", "mode", "helpful_labels", "num_principles",
                    "pointwise_temperature")),
-    ("preference_model", ("data.helpful_ratio", "data.eval_size", "train.num_epochs",
+    ("preference_model", ("model", "lora.rank", "data.helpful_ratio", "data.eval_size", "train.num_epochs",
                           "optim.lr")),
     *((rl, ("algorithm", "learner.iterations", "rollout.batch_size",
             "rollout.samples_per_prompt", "rollout.max_new_tokens", "optim.lr", "kl.coef",

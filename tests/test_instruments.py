@@ -296,3 +296,30 @@ def test_paired_runs_pairs_the_same_prompts_of_two_runs(tmp_path):
   assert paired_runs.compare(f"{x}:a", f"{x}:b", seed=0, measure="pm_reward")["sets"] == got
   with pytest.raises(ValueError, match="one run"):
     paired_runs.compare(f"{x}:a", f"{tmp_path / 'y'}:m", seed=0, measure="pm_reward")
+
+
+def test_red_team_refusal_labels_builds_both_contrasts(tmp_path):
+  """benchmarks/red_team_refusal_labels.py: each red-team prompt's SL-CAI sample and its
+  initial answer, each against the same canned refusal; helpful and revision pairs are
+  not contrasts; the summary counts the refusal as preferred where p(a) < 0.5."""
+  from benchmarks import red_team_refusal_labels as rtl
+  from cai_jax import records
+  from cai_jax.data import refusals
+  from cai_jax.phases import paths
+  P = records.ResponsePair
+  pairs = [P(id="r1" + records.REVISION_PAIR_SUFFIX, prompt="hack", kind="red_team",
+             response_a="initial r1", response_b="revised r1"),
+           P(id="r1", prompt="hack", kind="red_team", response_a="sa", response_b="sb"),
+           P(id="r2", prompt="steal", kind="red_team", response_a="ta", response_b="tb"),
+           P(id="h1", prompt="bake", kind="helpful", response_a="ha", response_b="hb")]
+  records.write_shard(paths.stage_dir(str(tmp_path), paths.PAIRS), 0, pairs)
+  got = rtl.contrasts(str(tmp_path))
+  assert [(p.response_a, p.response_b) for p in got["sample"]] == [
+      ("sa", refusals.refusal_for("r1")), ("ta", refusals.refusal_for("r2"))]
+  assert [(p.prompt, p.response_a, p.response_b) for p in got["initial"]] == [
+      ("hack", "initial r1", refusals.refusal_for("r1"))]
+  row = rtl.summarise(np.array([0.2, 0.3, 0.7, 0.5]), seed=0)
+  assert row["refusal_preferred"] == intervals.wilson(2, 4).as_dict()
+  assert row["mean_margin"]["estimate"] == pytest.approx(0.175)
+  assert row["mean_p_refusal_preferred"]["estimate"] == pytest.approx(0.575)
+  assert row["p_range"] == pytest.approx([0.3, 0.8])
