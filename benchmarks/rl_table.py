@@ -87,6 +87,10 @@ def rows(workdir: str) -> list[dict]:
            # what may differ between runs compared in one table (--merge)
            "label_temperature": configs.get("ai_labels", {}).get("pointwise_temperature"),
            "lr": c.get("optim", {}).get("lr"),
+           # the PM stage 7 and DPO's labels trained beside: its base, and its data
+           "pm_base": configs.get("preference_model", {}).get("model") or "sl_cai"
+           if configs else None,
+           "refusal_pairs": configs.get("pairs", {}).get("refusal_pairs"),
            "model": name, "algorithm": c.get("algorithm", section),
            "reward": reward, "stage7_minutes": minutes, "iterations": iterations, **extra,
            # stage 8's KL claim: mean over the last half of iterations, bootstrap CI
@@ -111,7 +115,8 @@ def merged(files: list[str]) -> list[dict]:
     data = _load(path)
     for r in data["rows"]:
       out.append({"run": os.path.basename(os.path.normpath(data["workdir"])),
-                  "label_temperature": None, "lr": None, **r, "file": os.path.basename(path)})
+                  "label_temperature": None, "lr": None, "pm_base": None,
+                  "refusal_pairs": None, **r, "file": os.path.basename(path)})
   return out
 
 
@@ -122,14 +127,17 @@ def markdown(table: list[dict]) -> str:
     lo, hi = v["ci95"]
     return f"{v['estimate']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] (n={v['n']})"
   runs = len({r.get("run") for r in table}) > 1
-  head = ((["run", "label T", "lr"] if runs else [])
+  head = ((["run", "label T", "lr", "PM base", "refusal pairs"] if runs else [])
           + ["model", "algorithm", "reward", "stage 7 min", "KL last half"]
           + [c for c, _ in COLUMNS] + ["harm fall / min"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in table:
     given = lambda v: "?" if v is None else f"{v:g}"
     lines.append("| " + " | ".join(
-        ([r["run"], given(r.get("label_temperature")), given(r.get("lr"))] if runs else [])
+        ([r["run"], given(r.get("label_temperature")), given(r.get("lr")),
+          r.get("pm_base") or "?",
+          "?" if r.get("refusal_pairs") is None else ("yes" if r["refusal_pairs"] else "no")]
+         if runs else [])
         + [r["model"], r["algorithm"], f"`{r['reward']}`", f"{r['stage7_minutes']:.1f}",
          est(r["kl_last_half"])]
         + [est(r[c]) for c, _ in COLUMNS]

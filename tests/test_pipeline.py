@@ -45,8 +45,12 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   measured = [v for k, v in pref.items() if k != "model" and "refusal_preferred" in v]
   assert all(v["refusal_preferred"]["n"] > 0 for v in measured)
   for label in ("RL-CAI (GRPO)", "RL-CAI (DPO)"):  # the RL-CAI claims, for each model
-    found = [x["claim"] for x in res["claims"] if x["claim"].startswith(label)]
-    assert len(found) == 7, found
+    found = [x for x in res["claims"] if x["claim"].startswith(label)]
+    assert len(found) == 8, [x["claim"] for x in found]
+    gain = found[0]  # the PM reward gain on held-out prompts: GRPO maximised it, DPO did not
+    assert gain["claim"].endswith("PM reward of its answers to held-out prompts above SL-CAI's"
+                                  " (paired)") and gain["n"] > 0
+    assert gain["took_part_in_training"] is (label == "RL-CAI (GRPO)")
   curves = [x["claim"] for x in res["claims"] if x["claim"].startswith("GRPO: ")]
   assert len(curves) == 2, curves  # its reward and KL over iterations
   text = open(os.path.join(workdir, "report", "report.md")).read()
@@ -61,8 +65,9 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   table = rl_table.rows(workdir)  # benchmarks/rl_table.py: one row per RL model
   assert [(r["model"], r["algorithm"], r["iterations"]) for r in table] == [
       ("rl_cai", "ppo", 2), ("grpo", "grpo", 2), ("dpo", "dpo", c.dpo.train.num_steps)]
-  assert {(r["run"], r["label_temperature"]) for r in table} == {
-      (os.path.basename(workdir), c.ai_labels.pointwise_temperature)}
+  assert {(r["run"], r["label_temperature"], r["pm_base"], r["refusal_pairs"]) for r in table} == {
+      (os.path.basename(workdir), c.ai_labels.pointwise_temperature,
+       c.preference_model.model or "sl_cai", c.pairs.refusal_pairs)}
   out = os.path.join(workdir, "rl_table.json")  # --merge reads --out files back
   with open(out, "w") as f:
     json.dump({"workdir": workdir, "rows": table}, f)
