@@ -95,7 +95,8 @@ class Tokenizer:
     except Exception as e:
       raise TokenizerError(
           f"{path}: transformers cannot build the tokenizer from the GGUF metadata"
-          f" ({e}); `accelerate` and `gguf` must be installed") from e
+          f" ({e}); transformers needs PyTorch to read a GGUF (`pip install torch`, the CPU"
+          f" wheel is enough, or `pip install 'cai_jax[gguf]'`) and `gguf`") from e
     return cls(tok, "hf", source=path, **kw)
 
   @classmethod
