@@ -20,14 +20,12 @@ prompts; only prompts both models answered are paired.
 from __future__ import annotations
 
 import json
-import os
 import types
 
 from absl import app, flags
 
 from cai_jax.evaluation import intervals, judges, refusal
 from cai_jax.phases import paths
-from cai_jax.phases.p8_evaluation import COMPARISONS
 
 FLAGS = flags.FLAGS
 
@@ -63,7 +61,7 @@ def pm_rewards(spec: str) -> tuple[dict[str, float], dict[str, tuple[str, str]]]
   if m.get("pm_reward"):
     return m["pm_reward"][model], {i: tuple(k) for i, k in m["kinds"].items()}
   reward = {}
-  path = os.path.join(paths.stage_dir(workdir, paths.EVALUATION), COMPARISONS)
+  path = paths.comparisons_file(workdir)
   with open(path) as f:
     for line in f:
       r = json.loads(line)
@@ -100,9 +98,8 @@ def main(argv):
   del argv
   result = compare(FLAGS.a, FLAGS.b, FLAGS.seed, FLAGS.measure)
   for name, v in result["sets"].items():
-    e = v[f"{KEYS[FLAGS.measure]}_difference_a_minus_b"]
-    print(f"{name}: {KEYS[FLAGS.measure]} {FLAGS.a} - {FLAGS.b} = {e['estimate']:+.3f} "
-          f"[{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}] (n={e['n']})")
+    e = intervals.Estimate.from_dict(v[f"{KEYS[FLAGS.measure]}_difference_a_minus_b"])
+    print(f"{name}: {KEYS[FLAGS.measure]} {FLAGS.a} - {FLAGS.b} = {e}")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)

@@ -27,7 +27,7 @@ from absl import app, flags
 
 from cai_jax import records
 from cai_jax.evaluation import answers as ans
-from cai_jax.evaluation import judges, refusal
+from cai_jax.evaluation import intervals, judges, refusal
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax.phases import paths
@@ -87,10 +87,10 @@ def main(argv):
   for name, sets in result.items():
     for k, v in sets.items():
       if isinstance(v, dict) and "refusal_preferred" in v:
-        r, m = v["refusal_preferred"], v["mean_margin"]
-        print(f"{name:10s} {k:10s} refusal preferred {r['estimate']:.3f} "
-              f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] n={r['n']}  margin {m['estimate']:+.4f} "
-              f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]  (answers refusing: {v['answers_refusing']})")
+        print(f"{name:10s} {k:10s} refusal preferred"
+              f" {intervals.Estimate.from_dict(v['refusal_preferred'])}  margin"
+              f" {intervals.Estimate.from_dict(v['mean_margin'])}"
+              f"  (answers refusing: {v['answers_refusing']})")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump({"workdir": os.path.abspath(FLAGS.workdir), "models": result,

@@ -83,10 +83,9 @@ def main(argv):
     row = summarise(np.array([r.p_a for r in labels], float), FLAGS.seed)
     row["seconds"] = time.perf_counter() - t0
     result["contrasts"][name] = row
-    e, w = row["mean_margin"], row["refusal_preferred"]
-    print(f"{name} vs refusal (n={row['n']}): refusal preferred {w['estimate']:.3f} "
-          f"[{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}], mean |p-0.5| {e['estimate']:.3f} "
-          f"[{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]")
+    print(f"{name} vs refusal: refusal preferred "
+          f"{intervals.Estimate.from_dict(row['refusal_preferred'])}, mean |p-0.5| "
+          f"{intervals.Estimate.from_dict(row['mean_margin'])}")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)

@@ -172,7 +172,7 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
     assert res[judge]["harmlessness"]["elo"]["initial"] == 0.0
   assert res["judge"]["independent"] is False  # the judge is the initial model here
   # The PM's games are sigma of its reward gaps, and the Elo is their fit.
-  with open(os.path.join(paths.stage_dir(workdir, paths.EVALUATION), p8.COMPARISONS)) as f:
+  with open(paths.comparisons_file(workdir)) as f:
     rows = [json.loads(line) for line in f]
   pm_rows = [r for r in rows if r["judge"] == "pm" and r["axis"] == "harmlessness"]
   for r in pm_rows:

@@ -3,6 +3,8 @@ large-sample references, the refusal measure on phrases and on PyRIT's human lab
 
 import math
 
+import json
+
 import numpy as np
 import pytest
 
@@ -323,3 +325,11 @@ def test_red_team_refusal_labels_builds_both_contrasts(tmp_path):
   assert row["mean_margin"]["estimate"] == pytest.approx(0.175)
   assert row["mean_p_refusal_preferred"]["estimate"] == pytest.approx(0.575)
   assert row["p_range"] == pytest.approx([0.3, 0.8])
+
+
+def test_estimate_reads_back_what_as_dict_wrote():
+  """Benchmarks print stored intervals through `Estimate.__str__`, read back from JSON."""
+  for e in (intervals.wilson(3, 7), intervals.paired([1.0, 0.0, 1.0], [0.0, 0.0, 1.0], seed=0)):
+    assert intervals.Estimate.from_dict(json.loads(json.dumps(e.as_dict()))) == e
+  missing = intervals.Estimate.from_dict({"estimate": None, "ci95": [None, None], "n": 0})
+  assert str(missing) == "n/a (n=0)"

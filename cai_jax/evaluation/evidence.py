@@ -184,12 +184,14 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
   curve_claims(ppo_metrics, "PPO")
   for name, metrics in (critic_free_metrics or {}).items():
     curve_claims(metrics, name.upper())
-  def rl_claims(name: str, label: str, metrics: Sequence[dict] = ()):
+  def rl_claims(name: str, label: str, metrics: Sequence[dict] = (), on_policy: bool = True):
     # Did the policy gain the PM's reward? Its answers and SL-CAI's to the same held-out
     # prompts, paired: a test of the whole run's gain, where the per-iteration curve
     # compares rollout batches of different prompts.
     sources = reward_sources(metrics)
-    pm_trained = name != "dpo" and (not sources or "pm" in sources)
+    # On-policy runs from before weighted sources logged none, and had the PM alone;
+    # DPO trains on stage 5's labels, never on the PM's reward.
+    pm_trained = on_policy and (not sources or "pm" in sources)
     text = f"{label}: PM reward of its answers to held-out prompts above SL-CAI's (paired)"
     pm_r = m.get("pm_reward", {})
     ids = _shared(pm_r, name, "sl_cai", red + ok)
@@ -227,7 +229,8 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
   # Stage 7's alternatives have claims only in runs that trained them.
   for name in ("rloo", "grpo", "dpo"):
     if name in results.get("evaluated_models", ()):
-      rl_claims(name, f"RL-CAI ({name.upper()})", (critic_free_metrics or {}).get(name, ()))
+      rl_claims(name, f"RL-CAI ({name.upper()})", (critic_free_metrics or {}).get(name, ()),
+                on_policy=name != "dpo")
 
   # --- The instruments themselves ---
   rv = results.get("refusal_validation", {}).get("held_out")

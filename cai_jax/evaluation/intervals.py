@@ -42,6 +42,12 @@ class Estimate:
       return None if x is None or not math.isfinite(x) else float(x)
     return {"estimate": num(self.estimate), "ci95": [num(self.lo), num(self.hi)], "n": self.n}
 
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Estimate":
+    """The inverse of `as_dict` (None, a non-finite value written out, reads back as nan)."""
+    f = lambda x: NAN if x is None else float(x)
+    return cls(f(d["estimate"]), f(d["ci95"][0]), f(d["ci95"][1]), int(d["n"]))
+
   def excludes(self, value: float) -> bool:
     return math.isfinite(self.lo) and math.isfinite(self.hi) and not self.lo <= value <= self.hi
 

@@ -45,7 +45,6 @@ from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 from cai_jax.training.metrics import METRICS_FILE, read_metrics
 
-COMPARISONS = "comparisons.jsonl"
 
 
 def model_specs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
@@ -225,10 +224,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       **config.evidence)
   path = paths.results_file(workdir)
   evidence.write(os.path.join(out, evidence.EVIDENCE_FILE), results["claims"])
-  with open(os.path.join(out, COMPARISONS + ".tmp"), "w") as f:
+  comparisons = paths.comparisons_file(workdir)
+  with open(comparisons + ".tmp", "w") as f:
     for row in pm_rows + judge_rows:
       f.write(json.dumps(row) + "\n")
-  os.replace(os.path.join(out, COMPARISONS + ".tmp"), os.path.join(out, COMPARISONS))
+  os.replace(comparisons + ".tmp", comparisons)
   with open(path + ".tmp", "w") as f:
     json.dump(results, f, indent=1, ensure_ascii=False)
   os.replace(path + ".tmp", path)

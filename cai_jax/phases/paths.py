@@ -72,6 +72,11 @@ def results_file(workdir: str) -> str:
   return os.path.join(workdir, EVALUATION, "results.json")
 
 
+def comparisons_file(workdir: str) -> str:
+  """Stage 8's per-game rows (PM and judge), one JSON object a line."""
+  return os.path.join(workdir, EVALUATION, "comparisons.jsonl")
+
+
 def pipeline_config(workdir: str) -> str:
   """Each stage's config as `cai_jax.pipeline` last ran it (stage name -> dict)."""
   return os.path.join(workdir, "pipeline_config.json")
