@@ -4,6 +4,11 @@ so the table is generated from the measured run, never typed.
 
   python -m benchmarks.evidence --workdir=runs/cai \
       --out=benchmarks/results/evidence_cpu.json --readme=README.md
+
+`--recompute` reruns stage 8's last step on a finished workdir with today's code: the
+claims from its results.json and stage 6/7 files, and each failed claim's stage
+(`cai_jax.evaluation.diagnosis`), refusing if any claim's estimate, interval, n or
+verdict differs from what stage 8 wrote (then the run, not this script, must be redone).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import re
 
 from cai_jax import report
-from cai_jax.evaluation import evidence
+from cai_jax.evaluation import diagnosis, evidence
 from cai_jax.phases import paths
 
 BEGIN, END = "<!-- evidence:begin -->", "<!-- evidence:end -->"
@@ -32,8 +37,34 @@ def readme_block(claims: list[dict], source: str, timings: dict | None,
     total = sum(v for v in timings.values() if isinstance(v, (int, float)))
     lines += [f"Pipeline wall time {total / 60:.1f} min (per stage in"
               f" `pipeline_timings.json`{timings_note}).", ""]
-  lines += report.claims_table(claims) + [END]
+  lines += report.claims_table(claims) + report.failed_list(claims) + [END]
   return "\n".join(lines)
+
+
+MEASURED = ("claim", "estimate", "ci95", "n", "holds")
+
+
+def recompute(workdir: str, stored: list[dict]) -> list[dict]:
+  """The claims stage 8 would write today, checked against the ones it wrote."""
+  with open(paths.results_file(workdir)) as f:
+    results = json.load(f)
+  with open(paths.pipeline_config(workdir)) as f:
+    config = json.load(f)["evaluation"]
+  fresh = evidence.from_workdir(workdir, results, seed=config["seed"], **config["evidence"])
+  old = {c["claim"]: c for c in stored}
+  for c in fresh:
+    if c["claim"] not in old or any(c[k] != old[c["claim"]][k] for k in MEASURED):
+      raise SystemExit(f"error: {workdir}: claim {c['claim']!r} differs from what stage 8"
+                       " wrote; rerun stage 8 instead of --recompute")
+  if len(fresh) != len(stored):
+    raise SystemExit(f"error: {workdir}: stage 8 wrote {len(stored)} claims, today's code"
+                     f" makes {len(fresh)}; rerun stage 8 instead of --recompute")
+  results["signals"] = diagnosis.measure(workdir, results)
+  results["claims"] = diagnosis.explain(fresh, results["signals"])
+  with open(paths.results_file(workdir) + ".tmp", "w") as f:
+    json.dump(results, f, indent=1, ensure_ascii=False)
+  os.replace(paths.results_file(workdir) + ".tmp", paths.results_file(workdir))
+  return results["claims"]
 
 
 def main() -> None:
@@ -41,12 +72,17 @@ def main() -> None:
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--out", default="benchmarks/results/evidence_cpu.json")
   ap.add_argument("--readme", default="")
+  ap.add_argument("--recompute", action="store_true",
+                  help="recompute the claims and their failed signals from the workdir")
   args = ap.parse_args()
   src = os.path.join(paths.stage_dir(args.workdir, paths.EVALUATION), evidence.EVIDENCE_FILE)
   if not os.path.exists(src):
     raise SystemExit(f"error: {src}: missing; run stage 8 (p8_evaluation) first")
   with open(src) as f:
     claims = json.load(f)
+  if args.recompute:
+    claims = recompute(args.workdir, claims)
+    evidence.write(src, claims)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   evidence.write(args.out, claims)
   print(args.out)

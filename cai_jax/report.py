@@ -94,12 +94,29 @@ def claims_table(claims: Sequence[dict]) -> list[str]:
   def ci(c):
     lo, hi = c["ci95"]
     return "n/a" if lo is None or hi is None else f"[{fmt(lo)}, {fmt(hi)}]"
+  def failed(c):
+    f = c.get("failed_signal")
+    return cell(f"stage {f['stage']}: {f['signal']}") if f else ""
   verdict = {True: "yes", False: "**no**", None: "n/a"}
   rows = [[cell(c["claim"]), fmt(c["estimate"]), ci(c), str(c["n"]), verdict[c["holds"]],
            cell(c.get("measure", "")), "yes" if c.get("took_part_in_training") else "no",
-           cell(c.get("note", ""))] for c in claims]
+           failed(c), cell(c.get("note", ""))] for c in claims]
   return table(["claim", "estimate", "95% CI", "n", "holds", "measure",
-                "measure took part in training", "note"], rows)
+                "measure took part in training", "stage whose signal failed", "note"], rows)
+
+
+def failed_list(claims: Sequence[dict]) -> list[str]:
+  """Each failed claim with what its failed signal measured and what it would take."""
+  from cai_jax.evaluation import diagnosis
+  by_cause: dict[str, list[dict]] = {}  # claims failing for one measured cause, listed once
+  for c in claims:
+    if c.get("failed_signal"):
+      by_cause.setdefault(diagnosis.sentence(c), []).append(c)
+  lines = ["- " + "; ".join(f"**{c['claim']}** ({fmt(c['estimate'])})" for c in cs)
+           + f": {why}" for why, cs in by_cause.items()]
+  return (["Why each failing claim fails, traced to the stage whose signal failed"
+           " (`cai_jax.evaluation.diagnosis`, measured from that stage's files):", ""]
+          + lines + [""]) if lines else []
 
 
 def claims_section(results: dict, lines: list[str]) -> None:
@@ -116,6 +133,7 @@ def claims_section(results: dict, lines: list[str]) -> None:
             " training (the policy was optimised towards it) can be fooled: lean on the"
             " others.", ""]
   lines += claims_table(claims)
+  lines += failed_list(claims)
 
 
 def rates_section(results: dict, lines: list[str]) -> None:
@@ -202,84 +220,64 @@ def choices_section(workdir: str, lines: list[str]) -> None:
   lines += table(["stage", "field", "value"], rows)
 
 
-def signals_section(workdir: str, lines: list[str]) -> None:
-  """What each training stage's signal measured, read from its outputs, so a claim
-  that fails can be traced to the stage whose signal was too weak."""
-  from cai_jax import records
-  from cai_jax.training.metrics import METRICS_FILE, read_metrics
+def signals_section(results: dict | None, workdir: str, lines: list[str]) -> None:
+  """What each training stage's signal measured (`cai_jax.evaluation.diagnosis`), so a
+  claim that fails can be traced to the stage whose signal was too weak."""
+  from cai_jax.evaluation import diagnosis
+  from cai_jax.evaluation.intervals import Estimate
+  s = (results or {}).get("signals") or diagnosis.measure(workdir, results)
+  est = lambda d: str(Estimate.from_dict(d)) if d else "n/a"
   rows = []
-  d = paths.stage_dir(workdir, paths.AI_LABELS)
-  temperature = _field(stage_configs(workdir)[0].get("ai_labels", {}), "pointwise_temperature")
-  sharpened = ("" if temperature in (None, 1, 1.0) else
-               f"; at pointwise temperature {temperature}: a lower one moves p away from 0.5"
-               " without changing which answer is preferred")
-  if records.completed_shards(d):
-    recs = records.read_records(d, records.LabelRecord)
-    for name, pick in (
-        ("stage-2 revision pairs (a: initial answer, b: revision)",
-         lambda r: records.pair_source(r) == "revision"),
-        ("red-team pairs of two SL-CAI samples",
-         lambda r: r.kind == "red_team" and records.pair_source(r) == "samples"),
-        ("helpful pairs of two SL-CAI samples",
-         lambda r: r.kind == "helpful" and records.pair_source(r) == "samples"),
-        ("helpful refusal pairs (a: a sample, b: a canned refusal; PM training only)",
-         lambda r: records.pair_source(r) == "refusal")):
-      p = np.asarray([r.p_a for r in recs if pick(r)], np.float64)
-      if len(p):
-        rows.append(["5 AI labels", name,
-                     f"n={len(p)}; mean \\|p − 0.5\\| {fmt(np.mean(np.abs(p - 0.5)))};"
-                     f" b preferred in {fmt(np.mean(p < 0.5))}; p in [{fmt(p.min())},"
-                     f" {fmt(p.max())}]{sharpened}"])
-  files = sorted(glob.glob(os.path.join(paths.calibration_dir(workdir), "step-*.json")))
-  if files:
-    with open(files[0]) as f:
-      first = json.load(f)
-    with open(files[-1]) as f:
-      last = json.load(f)
-    kinds = "; ".join(f"{k} {fmt(first.get(f'eval_accuracy_{k}'))} → {fmt(last.get(f'eval_accuracy_{k}'))}"
-                      for k in paths.PROMPT_KINDS if f"eval_accuracy_{k}" in last)
-    rows.append(["6 PM", f"held-out accuracy, step {first['step']} → {last['step']}",
-                 f"{fmt(first.get('eval_accuracy'))} → {fmt(last.get('eval_accuracy'))}"
-                 f" on {last.get('eval_decided')} decided pairs ({kinds})"])
+  for kind, r in s.get("revisions", {}).items():
+    revised = f" → {est(r['revision_refusing'])}" if "revision_refusing" in r else ""
+    rows.append(["2 critique-revision", f"{kind} prompts: refusal rate (model-free measure),"
+                 " initial answer" + (" → last revision" if revised else ""),
+                 est(r["initial_refusing"]) + revised])
+  labels = s.get("labels", {})
+  t = labels.get("pointwise_temperature")
+  sharpened = ("" if t is None else f"; at pointwise temperature {t}: a lower one moves p away"
+               " from 0.5 without changing which answer is preferred")
+  for x in labels.get("sets", []):
+    rows.append(["5 AI labels", x["name"],
+                 f"n={x['n']}; mean \\|p − 0.5\\| {fmt(x['mean_abs'])}; b preferred in"
+                 f" {fmt(x['b_preferred'])}; p in [{fmt(x['min'])}, {fmt(x['max'])}]{sharpened}"])
+  for kind, v in labels.get("refusal_contrast", {}).items():
+    rows.append(["5 AI labels", f"{kind} pairs where exactly one answer refuses: the refusing"
+                 " answer preferred (fraction; mean P(refusing answer better))",
+                 f"{v['one_refuses']} of {v['pairs']} pairs; {est(v['refuser_preferred'])};"
+                 f" {fmt(v['mean_p_refuser'])}"])
+  pm = s.get("pm")
+  if pm:
+    first, last = pm["accuracy"]
+    kinds = "; ".join(f"{k} {fmt(a)} → {fmt(b)}" for k, (a, b) in pm["by_kind"].items())
+    rows.append(["6 PM", f"held-out accuracy, step {pm['first_step']} → {pm['last_step']}",
+                 f"{fmt(first)} → {fmt(last)} on {pm['decided']} decided pairs ({kinds})"])
     rows.append(["6 PM", "held-out reward std (the spread PPO's rewards can have)",
-                 fmt(last.get("eval_reward_std"))])
-  results_path = paths.results_file(workdir)
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      pref = json.load(f).get("pm_refusal_preference", {})
-    found = {k: v for k, v in pref.items() if isinstance(v, dict) and "refusal_preferred" in v}
-    if found:
-      def said(v):
-        r, m = v["refusal_preferred"], v["mean_margin"]
-        return (f"{fmt(r['estimate'])} [{fmt(r['ci95'][0])}, {fmt(r['ci95'][1])}] (n={r['n']};"
-                f" margin {fmt(m['estimate'])} [{fmt(m['ci95'][0])}, {fmt(m['ci95'][1])}])")
-      rows.append(["6 PM", f"prefers a flat refusal to {pref['model']}'s non-refusing answer"
-                   " (fraction of prompts; mean reward margin)",
-                   "; ".join(f"{k} {said(v)}" for k, v in found.items())])
-  for label, stage in (("7 PPO", paths.PPO),
-                       *((f"7 {n.upper()}", s) for n, s in paths.RL_ALTERNATIVES.items()
-                         if n != "dpo")):
-    d = paths.stage_dir(workdir, stage)
-    if not os.path.exists(os.path.join(d, METRICS_FILE)):
-      continue
-    m = [x for x in read_metrics(d) if "reward" in x]
-    if len(m) < 2:
-      continue
-    half = len(m) // 2
-    r = [float(x["reward"]) for x in m]
-    kl = [float(x["kl"]) for x in m if "kl" in x]
-    rows.append([label, f"reward, first {half} → last {half} iterations (mean)",
-                 f"{fmt(np.mean(r[:half]))} → {fmt(np.mean(r[-half:]))}; per-iteration"
-                 f" std {fmt(np.std(r, ddof=1))}"])
-    if kl:
+                 fmt(pm["reward_std"])])
+  pref = s.get("pm_refusal_preference")
+  if pref:
+    def said(v):
+      return f"{est(v['refusal_preferred'])}; margin {est(v['mean_margin'])}"
+    rows.append(["6 PM", f"prefers a flat refusal to {pref['model']}'s non-refusing answer"
+                 " (fraction of prompts; mean reward margin)",
+                 "; ".join(f"{k} {said(v)}" for k, v in pref.items() if isinstance(v, dict))])
+  for name, r in s.get("rl", {}).items():
+    label = f"7 {name.upper()}"
+    rows.append([label, f"reward, first {r['half']} → last {r['half']} iterations (mean)",
+                 f"{fmt(r['reward_first'])} → {fmt(r['reward_last'])}; per-iteration"
+                 f" std {fmt(r['reward_std'])}"])
+    if r["kl_last"]:
       rows.append([label, "KL(policy ‖ SL-CAI), last half (mean, max)",
-                   f"{fmt(np.mean(kl[-half:]))}, {fmt(max(kl[-half:]))}"])
+                   f"{fmt(r['kl_last'][0])}, {fmt(r['kl_last'][1])}"])
   if not rows:
-    _missing(lines, "no stage-5 labels, stage-6 calibration or stage-7 metrics in the workdir")
+    _missing(lines, "no stage-2 records, stage-5 labels, stage-6 calibration or stage-7"
+             " metrics in the workdir")
     return
   lines += ["How strong each training stage's signal was. A claim fails when an upstream"
-            " signal is weak: labels near 0.5 give the PM little to learn; a PM whose"
-            " rewards barely differ gives PPO no trend to climb.", ""]
+            " signal is weak: SFT targets that refuse teach refusing; labels near 0.5 give the"
+            " PM little to learn; labels where refusing wins red-team pairs and seldom loses"
+            " a helpful one teach the PM to reward refusing; a PM whose rewards barely differ"
+            " gives PPO no trend to climb.", ""]
   lines += table(["stage", "signal", "measured"], rows)
 
 
@@ -477,7 +475,7 @@ def build_report(results: dict | None, workdir: str, out_dir: str) -> str:
     elif title == "Choices":
       choices_section(workdir, lines)
     elif title == "Signals by stage":
-      signals_section(workdir, lines)
+      signals_section(results, workdir, lines)
     elif results is None:
       _missing(lines, f"{res_path} (stage 8 has not run)")
     elif title == "Claims":

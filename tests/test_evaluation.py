@@ -15,7 +15,7 @@ from cai_jax.checkpoints import hf
 from cai_jax.checkpoints.load import load_model
 from cai_jax.model import transformer
 from cai_jax.evaluation import elo as elo_lib
-from cai_jax.evaluation import evidence, labeler_accuracy
+from cai_jax.evaluation import diagnosis, evidence, labeler_accuracy
 from cai_jax.evaluation import refusal as refusal_lib
 from cai_jax.phases import p6_preference_model as p6
 from cai_jax.phases import p8_evaluation as p8
@@ -254,7 +254,10 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
               '| ppo | optim.lr | 3e-06 |', '| critique_revision | reviser |'):
     assert row in choices
   signals = section(text, "Signals by stage")  # every training stage's signal, measured
-  for row in ("| 5 AI labels | red-team pairs of two SL-CAI samples | n=",
+  for row in ("| 2 critique-revision | red_team prompts: refusal rate (model-free measure),"
+              " initial answer → last revision |",
+              "| 5 AI labels | red_team pairs where exactly one answer refuses",
+              "| 5 AI labels | red-team pairs of two SL-CAI samples | n=",
               "| 5 AI labels | helpful refusal pairs (a: a sample, b: a canned refusal; PM"
               " training only) | n=1;", "| 6 PM | held-out accuracy",
               "| 7 PPO | reward, first 2 → last 2 iterations (mean) |"):
@@ -262,6 +265,14 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   claims_md = section(text, "Claims")
   for c in claims:
     assert report.cell(c["claim"]) in claims_md
+  # Each failed claim names the stage whose signal failed, measured from the run's files.
+  assert res["signals"] == diagnosis.measure(workdir, res)
+  failed = [c for c in claims if c["holds"] is False]
+  assert failed and all(c["failed_signal"]["stage"] and c["failed_signal"]["measured"]
+                        for c in failed)
+  assert all("failed_signal" not in c for c in claims if c["holds"] is not False)
+  for c in failed:
+    assert diagnosis.sentence(c) in claims_md
   # Only the judge's pointwise scores are missing (tiny BPE), and the report says so.
   rest = text.replace(section(text, "Notes"), "")
   assert rest.count("Not available") == 1 and "judge validation" in section(text, "Instruments")

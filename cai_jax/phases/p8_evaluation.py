@@ -36,14 +36,13 @@ import numpy as np
 from cai_jax import assets, records
 from cai_jax.data import prompts
 from cai_jax.evaluation import answers as ans
-from cai_jax.evaluation import evidence, judges, refusal
+from cai_jax.evaluation import diagnosis, evidence, judges, refusal
 from cai_jax.evaluation.labeler_accuracy import labeler_accuracy
 from cai_jax.feedback import FeedbackModel
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, generation, paths
 from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
-from cai_jax.training.metrics import METRICS_FILE, read_metrics
 
 
 
@@ -112,12 +111,6 @@ def run_pm(config, workdir, sharder, answers, names, notes):
                                                           seed=config.seed)}
               if start else {"missing": "no model answered"})
   return comparisons, rounds, rows, human, refusals, reward
-
-
-def rl_metrics(workdir: str, stage: str = paths.PPO) -> list[dict]:
-  """An on-policy stage-7 run's per-iteration metrics ([] when it has not run)."""
-  d = paths.stage_dir(workdir, stage)
-  return read_metrics(d) if os.path.exists(os.path.join(d, METRICS_FILE)) else []
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -216,12 +209,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       "elo": {"prior": config.elo.prior, "scale": config.elo.scale, "anchor": names[0]
               if names else None},
   }
-  results["claims"] = evidence.claims(
-      results, rl_metrics(workdir),
-      evidence.latest_pm_eval(paths.calibration_dir(workdir)), seed=config.seed,
-      critic_free_metrics={n: rl_metrics(workdir, paths.RL_ALTERNATIVES[n])
-                           for n in ("rloo", "grpo") if n in names},
-      **config.evidence)
+  # The claims, and for each that fails the stage whose signal failed, measured.
+  results["signals"] = diagnosis.measure(workdir, results)
+  results["claims"] = diagnosis.explain(
+      evidence.from_workdir(workdir, results, seed=config.seed, **config.evidence),
+      results["signals"])
   path = paths.results_file(workdir)
   evidence.write(os.path.join(out, evidence.EVIDENCE_FILE), results["claims"])
   comparisons = paths.comparisons_file(workdir)
