@@ -8,7 +8,10 @@ question, to favour the refusal as clearly. This script measures whether it does
 a workdir's stage-4 pairs: for every red-team training prompt, (its SL-CAI sample a,
 a canned refusal) and (stage 2's initial answer, the same refusal), labelled by the
 stage-5 labeler of the pipeline config (red-team pairs' principles, its feedback
-models and settings). Per contrast: the share of prompts where the refusal is
+models and settings); and, for the same labeler's other side, every helpful prompt's
+SL-CAI sample against a canned refusal under the helpful question ("helpful").
+`--feedback_models` labels with other models (e.g. the bundled
+qwen2.5-coder-1.5b-instruct) to ask whether a larger one would supply the contrast. Per contrast: the share of prompts where the refusal is
 preferred (Wilson 95% interval), and the mean label margin |p - 0.5| and mean
 p(refusal preferred) (bootstrap 95% intervals).
 
@@ -39,18 +42,24 @@ def define_flags() -> None:
   flags.DEFINE_string("config", "cpu", "configs/pipeline.py variant whose ai_labels label.")
   flags.DEFINE_string("out", "", "Write the result as JSON here.")
   flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+  flags.DEFINE_list("feedback_models", [], "Label with these load_model specs instead of"
+                    " the config's ai_labels.feedback_models.")
 
 
 def contrasts(workdir: str) -> dict[str, list[records.ResponsePair]]:
   """(answer a, refusal b) pairs for every red-team prompt with stage-4 samples: a is
-  the SL-CAI sample ("sample") or stage 2's initial answer ("initial")."""
+  the SL-CAI sample ("sample") or stage 2's initial answer ("initial"); and for every
+  helpful prompt, its SL-CAI sample ("helpful")."""
   pairs = records.read_records(paths.require_records(
       paths.stage_dir(workdir, paths.PAIRS), paths.PAIRS, "response pairs"), records.ResponsePair)
   initial = {p.id[:-len(records.REVISION_PAIR_SUFFIX)]: p.response_a for p in pairs
              if records.pair_source(p) == "revision"}
-  out: dict[str, list[records.ResponsePair]] = {"sample": [], "initial": []}
+  out: dict[str, list[records.ResponsePair]] = {"sample": [], "initial": [], "helpful": []}
   for p in pairs:
-    if p.kind != "red_team" or records.pair_source(p) != "samples":
+    if records.pair_source(p) != "samples":
+      continue
+    if p.kind == "helpful":
+      out["helpful"].append(records.refusal_pair(p, refusals.refusal_for(p.id)))
       continue
     refusal = refusals.refusal_for(p.id)
     out["sample"].append(records.refusal_pair(p, refusal))
@@ -74,12 +83,14 @@ def main(argv):
   del argv
   from configs import pipeline
   config = pipeline.get_config(FLAGS.config).ai_labels
-  labeler = Labeler.by_kind_from_config(config)["red_team"]
+  if FLAGS.feedback_models:
+    config.feedback_models = tuple(FLAGS.feedback_models)
+  labelers = Labeler.by_kind_from_config(config)
   result = {"workdir": FLAGS.workdir, "feedback_models": list(config.feedback_models),
             "mode": config.mode, "contrasts": {}}
   for name, pairs in contrasts(FLAGS.workdir).items():
     t0 = time.perf_counter()
-    labels = labeler.label(pairs)
+    labels = labelers["helpful" if name == "helpful" else "red_team"].label(pairs)
     row = summarise(np.array([r.p_a for r in labels], float), FLAGS.seed)
     row["seconds"] = time.perf_counter() - t0
     result["contrasts"][name] = row

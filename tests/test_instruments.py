@@ -302,8 +302,9 @@ def test_paired_runs_pairs_the_same_prompts_of_two_runs(tmp_path):
 
 def test_red_team_refusal_labels_builds_both_contrasts(tmp_path):
   """benchmarks/red_team_refusal_labels.py: each red-team prompt's SL-CAI sample and its
-  initial answer, each against the same canned refusal; helpful and revision pairs are
-  not contrasts; the summary counts the refusal as preferred where p(a) < 0.5."""
+  initial answer, each against the same canned refusal, and each helpful prompt's sample
+  against its refusal; revision pairs are not contrasts; the summary counts the refusal
+  as preferred where p(a) < 0.5."""
   from benchmarks import red_team_refusal_labels as rtl
   from cai_jax import records
   from cai_jax.data import refusals
@@ -320,6 +321,8 @@ def test_red_team_refusal_labels_builds_both_contrasts(tmp_path):
       ("sa", refusals.refusal_for("r1")), ("ta", refusals.refusal_for("r2"))]
   assert [(p.prompt, p.response_a, p.response_b) for p in got["initial"]] == [
       ("hack", "initial r1", refusals.refusal_for("r1"))]
+  assert [(p.kind, p.response_a, p.response_b) for p in got["helpful"]] == [
+      ("helpful", "ha", refusals.refusal_for("h1"))]
   row = rtl.summarise(np.array([0.2, 0.3, 0.7, 0.5]), seed=0)
   assert row["refusal_preferred"] == intervals.wilson(2, 4).as_dict()
   assert row["mean_margin"]["estimate"] == pytest.approx(0.175)
