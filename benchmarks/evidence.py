@@ -53,7 +53,10 @@ def recompute(workdir: str, stored: list[dict]) -> list[dict]:
   fresh = evidence.from_workdir(workdir, results, seed=config["seed"], **config["evidence"])
   old = {c["claim"]: c for c in stored}
   for c in fresh:
-    if c["claim"] not in old or any(c[k] != old[c["claim"]][k] for k in MEASURED):
+    if c["claim"] not in old:
+      raise SystemExit(f"error: {workdir}: claim {c['claim']!r} is not among those stage 8"
+                       " wrote (it predates the claim); rerun stage 8 instead of --recompute")
+    if any(c[k] != old[c["claim"]][k] for k in MEASURED):
       raise SystemExit(f"error: {workdir}: claim {c['claim']!r} differs from what stage 8"
                        " wrote; rerun stage 8 instead of --recompute")
   if len(fresh) != len(stored):
