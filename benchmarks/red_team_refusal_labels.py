@@ -44,6 +44,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
   flags.DEFINE_list("feedback_models", [], "Label with these load_model specs instead of"
                     " the config's ai_labels.feedback_models.")
+  flags.DEFINE_string("baseline", "", "An earlier --out of this script on the same workdir:"
+                      " add the paired differences (this run minus it) per contrast.")
 
 
 def contrasts(workdir: str) -> dict[str, list[records.ResponsePair]]:
@@ -79,6 +81,19 @@ def summarise(p_a: np.ndarray, seed: int) -> dict:
           "p_range": [float(p_refusal.min()), float(p_refusal.max())]}
 
 
+def paired_to(row: dict, base: dict, seed: int) -> dict:
+  """This run's per-pair labels minus `base`'s on the same pair ids (paired bootstrap)."""
+  ids = [i for i in row["ids"] if i in set(base["ids"])]
+  if not ids:
+    raise ValueError("--baseline: no pair ids in common; label the same workdir")
+  mine = dict(zip(row["ids"], row["p_refusal"]))
+  theirs = dict(zip(base["ids"], base["p_refusal"]))
+  a, b = np.array([mine[i] for i in ids]), np.array([theirs[i] for i in ids])
+  return {"mean_margin": intervals.paired(np.abs(a - 0.5), np.abs(b - 0.5), seed=seed).as_dict(),
+          "refusal_preferred": intervals.paired((a > 0.5).astype(float), (b > 0.5).astype(float),
+                                                seed=seed).as_dict()}
+
+
 def main(argv):
   del argv
   from configs import pipeline
@@ -93,10 +108,20 @@ def main(argv):
     labels = labelers["helpful" if name == "helpful" else "red_team"].label(pairs)
     row = summarise(np.array([r.p_a for r in labels], float), FLAGS.seed)
     row["seconds"] = time.perf_counter() - t0
+    row["ids"], row["p_refusal"] = [r.id for r in labels], [1.0 - r.p_a for r in labels]
     result["contrasts"][name] = row
     print(f"{name} vs refusal: refusal preferred "
           f"{intervals.Estimate.from_dict(row['refusal_preferred'])}, mean |p-0.5| "
           f"{intervals.Estimate.from_dict(row['mean_margin'])}")
+  if FLAGS.baseline:
+    with open(FLAGS.baseline) as f:
+      base = json.load(f)
+    result["baseline"] = {"file": FLAGS.baseline, "feedback_models": base["feedback_models"]}
+    for name, row in result["contrasts"].items():
+      row["minus_baseline"] = paired_to(row, base["contrasts"][name], FLAGS.seed)
+      print(f"{name}: minus baseline, margin "
+            f"{intervals.Estimate.from_dict(row['minus_baseline']['mean_margin'])}, refusal"
+            f" preferred {intervals.Estimate.from_dict(row['minus_baseline']['refusal_preferred'])}")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)

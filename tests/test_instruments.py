@@ -328,6 +328,13 @@ def test_red_team_refusal_labels_builds_both_contrasts(tmp_path):
   assert row["mean_margin"]["estimate"] == pytest.approx(0.175)
   assert row["mean_p_refusal_preferred"]["estimate"] == pytest.approx(0.575)
   assert row["p_range"] == pytest.approx([0.3, 0.8])
+  # --baseline pairs two runs' labels by pair id (the other run's order may differ).
+  mine = {"ids": ["x", "y", "z"], "p_refusal": [0.9, 0.6, 0.5]}
+  base = {"ids": ["z", "x", "w"], "p_refusal": [0.4, 0.7, 0.1]}
+  diff = rtl.paired_to(mine, base, seed=0)
+  assert diff["mean_margin"]["n"] == 2
+  assert diff["mean_margin"]["estimate"] == pytest.approx(np.mean([0.4 - 0.2, 0.0 - 0.1]))
+  assert diff["refusal_preferred"]["estimate"] == pytest.approx(np.mean([1 - 1, 0 - 0]))
 
 
 def test_estimate_reads_back_what_as_dict_wrote():
