@@ -160,8 +160,7 @@ def rl_signal(workdir: str) -> dict:
                  "reward_first": float(np.mean(r[:half])), "reward_last": float(np.mean(r[-half:])),
                  "reward_std": float(np.std(r, ddof=1)),
                  "kl_last": [float(np.mean(kl[-half:])), float(max(kl[-half:]))] if kl else None,
-                 "sources": sorted({k.split("/", 1)[1] for x in m for k in x
-                                    if k.startswith("reward/")}) or ["pm"]}
+                 "sources": evidence.reward_sources(m) or ["pm"]}
   return out
 
 

@@ -178,11 +178,6 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
                         h.get("missing", "not measured"), above_half))
 
   # --- RL-CAI vs SL-CAI ---
-  def reward_sources(metrics: Sequence[dict]) -> list[str]:
-    # The reward's sources, from the per-source means the run logged (`rl.reward`):
-    # runs from before weighted sources logged none, and had the PM alone.
-    return sorted({k.split("/", 1)[1] for x in metrics for k in x if k.startswith("reward/")})
-
   def curve_claims(metrics: Sequence[dict], label: str):
     key = label.lower()
     rewards = [float(x["reward"]) for x in metrics if "reward" in x]
@@ -286,6 +281,12 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
     out.append(_missing("instrument.judge", text, J, False,
                         val.get("missing") or no_judge or "not measured", above_half))
   return out
+
+
+def reward_sources(metrics: Sequence[dict]) -> list[str]:
+  """A stage-7 run's reward sources, from the per-source means it logged (`rl.reward`):
+  runs from before weighted sources logged none, and had the PM alone ([] here)."""
+  return sorted({k.split("/", 1)[1] for x in metrics for k in x if k.startswith("reward/")})
 
 
 def rl_metrics(workdir: str, stage: str = paths.PPO) -> list[dict]:
