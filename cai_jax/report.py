@@ -42,10 +42,6 @@ CHOICES = (
     ("evaluation", ("judge.model", "num_red_team", "num_helpful", "num_borderline",
                     "max_new_tokens")),
 )
-# Stages whose outputs keep their own config.json (the generation stages), read when
-# the stages were run one by one instead of by cai_jax.pipeline.
-STAGE_CONFIG_DIRS = {"critique_revision": paths.CRITIQUE_REVISION, "pairs": paths.PAIRS,
-                     "ai_labels": paths.AI_LABELS}
 PPO_CURVES = (("reward", "PM reward"), ("kl", "KL(policy || SL-CAI)"),
               ("response_length", "response length (tokens)"))
 
@@ -193,23 +189,8 @@ def _field(config: dict, dotted: str) -> Any:
   return config
 
 
-def stage_configs(workdir: str) -> tuple[dict[str, dict], str]:
-  """(stage -> config dict, where they were read from)."""
-  path = paths.pipeline_config(workdir)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f), f"`{path}`"
-  found = {}
-  for stage, d in STAGE_CONFIG_DIRS.items():
-    p = os.path.join(paths.stage_dir(workdir, d), "config.json")
-    if os.path.exists(p):
-      with open(p) as f:
-        found[stage] = json.load(f)
-  return found, "each generation stage's `config.json` (no pipeline_config.json: the stages ran one by one)"
-
-
 def choices_section(workdir: str, lines: list[str]) -> None:
-  configs, source = stage_configs(workdir)
+  configs, source = paths.stage_configs(workdir)
   if not configs:
     _missing(lines, f"{paths.pipeline_config(workdir)} and the stages' config.json")
     return

@@ -164,17 +164,6 @@ def rl_signal(workdir: str) -> dict:
   return out
 
 
-def _label_config(workdir: str) -> dict:
-  """Stage 5's config: from the pipeline's, else from the stage's own config.json."""
-  for path, pick in ((paths.pipeline_config(workdir), lambda c: c.get("ai_labels", {})),
-                     (os.path.join(paths.stage_dir(workdir, paths.AI_LABELS), "config.json"),
-                      lambda c: c)):
-    if os.path.exists(path):
-      with open(path) as f:
-        return pick(json.load(f))
-  return {}
-
-
 def measure(workdir: str, results: dict | None = None) -> dict[str, Any]:
   """Every training stage's signal (a stage that has not run is left out)."""
   out: dict[str, Any] = {}
@@ -182,7 +171,7 @@ def measure(workdir: str, results: dict | None = None) -> dict[str, Any]:
                      ("pm", pm_signal(workdir)), ("rl", rl_signal(workdir))):
     if value:
       out[key] = value
-  temperature = _label_config(workdir).get("pointwise_temperature")
+  temperature = paths.stage_configs(workdir)[0].get("ai_labels", {}).get("pointwise_temperature")
   if "labels" in out and temperature not in (None, 1, 1.0):
     out["labels"]["pointwise_temperature"] = temperature
   pref = (results or {}).get("pm_refusal_preference", {})
@@ -275,7 +264,8 @@ def _rl(s: dict, model: str) -> dict:
 def _climb(r: dict) -> str:
   if not r:
     return "no on-policy stage-7 metrics"
-  kl = f", KL last half mean {r['kl_last'][0]:.3f} (max {r['kl_last'][1]:.3f})" if r["kl_last"] else ""
+  kl = (f", KL last half mean {r['kl_last'][0]:.3f} (max {r['kl_last'][1]:.3f})"
+        if r["kl_last"] else "")
   return (f"training reward {r['reward_first']:.3f} → {r['reward_last']:.3f} (first → last"
           f" {r['half']} of {r['iterations']} iterations), per-iteration std"
           f" {r['reward_std']:.3f}{kl}")

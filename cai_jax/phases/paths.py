@@ -82,6 +82,29 @@ def pipeline_config(workdir: str) -> str:
   return os.path.join(workdir, "pipeline_config.json")
 
 
+# Stages whose outputs keep their own config.json (the generation stages), read when
+# the stages were run one by one instead of by cai_jax.pipeline.
+STAGE_CONFIG_DIRS = {"critique_revision": CRITIQUE_REVISION, "pairs": PAIRS,
+                     "ai_labels": AI_LABELS}
+
+
+def stage_configs(workdir: str) -> tuple[dict[str, dict], str]:
+  """(stage name -> its config as last run, where they were read from): the pipeline's
+  `pipeline_config.json`, else each generation stage's own `config.json`."""
+  path = pipeline_config(workdir)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), f"`{path}`"
+  found = {}
+  for stage, d in STAGE_CONFIG_DIRS.items():
+    p = os.path.join(stage_dir(workdir, d), "config.json")
+    if os.path.exists(p):
+      with open(p) as f:
+        found[stage] = json.load(f)
+  return found, ("each generation stage's `config.json` (no pipeline_config.json: the stages"
+                 " ran one by one)")
+
+
 def calibration_dir(workdir: str) -> str:
   return os.path.join(workdir, PREFERENCE_MODEL, "calibration")
 
