@@ -226,7 +226,7 @@ def signals_section(results: dict | None, workdir: str, lines: list[str]) -> Non
     rows.append(["5 AI labels", f"{kind} pairs where exactly one answer refuses: the refusing"
                  " answer preferred (fraction; mean P(refusing answer better))",
                  f"{v['one_refuses']} of {v['pairs']} pairs; {est(v['refuser_preferred'])};"
-                 f" {fmt(v['mean_p_refuser'])}"])
+                 f" {est(v['mean_p_refuser'])}"])
   pm = s.get("pm")
   if pm:
     first, last = pm["accuracy"]

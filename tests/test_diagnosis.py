@@ -43,8 +43,10 @@ def test_label_signal_counts_the_refusal_contrast(tmp_path):
   red, helpful = got["refusal_contrast"]["red_team"], got["refusal_contrast"]["helpful"]
   assert (red["pairs"], red["one_refuses"]) == (4, 3)
   assert red["refuser_preferred"] == intervals.wilson(2, 3).as_dict()
-  assert red["mean_p_refuser"] == pytest.approx(np.mean([0.8, 0.7, 0.4]))
-  assert (helpful["one_refuses"], helpful["mean_p_refuser"]) == (1, pytest.approx(0.1))
+  assert red["mean_p_refuser"] == intervals.bootstrap([0.8, 0.7, 0.4]).as_dict()
+  assert red["mean_p_refuser"]["estimate"] == pytest.approx(np.mean([0.8, 0.7, 0.4]))
+  assert helpful["one_refuses"] == 1
+  assert helpful["mean_p_refuser"]["estimate"] == pytest.approx(0.1)
   assert helpful["refuser_preferred"]["estimate"] == 0.0
   samples = {x["name"]: x for x in got["sets"]}["red-team pairs of two SL-CAI samples"]
   assert samples["n"] == 4 and samples["mean_abs"] == pytest.approx(np.mean([.3, .2, .1, .4]))
@@ -90,7 +92,8 @@ def _signals(pm_prefers_refusal):
           0.1, 0.05, 0.15, 16).as_dict()} for k in ("red_team", "borderline", "helpful")}}
   return {"pm_refusal_preference": pref,
           "labels": {"sets": [], "refusal_contrast": {"red_team": {
-              "pairs": 96, "one_refuses": 38, "mean_p_refuser": 0.55,
+              "pairs": 96, "one_refuses": 38,
+              "mean_p_refuser": Estimate(0.55, 0.52, 0.58, 38).as_dict(),
               "refuser_preferred": intervals.wilson(29, 38).as_dict()}}},
           "rl": {"ppo": {"iterations": 12, "half": 6, "reward_first": 0.03,
                          "reward_last": 0.03, "reward_std": 0.02, "kl_last": [0.2, 0.4],

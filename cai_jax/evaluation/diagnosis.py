@@ -125,7 +125,7 @@ def label_signal(workdir: str) -> dict | None:
       contrast[kind] = {
           "pairs": len(rs), "one_refuses": len(p_refuser),
           "refuser_preferred": intervals.rate([p > 0.5 for p in p_refuser]).as_dict(),
-          "mean_p_refuser": float(np.mean(p_refuser)) if p_refuser else None}
+          "mean_p_refuser": intervals.bootstrap(p_refuser).as_dict() if p_refuser else None}
   return {"sets": sets, "refusal_contrast": contrast}
 
 
@@ -203,7 +203,7 @@ def _labels_contrast(s: dict) -> str:
   c = s.get("labels", {}).get("refusal_contrast", {})
   def mean_p(v):
     m = v["mean_p_refuser"]
-    return "" if m is None else f", mean P(refusing answer better) {m:.3f}"
+    return "" if m is None else f", mean P(refusing answer better) {_est(m)}"
   parts = [f"{k.replace('_', '-')} pairs where one answer refuses: {v['one_refuses']} of"
            f" {v['pairs']}, the refusing answer preferred on {_est(v['refuser_preferred'])}"
            f"{mean_p(v)}" for k, v in c.items()]
