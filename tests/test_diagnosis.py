@@ -68,16 +68,16 @@ def _claim(key, est, bar):
 
 
 def test_power_scales_the_half_width_by_one_over_root_n():
-  # 0.68 at n=28 with the Wilson interval: the lower end misses 0.5. The n it reports
-  # makes the Wilson interval of the same rate clear 0.5, and one less (by the same
-  # scaling) does not by much: the estimate is close, not exact.
+  # 0.68 at n=28 with the Wilson interval: the lower end misses 0.5. At the n it reports
+  # (31), the Wilson interval of the same rate clears 0.5, and at one less it does not.
   c = _claim("pm.ai_labels", intervals.wilson(19, 28), ("lo", ">", 0.5))
   assert c["holds"] is False
   p = diagnosis.power(c)
   assert p["n"] == 28 and p["gap"] == pytest.approx(19 / 28 - 0.5)
   assert p["needed"] == int(np.ceil(28 * (p["half_width"] / p["gap"]) ** 2))
-  k = round(19 / 28 * p["needed"])
-  assert intervals.wilson(k, p["needed"]).lo > 0.49
+  assert p["needed"] == 31
+  at = lambda n: intervals.wilson(round(19 / 28 * n), n).lo
+  assert at(p["needed"]) > 0.5 > at(p["needed"] - 1)
   # An estimate on the failing side: more prompts would not help.
   assert diagnosis.power(_claim("x.y", intervals.wilson(10, 28), ("lo", ">", 0.5))) is None
   # An "at most" bar reads the upper end.
