@@ -67,10 +67,6 @@ MORE_N = {
 POWER_FACTOR = 4
 
 
-def _refusing(prompt: str, response: str) -> bool:
-  return refusal.classify(prompt, response).category in refusal.REFUSING
-
-
 def _est(d: dict | None) -> str:
   return str(Estimate.from_dict(d)) if d else "n/a"
 
@@ -90,11 +86,11 @@ def revision_signal(workdir: str) -> dict | None:
     if not rs:
       continue
     out[kind] = {"initial_refusing": intervals.rate(
-        [_refusing(r.prompt, r.initial_response) for r in rs]).as_dict()}
+        [refusal.classify(r.prompt, r.initial_response).refuses for r in rs]).as_dict()}
     revised = [r for r in rs if r.rounds]
     if revised:
       out[kind]["revision_refusing"] = intervals.rate(
-          [_refusing(r.prompt, r.response_at(-1)) for r in revised]).as_dict()
+          [refusal.classify(r.prompt, r.response_at(-1)).refuses for r in revised]).as_dict()
   return out
 
 
@@ -118,7 +114,7 @@ def label_signal(workdir: str) -> dict | None:
     rs = [r for r in recs if r.kind == kind]
     p_refuser = []
     for r in rs:
-      a, b = _refusing(r.prompt, r.response_a), _refusing(r.prompt, r.response_b)
+      a, b = (refusal.classify(r.prompt, x).refuses for x in (r.response_a, r.response_b))
       if a != b:
         p_refuser.append(r.p_a if a else 1.0 - r.p_a)
     if rs:
