@@ -48,8 +48,11 @@ def recompute(workdir: str, stored: list[dict]) -> list[dict]:
   """The claims stage 8 would write today, checked against the ones it wrote."""
   with open(paths.results_file(workdir)) as f:
     results = json.load(f)
-  with open(paths.pipeline_config(workdir)) as f:
-    config = json.load(f)["evaluation"]
+  config = paths.stage_configs(workdir)[0].get("evaluation")
+  if config is None:  # stage 8 keeps no config.json of its own
+    raise SystemExit(f"error: {paths.pipeline_config(workdir)}: no 'evaluation' entry (stage 8"
+                     " was not run by cai_jax.pipeline); --recompute needs stage 8's seed and"
+                     " evidence limits: rerun stage 8 instead")
   fresh = evidence.from_workdir(workdir, results, seed=config["seed"], **config["evidence"])
   old = {c["claim"]: c for c in stored}
   for c in fresh:

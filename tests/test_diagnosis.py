@@ -152,6 +152,11 @@ def test_recompute_refuses_claims_that_differ_from_stage_8s(tmp_path):
   assert [c["claim"] for c in publish.recompute(wd, stored)] == [c["claim"] for c in stored]
   with open(paths.results_file(wd)) as f:
     assert "signals" in json.load(f)
+  os.remove(paths.pipeline_config(wd))  # stage 8 not run by the pipeline: one-line error
+  with pytest.raises(SystemExit, match="no 'evaluation' entry"):
+    publish.recompute(wd, stored)
+  with open(paths.pipeline_config(wd), "w") as f:
+    json.dump({"evaluation": {"seed": 0, "evidence": {}}}, f)
   bad = [dict(c) for c in stored]
   bad[0]["holds"] = not bad[0]["holds"]
   with pytest.raises(SystemExit, match="differs from what stage 8"):
