@@ -83,11 +83,11 @@ def summarise(p_a: np.ndarray, seed: int) -> dict:
 
 def paired_to(row: dict, base: dict, seed: int) -> dict:
   """This run's per-pair labels minus `base`'s on the same pair ids (paired bootstrap)."""
-  ids = [i for i in row["ids"] if i in set(base["ids"])]
-  if not ids:
-    raise ValueError("--baseline: no pair ids in common; label the same workdir")
   mine = dict(zip(row["ids"], row["p_refusal"]))
   theirs = dict(zip(base["ids"], base["p_refusal"]))
+  ids = [i for i in row["ids"] if i in theirs]
+  if not ids:
+    raise ValueError("--baseline: no pair ids in common; label the same workdir")
   a, b = np.array([mine[i] for i in ids]), np.array([theirs[i] for i in ids])
   return {"mean_margin": intervals.paired(np.abs(a - 0.5), np.abs(b - 0.5), seed=seed).as_dict(),
           "refusal_preferred": intervals.paired((a > 0.5).astype(float), (b > 0.5).astype(float),
