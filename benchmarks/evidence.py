@@ -3,7 +3,8 @@ the README's headline table from it (between the `evidence:begin/end` markers),
 so the table is generated from the measured run, never typed.
 
   python -m benchmarks.evidence --workdir=runs/cai \
-      --out=benchmarks/results/evidence_cpu.json --readme=README.md
+      --out=benchmarks/results/evidence_cpu.json --readme=README.md \
+      --decode=benchmarks/results/decode_cpu_run10.json
 
 `--recompute` reruns stage 8's last step on a finished workdir with today's code: the
 claims from its results.json and stage 6/7 files, and each failed claim's stage
@@ -25,8 +26,23 @@ from cai_jax.phases import paths
 BEGIN, END = "<!-- evidence:begin -->", "<!-- evidence:end -->"
 
 
+def day_rate(decode: str) -> str:
+  """The day's speed beside a wall time: transformers' decode rate from a
+  `benchmarks/decode.py` result measured the same day (this box varies up to 3x)."""
+  if not decode:
+    return ""
+  with open(decode) as f:
+    runs = json.load(f)["runs"]
+  row = next((r for r in runs if r.get("hf_tokens_per_s")), None)
+  if row is None:
+    raise SystemExit(f"error: {decode}: no run with hf_tokens_per_s; run benchmarks/decode.py"
+                     " with transformers")
+  return (f", on a day when transformers decoded {row['hf_tokens_per_s']:.1f} tok/s at batch"
+          f" {row['batch']} (`{decode}`)")
+
+
 def readme_block(claims: list[dict], source: str, timings: dict | None,
-                 timings_note: str = "") -> str:
+                 timings_note: str = "", decode: str = "") -> str:
   held = sum(c["holds"] is True for c in claims)
   failed = sum(c["holds"] is False for c in claims)
   lines = [BEGIN, "",
@@ -36,7 +52,7 @@ def readme_block(claims: list[dict], source: str, timings: dict | None,
   if timings:
     total = sum(v for v in timings.values() if isinstance(v, (int, float)))
     lines += [f"Pipeline wall time {total / 60:.1f} min (per stage in"
-              f" `pipeline_timings.json`{timings_note}).", ""]
+              f" `pipeline_timings.json`{timings_note}){day_rate(decode)}.", ""]
   lines += report.claims_table(claims) + report.failed_list(claims) + [END]
   return "\n".join(lines)
 
@@ -78,6 +94,8 @@ def main() -> None:
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--out", default="benchmarks/results/evidence_cpu.json")
   ap.add_argument("--readme", default="")
+  ap.add_argument("--decode", default="",
+                  help="a benchmarks/decode.py result of the run's day, for its speed")
   ap.add_argument("--recompute", action="store_true",
                   help="recompute the claims and their failed signals from the workdir")
   args = ap.parse_args()
@@ -105,7 +123,7 @@ def main() -> None:
     text = open(args.readme).read()
     if BEGIN not in text or END not in text:
       raise SystemExit(f"error: {args.readme}: no {BEGIN} ... {END} block to rewrite")
-    block = readme_block(claims, args.out, timings, note)
+    block = readme_block(claims, args.out, timings, note, args.decode)
     text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     with open(args.readme + ".tmp", "w") as f:
       f.write(text)

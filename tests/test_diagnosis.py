@@ -161,3 +161,22 @@ def test_recompute_refuses_claims_that_differ_from_stage_8s(tmp_path):
   bad[0]["holds"] = not bad[0]["holds"]
   with pytest.raises(SystemExit, match="differs from what stage 8"):
     publish.recompute(wd, bad)
+
+
+def test_readme_block_states_the_days_decode_rate(tmp_path):
+  # The README's wall time comes with the day's transformers decode rate, read from the
+  # benchmarks/decode.py result named, never typed; a result without it is refused.
+  from benchmarks import evidence as publish
+  claims = [_claim("pm.ai_labels", intervals.wilson(19, 28), ("lo", ">", 0.5))]
+  decode = "benchmarks/results/decode_cpu_run10.json"
+  with open(decode) as f:
+    rate = json.load(f)["runs"][0]["hf_tokens_per_s"]
+  block = publish.readme_block(claims, "x.json", {"sft": 600.0, "ppo": 300.0}, "", decode)
+  assert (f"Pipeline wall time 15.0 min (per stage in `pipeline_timings.json`), on a day when"
+          f" transformers decoded {rate:.1f} tok/s at batch 8 (`{decode}`).") in block
+  assert block.startswith(publish.BEGIN) and block.endswith(publish.END)
+  assert "0 of 1 claims hold, 1 do not" in block
+  bad = tmp_path / "decode.json"
+  bad.write_text(json.dumps({"runs": [{"batch": 8, "ours_tokens_per_s": 150.0}]}))
+  with pytest.raises(SystemExit, match="no run with hf_tokens_per_s"):
+    publish.readme_block(claims, "x.json", {"sft": 1.0}, "", str(bad))
