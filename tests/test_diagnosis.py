@@ -168,7 +168,8 @@ def test_readme_block_states_the_days_decode_rate(tmp_path):
   # benchmarks/decode.py result named, never typed; a result without it is refused.
   from benchmarks import evidence as publish
   claims = [_claim("pm.ai_labels", intervals.wilson(19, 28), ("lo", ">", 0.5))]
-  decode = "benchmarks/results/decode_cpu_run10.json"
+  decode = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                        "decode_cpu_run10.json")
   with open(decode) as f:
     rate = json.load(f)["runs"][0]["hf_tokens_per_s"]
   block = publish.readme_block(claims, "x.json", {"sft": 600.0, "ppo": 300.0}, "", decode)
