@@ -35,10 +35,15 @@ from absl import app, flags
 from cai_jax.phases import paths
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
-flags.DEFINE_string("out", "", "Write the rows as JSON here too.")
-flags.DEFINE_list("merge", [], "rl_table JSON files (from --out) to print as one table "
-                  "instead of reading --workdir.")
+
+
+def define_flags() -> None:
+  """At run time, not import time (tests import this module beside other benchmarks
+  that define the same flag names)."""
+  flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
+  flags.DEFINE_string("out", "", "Write the rows as JSON here too.")
+  flags.DEFINE_list("merge", [], "rl_table JSON files (from --out) to print as one table "
+                    "instead of reading --workdir.")
 
 # stage-8 model name -> (pipeline config section, claim label, stage-7 directory)
 # and the label of its reward/KL curve claims.
@@ -158,4 +163,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
