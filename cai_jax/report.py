@@ -205,9 +205,8 @@ def signals_section(results: dict | None, workdir: str, lines: list[str]) -> Non
   """What each training stage's signal measured (`cai_jax.evaluation.diagnosis`), so a
   claim that fails can be traced to the stage whose signal was too weak."""
   from cai_jax.evaluation import diagnosis
-  from cai_jax.evaluation.intervals import Estimate
   s = (results or {}).get("signals") or diagnosis.measure(workdir, results)
-  est = lambda d: str(Estimate.from_dict(d)) if d else "n/a"
+  est = diagnosis.stored
   rows = []
   for kind, r in s.get("revisions", {}).items():
     revised = f" → {est(r['revision_refusing'])}" if "revision_refusing" in r else ""

@@ -67,7 +67,8 @@ MORE_N = {
 POWER_FACTOR = 4
 
 
-def _est(d: dict | None) -> str:
+def stored(d: dict | None) -> str:
+  """A stored `Estimate.as_dict()` as "est [lo, hi] (n=...)"; "n/a" when absent."""
   return str(Estimate.from_dict(d)) if d else "n/a"
 
 
@@ -199,9 +200,9 @@ def _labels_contrast(s: dict) -> str:
   c = s.get("labels", {}).get("refusal_contrast", {})
   def mean_p(v):
     m = v["mean_p_refuser"]
-    return "" if m is None else f", mean P(refusing answer better) {_est(m)}"
+    return "" if m is None else f", mean P(refusing answer better) {stored(m)}"
   parts = [f"{k.replace('_', '-')} pairs where one answer refuses: {v['one_refuses']} of"
-           f" {v['pairs']}, the refusing answer preferred on {_est(v['refuser_preferred'])}"
+           f" {v['pairs']}, the refusing answer preferred on {stored(v['refuser_preferred'])}"
            f"{mean_p(v)}" for k, v in c.items()]
   return "; ".join(parts) or "no stage-5 labels in the workdir"
 
@@ -210,7 +211,7 @@ def _pm_refusals(s: dict) -> str:
   p = s.get("pm_refusal_preference")
   if not p:
     return "not measured (stage 8 ran without the PM)"
-  return "; ".join(f"{k} {_est(v['refusal_preferred'])}" for k, v in p.items()
+  return "; ".join(f"{k} {stored(v['refusal_preferred'])}" for k, v in p.items()
                    if isinstance(v, dict))
 
 
@@ -219,10 +220,10 @@ def _revisions(s: dict) -> str:
   red = r.get("red_team", {})
   parts = []
   if red:
-    parts.append(f"red-team SFT targets refuse {_est(red.get('revision_refusing'))} (their"
-                 f" initial answers {_est(red.get('initial_refusing'))})")
+    parts.append(f"red-team SFT targets refuse {stored(red.get('revision_refusing'))} (their"
+                 f" initial answers {stored(red.get('initial_refusing'))})")
   if "helpful" in r:
-    parts.append(f"helpful SFT targets refuse {_est(r['helpful'].get('initial_refusing'))}")
+    parts.append(f"helpful SFT targets refuse {stored(r['helpful'].get('initial_refusing'))}")
   return "; ".join(parts) or "no stage-2 records in the workdir"
 
 
@@ -234,7 +235,7 @@ def _said(c: dict | None) -> str:
   if c is None:
     return "not measured"
   verdict = {True: "holds", False: "fails", None: "untested"}[c["holds"]]
-  return f"{_est(c)}, {verdict}"
+  return f"{stored(c)}, {verdict}"
 
 
 def _too_few(c: dict, p: dict, suffix: str) -> dict[str, str]:
@@ -276,7 +277,7 @@ def upstream(c: dict, claims: dict[str, dict], s: dict) -> dict[str, str] | None
     return {"stage": "2 critique-revision",
             "signal": "the judge does not rate the revisions less harmful, so SFT has"
                       " nothing to learn",
-            "measured": f"{_est(c)}; {_revisions(s)}",
+            "measured": f"{stored(c)}; {_revisions(s)}",
             "would_take": "a reviser that rewrites instead of describing"
                           " (critique_revision.reviser, mode)"}
   if model == "sl_cai" and suffix in ("harm_rate", "harm_log_odds"):
@@ -394,7 +395,7 @@ def upstream(c: dict, claims: dict[str, dict], s: dict) -> dict[str, str] | None
   if model == "instrument":
     return {"stage": "8 evaluation (the instrument)",
             "signal": "the instrument is not accurate enough to read claims from",
-            "measured": _est(c), "would_take": "another judge (evaluation.judge.model)"}
+            "measured": stored(c), "would_take": "another judge (evaluation.judge.model)"}
   return None
 
 
@@ -416,7 +417,7 @@ def cause(c: dict, claims: dict[str, dict], s: dict) -> dict[str, str]:
   if p is not None:
     return _too_few(c, p, suffix)
   return {"stage": "none found", "signal": "no measured upstream signal explains it",
-          "measured": _est(c), "would_take": ""}
+          "measured": stored(c), "would_take": ""}
 
 
 def explain(claims: Sequence[dict], signals: dict) -> list[dict]:
