@@ -1,31 +1,12 @@
 """A memory plan: what each training stage's compiled step needs per device, from
-XLA's own analysis, for a model config and mesh, with nothing allocated.
+XLA's own analysis, for a model config and mesh, with nothing allocated
+(`cai_jax.memory_plan`: how it is computed and what it leaves out).
 
-  python -m benchmarks.memory_plan --models=llama3_2_1b,llama3_8b --stages=sft,pm,dpo,ppo \
-      --meshes=1,1,1:1,8,1 --batch=16 --seq=2048 --out=benchmarks/results/memory_plan_cpu.json
+  python -m benchmarks.perf.memory_plan --models=llama3_2_1b,llama3_8b --stages=sft,pm,dpo,ppo \
+      --meshes=1,1,1:1,8,1 --batch=16 --seq=2048  # -> benchmarks/results/cpu/memory_plan.json
+  python -m benchmarks.perf.memory_plan --lora_rank=16  # -> .../memory_plan-lora16.json
 
-For each (model, stage, mesh) the stage's jitted train step (the same function
-and shardings the stage uses: `training.sft_step.train_step`, the PM's
-`preference.model.train_step`, `rl.dpo.train_step`, `rl.learner.train_step`
-with a value head) is lowered on `ShapeDtypeStruct`s (params + two AdamW moments in the
-checkpoint's dtype, the batch) and compiled; `compiled.memory_analysis()` gives the
-bytes of arguments, outputs, aliased (donated) buffers and temporaries, and
-per device
-
-  peak ~= arguments + outputs - aliased + temporaries
-
-PPO also needs the frozen reference (one more copy of the backbone's params,
-not trained) and, during the rollout, the KV cache; the table adds the
-reference's bytes to the PPO row and does not model the cache. `--lora_rank` > 0
-plans SFT, the PM, DPO and PPO with LoRA adapters (`cai_jax.model.lora`, every projection
-targeted): the state is the adapters (PM, PPO: and the head) and their moments,
-the frozen base one more argument, which for DPO and PPO is also the reference (no second
-copy). Compiled for the backend this runs
-on: on CPU the fusion decisions and temporaries differ from a GPU's or TPU's
-(no cuDNN / Pallas attention, so attention here is the `xla` path that keeps
-[B, N, T, T] scores for the backward), so a CPU plan is an estimate of the
-device one, to be checked on the device when one is lent.
-
+Every stage is planned with SFT's sharding rules and optimizer (`configs/sft.py`).
 Multi-device meshes need that many devices: on CPU set
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (this script sets it when
 unset).
@@ -33,182 +14,64 @@ unset).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
-import json
-import math
 import os
-import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-GIB = 2**30
-# Per-device memory of the accelerators a plan is read against (GiB).
-DEVICES_GIB = {"H100 80GB": 80.0, "H200 141GB": 141.0, "TPU v5e (16 GiB HBM)": 16.0,
-               "TPU v5p (95 GiB HBM)": 95.0}
+from absl import app, flags  # noqa: E402
+
+from benchmarks.common import outputs  # noqa: E402
+
+_MODELS = flags.DEFINE_list("models", ["llama3_2_1b", "llama3_8b"], "Model presets.")
+_STAGES = flags.DEFINE_list("stages", ["sft", "pm", "dpo", "ppo"], "Stages to plan.")
+_MESHES = flags.DEFINE_string("meshes", "1,1,1:1,8,1", "(data,fsdp,tensor) shapes, ':'-separated.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Sequences (PM/DPO: pairs) per step.")
+_SEQ = flags.DEFINE_integer("seq", 2048, "Tokens per sequence.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
+_REMAT = flags.DEFINE_string("remat", "full", "ModelConfig.remat.")
+_PARAM_DTYPE = flags.DEFINE_string(
+    "param_dtype", "", "Params and Adam moments; '' = the checkpoint's (bfloat16 for the"
+    " Llama presets), as the stages load them.")
+_MICROBATCHES = flags.DEFINE_integer("microbatches", 1, "Microbatches per step.")
+_CHUNK = flags.DEFINE_integer("attention_chunk", 0, "ModelConfig.attention_chunk: queries per"
+                              " rematerialised chunk (0: the whole sequence, [B, N, T, T] scores).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "> 0: LoRA adapters of this rank (sft, pm,"
+                                  " dpo and ppo).")
+_OUT = flags.DEFINE_string("out", "", "Write the rows as JSON here (default: benchmarks/results/"
+                           "<machine>/memory_plan[-lora<rank>][-chunk<n>].json).")
 
 
-def model_config(name: str, dtype: str, remat: str, param_dtype: str, attention_chunk: int = 0):
-  from cai_jax.model import config as model_config_lib
-  if name == "llama3_70b":  # Llama-3-70B's shapes (no preset: nothing is downloaded)
-    cfg = model_config_lib.llama3_8b(num_layers=80, dim=8192, num_heads=64,
-                                     num_kv_heads=8, mlp_dim=28672)
-  else:
-    cfg = getattr(model_config_lib, name)()
-  return dataclasses.replace(cfg, dtype=dtype, remat=remat, attention_chunk=attention_chunk,
-                             param_dtype=param_dtype or cfg.param_dtype)
-
-
-def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, seq: int,
-             dtype: str, remat: str, param_dtype: str, microbatches: int,
-             attention_chunk: int = 0, lora_rank: int = 0) -> dict:
+def main(argv) -> None:
+  del argv
   import jax
-  import jax.numpy as jnp
   import ml_collections
-  from cai_jax.model import heads, transformer
-  from cai_jax.model.sharding import Sharder, make_mesh
-  from cai_jax.training import optim
+
+  from cai_jax import memory_plan
   from configs import sft as sft_config
-
-  cfg = model_config(name, dtype, remat, param_dtype, attention_chunk)
-  n = math.prod(mesh_shape)
-  sharder = Sharder(make_mesh(mesh_shape, jax.devices()[:n]),
-                    tuple((k, tuple(v)) for k, v in sft_config.FSDP_RULES.items()))
+  rules = sft_config.FSDP_RULES
   optim_config = ml_collections.ConfigDict(sft_config.get_config("cpu").optim.to_dict())
-  scalar = stage in ("pm", "ppo")
-  abstract = heads.abstract_scalar_params(cfg) if scalar else transformer.abstract_params(cfg)
-  param_sh = (heads.scalar_model_shardings(cfg, sharder) if scalar
-              else transformer.param_shardings(cfg, sharder))
-  spec, frozen = None, None
-  if lora_rank:
-    from cai_jax.model import lora
-    from cai_jax.rl import learner as learner_lib
-    if stage not in ("sft", "pm", "dpo", "ppo"):
-      raise ValueError(f"--lora_rank: LoRA is implemented for sft, pm, dpo and ppo, not {stage}")
-    spec = lora.LoraSpec(lora_rank, 16.0, tuple(lora.TARGETS))
-    frozen = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          transformer.abstract_params(cfg), transformer.param_shardings(cfg, sharder))
-    if stage in ("sft", "dpo"):  # DPO: the frozen base is also the reference
-      abstract, param_sh = (lora.abstract_adapters(cfg, spec),
-                            lora.adapter_shardings(cfg, spec, sharder))
-    else:  # adapters and the (value) head; for PPO the frozen base is also the reference
-      abstract = learner_lib.abstract_policy(cfg, True, spec)
-      param_sh = learner_lib.policy_shardings(cfg, sharder, True, spec)
-  tx, schedule = optim.make_optimizer(optim_config, 1000, abstract)
-  state_sh = optim.train_state_shardings(tx, abstract, param_sh, sharder)
-  state = optim.abstract_train_state(tx, abstract, state_sh)
-  B, T = batch, seq
-  S = lambda shape, dt, axes: jax.ShapeDtypeStruct(shape, dt, sharding=sharder.sharding(axes))
-
-  if stage == "sft":
-    from cai_jax.training import sft_step
-    row = ("batch", "seq")
-    data = {"inputs": S((B, T), jnp.int32, row), "targets": S((B, T), jnp.int32, row),
-            "input_mask": S((B, T), jnp.bool_, row), "loss_mask": S((B, T), jnp.bool_, row)}
-    fn = functools.partial(sft_step.train_step, cfg=cfg, tx=tx, schedule=schedule,
-                           sharder=sharder, microbatches=microbatches, loss_chunk=512,
-                           lora=spec)
-  elif stage in ("pm", "dpo"):
-    pair = ("batch", None, "seq")
-    data = {"tokens": S((B, 2, T), jnp.int32, pair), "mask": S((B, 2, T), jnp.bool_, pair),
-            "p_a": S((B,), jnp.float32, ("batch",)), "valid": S((B,), jnp.bool_, ("batch",))}
-    if stage == "pm":
-      from cai_jax.preference import model as pm
-      fn = functools.partial(pm.train_step, cfg=cfg, tx=tx, schedule=schedule, sharder=sharder,
-                             microbatches=microbatches, lora=spec)
-    else:
-      from cai_jax.rl import dpo
-      data["response_mask"] = S((B, 2, T), jnp.bool_, pair)
-      data["ref_logp"] = S((B, 2), jnp.float32, ("batch", None))
-      fn = functools.partial(dpo.train_step, cfg=cfg, tx=tx, schedule=schedule,
-                             sharder=sharder, microbatches=microbatches, beta=0.1,
-                             loss_type="sigmoid", chunk=512, lora=spec)
-  elif stage == "ppo":
-    from cai_jax.rl import learner
-    P = M = T // 2  # prompt and response halves of the sequence
-    row = ("batch", None)
-    data = {"inputs": S((B, P + M - 1), jnp.int32, row),
-            "input_mask": S((B, P + M - 1), jnp.bool_, row),
-            "targets": S((B, M), jnp.int32, row), "mask": S((B, M), jnp.float32, row),
-            **{k: S((B, M), jnp.float32, row)
-               for k in ("old_logp", "old_values", "adv", "returns")}}
-    fn = functools.partial(learner.train_step, tx=tx, microbatches=microbatches,
-                           sharder=sharder, cfg=cfg, prompt_len=P, temperature=1.0,
-                           chunk=512, clip_eps=0.2, value_clip=0.2, vf_coef=0.1, ent_coef=0.0,
-                           lora=spec)
-  else:
-    raise ValueError(f"unknown stage {stage!r}")
-
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=0, out_shardings=(state_sh, sharder.replicated)
-                     ).lower(state, data, *([frozen] if spec else [])).compile()
-  seconds = time.perf_counter() - t0
-  m = compiled.memory_analysis()
-  row_out = {"model": name, "stage": stage, "mesh": list(mesh_shape), "devices": n,
-             "params_b": cfg.num_params() / 1e9, "batch": B, "seq": T, "dtype": dtype,
-             "param_dtype": cfg.param_dtype, "attention_chunk": attention_chunk,
-             "remat": remat, "microbatches": microbatches, "lora_rank": lora_rank,
-             "trainable_b": sum(x.size for x in jax.tree.leaves(abstract)) / 1e9,
-             "compile_s": round(seconds, 1),
-             "argument_gib": m.argument_size_in_bytes / GIB,
-             "output_gib": m.output_size_in_bytes / GIB,
-             "alias_gib": m.alias_size_in_bytes / GIB,
-             "temp_gib": m.temp_size_in_bytes / GIB}
-  peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-  if stage == "ppo" and spec is None:  # the frozen reference backbone, sharded like the policy's
-    # (with LoRA the reference is the base already among the step's arguments)
-    ref = sum(x.size * jnp.dtype(x.dtype).itemsize
-              for x in jax.tree.leaves(transformer.abstract_params(cfg))) / n
-    row_out["reference_gib"] = ref / GIB
-    peak += ref
-  row_out["peak_gib"] = peak / GIB
-  row_out["fits"] = [d for d, cap in DEVICES_GIB.items() if peak / GIB <= cap]
-  return row_out
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default="llama3_2_1b,llama3_8b")
-  parser.add_argument("--stages", default="sft,pm,dpo,ppo")
-  parser.add_argument("--meshes", default="1,1,1:1,8,1", help="(data,fsdp,tensor) shapes, ':'-separated")
-  parser.add_argument("--batch", type=int, default=16, help="sequences (PM/DPO: pairs) per step")
-  parser.add_argument("--seq", type=int, default=2048)
-  parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--remat", default="full")
-  parser.add_argument("--param_dtype", default="", help="params and Adam moments; '' = the"
-                      " checkpoint's (bfloat16 for the Llama presets), as the stages load them")
-  parser.add_argument("--microbatches", type=int, default=1)
-  parser.add_argument("--attention_chunk", type=int, default=0,
-                      help="ModelConfig.attention_chunk: queries per rematerialised chunk"
-                      " (0: the whole sequence, [B, N, T, T] scores)")
-  parser.add_argument("--lora_rank", type=int, default=0,
-                      help="> 0: LoRA adapters of this rank (sft, pm and ppo)")
-  parser.add_argument("--out", help="write the rows as JSON here")
-  args = parser.parse_args()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  variant = "-".join(([f"lora{_LORA_RANK.value}"] if _LORA_RANK.value else [])
+                     + ([f"chunk{_CHUNK.value}"] if _CHUNK.value else []))
+  out = outputs.path("memory_plan", _OUT.value, variant)
   rows = []
-  for name in args.models.split(","):
-    for stage in args.stages.split(","):
-      for mesh in args.meshes.split(":"):
+  for name in _MODELS.value:
+    for stage in _STAGES.value:
+      for mesh in _MESHES.value.split(":"):
         shape = tuple(int(x) for x in mesh.split(","))
-        r = plan_one(name, stage, shape, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                     remat=args.remat, param_dtype=args.param_dtype,
-                     microbatches=args.microbatches, attention_chunk=args.attention_chunk,
-                     lora_rank=args.lora_rank)
+        r = memory_plan.plan_stage(
+            name, stage, shape, rules=rules, optim_config=optim_config, batch=_BATCH.value,
+            seq=_SEQ.value, dtype=_DTYPE.value, remat=_REMAT.value,
+            param_dtype=_PARAM_DTYPE.value, microbatches=_MICROBATCHES.value,
+            attention_chunk=_CHUNK.value, lora_rank=_LORA_RANK.value)
         rows.append(r)
         print(f"{name:12s} {stage:4s} mesh {mesh:7s}: peak {r['peak_gib']:8.2f} GiB/device"
               f" (args {r['argument_gib']:.2f}, temp {r['temp_gib']:.2f}); fits:"
-              f" {', '.join(r['fits']) or 'none of ' + ', '.join(DEVICES_GIB)}"
+              f" {', '.join(r['fits']) or 'none of ' + ', '.join(memory_plan.DEVICES_GIB)}"
               f" [{r['compile_s']} s to compile]", flush=True)
-  if args.out:
-    import jax
-    with open(args.out, "w") as f:
-      json.dump({"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-                 "devices_gib": DEVICES_GIB, "rows": rows}, f, indent=1)
+  print(outputs.write(out, {"backend": jax.default_backend(),
+                            "device_kind": jax.devices()[0].device_kind,
+                            "devices_gib": memory_plan.DEVICES_GIB, "rows": rows}))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
