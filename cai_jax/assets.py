@@ -18,7 +18,7 @@ import os
 import tempfile
 
 DEFAULT_ASSET = "smollm2-135m-instruct"
-# Stage 5's default feedback model, chosen by benchmarks/labeler_accuracy.py.
+# Stage 5's default feedback model, chosen by benchmarks/quality/labeler_accuracy.py.
 DEFAULT_FEEDBACK_MODELS = ("qwen2.5-coder-0.5b-instruct",)
 
 

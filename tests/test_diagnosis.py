@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from cai_jax import records
+from cai_jax import records, report
 from cai_jax.evaluation import diagnosis, evidence, intervals
 from cai_jax.evaluation.intervals import Estimate
 from cai_jax.phases import paths
@@ -138,9 +138,8 @@ def test_explain_leaves_holding_claims_alone_and_names_the_curve_vs_gain():
 
 
 def test_recompute_refuses_claims_that_differ_from_stage_8s(tmp_path):
-  # benchmarks/evidence.py --recompute reruns stage 8's last step; a stored claim that
-  # today's code would compute differently is refused, not overwritten.
-  from benchmarks import evidence as publish
+  # recompute reruns stage 8's last step; a stored claim that today's code would compute
+  # differently is refused, not overwritten.
   wd = str(tmp_path)
   os.makedirs(paths.stage_dir(wd, paths.EVALUATION))
   results = {"measures": {"kinds": {}, "refusal": {}}, "judge": {}, "evaluated_models": []}
@@ -149,35 +148,34 @@ def test_recompute_refuses_claims_that_differ_from_stage_8s(tmp_path):
     json.dump({**results, "claims": stored}, f)
   with open(paths.pipeline_config(wd), "w") as f:
     json.dump({"evaluation": {"seed": 0, "evidence": {}}}, f)
-  assert [c["claim"] for c in publish.recompute(wd, stored)] == [c["claim"] for c in stored]
+  assert [c["claim"] for c in diagnosis.recompute(wd, stored)] == [c["claim"] for c in stored]
   with open(paths.results_file(wd)) as f:
     assert "signals" in json.load(f)
   os.remove(paths.pipeline_config(wd))  # stage 8 not run by the pipeline: one-line error
-  with pytest.raises(SystemExit, match="no 'evaluation' entry"):
-    publish.recompute(wd, stored)
+  with pytest.raises(ValueError, match="no 'evaluation' entry"):
+    diagnosis.recompute(wd, stored)
   with open(paths.pipeline_config(wd), "w") as f:
     json.dump({"evaluation": {"seed": 0, "evidence": {}}}, f)
   bad = [dict(c) for c in stored]
   bad[0]["holds"] = not bad[0]["holds"]
-  with pytest.raises(SystemExit, match="differs from what stage 8"):
-    publish.recompute(wd, bad)
+  with pytest.raises(ValueError, match="differs from what stage 8"):
+    diagnosis.recompute(wd, bad)
 
 
-def test_readme_block_states_the_days_decode_rate(tmp_path):
-  # The README's wall time comes with the day's transformers decode rate, read from the
-  # benchmarks/decode.py result named, never typed; a result without it is refused.
-  from benchmarks import evidence as publish
+def test_claims_block_states_the_days_decode_rate(tmp_path):
+  # The published wall time comes with the day's transformers decode rate, read from the
+  # decode result named, never typed; a result without it is refused.
   claims = [_claim("pm.ai_labels", intervals.wilson(19, 28), ("lo", ">", 0.5))]
-  decode = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
-                        "decode_cpu_run10.json")
+  decode = os.path.join(os.path.dirname(__file__), "..", "experiments",
+                        "2026-12-06-run10-fresh-clone", "decode_cpu.json")
   with open(decode) as f:
     rate = json.load(f)["runs"][0]["hf_tokens_per_s"]
-  block = publish.readme_block(claims, "x.json", {"sft": 600.0, "ppo": 300.0}, "", decode)
+  block = report.claims_block(claims, "x.json", {"sft": 600.0, "ppo": 300.0}, "", decode)
   assert (f"Pipeline wall time 15.0 min (per stage in `pipeline_timings.json`), on a day when"
           f" transformers decoded {rate:.1f} tok/s at batch 8 (`{decode}`).") in block
-  assert block.startswith(publish.BEGIN) and block.endswith(publish.END)
+  assert block.startswith(report.BEGIN) and block.endswith(report.END)
   assert "0 of 1 claims hold, 1 do not" in block
   bad = tmp_path / "decode.json"
   bad.write_text(json.dumps({"runs": [{"batch": 8, "ours_tokens_per_s": 150.0}]}))
-  with pytest.raises(SystemExit, match="no run with hf_tokens_per_s"):
-    publish.readme_block(claims, "x.json", {"sft": 1.0}, "", str(bad))
+  with pytest.raises(ValueError, match="no run with hf_tokens_per_s"):
+    report.claims_block(claims, "x.json", {"sft": 1.0}, "", str(bad))

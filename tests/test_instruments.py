@@ -251,11 +251,11 @@ def test_refusal_preference_by_prompt_set_on_a_known_reward():
 
 
 def test_paired_runs_pairs_the_same_prompts_of_two_runs(tmp_path):
-  """benchmarks/paired_runs.py: refusal-rate differences of two runs' models on the
+  """evaluation.paired_runs: refusal-rate differences of two runs' models on the
   prompts both answered, per set, by the paired bootstrap."""
   import json
   import os
-  from benchmarks import paired_runs
+  from cai_jax.evaluation import paired_runs
   from cai_jax.phases import paths
   kinds = {"r1": ["red_team", "held_out"], "r2": ["red_team", "held_out"],
            "b1": ["red_team", "borderline"], "b2": ["red_team", "borderline"],
@@ -301,11 +301,11 @@ def test_paired_runs_pairs_the_same_prompts_of_two_runs(tmp_path):
 
 
 def test_red_team_refusal_labels_builds_both_contrasts(tmp_path):
-  """benchmarks/red_team_refusal_labels.py: each red-team prompt's SL-CAI sample and its
-  initial answer, each against the same canned refusal, and each helpful prompt's sample
-  against its refusal; revision pairs are not contrasts; the summary counts the refusal
-  as preferred where p(a) < 0.5."""
-  from benchmarks import red_team_refusal_labels as rtl
+  """evaluation.refusal_labels: each red-team prompt's SL-CAI sample and its initial
+  answer, each against the same canned refusal, and each helpful prompt's sample against
+  its refusal; revision pairs are not contrasts; the summary counts the refusal as
+  preferred where p(a) < 0.5."""
+  from cai_jax.evaluation import refusal_labels as rtl
   from cai_jax import records
   from cai_jax.data import refusals
   from cai_jax.phases import paths

@@ -1,15 +1,18 @@
-"""benchmarks/memory_plan.py compiles each stage's real train step on abstract
-inputs: on a tiny model every stage compiles, and the figures add up."""
+"""cai_jax.memory_plan compiles each stage's real train step on abstract inputs: on a
+tiny model every stage compiles, and the figures add up."""
 
 import pytest
 
-from benchmarks import memory_plan
+from cai_jax import memory_plan
+from configs import sft as sft_config
+
+KW = dict(rules=sft_config.FSDP_RULES, optim_config=sft_config.get_config("cpu").optim,
+          batch=4, seq=32, dtype="float32", remat="none", param_dtype="", microbatches=1)
 
 
 @pytest.mark.parametrize("stage", ["sft", "pm", "dpo", "ppo"])
 def test_every_stage_plans_on_a_tiny_model(stage):
-  r = memory_plan.plan_one("tiny_llama", stage, (1, 2, 1), batch=4, seq=32, dtype="float32",
-                           remat="none", param_dtype="", microbatches=1)
+  r = memory_plan.plan_stage("tiny_llama", stage, (1, 2, 1), **KW)
   # Arguments hold the state (params + two Adam moments, fp32, half per device on
   # fsdp 2) and the batch; all of the state is donated.
   state_gib = 3 * 4 * r["params_b"] * 1e9 / 2 / 2**30
@@ -21,9 +24,8 @@ def test_every_stage_plans_on_a_tiny_model(stage):
 
 @pytest.mark.parametrize("stage", ["sft", "pm", "dpo", "ppo"])
 def test_lora_plans_hold_the_base_once_and_adapter_state_only(stage):
-  kw = dict(batch=4, seq=32, dtype="float32", remat="none", param_dtype="", microbatches=1)
-  full = memory_plan.plan_one("tiny_llama", stage, (1, 2, 1), **kw)
-  r = memory_plan.plan_one("tiny_llama", stage, (1, 2, 1), lora_rank=4, **kw)
+  full = memory_plan.plan_stage("tiny_llama", stage, (1, 2, 1), **KW)
+  r = memory_plan.plan_stage("tiny_llama", stage, (1, 2, 1), lora_rank=4, **KW)
   base_gib = 4 * r["params_b"] * 1e9 / 2 / 2**30  # the fp32 base, half per device
   adapter_state_gib = 3 * 4 * r["trainable_b"] * 1e9 / 2 / 2**30
   assert 0 < r["trainable_b"] < 0.2 * r["params_b"]
@@ -31,4 +33,4 @@ def test_lora_plans_hold_the_base_once_and_adapter_state_only(stage):
   assert base_gib + adapter_state_gib <= r["argument_gib"] < 1.2 * (base_gib + adapter_state_gib)
   assert "reference_gib" not in r and r["peak_gib"] < full["peak_gib"]
   with pytest.raises(ValueError, match="sft, pm, dpo and ppo"):
-    memory_plan.plan_one("tiny_llama", "decode", (1, 2, 1), lora_rank=4, **kw)
+    memory_plan.plan_stage("tiny_llama", "decode", (1, 2, 1), lora_rank=4, **KW)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from cai_jax import pipeline, report
+from cai_jax.evaluation import rl_table
 from cai_jax.phases import paths
-from benchmarks import rl_table, tiny_pipeline
+from benchmarks import tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
     h = res["pm"]["harmlessness"]["elo"][n]
     assert f"| {n} | {report.fmt(h, 1)} |" in text
   assert os.path.getsize(os.path.join(workdir, "report", "ppo_curves.png")) > 1000
-  table = rl_table.rows(workdir)  # benchmarks/rl_table.py: one row per RL model
+  table = rl_table.rows(workdir)  # one row per RL model
   assert [(r["model"], r["algorithm"], r["iterations"]) for r in table] == [
       ("rl_cai", "ppo", 2), ("grpo", "grpo", 2), ("dpo", "dpo", c.dpo.train.num_steps)]
   assert {(r["run"], r["label_temperature"], r["pm_base"], r["refusal_pairs"]) for r in table} == {

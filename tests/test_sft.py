@@ -28,7 +28,7 @@ from cai_jax.training import sft_step
 from cai_jax.records import CritiqueRevisionRecord, RevisionRound
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
-from benchmarks.chaos import damage
+from cai_jax.faults import damage
 from configs import sft as sft_config
 from resume_helpers import sigterm_at, tree_hashes
 

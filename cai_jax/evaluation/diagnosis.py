@@ -428,9 +428,47 @@ def explain(claims: Sequence[dict], signals: dict) -> list[dict]:
 
 
 def sentence(c: dict) -> str:
-  """A failed claim's `failed_signal` in one line (the report's and README's cell)."""
+  """A failed claim's `failed_signal` in one line (the report's and docs/results.md's cell)."""
   f = c.get("failed_signal")
   if not f:
     return ""
   return (f"stage {f['stage']}: {f['signal']}. Measured: {f['measured']}."
           + (f" Would take: {f['would_take']}." if f["would_take"] else ""))
+
+
+# --- Recomputing a finished run's claims -----------------------------------------------
+
+MEASURED = ("claim", "estimate", "ci95", "n", "holds")  # what stage 8 measured of a claim
+
+
+def recompute(workdir: str, stored: list[dict]) -> list[dict]:
+  """Stage 8's last step rerun on a finished workdir with today's code: the claims from
+  its results.json and stage 6/7 files, each failed one traced to its stage (`explain`),
+  written back into results.json with the signals. A ValueError where any claim's
+  estimate, interval, n or verdict differs from `stored` (the claims stage 8 wrote):
+  then the run, not this step, must be redone."""
+  with open(paths.results_file(workdir)) as f:
+    results = json.load(f)
+  config = paths.stage_configs(workdir)[0].get("evaluation")
+  if config is None:  # stage 8 keeps no config.json of its own
+    raise ValueError(f"{paths.pipeline_config(workdir)}: no 'evaluation' entry (stage 8 was"
+                     " not run by cai_jax.pipeline); recomputing needs stage 8's seed and"
+                     " evidence limits: rerun stage 8 instead")
+  fresh = evidence.from_workdir(workdir, results, seed=config["seed"], **config["evidence"])
+  old = {c["claim"]: c for c in stored}
+  for c in fresh:
+    if c["claim"] not in old:
+      raise ValueError(f"{workdir}: claim {c['claim']!r} is not among those stage 8 wrote"
+                       " (it predates the claim); rerun stage 8 instead of recomputing")
+    if any(c[k] != old[c["claim"]][k] for k in MEASURED):
+      raise ValueError(f"{workdir}: claim {c['claim']!r} differs from what stage 8 wrote;"
+                       " rerun stage 8 instead of recomputing")
+  if len(fresh) != len(stored):
+    raise ValueError(f"{workdir}: stage 8 wrote {len(stored)} claims, today's code makes"
+                     f" {len(fresh)}; rerun stage 8 instead of recomputing")
+  results["signals"] = measure(workdir, results)
+  results["claims"] = explain(fresh, results["signals"])
+  with open(paths.results_file(workdir) + ".tmp", "w") as f:
+    json.dump(results, f, indent=1, ensure_ascii=False)
+  os.replace(paths.results_file(workdir) + ".tmp", paths.results_file(workdir))
+  return results["claims"]

@@ -299,7 +299,7 @@ def rl_metrics(workdir: str, stage: str = paths.PPO) -> list[dict]:
 def from_workdir(workdir: str, results: dict[str, Any], *, seed: int = 0, **limits
                  ) -> list[dict[str, Any]]:
   """`claims` from stage 8's results and the stage 6/7 files of `workdir` (what stage 8
-  runs, and what `benchmarks/evidence.py --recompute` reruns on a finished workdir)."""
+  runs, and what `diagnosis.recompute` reruns on a finished workdir)."""
   names = results.get("evaluated_models", ())
   return claims(results, rl_metrics(workdir), latest_pm_eval(paths.calibration_dir(workdir)),
                 seed=seed, critic_free_metrics={n: rl_metrics(workdir, paths.RL_ALTERNATIVES[n])

@@ -25,7 +25,7 @@ Accuracy against human labels is measured, not assumed: `pyrit_rows` reads
 PyRIT's human-labelled refusal CSVs (1 = refusal, non-sequiturs included), and
 `accuracy` scores the measure on them. The phrase lists were written looking
 at `refusal.csv` only; `refusal_extra.csv` is the held-out check
-(`benchmarks/refusal_accuracy.py`, and stage 8 on every run).
+(stage 8 on every run: results.json's `refusal_validation`).
 """
 
 from __future__ import annotations

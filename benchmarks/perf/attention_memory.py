@@ -1,8 +1,8 @@
 """Training-step memory and speed of the default `xla` attention against query-chunked
 attention (`ModelConfig.attention_chunk`), on CPU, SmolLM2-135M's architecture.
 
-  PYTHONPATH=. python -m benchmarks.attention_memory --shapes=8x512,16x1024 \
-      --chunks=0,128 --repeats=2 --out=benchmarks/results/attention_memory_cpu.json
+  python -m benchmarks.perf.attention_memory --shapes=8x512,16x1024 \
+      --chunks=0,128 --repeats=2  # -> benchmarks/results/cpu/attention_memory.json
 
 The `xla` path (chunk 0) keeps the [B, N, T, T] float32 scores of every layer for
 the backward pass; with `attention_chunk=C` the queries go in chunks of C, each
@@ -35,6 +35,8 @@ import resource
 import subprocess
 import sys
 import time
+
+from benchmarks.common import outputs
 
 GIB = 2**30
 
@@ -122,7 +124,8 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=2, help="alternated processes per variant")
   ap.add_argument("--max_timed_gib", type=float, default=18.0,
                   help="time only steps whose compiled plan is below this (GiB of RAM)")
-  ap.add_argument("--out")
+  ap.add_argument("--out", default="",
+                  help="results JSON (default: benchmarks/results/cpu/attention_memory.json)")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
@@ -131,11 +134,11 @@ def main() -> None:
     return
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = outputs.REPO
   shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   chunks = [(int(c), int(r)) for c in args.chunks.split(",")
             for r in args.lora_ranks.split(",")]
-  results = {"command": "python -m benchmarks.attention_memory " + " ".join(sys.argv[1:]),
+  results = {"command": "python -m benchmarks.perf.attention_memory " + " ".join(sys.argv[1:]),
              "model": "random:smollm2_135m", "dtype": "float32", "remat": "none",
              "loss_chunk": 128, "machine": {"platform": platform.platform(),
                                             "cpus": os.cpu_count(),
@@ -148,7 +151,7 @@ def main() -> None:
         if rep and runs[c] and runs[c][-1].get("timed") is not True:
           continue  # a plan alone: the same on every repeat
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.attention_memory",
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.attention_memory",
                                f"--worker={B},{T},{c[0]},{c[1]}", f"--steps={args.steps}",
                                f"--max_timed_gib={args.max_timed_gib}"],
                               env=env, capture_output=True, text=True)
@@ -163,10 +166,7 @@ def main() -> None:
       results["rows"].append({"batch": B, "seq": T, "attention_chunk": c[0], "lora_rank": c[1],
                               "runs": runs[c]})
   results["machine"]["load_avg_end"] = os.getloadavg()
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1)
+  print(outputs.write(outputs.path("attention_memory", args.out, device_kind="cpu"), results))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DPO training step: ours (`cai_jax.rl.dpo.train_step`) vs TRL's DPOTrainer.
 
-  PYTHONPATH=. python benchmarks/dpo_step.py --out=benchmarks/results/dpo_vs_trl_cpu.json
+  python -m benchmarks.perf.dpo_step  # -> benchmarks/results/cpu/dpo_step.json
 
 Same model (SmolLM2-135M-Instruct, fp32, no remat), same token pairs (B pairs of a
 P-token prompt and two R-token responses, so 2B sequences of P + R tokens per
@@ -21,11 +21,11 @@ On a GPU (`--device=gpu`, with `--dtype=bfloat16`): JAX and PyTorch both on the 
 fp32 master weights in both, bf16 compute (ours: compute dtype; TRL: `bf16=True`),
 and each implementation's peak device memory beside its peak RSS:
 
-  python benchmarks/dpo_step.py --model=random:smollm2_135m --device=gpu --dtype=bfloat16 \
-      --batch=8 --steps=20 --warmup=3 --out=/tmp/dpo_gpu.json
+  python -m benchmarks.perf.dpo_step --model=random:smollm2_135m --device=gpu \
+      --dtype=bfloat16 --batch=8 --steps=20 --warmup=3 --out=/tmp/dpo_gpu.json
 
 Quick check of the script itself (not a measurement):
-  PYTHONPATH=. python benchmarks/dpo_step.py --batch=2 --prompt_len=16 --response_len=16 \
+  python -m benchmarks.perf.dpo_step --batch=2 --prompt_len=16 --response_len=16 \
       --steps=2 --warmup=1 --out=/tmp/dpo_check.json
 """
 
@@ -33,16 +33,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-from benchmarks import peaks
+from benchmarks.common import outputs, peaks, workers
+from benchmarks.common.trainer_clock import clock
 
-_OUT = flags.DEFINE_string("out", None, "Where to write the results (JSON).")
+_OUT = flags.DEFINE_string("out", "", "Where to write the results (JSON; default:"
+                           " benchmarks/results/<machine>/dpo_step.json).")
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
                              "Bundled asset name or random:<preset>.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Pairs per step.")
@@ -152,16 +152,7 @@ def worker_trl(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
   data = datasets.Dataset.from_dict({"prompt_ids": prompts[idx].tolist(),
                                      "chosen_ids": chosen[idx].tolist(),
                                      "rejected_ids": rejected[idx].tolist()})
-  stamps: list[float] = []
-  losses: list[float] = []
-
-  class Clock(transformers.TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-      stamps.append(time.perf_counter())
-
-    def on_log(self, args, state, control, logs=None, **kw):
-      if logs and "loss" in logs:
-        losses.append(float(logs["loss"]))
+  callback, stamps, losses = clock()
 
   class Pretokenized(trl.DPOTrainer):
     """The token pairs as given (no chat template, no EOS), in order."""
@@ -183,7 +174,7 @@ def worker_trl(prompts, chosen, rejected, B: int, steps: int, warmup: int, hf_di
         dataloader_num_workers=0, disable_tqdm=True, seed=0)
     t_init = time.perf_counter()
     trainer = Pretokenized(model=model, ref_model=ref, args=args, train_dataset=data,
-                           processing_class=tok, callbacks=[Clock()])
+                           processing_class=tok, callbacks=[callback])
     init_s = time.perf_counter() - t_init
     trainer.train()
   first = stamps[warmup - 1]
@@ -212,22 +203,16 @@ def main(argv) -> None:
   if _WORKER.value:
     run_worker(_WORKER.value)
     return
-  if not _OUT.value:
-    raise app.UsageError("--out=<results.json> is required")
+  out = outputs.path("dpo_step", _OUT.value, device_kind=(outputs.local_gpu() or "gpu")
+                     if _DEVICE.value == "gpu" else "cpu")
   import jax
   jax.config.update("jax_platforms", "cpu")
   import numpy as np
 
-  from benchmarks.hf_dirs import model_hf_dir
+  from benchmarks.common.hf_dirs import model_hf_dir
   from cai_jax.checkpoints.hf import read_hf_config
 
   B, P, R, steps = _BATCH.value, _PROMPT.value, _RESPONSE.value, _STEPS.value
-  child_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
-  if _DEVICE.value == "cpu":
-    child_env["JAX_PLATFORMS"] = "cpu"
-  child_env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-       child_env.get("PYTHONPATH", "")])
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = model_hf_dir(_MODEL.value, tmp)
     cfg = read_hf_config(hf_dir)
@@ -243,30 +228,18 @@ def main(argv) -> None:
                      "cpu_count": os.cpu_count(),
                      "impls": {}}
     for name in _IMPLS.value:
-      result_path = os.path.join(tmp, f"{name}.json")
-      cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--data={data}",
-             f"--result={result_path}", f"--batch={B}", f"--steps={steps}",
-             f"--warmup={_WARMUP.value}", f"--beta={_BETA.value}", f"--lr={_LR.value}",
-             f"--logits_chunk={_CHUNK.value}", f"--hf_dir={hf_dir}", f"--device={_DEVICE.value}",
-             f"--dtype={_DTYPE.value}"]
-      print(f"running {name} ...", flush=True)
-      start = time.perf_counter()
-      proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
-      if proc.returncode != 0:
-        results["impls"][name] = {"error": proc.stderr[-4000:]}
-        print(f"{name} failed:\n{proc.stderr[-4000:]}", flush=True)
+      r = results["impls"][name] = workers.run("benchmarks.perf.dpo_step", name, [
+          f"--data={data}", f"--batch={B}", f"--steps={steps}", f"--warmup={_WARMUP.value}",
+          f"--beta={_BETA.value}", f"--lr={_LR.value}", f"--logits_chunk={_CHUNK.value}",
+          f"--hf_dir={hf_dir}", f"--device={_DEVICE.value}", f"--dtype={_DTYPE.value}"],
+          tmp, gpu=_DEVICE.value == "gpu")
+      if "error" in r:
         continue
-      with open(result_path) as f:
-        r = json.load(f)
-      r["wall_s_including_load"] = time.perf_counter() - start
       r["tokens_per_s"] = 2 * B * (P + R) * steps / r["seconds"]
       r["pairs_per_s"] = B * steps / r["seconds"]
-      results["impls"][name] = r
       print(f"{name}: {r['pairs_per_s']:.2f} pairs/s ({r['tokens_per_s']:.0f} tokens/s), peak"
             f" RSS {r['peak_rss_mib']:.0f} MiB, first loss {r['losses'][0]:.4f}", flush=True)
-      os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-      with open(_OUT.value, "w") as f:  # after every implementation: a cut run keeps its rows
-        json.dump(results, f, indent=1)
+      outputs.write(out, results)  # after every implementation: a cut run keeps its rows
   ok = {k: v for k, v in results["impls"].items() if "tokens_per_s" in v}
   for other in ("trl", "trl_default"):
     if "jax" in ok and other in ok:
@@ -276,9 +249,7 @@ def main(argv) -> None:
       if ok["jax"].get("peak_device_mib") and ok[other].get("peak_device_mib"):
         results[f"peak_device_ratio_jax_over_{other}"] = (ok["jax"]["peak_device_mib"]
                                                           / ok[other]["peak_device_mib"])
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=1)
+  print(outputs.write(out, results))
   print(json.dumps({k: v for k, v in results.items() if k != "impls"}, indent=1))
 
 

@@ -1,9 +1,10 @@
 """AI-labeler accuracy, calibration and throughput on human-labelled harm pairs.
 
-  PYTHONPATH=. python benchmarks/labeler_accuracy.py --models=smollm2-135m-instruct \
+  python -m benchmarks.quality.labeler_accuracy --models=smollm2-135m-instruct \
       --runs=zero_shot,few_shot,pointwise,pointwise_chat,cot \
       --ensemble_runs=few_shot,pointwise --num_pairs=64 --cot_pairs=32 \
       --out=/tmp/labbench/smollm2.json
+  # without --out: benchmarks/results/<machine>/labeler_accuracy.json
 
 Each run takes minutes on 2 CPU cores for SmolLM2-135M (k=4 and CoT runs
 tens of minutes); Qwen2.5-Coder-0.5B is ~4x slower. Fit a pointwise
@@ -48,7 +49,6 @@ log-probs and the truth, so other rows can be derived without a model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -58,6 +58,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks.common import outputs
 from cai_jax.constitution import load_constitution
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings, model_label
 from cai_jax.feedback.eval_data import pyrit_pairs
@@ -84,7 +85,8 @@ _FORMAT = flags.DEFINE_enum("prompt_format", "plain", ["plain", "chat"], "Prompt
 _ENSEMBLE = flags.DEFINE_list(
     "ensemble", ["less_harmful", "wise_and_kind", "lawful", "no_weapons_uplift"],
     "Principles of the k=4 rows (first one = the k=1 rows).")
-_OUT = flags.DEFINE_string("out", None, "Write the results JSON here.")
+_OUT = flags.DEFINE_string("out", "", "Write the results JSON here (default:"
+                           " benchmarks/results/<machine>/labeler_accuracy.json).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,12 +265,13 @@ def main(argv):
   pairs, a_better = pyrit_pairs(_OFFSET.value + _NUM_PAIRS.value, seed=_SEED.value)
   pairs, a_better = pairs[_OFFSET.value:], a_better[_OFFSET.value:]
   constitution = load_constitution("harmless")
+  out = outputs.path("labeler_accuracy", _OUT.value)
   plan = runs(tuple(_ENSEMBLE.value), _ENSEMBLE_RUNS.value)
   unknown = [r for r in _RUNS.value if r not in plan]
   if unknown:
     raise app.UsageError(f"unknown runs {unknown}; choose from {sorted(plan)}")
   results = dict(
-      command="PYTHONPATH=. python benchmarks/labeler_accuracy.py " + " ".join(
+      command="python -m benchmarks.quality.labeler_accuracy " + " ".join(
           f"--{k}={v}" for k, v in (("models", ",".join(_MODELS.value)),
                                     ("num_pairs", _NUM_PAIRS.value),
                                     ("pair_offset", _OFFSET.value),
@@ -299,11 +302,9 @@ def main(argv):
         rows.append(row_result(row, run, a_better[:n]))
       print_table(spec, rows)
       results["models"][spec] = dict(load_seconds=load_s, runs=run_info, rows=rows)
-      if _OUT.value:  # after every run, so a long benchmark leaves partial results
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        results["machine"]["load_avg_end"] = os.getloadavg()
-        with open(_OUT.value, "w") as f:
-          json.dump(results, f, indent=1, default=str)
+      results["machine"]["load_avg_end"] = os.getloadavg()
+      outputs.write(out, results, default=str)  # after every run: a long one leaves its rows
+  print(out)
 
 
 if __name__ == "__main__":

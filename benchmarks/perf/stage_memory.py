@@ -1,8 +1,8 @@
 """The pipeline's peak resident memory against its stages run alone.
 
-  python -m benchmarks.stage_memory --config=configs/pipeline.py:cpu \
-      --workdir=runs/mem --through=sft --alone=critique_revision,sft \
-      --out=benchmarks/results/stage_memory_cpu.json
+  python -m benchmarks.perf.stage_memory --config=configs/pipeline.py:cpu \
+      --workdir=runs/mem --through=sft --alone=critique_revision,sft
+  # -> benchmarks/results/<machine>/stage_memory.json
 
 1. Runs the pipeline (in a fresh process) up to and including `--through`, from
    `--workdir` (empty, or partly done: finished stages are skipped, so only an
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import outputs
 from cai_jax.phases import paths
 
 _CHILD = r"""
@@ -80,7 +81,8 @@ def main() -> None:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--through", default="sft", help="last pipeline stage to run")
   parser.add_argument("--alone", default="sft", help="comma-separated stages to run alone")
-  parser.add_argument("--out", help="write the figures as JSON here")
+  parser.add_argument("--out", default="", help="write the figures as JSON here (default:"
+                      " benchmarks/results/<machine>/stage_memory.json)")
   args = parser.parse_args()
   alone = [s for s in args.alone.split(",") if s]
   for name in [args.through, *alone]:
@@ -113,9 +115,8 @@ def main() -> None:
             "largest_alone_peak_gib": largest,
             "pipeline_over_largest_alone": round(peak / largest, 3), "stages": rows}
   print(json.dumps(result, indent=1))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  print(outputs.write(outputs.path("stage_memory", args.out, device_kind=outputs.local_gpu()
+                                   or "cpu"), result))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Stage 8 measures this for SL-CAI (results.json `pm_refusal_preference`, the repo
 stage 8 did, and for every evaluated model, with the same library function
 (`evaluation.judges.refusal_preference`) on stage 8's stored answers.
 
-  python -m benchmarks.pm_refusal_preference --workdir=runs/cai \\
-      --out=benchmarks/results/pm_refusal_preference_cpu.json
+  python -m benchmarks.quality.pm_refusal_preference --workdir=runs/cai
+  # -> benchmarks/results/cpu/pm_refusal_preference.json
 
 Beside it, `pyrit_refusal_baseline`: on the PyRIT human-labelled pairs stage 8 scores
 the PM on (`pm.num_human_pairs`, seed 0), how often the less / more harmful response is
@@ -25,6 +25,7 @@ import os
 
 from absl import app, flags
 
+from benchmarks.common import outputs
 from cai_jax import records
 from cai_jax.evaluation import answers as ans
 from cai_jax.evaluation import intervals, judges, refusal
@@ -34,17 +35,15 @@ from cai_jax.phases import paths
 from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """At run time, not import time (other benchmarks share flag names)."""
-  flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
-  flags.DEFINE_string("out", "", "Write the result as JSON here.")
-  flags.DEFINE_integer("batch_size", 8, "PM scoring batch.")
-  flags.DEFINE_integer("seed", 0, "Bootstrap seed (stage 8 uses its config's seed, 0).")
-  flags.DEFINE_integer("num_human_pairs", 64, "PyRIT pairs (stage 8's pm.num_human_pairs).")
-  flags.DEFINE_bool("into_results", False, "Add SL-CAI's row to results.json and rebuild the report.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
+_OUT = flags.DEFINE_string("out", "", "Write the result as JSON here (default:"
+                           " benchmarks/results/<machine>/pm_refusal_preference.json).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "PM scoring batch.")
+_SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed (stage 8 uses its config's seed, 0).")
+_NUM_HUMAN_PAIRS = flags.DEFINE_integer("num_human_pairs", 64,
+                                        "PyRIT pairs (stage 8's pm.num_human_pairs).")
+_INTO_RESULTS = flags.DEFINE_bool("into_results", False,
+                                  "Add SL-CAI's row to results.json and rebuild the report.")
 
 
 def measure(workdir: str, batch_size: int, seed: int) -> dict:
@@ -81,9 +80,9 @@ def pyrit_refusal_baseline(num_pairs: int, seed: int) -> dict:
 
 def main(argv):
   del argv
-  baseline = pyrit_refusal_baseline(FLAGS.num_human_pairs, FLAGS.seed)
+  baseline = pyrit_refusal_baseline(_NUM_HUMAN_PAIRS.value, _SEED.value)
   print("PyRIT pairs, a pure refusal detector:", baseline)
-  result = measure(FLAGS.workdir, FLAGS.batch_size, FLAGS.seed)
+  result = measure(_WORKDIR.value, _BATCH_SIZE.value, _SEED.value)
   for name, sets in result.items():
     for k, v in sets.items():
       if isinstance(v, dict) and "refusal_preferred" in v:
@@ -91,12 +90,11 @@ def main(argv):
               f" {intervals.Estimate.from_dict(v['refusal_preferred'])}  margin"
               f" {intervals.Estimate.from_dict(v['mean_margin'])}"
               f"  (answers refusing: {v['answers_refusing']})")
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump({"workdir": os.path.abspath(FLAGS.workdir), "models": result,
-                 "pyrit_refusal_baseline": baseline}, f, indent=1)
-  if FLAGS.into_results and "sl_cai" in result:
-    path = paths.results_file(FLAGS.workdir)
+  print(outputs.write(outputs.path("pm_refusal_preference", _OUT.value), {
+      "workdir": os.path.abspath(_WORKDIR.value), "models": result,
+      "pyrit_refusal_baseline": baseline}))
+  if _INTO_RESULTS.value and "sl_cai" in result:
+    path = paths.results_file(_WORKDIR.value)
     with open(path) as f:
       results = json.load(f)
     results["pm_refusal_preference"] = result["sl_cai"]
@@ -104,9 +102,8 @@ def main(argv):
       json.dump(results, f, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)
     from cai_jax import report
-    print(report.write_report(FLAGS.workdir))
+    print(report.write_report(_WORKDIR.value))
 
 
 if __name__ == "__main__":
-  define_flags()
   app.run(main)

@@ -1,13 +1,13 @@
 """Where a `generate` call's time goes: a jax.profiler trace, summed per HLO op.
 
-  python benchmarks/profile_decode.py --batch=32 --decode_layers=scan --top=25
+  python -m benchmarks.perf.profile_decode --batch=32 --decode_layers=scan --top=25
 
 Prints each executed XLA op (thunk) with its total time over one call and
 its count, labelled with the jax op it came from (the HLO op_name metadata),
 e.g. `ynn_fusion BTD,DF->BTF/dot_general`. Ops that run concurrently on
 different threads each count their full time, so the column can add up to
 more than the wall time. This is how the scan's per-step weight and cache
-slice copies (`dynamic-slice` fusions) were found; see BENCHMARKS.md.
+slice copies (`dynamic-slice` fusions) were found.
 """
 
 from __future__ import annotations

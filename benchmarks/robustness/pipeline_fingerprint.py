@@ -4,8 +4,8 @@ final parameters of each training stage.
 Used to show that a refactor changes nothing a user sees: run it on two
 checkouts and compare the JSON files (`--compare`).
 
-  python benchmarks/pipeline_fingerprint.py --out=/tmp/after.json
-  python benchmarks/pipeline_fingerprint.py --compare /tmp/before.json /tmp/after.json
+  python -m benchmarks.robustness.pipeline_fingerprint --out=/tmp/after.json
+  python -m benchmarks.robustness.pipeline_fingerprint --compare /tmp/before.json /tmp/after.json
 
 The run is the test suite's tiny pipeline (tests/test_pipeline.py): a random
 tiny Llama with a BPE tokenizer trained in-process for the generation stages,
@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The tests' 8-device CPU mesh (checkpoints restore onto the devices that saved them).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, REPO)  # configs/ import each other as `configs.<name>`

@@ -1,10 +1,10 @@
 """Decode throughput: our jit sampler vs transformers `generate`, same weights.
 
-  python benchmarks/decode.py --model=smollm2-135m-instruct --batch_sizes=1,8,32 \
-      --prompt_len=64 --new_tokens=128 --out=benchmarks/results/decode_cpu.json
+  python -m benchmarks.perf.decode --model=smollm2-135m-instruct --batch_sizes=1,8,32 \
+      --prompt_len=64 --new_tokens=128  # -> benchmarks/results/cpu/decode.json
 
   # on a GPU (transformers on CUDA), bf16 weights, a 1B model too:
-  python benchmarks/decode.py --model=random:llama3_2_1b --dtype=bfloat16 \
+  python -m benchmarks.perf.decode --model=random:llama3_2_1b --dtype=bfloat16 \
       --batch_sizes=1,8,32,128 --out=/tmp/decode_gpu.json
 
 Both sides run greedy decoding with a KV cache, the same weights (`--dtype`;
@@ -13,7 +13,7 @@ per sequence (no early stop). transformers runs on CUDA when JAX's default
 backend is a GPU, else on the CPU. The batch-1 rate is also given as a
 fraction of the memory-bandwidth limit: each decode step must read every
 weight once, so the limit is bandwidth / weight bytes tokens per second;
-bandwidth is measured here (`benchmarks/peaks.py`: the faster of a jitted and
+bandwidth is measured here (`benchmarks/common/peaks.py`: the faster of a jitted and
 a numpy sum over 1 GiB on a CPU, a jitted sum over 4 GiB on an accelerator).
 """
 
@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks import peaks
+from benchmarks.common import outputs, peaks
 
 from cai_jax.checkpoints import hf
 from cai_jax.checkpoints.load import load_model
@@ -47,7 +47,8 @@ _DECODE_LAYERS = flags.DEFINE_list(
     " and/or scan; with both, each is timed in the same run and the first is the headline.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers generate.")
 _THREADS = flags.DEFINE_integer("torch_threads", os.cpu_count() or 1, "torch threads.")
-_OUT = flags.DEFINE_string("out", None, "Write results JSON here.")
+_OUT = flags.DEFINE_string("out", "", "Write results JSON here (default:"
+                           " benchmarks/results/<machine>/decode.json).")
 
 
 def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -142,10 +143,7 @@ def main(argv):
     print(json.dumps(row))
   print(f"bandwidth {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB;"
         f" limit {results['bandwidth_limit_tokens_per_s']:.1f} tok/s at batch 1")
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=1)
+  print(outputs.write(outputs.path("decode", _OUT.value), results))
 
 
 if __name__ == "__main__":

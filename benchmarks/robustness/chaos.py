@@ -1,9 +1,9 @@
 """Chaos run: the tiny pipeline killed at seeded random moments, then compared bit
 for bit with an uninterrupted run.
 
-  python benchmarks/chaos.py --kills=50 --seed=0 --out=benchmarks/results/chaos.json
-  python benchmarks/chaos.py --kills=30 --seed=1 --damage --out=benchmarks/results/chaos_damage.json
-  python benchmarks/chaos.py --markdown benchmarks/results/chaos.json  # BENCHMARKS.md's table
+  python -m benchmarks.robustness.chaos --kills=50 --seed=0  # -> benchmarks/results/cpu/chaos.json
+  python -m benchmarks.robustness.chaos --kills=30 --seed=1 --damage  # -> .../chaos-damage.json
+  python -m benchmarks.robustness.chaos --markdown benchmarks/results/cpu/chaos.json  # its table
 
 The pipeline runs as users run it (`python -m cai_jax.pipeline`, the tiny+dpo
 config of tests/test_pipeline.py) in a child process. First an uninterrupted
@@ -20,7 +20,7 @@ kill the same command is run again. When a run gets to the end before its kill
 and the next kills go to a new, empty workdir. With
 `--damage`, between kills it also flips 16 bytes in a random finished
 checkpoint step (its largest params file) or record shard, each kind with even
-odds (seeded), as disk rot or a torn copy would.
+odds (seeded), as disk rot or a torn copy would (`cai_jax.faults.damage`).
 After the last kill the command runs to completion.
 
 Compared with the reference: every record file and the params of every
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -49,24 +48,18 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEVICES = "--xla_force_host_platform_device_count=8"  # the tests' CPU mesh
 os.environ.setdefault("XLA_FLAGS", DEVICES)
 sys.path.insert(0, REPO)
+
+from benchmarks.common import outputs  # noqa: E402
+from benchmarks.robustness import pipeline_fingerprint as fingerprints  # noqa: E402
+from cai_jax.faults import damage  # noqa: E402
+
 STAGE_LINE = re.compile(r"=== stage (\w+) ===")
 TRAINING = ("sft", "preference_model", "ppo", "dpo")
 GENERATION = ("critique_revision", "pairs", "ai_labels", "evaluation")
-
-
-def _load(path: str, name: str):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-fingerprints = _load(os.path.join(REPO, "benchmarks", "pipeline_fingerprint.py"),
-                     "chaos_fingerprint")
 
 
 def command(workdir: str, model: str) -> list[str]:
@@ -123,22 +116,6 @@ def finished_targets(workdir: str) -> dict[str, list[str]]:
   return {"checkpoint": sorted(steps), "shard": sorted(shards)}
 
 
-def damage(target: str) -> str:
-  """Flips 16 bytes in the middle of the shard, or of the step's largest params file."""
-  path = target
-  if os.path.isdir(target):
-    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(target, "params"))
-             for f in fs]
-    path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    data = bytearray(f.read())
-    mid = len(data) // 2
-    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
-    f.seek(0)
-    f.write(data)
-  return path
-
-
 def record_ids(workdir: str) -> dict[str, list[str]]:
   out = {}
   dirs = {os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "**", "shard-*.jsonl"),
@@ -181,7 +158,7 @@ def _damaged_line(damaged: list[str]) -> str:
 
 
 def markdown(summary: dict) -> str:
-  """The BENCHMARKS.md table of one run's figures (`--markdown results.json`)."""
+  """The Markdown table of one run's figures (`--markdown results.json`)."""
   stages = ", ".join(f"{k} {v}" for k, v in summary["kills_per_stage"].items())
   signals = ", ".join(f"{k} {v}" for k, v in summary["kills_per_signal"].items())
   rows = [
@@ -220,8 +197,11 @@ def main() -> None:
                       help="also damage a finished checkpoint or shard between kills")
   parser.add_argument("--damage_prob", type=float, default=0.5)
   parser.add_argument("--root", help="working directory (default: a temporary one)")
-  parser.add_argument("--out", help="write the figures as JSON here")
+  parser.add_argument("--out", default="", help="write the figures as JSON here (default:"
+                      " benchmarks/results/<machine>/chaos[-damage].json)")
   args = parser.parse_args()
+  out = outputs.path("chaos", args.out, "damage" if args.damage else "",
+                     outputs.local_gpu() or "cpu")
   rng = np.random.default_rng(args.seed)
   root = args.root or tempfile.mkdtemp(prefix="cai_chaos_")
   logs = os.path.join(root, "logs")
@@ -346,7 +326,7 @@ def main() -> None:
   clean = [e for e in episodes if e["completed"] and not e["mismatches"]
            and not e["records_lost"] and not e["records_duplicated"]]
   summary = {
-      "command": " ".join(["python", "benchmarks/chaos.py", f"--kills={args.kills}",
+      "command": " ".join(["python -m benchmarks.robustness.chaos", f"--kills={args.kills}",
                            f"--seed={args.seed}"] + (["--damage"] if args.damage else [])),
       "kills": len(kills), "kills_survived": sum(len(e["kills"]) for e in clean),
       "episodes": len(episodes), "episodes_identical": len(clean),
@@ -371,9 +351,7 @@ def main() -> None:
   }
   print(json.dumps({k: v for k, v in summary.items() if k not in ("kill_log", "episode_log")},
                    indent=1))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(summary, f, indent=1)
+  print(outputs.write(out, summary))
   ok = len(clean) == len(episodes) and summary["reference_runs_identical"]
   sys.exit(0 if ok else 1)
 

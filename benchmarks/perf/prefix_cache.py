@@ -1,6 +1,6 @@
 """Shared-prefix KV cache: stage-2 generation and stage-5 option scoring, with and without.
 
-  PYTHONPATH=. python benchmarks/prefix_cache.py --out=benchmarks/results/prefix_cache_cpu.json
+  python -m benchmarks.perf.prefix_cache  # -> benchmarks/results/cpu/prefix_cache.json
 
 Stage 2 (critique): the `cpu` preset's critique conversations
 (`critique_revision.critique_conversation` after `few_shot_turns` of the
@@ -23,7 +23,7 @@ again with one few-shot prefix. Stage 5 also records how far the plain path
 moves when only its padding grows by 3 slots (float summation order), next
 to the prefix path's difference.
 Also: the plain sampler's rate at batch 8 on a short prompt (64 random
-tokens, as `benchmarks/decode.py`), so stage-2 rates read as a fraction of it.
+tokens, as `benchmarks/perf/decode.py`), so stage-2 rates read as a fraction of it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks.common import outputs
 from cai_jax.checkpoints.load import load_model
 from cai_jax.constitution import draw_principles, load_constitution
 from cai_jax.critique_revision import critique_conversation, few_shot_turns
@@ -59,7 +60,8 @@ _RESPONSE = flags.DEFINE_integer("max_response_tokens", 64,
                                  "Each response cut to this (the cpu preset's answers are <= 64).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (medians reported).")
 _MIN = flags.DEFINE_integer("min_shared_prefix", 64, "The prefix variants' threshold.")
-_OUT = flags.DEFINE_string("out", None, "Write results JSON here.")
+_OUT = flags.DEFINE_string("out", "", "Write results JSON here (default:"
+                           " benchmarks/results/<machine>/prefix_cache.json).")
 
 
 def _ab(plain, prefix, clear, repeats: int) -> tuple[dict, dict]:
@@ -165,7 +167,7 @@ def _stage5(cfg, params, tok, pairs, repeats: int) -> dict:
 
 
 def _short_prompt_rate(cfg, params, repeats: int) -> dict:
-  """The plain sampler at batch B on 64 random prompt tokens (benchmarks/decode.py's setup)."""
+  """The plain sampler at batch B on 64 random prompt tokens (benchmarks/perf/decode.py's setup)."""
   B, M = _BATCH.value, _NEW.value
   rs = np.random.RandomState(0)
   prompts = [list(rs.randint(100, 30000, size=64)) for _ in range(B)]
@@ -214,10 +216,7 @@ def main(argv):
   results["wall_s"] = time.perf_counter() - start
   print(json.dumps(results["summary"]))
   print(f"wall {results['wall_s']:.0f} s")
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=1, default=str)
+  print(outputs.write(outputs.path("prefix_cache", _OUT.value), results, default=str))
 
 
 if __name__ == "__main__":

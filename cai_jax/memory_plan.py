@@ -1,48 +1,47 @@
 """A memory plan: what each training stage's compiled step needs per device, from
-XLA's own analysis, for a model config and mesh, with nothing allocated.
-
-  python -m benchmarks.memory_plan --models=llama3_2_1b,llama3_8b --stages=sft,pm,dpo,ppo \
-      --meshes=1,1,1:1,8,1 --batch=16 --seq=2048 --out=benchmarks/results/memory_plan_cpu.json
+XLA's own analysis, for a model config and mesh, with nothing allocated
+(`benchmarks/perf/memory_plan.py` prints and writes it).
 
 For each (model, stage, mesh) the stage's jitted train step (the same function
 and shardings the stage uses: `training.sft_step.train_step`, the PM's
 `preference.model.train_step`, `rl.dpo.train_step`, `rl.learner.train_step`
-with a value head) is lowered on `ShapeDtypeStruct`s (params + two AdamW moments in the
-checkpoint's dtype, the batch) and compiled; `compiled.memory_analysis()` gives the
+with a value head) is lowered on `ShapeDtypeStruct`s (params + two AdamW moments in
+the checkpoint's dtype, the batch) and compiled; `compiled.memory_analysis()` gives the
 bytes of arguments, outputs, aliased (donated) buffers and temporaries, and
 per device
 
   peak ~= arguments + outputs - aliased + temporaries
 
 PPO also needs the frozen reference (one more copy of the backbone's params,
-not trained) and, during the rollout, the KV cache; the table adds the
-reference's bytes to the PPO row and does not model the cache. `--lora_rank` > 0
+not trained) and, during the rollout, the KV cache; the plan adds the
+reference's bytes to the PPO row and does not model the cache. `lora_rank` > 0
 plans SFT, the PM, DPO and PPO with LoRA adapters (`cai_jax.model.lora`, every projection
 targeted): the state is the adapters (PM, PPO: and the head) and their moments,
 the frozen base one more argument, which for DPO and PPO is also the reference (no second
-copy). Compiled for the backend this runs
-on: on CPU the fusion decisions and temporaries differ from a GPU's or TPU's
-(no cuDNN / Pallas attention, so attention here is the `xla` path that keeps
-[B, N, T, T] scores for the backward), so a CPU plan is an estimate of the
-device one, to be checked on the device when one is lent.
-
-Multi-device meshes need that many devices: on CPU set
-XLA_FLAGS=--xla_force_host_platform_device_count=8 (this script sets it when
-unset).
+copy). Compiled for the backend this runs on: on CPU the fusion decisions and
+temporaries differ from a GPU's or TPU's (no cuDNN / Pallas attention, so attention
+here is the `xla` path that keeps [B, N, T, T] scores for the backward), so a CPU plan
+is an estimate of the device one, to be checked on the device when one is lent.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
-import os
-import sys
 import time
+from collections.abc import Mapping, Sequence
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cai_jax.model import config as model_config_lib
+from cai_jax.model import heads, lora, transformer
+from cai_jax.model.sharding import Sharder, make_mesh
+from cai_jax.preference import model as pm
+from cai_jax.rl import dpo, learner
+from cai_jax.training import optim, sft_step
 
 GIB = 2**30
 # Per-device memory of the accelerators a plan is read against (GiB).
@@ -50,8 +49,10 @@ DEVICES_GIB = {"H100 80GB": 80.0, "H200 141GB": 141.0, "TPU v5e (16 GiB HBM)": 1
                "TPU v5p (95 GiB HBM)": 95.0}
 
 
-def model_config(name: str, dtype: str, remat: str, param_dtype: str, attention_chunk: int = 0):
-  from cai_jax.model import config as model_config_lib
+def model_config(name: str, dtype: str, remat: str, param_dtype: str, attention_chunk: int = 0
+                 ) -> model_config_lib.ModelConfig:
+  """The preset `name` of `cai_jax.model.config` (or Llama-3-70B's shapes) with these
+  compute settings; `param_dtype` "" keeps the preset's (the checkpoint's)."""
   if name == "llama3_70b":  # Llama-3-70B's shapes (no preset: nothing is downloaded)
     cfg = model_config_lib.llama3_8b(num_layers=80, dim=8192, num_heads=64,
                                      num_kv_heads=8, mlp_dim=28672)
@@ -61,32 +62,27 @@ def model_config(name: str, dtype: str, remat: str, param_dtype: str, attention_
                              param_dtype=param_dtype or cfg.param_dtype)
 
 
-def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, seq: int,
-             dtype: str, remat: str, param_dtype: str, microbatches: int,
-             attention_chunk: int = 0, lora_rank: int = 0) -> dict:
-  import jax
-  import jax.numpy as jnp
-  import ml_collections
-  from cai_jax.model import heads, transformer
-  from cai_jax.model.sharding import Sharder, make_mesh
-  from cai_jax.training import optim
-  from configs import sft as sft_config
-
+def plan_stage(name: str, stage: str, mesh_shape: tuple[int, ...], *,
+               rules: Mapping[str, Sequence], optim_config: ml_collections.ConfigDict,
+               batch: int, seq: int, dtype: str, remat: str, param_dtype: str,
+               microbatches: int, attention_chunk: int = 0, lora_rank: int = 0) -> dict:
+  """One row of the plan: the compiled step's bytes per device (GiB) of the model preset
+  `name` for `stage` (sft, pm, dpo, ppo) on a (data, fsdp, tensor) mesh of this
+  backend's devices, sharded by the logical-axis `rules`, with the AdamW state of
+  `optim_config` (a stage's `optim` section), and the accelerators it fits."""
   cfg = model_config(name, dtype, remat, param_dtype, attention_chunk)
   n = math.prod(mesh_shape)
   sharder = Sharder(make_mesh(mesh_shape, jax.devices()[:n]),
-                    tuple((k, tuple(v)) for k, v in sft_config.FSDP_RULES.items()))
-  optim_config = ml_collections.ConfigDict(sft_config.get_config("cpu").optim.to_dict())
+                    tuple((k, tuple(v)) for k, v in rules.items()))
+  optim_config = ml_collections.ConfigDict(optim_config.to_dict())
   scalar = stage in ("pm", "ppo")
   abstract = heads.abstract_scalar_params(cfg) if scalar else transformer.abstract_params(cfg)
   param_sh = (heads.scalar_model_shardings(cfg, sharder) if scalar
               else transformer.param_shardings(cfg, sharder))
   spec, frozen = None, None
   if lora_rank:
-    from cai_jax.model import lora
-    from cai_jax.rl import learner as learner_lib
     if stage not in ("sft", "pm", "dpo", "ppo"):
-      raise ValueError(f"--lora_rank: LoRA is implemented for sft, pm, dpo and ppo, not {stage}")
+      raise ValueError(f"lora_rank: LoRA is implemented for sft, pm, dpo and ppo, not {stage}")
     spec = lora.LoraSpec(lora_rank, 16.0, tuple(lora.TARGETS))
     frozen = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           transformer.abstract_params(cfg), transformer.param_shardings(cfg, sharder))
@@ -94,8 +90,8 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
       abstract, param_sh = (lora.abstract_adapters(cfg, spec),
                             lora.adapter_shardings(cfg, spec, sharder))
     else:  # adapters and the (value) head; for PPO the frozen base is also the reference
-      abstract = learner_lib.abstract_policy(cfg, True, spec)
-      param_sh = learner_lib.policy_shardings(cfg, sharder, True, spec)
+      abstract = learner.abstract_policy(cfg, True, spec)
+      param_sh = learner.policy_shardings(cfg, sharder, True, spec)
   tx, schedule = optim.make_optimizer(optim_config, 1000, abstract)
   state_sh = optim.train_state_shardings(tx, abstract, param_sh, sharder)
   state = optim.abstract_train_state(tx, abstract, state_sh)
@@ -103,7 +99,6 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
   S = lambda shape, dt, axes: jax.ShapeDtypeStruct(shape, dt, sharding=sharder.sharding(axes))
 
   if stage == "sft":
-    from cai_jax.training import sft_step
     row = ("batch", "seq")
     data = {"inputs": S((B, T), jnp.int32, row), "targets": S((B, T), jnp.int32, row),
             "input_mask": S((B, T), jnp.bool_, row), "loss_mask": S((B, T), jnp.bool_, row)}
@@ -115,18 +110,15 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
     data = {"tokens": S((B, 2, T), jnp.int32, pair), "mask": S((B, 2, T), jnp.bool_, pair),
             "p_a": S((B,), jnp.float32, ("batch",)), "valid": S((B,), jnp.bool_, ("batch",))}
     if stage == "pm":
-      from cai_jax.preference import model as pm
       fn = functools.partial(pm.train_step, cfg=cfg, tx=tx, schedule=schedule, sharder=sharder,
                              microbatches=microbatches, lora=spec)
     else:
-      from cai_jax.rl import dpo
       data["response_mask"] = S((B, 2, T), jnp.bool_, pair)
       data["ref_logp"] = S((B, 2), jnp.float32, ("batch", None))
       fn = functools.partial(dpo.train_step, cfg=cfg, tx=tx, schedule=schedule,
                              sharder=sharder, microbatches=microbatches, beta=0.1,
                              loss_type="sigmoid", chunk=512, lora=spec)
   elif stage == "ppo":
-    from cai_jax.rl import learner
     P = M = T // 2  # prompt and response halves of the sequence
     row = ("batch", None)
     data = {"inputs": S((B, P + M - 1), jnp.int32, row),
@@ -167,48 +159,3 @@ def plan_one(name: str, stage: str, mesh_shape: tuple[int, ...], *, batch: int, 
   row_out["peak_gib"] = peak / GIB
   row_out["fits"] = [d for d, cap in DEVICES_GIB.items() if peak / GIB <= cap]
   return row_out
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default="llama3_2_1b,llama3_8b")
-  parser.add_argument("--stages", default="sft,pm,dpo,ppo")
-  parser.add_argument("--meshes", default="1,1,1:1,8,1", help="(data,fsdp,tensor) shapes, ':'-separated")
-  parser.add_argument("--batch", type=int, default=16, help="sequences (PM/DPO: pairs) per step")
-  parser.add_argument("--seq", type=int, default=2048)
-  parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--remat", default="full")
-  parser.add_argument("--param_dtype", default="", help="params and Adam moments; '' = the"
-                      " checkpoint's (bfloat16 for the Llama presets), as the stages load them")
-  parser.add_argument("--microbatches", type=int, default=1)
-  parser.add_argument("--attention_chunk", type=int, default=0,
-                      help="ModelConfig.attention_chunk: queries per rematerialised chunk"
-                      " (0: the whole sequence, [B, N, T, T] scores)")
-  parser.add_argument("--lora_rank", type=int, default=0,
-                      help="> 0: LoRA adapters of this rank (sft, pm and ppo)")
-  parser.add_argument("--out", help="write the rows as JSON here")
-  args = parser.parse_args()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  rows = []
-  for name in args.models.split(","):
-    for stage in args.stages.split(","):
-      for mesh in args.meshes.split(":"):
-        shape = tuple(int(x) for x in mesh.split(","))
-        r = plan_one(name, stage, shape, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                     remat=args.remat, param_dtype=args.param_dtype,
-                     microbatches=args.microbatches, attention_chunk=args.attention_chunk,
-                     lora_rank=args.lora_rank)
-        rows.append(r)
-        print(f"{name:12s} {stage:4s} mesh {mesh:7s}: peak {r['peak_gib']:8.2f} GiB/device"
-              f" (args {r['argument_gib']:.2f}, temp {r['temp_gib']:.2f}); fits:"
-              f" {', '.join(r['fits']) or 'none of ' + ', '.join(DEVICES_GIB)}"
-              f" [{r['compile_s']} s to compile]", flush=True)
-  if args.out:
-    import jax
-    with open(args.out, "w") as f:
-      json.dump({"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-                 "devices_gib": DEVICES_GIB, "rows": rows}, f, indent=1)
-
-
-if __name__ == "__main__":
-  main()

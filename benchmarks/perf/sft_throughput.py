@@ -1,6 +1,6 @@
 """SFT training throughput: our jitted step vs TRL's SFTTrainer vs a plain PyTorch loop.
 
-  PYTHONPATH=. python benchmarks/sft_throughput.py --out=/tmp/sft_throughput.json
+  python -m benchmarks.perf.sft_throughput  # -> benchmarks/results/cpu/sft_throughput.json
 
 Same model (SmolLM2-135M-Instruct, fp32, no remat), same token batches
 (seq 512, batch 8; loss on the second half of each row, like a response),
@@ -32,11 +32,11 @@ is also given against the device's dense bf16 datasheet peak. `--model` takes
 a bundled asset or `random:<preset>` (random weights written once to a HF
 directory that every implementation loads):
 
-  python benchmarks/sft_throughput.py --model=random:smollm2_135m --device=gpu --dtype=bfloat16 \
-      --batch=16 --seq=1024 --steps=20 --warmup=3 --out=/tmp/sft_gpu.json
+  python -m benchmarks.perf.sft_throughput --model=random:smollm2_135m --device=gpu \
+      --dtype=bfloat16 --batch=16 --seq=1024 --steps=20 --warmup=3 --out=/tmp/sft_gpu.json
 
 Quick check of the script itself (not a measurement):
-  PYTHONPATH=. python benchmarks/sft_throughput.py --batch=2 --seq=64 --steps=2 \
+  python -m benchmarks.perf.sft_throughput --batch=2 --seq=64 --steps=2 \
       --warmup=1 --out=/tmp/sft_check.json
 """
 
@@ -44,17 +44,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-from benchmarks import peaks
-from benchmarks.hf_dirs import model_hf_dir
+from benchmarks.common import outputs, peaks, workers
+from benchmarks.common.hf_dirs import model_hf_dir
+from benchmarks.common.trainer_clock import clock
 
-_OUT = flags.DEFINE_string("out", None, "Where to write the results (JSON).")
+_OUT = flags.DEFINE_string("out", "", "Where to write the results (JSON; default:"
+                           " benchmarks/results/<machine>/sft_throughput.json).")
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
                              "Bundled asset name or random:<preset>.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
@@ -241,16 +241,7 @@ def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str,
   idx = np.arange(n) % len(rows)
   data = datasets.Dataset.from_dict({"input_ids": rows[idx, :T].astype(np.int64).tolist(),
                                      "labels": _labels(rows, T)[idx].tolist()})
-  stamps: list[float] = []
-  losses: list[float] = []
-
-  class Clock(transformers.TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-      stamps.append(time.perf_counter())
-
-    def on_log(self, args, state, control, logs=None, **kw):
-      if logs and "loss" in logs:
-        losses.append(float(logs["loss"]))
+  callback, stamps, losses = clock()
 
   class InOrder(trl.SFTTrainer):
     """The rows in the order the other implementations see them (no shuffling)."""
@@ -268,7 +259,7 @@ def worker_trl(rows, B: int, T: int, steps: int, warmup: int, hf_dir: str,
         bf16=_DTYPE.value == "bfloat16", fp16=False,
         dataloader_num_workers=0, disable_tqdm=True, seed=0, shuffle_dataset=False)
     trainer = InOrder(model=model, args=args, train_dataset=data, processing_class=tok,
-                      callbacks=[Clock()])
+                      callbacks=[callback])
     start = time.perf_counter()
     trainer.train()
   # Seconds from the end of the last warmup step to the end of the last step.
@@ -300,7 +291,7 @@ def run_worker(name: str) -> None:
 # --- The comparison ------------------------------------------------------------------------
 
 
-def _summarize_and_write(results: dict, cfg, T: int) -> None:
+def _summarize_and_write(results: dict, cfg, T: int, out: str) -> None:
   """The ratios and MFU of what has run so far, written to --out (after every
   implementation, so a run cut short keeps its finished rows)."""
   ok = {k: v for k, v in results["impls"].items() if "tokens_per_s" in v}
@@ -321,9 +312,7 @@ def _summarize_and_write(results: dict, cfg, T: int) -> None:
         results[f"speedup_{ours}_vs_{other}"] = (ok[ours]["tokens_per_s"]
                                                  / ok[other]["tokens_per_s"])
   results["train_flops_per_token"] = 3 * cfg.flops_per_token(T)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=1)
+  outputs.write(out, results)
 
 
 def main(argv) -> None:
@@ -331,8 +320,8 @@ def main(argv) -> None:
   if _WORKER.value:
     run_worker(_WORKER.value)
     return
-  if not _OUT.value:
-    raise app.UsageError("--out=<results.json> is required")
+  out = outputs.path("sft_throughput", _OUT.value,
+                     device_kind=(outputs.local_gpu() or "gpu") if on_gpu() else "cpu")
   import jax
   jax.config.update("jax_platforms", "cpu")  # this process only writes the weights
   import numpy as np
@@ -340,9 +329,6 @@ def main(argv) -> None:
   from cai_jax.checkpoints.hf import read_hf_config
 
   B, T, steps = _BATCH.value, _SEQ.value, _STEPS.value
-  child_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
-  if not on_gpu():
-    child_env["JAX_PLATFORMS"] = "cpu"
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = model_hf_dir(_MODEL.value, tmp)  # convert once, outside the timings
     cfg = read_hf_config(hf_dir)
@@ -357,34 +343,24 @@ def main(argv) -> None:
     data = os.path.join(tmp, "rows.npz")
     np.savez(data, rows=rows)
     for name in _IMPLS.value:
-      result_path = os.path.join(tmp, f"{name}.json")
-      cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--data={data}",
-             f"--result={result_path}", f"--batch={B}", f"--seq={T}", f"--steps={steps}",
-             f"--warmup={_WARMUP.value}", f"--loss_chunk={_LOSS_CHUNK.value}",
-             f"--lr={_LR.value}", f"--model={_MODEL.value}", f"--hf_dir={hf_dir}",
-             f"--dtype={_DTYPE.value}", f"--device={_DEVICE.value}",
-             f"--attention_impl={_ATTN.value}", f"--remat={_REMAT.value}",
-             f"--lora_rank={_LORA_RANK.value}"]
-      print(f"running {name} ...", flush=True)
-      start = time.perf_counter()
-      proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
-      if proc.returncode != 0:
-        results["impls"][name] = {"error": proc.stderr[-4000:]}
-        print(f"{name} failed:\n{proc.stderr[-4000:]}", flush=True)
+      r = results["impls"][name] = workers.run("benchmarks.perf.sft_throughput", name, [
+          f"--data={data}", f"--batch={B}", f"--seq={T}", f"--steps={steps}",
+          f"--warmup={_WARMUP.value}", f"--loss_chunk={_LOSS_CHUNK.value}", f"--lr={_LR.value}",
+          f"--model={_MODEL.value}", f"--hf_dir={hf_dir}", f"--dtype={_DTYPE.value}",
+          f"--device={_DEVICE.value}", f"--attention_impl={_ATTN.value}",
+          f"--remat={_REMAT.value}", f"--lora_rank={_LORA_RANK.value}"], tmp, gpu=on_gpu())
+      if "error" in r:
         continue
-      with open(result_path) as f:
-        r = json.load(f)
-      r["wall_s_including_load"] = time.perf_counter() - start
       r["tokens_per_s"] = B * T * steps / r["seconds"]
       r["model_flops_per_s"] = r["tokens_per_s"] * 3 * cfg.flops_per_token(T)
       r["flop_utilization"] = r["model_flops_per_s"] / r["matmul_flops"]
-      results["impls"][name] = r
       print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB,"
             f" {100 * r['flop_utilization']:.1f}% of {r['matmul_flops'] / 1e9:.0f} GFLOP/s"
             f" matmul, first loss {r['losses'][0] if r['losses'] else float('nan'):.4f}",
             flush=True)
-      _summarize_and_write(results, cfg, T)
-  _summarize_and_write(results, cfg, T)
+      _summarize_and_write(results, cfg, T, out)
+  _summarize_and_write(results, cfg, T, out)
+  print(out)
   print(json.dumps({k: v for k, v in results.items() if k != "impls"}, indent=1))
 
 

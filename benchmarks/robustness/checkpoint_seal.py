@@ -1,7 +1,7 @@
 """What verified checkpoints cost: Orbax's save vs the seal (SHA-256 of every
 file of the step) and the check on restore, for a train state of a given size.
 
-  python benchmarks/checkpoint_seal.py --params_m=135 --repeats=3
+  python -m benchmarks.robustness.checkpoint_seal --params_m=135 --repeats=3
 
 The state is SmolLM2-135M-sized by default: params and two Adam moments in
 float32 (3 x 4 bytes per parameter). Each repeat saves a fresh step through
@@ -24,13 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import outputs
+
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--params_m", type=float, default=135.0, help="millions of params")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dir", help="where to write (default: a temporary directory)")
-  parser.add_argument("--out", help="write the figures as JSON here")
+  parser.add_argument("--out", default="", help="write the figures as JSON here (default:"
+                      " benchmarks/results/<machine>/checkpoint_seal.json)")
   args = parser.parse_args()
   from cai_jax.training import checkpoint
   from cai_jax.training.optim import TrainState
@@ -81,9 +84,7 @@ def main() -> None:
          "check_over_restore": med["check_s"] / max(med["open_check_restore_s"] - med["check_s"],
                                                     1e-9)}
   print(json.dumps(out, indent=1))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=1)
+  print(outputs.write(outputs.path("checkpoint_seal", args.out), out))
 
 
 if __name__ == "__main__":

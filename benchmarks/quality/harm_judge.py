@@ -7,18 +7,19 @@ is chosen on the tune rows; ROC-AUC (bootstrap 95% interval) and accuracy at
 that threshold (Wilson interval) are on held-out rows (split by objective,
 `cai_jax.evaluation.harm_judge`). Also: seconds per row, and the model's load time.
 
-  python -m benchmarks.harm_judge --tune 48 --held_out 96 \
+  python -m benchmarks.quality.harm_judge --tune 48 --held_out 96 \
       --models qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct
+  # -> benchmarks/results/cpu/harm_judge.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 
+from benchmarks.common import outputs
 from cai_jax import assets
 from cai_jax.constitution import load_constitution
 from cai_jax.evaluation import harm_judge
@@ -54,8 +55,10 @@ def main() -> None:
   ap.add_argument("--max_response_tokens", type=int, default=96)
   ap.add_argument("--batch_size", type=int, default=8)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", default="benchmarks/results/harm_judge.json")
+  ap.add_argument("--out", default="",
+                  help="default: benchmarks/results/<machine>/harm_judge.json")
   args = ap.parse_args()
+  args.out = outputs.path("harm_judge", args.out)
   tune = harm_judge.pyrit_harm_rows("tune", args.tune, args.seed)
   held = harm_judge.pyrit_harm_rows("held_out", args.held_out, args.seed)
   rows = []
@@ -75,12 +78,9 @@ def main() -> None:
 
 
 def write(args, rows) -> None:
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out + ".tmp", "w") as f:
-    json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
-               platform.machine(), "cpus": os.cpu_count(), "args": vars(args),
-               "results": rows}, f, indent=1)
-  os.replace(args.out + ".tmp", args.out)
+  outputs.write(args.out, {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor()
+                           or platform.machine(), "cpus": os.cpu_count(), "args": vars(args),
+                           "results": rows})
 
 
 if __name__ == "__main__":

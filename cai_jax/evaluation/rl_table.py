@@ -1,13 +1,6 @@
-"""Which stage-7 algorithm and reward moved harmlessness most per minute, at what KL:
-one row per RL model a pipeline run trained and stage 8 evaluated, read from the
-run's files (never typed in).
-
-  python -m benchmarks.rl_table --workdir=runs/cai --out=benchmarks/results/rl_table_cpu.json
-  python -m benchmarks.rl_table --merge=benchmarks/results/rl_table_cpu.json,...
-
-`--merge` prints one table from several runs' `--out` files (issue 12: every algorithm
-and reward tried on the embedded run, side by side), each row named by its run and
-the settings that differ between runs (stage 5's label temperature, stage 7's lr).
+"""The RL table: one row per RL model a pipeline run trained and stage 8 evaluated,
+read from the run's files (never typed in): which stage-7 algorithm and reward moved
+harmlessness most per minute, at what KL (`benchmarks/quality/rl_table.py` prints it).
 
 Per model: the algorithm and reward sources (`pipeline_config.json`), stage 7's wall
 minutes (`pipeline_timings.json`), the KL to SL-CAI over the last half of its
@@ -23,6 +16,10 @@ it: its "reward" is stage 5's soft labels and the loss, its "iterations"
 are optimizer steps, and it has no KL on its own samples. Its KL column stays empty;
 `heldout_logratio` is the last held-out mean log(pi / pi_ref) per response on the
 pairs' responses (not samples of the policy, so not comparable to PPO's KL).
+
+`merged` puts several runs' rows in one table, each row named by its run and the
+settings that differ between runs (stage 5's label temperature, stage 7's lr, the PM's
+base, refusal pairs).
 """
 
 from __future__ import annotations
@@ -30,20 +27,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
-
 from cai_jax.phases import paths
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """At run time, not import time (tests import this module beside other benchmarks
-  that define the same flag names)."""
-  flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
-  flags.DEFINE_string("out", "", "Write the rows as JSON here too.")
-  flags.DEFINE_list("merge", [], "rl_table JSON files (from --out) to print as one table "
-                    "instead of reading --workdir.")
 
 # stage-8 model name -> (pipeline config section, claim label, stage-7 directory)
 # and the label of its reward/KL curve claims.
@@ -66,6 +50,7 @@ def _load(path: str):
 
 
 def rows(workdir: str) -> list[dict]:
+  """One row per RL model the run at `workdir` trained and stage 8 evaluated."""
   claims = _load(os.path.join(paths.stage_dir(workdir, paths.EVALUATION), "evidence.json"))
   timings = _load(os.path.join(workdir, "pipeline_timings.json"))
   config_path = paths.pipeline_config(workdir)
@@ -126,6 +111,7 @@ def merged(files: list[str]) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
+  """The rows as a Markdown table; rows of several runs also name the run and its settings."""
   def est(v, digits=3):
     if not v or v["estimate"] is None:
       return "n/a"
@@ -148,20 +134,3 @@ def markdown(table: list[dict]) -> str:
         + [est(r[c]) for c, _ in COLUMNS]
         + [est(r["harm fall / min"], 4)]) + " |")
   return "\n".join(lines)
-
-
-def main(argv):
-  del argv
-  if FLAGS.merge:
-    print(markdown(merged(FLAGS.merge)))
-    return
-  table = rows(FLAGS.workdir)
-  print(markdown(table))
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump({"workdir": os.path.abspath(FLAGS.workdir), "rows": table}, f, indent=1)
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(main)
