@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from cai_jax import pipeline, report
+from cai_jax.configs import tiny_pipeline
 from cai_jax.phases import paths
-from benchmarks import rl_table, tiny_pipeline
+from benchmarks import rl_table
 
 pytestmark = pytest.mark.slow
 
