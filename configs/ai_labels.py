@@ -1,22 +1,24 @@
 """Stage 5 (AI feedback labels): soft A/B preferences from a feedback model.
 
-  python -m cai_jax.phases.p5_ai_labels --config=configs/ai_labels.py:cpu --workdir=runs/cai
+  cai-jax stage ai_labels --config=ai_labels:cpu --workdir=runs/cai
 
 Variants: `tiny` (tests: set `feedback_models` to a tiny model directory),
-`cpu` (the bundled model and mode that labelled best in our measurements,
-see below), `full` (the paper's recipe for a large pretrained feedback
-model: multiple choice, few-shot, both orders, an ensemble of principles;
-point `feedback_models` at it, e.g. `--config.feedback_models='("/ckpt/llama3-70b-hf",)'`).
+`cpu` (the bundled model and mode that labelled best), `full` (the paper's recipe
+for a large pretrained feedback model: multiple choice, few-shot, both orders, an
+ensemble of principles; point `feedback_models` at it, e.g.
+`--config.feedback_models='("/ckpt/llama3-70b-hf",)'`).
 
-DEFAULT_CHOICE_RATIONALE
+The default, Qwen2.5-Coder-0.5B asked pointwise Yes/No, was the only bundled model
+and mode clearly above chance on human-labelled harm pairs (experiments/README.md).
 """
 
 import ml_collections
 
-# Chosen from benchmarks/labeler_accuracy.py (see the docstring above).
 from cai_jax.assets import DEFAULT_FEEDBACK_MODELS
+from cai_jax.configs import common
 from cai_jax.constitution import HELPFUL_POINTWISE, HELPFUL_QUESTION
-DEFAULT_MODE = "pointwise"
+
+DEFAULT_MODE = "pointwise"  # with DEFAULT_FEEDBACK_MODELS: see the docstring
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -54,23 +56,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # Leading tokens shared by a batch's prompts (the few-shot examples) are
   # prefilled once at batch 1 when there are at least this many (0: never).
   c.min_shared_prefix = 64
-  if arg == "cpu":
-    c.shard_size = 16
-  elif arg == "tiny":
-    c.feedback_models = ()  # tests set a tiny model directory
-    c.mode = "multiple_choice"
-    c.max_response_tokens = 16
-    c.cot_max_new_tokens = 8
-    c.batch_size = 8
-    c.shard_size = 3
-  elif arg == "full":
-    c.dtype = "bfloat16"
-    c.mode = "multiple_choice"
-    c.num_principles = 4
-    c.num_few_shot = 2
-    c.max_response_tokens = 1024
-    c.batch_size = 64
-    c.shard_size = 1024
-  else:
-    raise ValueError(f"configs/ai_labels.py: unknown variant {arg!r}; use cpu, tiny or full")
-  return c
+  return common.variant(
+      c, arg, "ai_labels",
+      cpu={"shard_size": 16},
+      tiny={"feedback_models": (),  # tests set a tiny model directory
+            "mode": "multiple_choice", "max_response_tokens": 16, "cot_max_new_tokens": 8,
+            "shard_size": 3},
+      full={"dtype": "bfloat16", "mode": "multiple_choice", "num_principles": 4,
+            "num_few_shot": 2, "max_response_tokens": 1024, "batch_size": 64,
+            "shard_size": 1024})

@@ -1,7 +1,6 @@
 """Stage 2 (critique -> revision): the helpful model revises its own answers.
 
-  python -m cai_jax.phases.p2_critique_revision \
-      --config=configs/critique_revision.py:cpu --workdir=runs/cai
+  cai-jax stage critique_revision --config=critique_revision:cpu --workdir=runs/cai
 
 Variants: `cpu` (SmolLM2-135M, 2 rounds, short answers), `full` (4 rounds as
 in the paper, long answers; point `model` at your helpful 7B/70B checkpoint:
@@ -9,6 +8,8 @@ a Hugging Face directory, a .gguf file or a hub id).
 """
 
 import ml_collections
+
+from cai_jax.configs import common
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -35,19 +36,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # Leading tokens shared by a batch's prompts (the few-shot examples) are
   # prefilled once at batch 1 when there are at least this many (0: never).
   c.min_shared_prefix = 64
-  if arg == "cpu":
-    c.num_rounds = 2
-    c.num_few_shot = 1
-    c.max_new_tokens = 64
-    c.max_prompt_tokens = 1024
-    c.shard_size = 8
-  elif arg == "tiny":
-    c.num_rounds = 2
-    c.num_few_shot = 1
-    c.max_new_tokens = 16
-    c.max_prompt_tokens = 1024
-    c.shard_size = 4
-  elif arg != "full":
-    raise ValueError(f"configs/critique_revision.py: unknown variant {arg!r};"
-                     " use cpu, tiny or full")
-  return c
+  small = {"num_rounds": 2, "num_few_shot": 1, "max_prompt_tokens": 1024}
+  return common.variant(c, arg, "critique_revision",
+                        cpu={**small, "max_new_tokens": 64, "shard_size": 8},
+                        tiny={**small, "max_new_tokens": 16, "shard_size": 4},
+                        full={})

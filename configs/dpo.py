@@ -1,6 +1,6 @@
 """Stage 7, DPO (RL-CAI without a PM): DPO on stage 5's pairs with soft labels.
 
-  python -m cai_jax.phases.p7_dpo --config=configs/dpo.py:cpu --workdir=runs/cai
+  cai-jax stage dpo --config=dpo:cpu --workdir=runs/cai
 
 Pairs come from `<workdir>/p5_ai_labels` (`--config.data.labels_dir=...`), split
 exactly as stage 6 splits them (the `data` fields are the PM's); policy and
@@ -9,24 +9,18 @@ goes to `<workdir>/p7_dpo/`; rerunning the same command resumes.
 
 Variants:
   tiny  a random 2-layer model with a byte tokenizer (tests, smoke runs):
-          python -m cai_jax.phases.p7_dpo --config=configs/dpo.py:tiny --workdir=/tmp/dpo
+          cai-jax stage dpo --config=dpo:tiny --workdir=/tmp/dpo
   cpu   the SL-CAI model (SmolLM2-135M), batch 8 pairs, a few epochs.
   full  accelerator scale: bf16, remat, batch 256 pairs.
 """
 
 import ml_collections
 
-from configs import preference_model, sft
+from cai_jax.configs import common, preference_model
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = ""  # "": the SL-CAI model <workdir>/p3_sft/hf; also the frozen reference
-  c.tokenizer = "bytes"  # only for random:<preset>
-  c.model_overrides = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})
-  c.mesh = (1, -1, 1)  # (data, fsdp, tensor)
-  c.sharding_rules = sft.FSDP_RULES
+  c = common.training_stage("")  # "": the SL-CAI model; also the frozen reference
 
   # The PM's comparisons and split (labels_dir, helpful_ratio, eval_size, seq_len, ...).
   c.data = preference_model.get_config(arg).data
@@ -40,53 +34,22 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.train.microbatches = 1
   c.train.eval_batch_size = 8
   c.train.logits_chunk = 64  # positions per log-prob chunk (never [B, T, V] fp32 logits)
-  c.train.num_epochs = 2
-  c.train.num_steps = 0  # > 0 overrides num_epochs
-  c.train.log_every = 5
-  c.train.eval_every = 50
-  c.train.save_every = 50
-  c.train.keep_checkpoints = 2
+  c.train.update(common.schedule(num_epochs=2, log_every=5, every=50))
 
-  # LoRA (cai_jax.model.lora), as in configs/sft.py: rank 0 trains every weight; > 0
-  # trains adapters on the frozen SL-CAI model, which is also the reference.
-  c.lora = sft.get_config(arg).lora
+  # LoRA (common.lora): adapters train on the frozen SL-CAI model, also the reference.
+  c.lora = common.lora()
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 5e-7
-  c.optim.warmup_steps = 5
-  c.optim.decay = "constant"
-  c.optim.end_lr_ratio = 1.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
-  c.optim.clip_norm = 1.0
+  c.optim = common.optim(lr=5e-7, warmup_steps=5)
 
-  if arg == "tiny":
-    c.model = "random:tiny_llama"
-    c.train.num_epochs = 0
-    c.train.num_steps = 8
-    c.train.log_every = 1
-    c.train.eval_every = 4
-    c.train.save_every = 4
-    c.train.logits_chunk = 16
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 2
-  elif arg == "cpu":
-    c.optim.lr = 5e-6
-  elif arg == "full":
-    c.model_overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat": "full"})
-    c.mesh = (-1, 8, 1)
-    c.train.batch_size = 256
-    c.train.microbatches = 8
-    c.train.eval_batch_size = 64
-    c.train.logits_chunk = 128
-    c.train.num_epochs = 1
-    c.train.eval_every = 100
-    c.train.save_every = 100
-    c.train.keep_checkpoints = 3
-    c.optim.lr = 5e-7
-    c.optim.warmup_steps = 50
-  else:
-    raise ValueError(f"configs/dpo.py: unknown variant {arg!r}; use tiny, cpu or full")
-  return c
+  return common.variant(
+      c, arg, "dpo",
+      tiny={"model": "random:tiny_llama",
+            "train": {"num_epochs": 0, "num_steps": 8, "log_every": 1, "eval_every": 4,
+                      "save_every": 4, "logits_chunk": 16},
+            "optim": {"lr": 1e-3, "warmup_steps": 2}},
+      cpu={"optim": {"lr": 5e-6}},
+      full={"model_overrides": common.FULL_MODEL, "mesh": (-1, 8, 1),
+            "train": {"batch_size": 256, "microbatches": 8, "eval_batch_size": 64,
+                      "logits_chunk": 128, "num_epochs": 1, "eval_every": 100,
+                      "save_every": 100, "keep_checkpoints": 3},
+            "optim": {"warmup_steps": 50}})

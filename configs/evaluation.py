@@ -1,7 +1,7 @@
 """Stage 8 (evaluation): win rates / Elo of the initial, SL-CAI and RL-CAI models,
 PM score by revision round, feedback-model accuracy, then the Markdown report.
 
-  python -m cai_jax.phases.p8_evaluation --config=configs/evaluation.py:cpu --workdir=runs/cai
+  cai-jax stage evaluation --config=evaluation:cpu --workdir=runs/cai
 
 Models: `models.initial` (default the bundled SmolLM2), SL-CAI
 `<workdir>/p3_sft/hf` and RL-CAI `<workdir>/p7_ppo/hf` unless `models.sl_cai`
@@ -18,6 +18,7 @@ scale: point `models.initial` at the helpful model stage 2 started from).
 
 import ml_collections
 
+from cai_jax.configs import common
 from cai_jax.constitution import HELPFUL_POINTWISE, HELPFUL_QUESTION
 
 
@@ -96,57 +97,29 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
 
   c.report = True  # write <workdir>/report/report.md at the end
 
-  if arg == "cpu":
-    c.num_red_team = 16
-    c.num_helpful = 16
-    c.max_new_tokens = 64
-    c.shard_size = 8
-    c.pm.num_revision_prompts = 32
-    c.judge.max_response_tokens = 96
-    c.accuracy.num_pairs = 16
-    c.accuracy.cot_max_new_tokens = 32
-    c.pm.num_human_pairs = 64
-    c.judge.validation_rows = (48, 96)
-  elif arg == "tiny":
-    c.models.initial = ""  # tests set a tiny model directory
-    c.num_red_team = 3
-    c.num_helpful = 2
-    c.num_samples = 2
-    c.num_borderline = 3
-    c.pm.num_human_pairs = 4
-    c.judge.validation_rows = (4, 4)
-    c.max_new_tokens = 8
-    c.shard_size = 2
-    c.pm.batch_size = 8
-    c.pm.num_revision_prompts = 4
-    c.judge.max_response_tokens = 16
-    c.judge.mode = "multiple_choice"  # the tests' tiny BPE has no single " Yes" token
-    c.accuracy.runs = ("multiple_choice", "chain_of_thought")
-    c.accuracy.models = ()  # tests set a tiny model directory
-    c.accuracy.num_pairs = 4
-    c.accuracy.principles = ("less_harmful", "lawful")
-    c.accuracy.num_few_shot = 0
-    c.accuracy.cot_max_new_tokens = 4
-    c.accuracy.max_response_tokens = 16
-  elif arg == "full":
-    c.dtype = "bfloat16"
-    c.num_red_team = 1024
-    c.num_helpful = 1024
-    c.num_samples = 8
-    c.max_new_tokens = 256
-    c.max_prompt_tokens = 1536
-    c.shard_size = 256
-    c.pm.batch_size = 64
-    c.pm.num_revision_prompts = 1024
-    c.pm.num_human_pairs = 512
-    c.judge.validation_rows = (396, 821)  # every tune and held-out row
-    c.judge.mode = "multiple_choice"
-    c.judge.batch_size = 64
-    c.judge.max_response_tokens = 512
-    c.accuracy.num_pairs = 0  # every PyRIT pair
-    c.accuracy.cot_max_new_tokens = 128
-    c.accuracy.max_response_tokens = 512
-    c.accuracy.batch_size = 64
-  else:
-    raise ValueError(f"configs/evaluation.py: unknown variant {arg!r}; use tiny, cpu or full")
-  return c
+  return common.variant(
+      c, arg, "evaluation",
+      cpu={"num_red_team": 16, "num_helpful": 16, "max_new_tokens": 64, "shard_size": 8,
+           "pm": {"num_revision_prompts": 32},
+           "judge": {"max_response_tokens": 96, "validation_rows": (48, 96)},
+           "accuracy": {"num_pairs": 16, "cot_max_new_tokens": 32}},
+      tiny={"models": {"initial": ""},  # tests set a tiny model directory
+            "num_red_team": 3, "num_helpful": 2, "num_samples": 2, "num_borderline": 3,
+            "max_new_tokens": 8, "shard_size": 2,
+            "pm": {"num_human_pairs": 4, "num_revision_prompts": 4},
+            # The tests' tiny BPE has no single " Yes" token.
+            "judge": {"validation_rows": (4, 4), "max_response_tokens": 16,
+                      "mode": "multiple_choice"},
+            "accuracy": {"runs": ("multiple_choice", "chain_of_thought"),
+                         "models": (),  # tests set a tiny model directory
+                         "num_pairs": 4, "principles": ("less_harmful", "lawful"),
+                         "num_few_shot": 0, "cot_max_new_tokens": 4,
+                         "max_response_tokens": 16}},
+      full={"dtype": "bfloat16", "num_red_team": 1024, "num_helpful": 1024, "num_samples": 8,
+            "max_new_tokens": 256, "max_prompt_tokens": 1536, "shard_size": 256,
+            "pm": {"batch_size": 64, "num_revision_prompts": 1024, "num_human_pairs": 512},
+            "judge": {"validation_rows": (396, 821),  # every tune and held-out row
+                      "mode": "multiple_choice", "batch_size": 64, "max_response_tokens": 512},
+            "accuracy": {"num_pairs": 0,  # every PyRIT pair
+                         "cot_max_new_tokens": 128, "max_response_tokens": 512,
+                         "batch_size": 64}})

@@ -1,6 +1,6 @@
 """Stage 4 (response pairs): two samples per prompt from the SL-CAI model.
 
-  python -m cai_jax.phases.p4_pairs --config=configs/pairs.py:cpu --workdir=runs/cai
+  cai-jax stage pairs --config=pairs:cpu --workdir=runs/cai
 
 `model` defaults to "" = stage 3's export `<workdir>/p3_sft/hf` (the SL-CAI
 model); set it to sample from another model, e.g.
@@ -11,6 +11,8 @@ Variants: `tiny` (tests), `cpu` (short answers on a laptop), `full`
 """
 
 import ml_collections
+
+from cai_jax.configs import common
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -33,17 +35,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # labelled by stage 5 like the rest: the samples never show a refusal of an ordinary
   # request, so the PM cannot learn that it is unhelpful.
   c.refusal_pairs = False
-  if arg == "cpu":
-    c.max_new_tokens = 96
-    c.shard_size = 8
-  elif arg == "tiny":
-    c.max_new_tokens = 8
-    c.shard_size = 4
-  elif arg == "full":
-    c.dtype = "bfloat16"
-    c.max_new_tokens = 512
-    c.max_prompt_tokens = 2048
-    c.shard_size = 512
-  else:
-    raise ValueError(f"configs/pairs.py: unknown variant {arg!r}; use cpu, tiny or full")
-  return c
+  return common.variant(c, arg, "pairs",
+                        cpu={"max_new_tokens": 96, "shard_size": 8},
+                        tiny={"max_new_tokens": 8, "shard_size": 4},
+                        full={"dtype": "bfloat16", "max_new_tokens": 512,
+                              "max_prompt_tokens": 2048, "shard_size": 512})

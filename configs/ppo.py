@@ -1,8 +1,8 @@
 """Stage 7 (RL-CAI): on-policy RL against the preference model with a KL penalty to
 SL-CAI: PPO (the default, the paper's), or the critic-free RLOO and GRPO.
 
-  python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:cpu --workdir=runs/cai
-  python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:cpu+grpo --workdir=runs/cai
+  cai-jax stage ppo --config=ppo:cpu --workdir=runs/cai
+  cai-jax stage ppo --config=ppo:cpu+grpo --workdir=runs/cai
 
 Prompts come from stage 1 (`<workdir>/p1_prompts/{red_team,helpful}_train.jsonl`),
 the policy and frozen reference from stage 3 (`<workdir>/p3_sft/hf`;
@@ -12,7 +12,7 @@ the policy and frozen reference from stage 3 (`<workdir>/p3_sft/hf`;
 
 Variants:
   tiny  random 2-layer policy and PM with a byte tokenizer (tests, smoke runs):
-          python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:tiny --workdir=/tmp/ppo
+          cai-jax stage ppo --config=ppo:tiny --workdir=/tmp/ppo
   cpu   SmolLM2-135M policy (the SL-CAI model), 32 sequences x 64 new tokens per
         iteration.
   full  accelerator scale: bf16, remat, 512 sequences per iteration, adaptive KL.
@@ -23,7 +23,7 @@ K = 4 responses a prompt and as many sequences per iteration as PPO's
 
 import ml_collections
 
-from configs import sft as sft_config
+from cai_jax.configs import common
 
 
 CRITIC_FREE_SAMPLES = 4  # K for `+rloo` / `+grpo`
@@ -59,16 +59,13 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.model = ""  # "": the SL-CAI model <workdir>/p3_sft/hf (run stage 3 first)
   c.reward_model = ""  # "": stage 6 in the workdir; a dir; or "random:<preset>"
   c.tokenizer = "bytes"  # only for random:<preset> models
-  c.model_overrides = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})
+  c.model_overrides = ml_collections.ConfigDict(common.SMALL_MODEL)
   c.mesh = (1, -1, 1)  # (data, fsdp, tensor)
-  c.sharding_rules = sft_config.FSDP_RULES
+  c.sharding_rules = common.FSDP_RULES
 
-  # LoRA (cai_jax.model.lora): rank 0 trains every weight; > 0 trains adapters (and
-  # PPO's value head) on the reference's frozen weights, one copy for both.
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 0
-  c.lora.alpha = 16.0
-  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+  # LoRA (common.lora): adapters (and PPO's value head) train on the reference's
+  # frozen weights, one copy for both.
+  c.lora = common.lora()
 
   c.data = ml_collections.ConfigDict()
   c.data.kinds = ("red_team", "helpful")
@@ -129,45 +126,19 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.train.save_every = 5  # iterations
   c.train.keep_checkpoints = 2
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-6
-  c.optim.warmup_steps = 0
-  c.optim.decay = "constant"
-  c.optim.end_lr_ratio = 1.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
-  c.optim.clip_norm = 1.0
+  c.optim = common.optim(lr=1e-6, warmup_steps=0)
 
-  if arg == "tiny":
-    c.model = "random:tiny_llama"
-    c.reward_model = "random:tiny_llama"
-    c.data.max_prompt_len = 64
-    c.rollout.batch_size = 16
-    c.rollout.max_new_tokens = 16
-    c.reward.max_len = 96
-    c.reward.overlong_after = 12
-    c.learner.iterations = 4
-    c.train.save_every = 2
-    c.optim.lr = 1e-3
-  elif arg == "cpu":
-    pass
-  elif arg == "full":
-    c.model_overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat": "full"})
-    c.mesh = (-1, 8, 1)
-    c.data.max_prompt_len = 512
-    c.rollout.batch_size = 512
-    c.rollout.max_new_tokens = 256
-    c.reward.max_len = 1024
-    c.kl.target = 6.0
-    c.learner.iterations = 1000
-    c.learner.epochs = 4
-    c.train.minibatch_size = 64
-    c.train.microbatches = 4
-    c.train.logits_chunk = 128
-    c.train.save_every = 20
-    c.train.keep_checkpoints = 3
-  else:
-    raise ValueError(f"configs/ppo.py: unknown variant {arg!r}; use tiny, cpu or full")
-  return c
+  return common.variant(
+      c, arg, "ppo",
+      tiny={"model": "random:tiny_llama", "reward_model": "random:tiny_llama",
+            "data": {"max_prompt_len": 64}, "rollout": {"batch_size": 16, "max_new_tokens": 16},
+            "reward": {"max_len": 96, "overlong_after": 12}, "learner": {"iterations": 4},
+            "train": {"save_every": 2}, "optim": {"lr": 1e-3}},
+      cpu={},
+      full={"model_overrides": common.FULL_MODEL, "mesh": (-1, 8, 1),
+            "data": {"max_prompt_len": 512},
+            "rollout": {"batch_size": 512, "max_new_tokens": 256},
+            "reward": {"max_len": 1024}, "kl": {"target": 6.0},
+            "learner": {"iterations": 1000, "epochs": 4},
+            "train": {"minibatch_size": 64, "microbatches": 4, "logits_chunk": 128,
+                      "save_every": 20, "keep_checkpoints": 3}})

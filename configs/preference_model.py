@@ -1,7 +1,6 @@
 """Stage 6 (RL-CAI): the preference model on AI harmlessness + helpfulness labels.
 
-  python -m cai_jax.phases.p6_preference_model \
-      --config=configs/preference_model.py:cpu --workdir=runs/cai
+  cai-jax stage preference_model --config=preference_model:cpu --workdir=runs/cai
 
 AI labels come from `<workdir>/p5_ai_labels` unless
 `--config.data.labels_dir=...` says otherwise. Human helpfulness comparisons
@@ -13,8 +12,7 @@ resumes from the last checkpoint. PPO loads the result with
 
 Variants:
   tiny  a random 2-layer model with a byte tokenizer (tests, smoke runs):
-          python -m cai_jax.phases.p6_preference_model \
-              --config=configs/preference_model.py:tiny --workdir=/tmp/pm
+          cai-jax stage preference_model --config=preference_model:tiny --workdir=/tmp/pm
   cpu   the stage-3 SFT export `<workdir>/p3_sft/hf` if present, else
         SmolLM2-135M-Instruct (bundled); seq 512, batch 8 pairs.
   full  accelerator scale: bf16, remat, batch 512 pairs (1024 sequences),
@@ -24,30 +22,14 @@ Variants:
 
 import ml_collections
 
-from cai_jax.model import sharding
-
-# (logical axis, mesh axes): batch over data x fsdp, weights FSDP over their
-# model dimension, heads / MLP / vocabulary over tensor. Edit a copy here to
-# shard differently; the table itself lives in cai_jax/model/sharding.py.
-FSDP_RULES = dict(sharding.DEFAULT_RULES)
+from cai_jax.configs import common
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  # load_model spec, or "": the SL-CAI model <workdir>/p3_sft/hf (run stage 3 first).
-  c.model = ""
-  c.tokenizer = "bytes"  # only for random:<preset>: "bytes" or a tokenizer path
-  c.model_overrides = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})
-  c.mesh = (1, -1, 1)  # (data, fsdp, tensor)
-  c.sharding_rules = FSDP_RULES
+  c = common.training_stage("")  # "": the SL-CAI model (run stage 3 first)
 
-  # LoRA (cai_jax.model.lora): rank 0 trains every weight; > 0 trains adapters of that
-  # rank on `targets` and the head, on the frozen SL-CAI backbone.
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 0
-  c.lora.alpha = 16.0
-  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+  # LoRA (common.lora): adapters and the head train on the frozen SL-CAI backbone.
+  c.lora = common.lora()
 
   c.data = ml_collections.ConfigDict()
   c.data.labels_dir = ""  # "": <workdir>/p5_ai_labels
@@ -65,62 +47,25 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.train.batch_size = 8  # pairs per optimizer step (2x sequences per forward)
   c.train.microbatches = 1
   c.train.eval_batch_size = 8
-  c.train.num_epochs = 1
-  c.train.num_steps = 0  # > 0 overrides num_epochs
-  c.train.log_every = 10
-  c.train.eval_every = 100
-  c.train.save_every = 100
-  c.train.keep_checkpoints = 2
+  c.train.update(common.schedule(num_epochs=1, log_every=10, every=100))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_bins = 10  # reliability-table bins of sigma(r_a - r_b)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 20
-  c.optim.decay = "cosine"
-  c.optim.end_lr_ratio = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
-  c.optim.clip_norm = 1.0
+  c.optim = common.optim(lr=1e-5, warmup_steps=20, decay="cosine", end_lr_ratio=0.1)
 
-  if arg == "tiny":
-    c.model = "random:tiny_llama"
-    c.data.helpful_ratio = None
-    c.data.eval_size = 4
-    c.data.seq_len = 128
-    c.data.length_buckets = (64,)
-    c.train.batch_size = 8
-    c.train.eval_batch_size = 8
-    c.train.num_epochs = 0
-    c.train.num_steps = 8
-    c.train.log_every = 1
-    c.train.eval_every = 4
-    c.train.save_every = 4
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 2
-  elif arg == "cpu":
-    c.data.eval_size = 32
-    c.train.eval_every = 50
-    c.train.save_every = 50
-    c.optim.warmup_steps = 10
-  elif arg == "full":
-    c.model_overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat": "full"})
-    c.mesh = (-1, 8, 1)
-    c.data.eval_size = 2048
-    c.data.seq_len = 2048
-    c.data.length_buckets = (512, 1024)
-    c.train.batch_size = 512
-    c.train.microbatches = 8
-    c.train.eval_batch_size = 64
-    c.train.eval_every = 200
-    c.train.save_every = 200
-    c.train.keep_checkpoints = 3
-    c.optim.lr = 1e-5
-    c.optim.warmup_steps = 50
-  else:
-    raise ValueError(f"configs/preference_model.py: unknown variant {arg!r}; use tiny,"
-                     " cpu or full")
-  return c
+  return common.variant(
+      c, arg, "preference_model",
+      tiny={"model": "random:tiny_llama",
+            "data": {"helpful_ratio": None, "eval_size": 4, "seq_len": 128,
+                     "length_buckets": (64,)},
+            "train": {"num_epochs": 0, "num_steps": 8, "log_every": 1, "eval_every": 4,
+                      "save_every": 4},
+            "optim": {"lr": 3e-3, "warmup_steps": 2}},
+      cpu={"data": {"eval_size": 32}, "train": {"eval_every": 50, "save_every": 50},
+           "optim": {"warmup_steps": 10}},
+      full={"model_overrides": common.FULL_MODEL, "mesh": (-1, 8, 1),
+            "data": {"eval_size": 2048, "seq_len": 2048, "length_buckets": (512, 1024)},
+            "train": {"batch_size": 512, "microbatches": 8, "eval_batch_size": 64,
+                      "eval_every": 200, "save_every": 200, "keep_checkpoints": 3},
+            "optim": {"warmup_steps": 50}})

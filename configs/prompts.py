@@ -1,6 +1,6 @@
 """Stage 1 (prompts): which red-team and helpfulness prompts, and how many.
 
-  python -m cai_jax.phases.p1_prompts --config=configs/prompts.py:cpu --workdir=runs/cai
+  cai-jax stage prompts --config=prompts:cpu --workdir=runs/cai
 
 Variants: `tiny` (tests), `cpu` (a laptop run), `full` (every offline prompt).
 Sources are built-in names (see `cai_jax.data.prompts.BUILTIN_SOURCES`), local
@@ -8,6 +8,8 @@ JSONL/CSV/Parquet files, or `hub:<dataset name>`.
 """
 
 import ml_collections
+
+from cai_jax.configs import common
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -22,15 +24,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       empty="drop",
       num_red_team_train=None, num_red_team_held_out=None,
       num_helpful_train=None, num_helpful_held_out=None))
-  sizes = {
-      "tiny": (8, 4, 4, 4),
-      "cpu": (32, 16, 16, 16),
-      "full": (None, None, None, None),
-  }
-  if arg not in sizes:
-    raise ValueError(f"configs/prompts.py: unknown variant {arg!r}; use one of {sorted(sizes)}")
-  (c.num_red_team_train, c.num_red_team_held_out,
-   c.num_helpful_train, c.num_helpful_held_out) = sizes[arg]
-  if arg == "full":
-    c.helpful_sources = ("cai_helpful", "sharegpt")
-  return c
+  return common.variant(
+      c, arg, "prompts",
+      tiny={"num_red_team_train": 8, "num_red_team_held_out": 4,
+            "num_helpful_train": 4, "num_helpful_held_out": 4},
+      cpu={"num_red_team_train": 32, "num_red_team_held_out": 16,
+           "num_helpful_train": 16, "num_helpful_held_out": 16},
+      full={"helpful_sources": ("cai_helpful", "sharegpt")})  # every offline prompt

@@ -1,6 +1,6 @@
 """Stage 3 (SL-CAI SFT): fine-tune on final revisions + helpful answers.
 
-  python -m cai_jax.phases.p3_sft --config=configs/sft.py:cpu --workdir=runs/cai
+  cai-jax stage sft --config=sft:cpu --workdir=runs/cai
 
 Records come from `<workdir>/p2_critique_revision` unless
 `--config.data.records_dir=...` says otherwise; output goes to
@@ -9,7 +9,7 @@ checkpoint.
 
 Variants:
   tiny  a random 2-layer model with a byte tokenizer (tests, smoke runs):
-          python -m cai_jax.phases.p3_sft --config=configs/sft.py:tiny \
+          cai-jax stage sft --config=sft:tiny \
               --workdir=/tmp/sft --config.data.records_dir=<records>
   cpu   SmolLM2-135M-Instruct (bundled), seq 512, batch 8, a few hundred steps.
   full  accelerator scale, the paper's recipe: batch 1024 sequences, 1 epoch,
@@ -20,23 +20,11 @@ Variants:
 
 import ml_collections
 
-from cai_jax.model import sharding
-
-# (logical axis, mesh axes): batch over data x fsdp, weights FSDP over their
-# model dimension, heads / MLP / vocabulary over tensor. Edit a copy here to
-# shard differently; the table itself lives in cai_jax/model/sharding.py.
-FSDP_RULES = dict(sharding.DEFAULT_RULES)
+from cai_jax.configs import common
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  # load_model spec (bundled asset, HF dir, .gguf, hub id) or "random:<preset>".
-  c.model = "smollm2-135m-instruct"
-  c.tokenizer = "bytes"  # only for random:<preset>: "bytes" or a tokenizer path
-  c.model_overrides = ml_collections.ConfigDict({"dtype": "float32", "remat": "none"})
-  c.mesh = (1, -1, 1)  # (data, fsdp, tensor)
-  c.sharding_rules = FSDP_RULES
+  c = common.training_stage("smollm2-135m-instruct")
 
   c.data = ml_collections.ConfigDict()
   c.data.records_dir = ""  # "": <workdir>/p2_critique_revision
@@ -61,65 +49,34 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.train.save_every = 100
   c.train.keep_checkpoints = 2
 
-  # LoRA (cai_jax.model.lora): rank 0 trains every weight; > 0 trains adapters of that
-  # rank on `targets` only, scaled by alpha / rank, and exports the merged model.
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 0
-  c.lora.alpha = 16.0
-  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+  # LoRA (common.lora): the merged model is exported.
+  c.lora = common.lora()
 
   c.optim = ml_collections.ConfigDict()
   c.optim.pretrain_lr = 3e-4  # the base model's pretraining peak rate
-  c.optim.lr = 2e-5  # an instruct model: a gentle fine-tuning rate
-  c.optim.warmup_steps = 20
-  c.optim.decay = "cosine"
-  c.optim.end_lr_ratio = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1
-  c.optim.clip_norm = 1.0
+  # An instruct model: a gentle fine-tuning rate.
+  c.optim.update(common.optim(lr=2e-5, warmup_steps=20, decay="cosine", end_lr_ratio=0.1,
+                              weight_decay=0.1))
 
-  if arg == "tiny":
-    c.model = "random:tiny_llama"
-    c.data.eval_size = 2
-    c.data.seq_len = 128
-    c.data.length_buckets = (64,)
-    c.train.batch_size = 8
-    c.train.eval_batch_size = 8
-    c.train.num_epochs = 0
-    c.train.num_steps = 8
-    c.train.loss_chunk = 32
-    c.train.log_every = 1
-    c.train.eval_every = 4
-    c.train.save_every = 4
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 2
-    c.optim.weight_decay = 0.0
-  elif arg == "cpu":
-    # The pipeline's laptop run has a few dozen records: a short epoch.
-    c.data.eval_size = 8
-    c.train.num_epochs = 1
-    c.train.eval_every = 20
-    c.train.save_every = 20
-    c.optim.warmup_steps = 10
-  elif arg == "full":
-    c.model_overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat": "full"})
-    c.mesh = (-1, 8, 1)  # FSDP within a host (8 chips), data parallel across
-    c.data.eval_size = 2048
-    c.data.seq_len = 2048
-    c.data.length_buckets = (512, 1024)
-    c.train.batch_size = 1024  # the paper's batch, in sequences
-    c.train.microbatches = 8
-    c.train.eval_batch_size = 128
-    c.train.loss_chunk = 512
-    c.train.log_every = 10
-    c.train.eval_every = 200
-    c.train.save_every = 200
-    c.train.keep_checkpoints = 3
-    # The paper: 0.5x the pretraining rate (follows --config.optim.pretrain_lr).
+  c = common.variant(
+      c, arg, "sft",
+      tiny={"model": "random:tiny_llama",
+            "data": {"eval_size": 2, "seq_len": 128, "length_buckets": (64,)},
+            "train": {"num_epochs": 0, "num_steps": 8, "loss_chunk": 32, "log_every": 1,
+                      "eval_every": 4, "save_every": 4},
+            "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0}},
+      # The pipeline's laptop run has a few dozen records: a small eval set, frequent saves.
+      cpu={"data": {"eval_size": 8},
+           "train": {"eval_every": 20, "save_every": 20},
+           "optim": {"warmup_steps": 10}},
+      full={"model_overrides": common.FULL_MODEL,
+            "mesh": (-1, 8, 1),  # FSDP within a host (8 chips), data parallel across
+            "data": {"eval_size": 2048, "seq_len": 2048, "length_buckets": (512, 1024)},
+            # The paper's batch, in sequences.
+            "train": {"batch_size": 1024, "microbatches": 8, "eval_batch_size": 128,
+                      "loss_chunk": 512, "log_every": 10, "eval_every": 200,
+                      "save_every": 200, "keep_checkpoints": 3},
+            "optim": {"warmup_steps": 50}})
+  if arg == "full":  # the paper: 0.5x the pretraining rate (follows --config.optim.pretrain_lr)
     c.optim.lr = c.optim.get_ref("pretrain_lr") * 0.5
-    c.optim.warmup_steps = 50
-  else:
-    raise ValueError(f"configs/sft.py: unknown variant {arg!r}; use tiny, cpu or full")
   return c

@@ -32,17 +32,16 @@ import pytest  # noqa: E402
 from cai_jax.checkpoints import hf  # noqa: E402
 from cai_jax.model import config as model_config  # noqa: E402
 
-# Seconds per file on 2 cores (pytest --durations, 2026-12-03, before LLVM -O0, which
-# cut them by about a third): the longest go first, so the two xdist workers
-# (--dist loadfile) end together instead of one running test_sampler.py alone at the
-# end (the clean-clone run of that day: 1309 s, the last ~5 minutes on one worker).
+# Seconds per file on 2 cores (pytest --durations; their order is what counts): the
+# longest go first, so the two xdist workers (--dist loadfile) end together instead of
+# one running a long file alone at the end.
 FILE_SECONDS = {
     "test_sft.py": 441, "test_critique_revision.py": 273, "test_preference_model.py": 269,
     "test_pipeline.py": 268, "test_sampler.py": 253, "test_bad_input.py": 240,
     "test_dpo.py": 235, "test_prefix_cache.py": 180, "test_gguf.py": 178,
-    "test_ai_labels.py": 173, "test_ppo.py": 160, "test_model_parity.py": 109,
-    "test_sharding.py": 98, "test_multihost.py": 89, "test_real_smollm2.py": 88,
-    "test_evaluation.py": 45, "test_export.py": 33,
+    "test_ai_labels.py": 173, "test_ppo.py": 160, "test_packaging.py": 150,
+    "test_model_parity.py": 109, "test_sharding.py": 98, "test_multihost.py": 89,
+    "test_real_smollm2.py": 88, "test_evaluation.py": 45, "test_export.py": 33,
 }
 
 

@@ -1,9 +1,12 @@
-"""The package as users install it: a built wheel (not the editable checkout),
-used from another directory, finds the bundled constitutions and prompts and
-runs a stage."""
+"""The package as users install it: a wheel built from the checkout, installed into a
+fresh virtual environment outside the repository and used from another folder. It finds
+the bundled constitutions and presets, and its `cai-jax` command runs the tiny preset
+by name."""
 
+import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 
@@ -13,38 +16,99 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_wheel_install_runs_a_stage_from_another_directory(tmp_path):
-  wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
-  elsewhere.mkdir()
-  src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+  """(environment variables, folder outside the repository) of a fresh virtual
+  environment with the wheel installed and `cai-jax` on its PATH. The venv borrows the
+  test environment's packages (jax, ...) through a .pth file, so nothing is downloaded;
+  the test environment's own cai_jax (an editable install) is not on that path."""
+  root = tmp_path_factory.mktemp("wheel")
+  src = root / "src"  # a copy, so the build leaves nothing in the checkout
   src.mkdir()
-  for name in ("pyproject.toml", "README.md", "cai_jax", "constitutions"):
+  for name in ("pyproject.toml", "README.md", "constitutions", "configs"):
     path = os.path.join(REPO, name)
     if os.path.isdir(path):
       shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     else:
       shutil.copy(path, src)
-  pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-  subprocess.run(pip + ["wheel", "--no-deps", str(src), "-w", str(wheels)], check=True,
+  shutil.copytree(os.path.join(REPO, "cai_jax"), src / "cai_jax",  # not the checkout's links
+                  ignore=shutil.ignore_patterns("__pycache__", "configs", "constitutions"))
+  pip = ["-m", "pip", "-q", "--disable-pip-version-check"]
+  subprocess.run([sys.executable, *pip, "wheel", "--no-deps", "--no-build-isolation",
+                  str(src), "-w", str(root / "wheels")], check=True, capture_output=True)
+  (wheel,) = (root / "wheels").glob("cai_jax-*.whl")
+  venv = root / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+  python = str(venv / "bin" / "python")
+  purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                            "['purelib'])"], check=True, capture_output=True,
+                           text=True).stdout.strip()
+  with open(os.path.join(purelib, "borrowed.pth"), "w") as f:
+    f.write("\n".join(site.getsitepackages()) + "\n")
+  subprocess.run([python, *pip, "install", "--no-deps", str(wheel)], check=True,
                  capture_output=True)
-  (wheel,) = wheels.glob("cai_jax-*.whl")
-  subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)],
-                 check=True, capture_output=True)
-  env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable checkout
-  probe = subprocess.run(
-      [sys.executable, "-c",
-       "import cai_jax, cai_jax.constitution as c; print(cai_jax.__file__);"
-       " print(c.CONSTITUTIONS_DIR);"
-       " print(len(c.load_constitution('harmless').critique_revision))"],
-      cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
-  module_file, constitutions_dir, num_principles = probe.stdout.split()
-  assert module_file.startswith(str(target)), module_file
-  assert constitutions_dir.startswith(str(target)), constitutions_dir
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+  elsewhere = root / "elsewhere"
+  elsewhere.mkdir()
+  assert not str(elsewhere).startswith(REPO + os.sep)
+  return env, elsewhere, str(venv)
+
+
+def _run(args, installed, timeout=600):
+  env, elsewhere, _ = installed
+  return subprocess.run(args, cwd=elsewhere, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_wheel_ships_the_package_constitutions_and_presets(installed):
+  probe = _run(["python", "-c",
+                "import jax, cai_jax, cai_jax.configs as p, cai_jax.constitution as c;"
+                " print(cai_jax.__file__); print(p.DIR); print(c.CONSTITUTIONS_DIR);"
+                " print(len(c.load_constitution('harmless').critique_revision));"
+                " print(' '.join(p.names()))"], installed)
+  assert probe.returncode == 0, probe.stderr[-2000:]
+  module_file, presets_dir, constitutions_dir, num_principles, names = probe.stdout.splitlines()
+  venv = installed[2]
+  for path in (module_file, presets_dir, constitutions_dir):
+    assert path.startswith(venv), path  # the wheel's copy, not the repository's
   assert int(num_principles) >= 16  # the paper's 16 harmlessness principles
-  run = subprocess.run(
-      [sys.executable, "-m", "cai_jax.phases.p1_prompts",
-       f"--config={REPO}/configs/prompts.py:tiny", "--workdir=w"],
-      cwd=elsewhere, env=env, capture_output=True, text=True)
-  assert run.returncode == 0, run.stderr[-2000:]
-  for kind in ("red_team", "helpful"):
-    assert (elsewhere / "w" / "p1_prompts" / f"{kind}_train.jsonl").stat().st_size > 0
+  assert names.split() == sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                                 if f.endswith(".py") and f not in ("__init__.py",
+                                                                    "common.py"))
+
+
+def test_console_command_runs_the_tiny_preset(installed, tiny_model_dir):
+  help_ = _run(["cai-jax", "--help"], installed)
+  assert help_.returncode == 0, help_.stderr[-2000:]
+  for word in ("pipeline", "stage", "report", "p3", "critique_revision", "grpo",
+               "evaluation", "smoke", "tiny_pipeline:<model dir>", "sft:cpu"):
+    assert word in help_.stdout, word
+  # The pipeline command with a config of the user's own (a path): the shipped tiny
+  # preset's first three stages.
+  _, elsewhere, _ = installed
+  (elsewhere / "first_stages.py").write_text(
+      "import ml_collections\n"
+      "from cai_jax.configs import tiny_pipeline\n\n\n"
+      "def get_config(model):\n"
+      "  c = tiny_pipeline.get_config(model)\n"
+      "  return ml_collections.ConfigDict(\n"
+      "      {n: c[n] for n in ('prompts', 'critique_revision', 'sft')})\n")
+  first = _run(["cai-jax", "pipeline", f"--config=first_stages.py:{tiny_model_dir}",
+                "--workdir=w"], installed)
+  assert first.returncode == 0, first.stderr[-3000:]
+  # One stage with the preset named, no path: it reads the SFT model from the workdir.
+  pairs = _run(["cai-jax", "stage", "pairs", f"--config=tiny_pipeline:{tiny_model_dir}",
+                "--workdir=w"], installed)
+  assert pairs.returncode == 0, pairs.stderr[-3000:]
+  report = _run(["cai-jax", "report", "--workdir=w"], installed)
+  assert report.returncode == 0, report.stderr[-2000:]
+  workdir = elsewhere / "w"
+  for stage_dir in ("p1_prompts", "p2_critique_revision", "p3_sft", "p4_pairs"):
+    assert os.listdir(workdir / stage_dir), stage_dir
+  assert (workdir / "p3_sft" / "hf" / "config.json").is_file()
+  timings = json.loads((workdir / "pipeline_timings.json").read_text())
+  assert list(timings) == ["prompts", "critique_revision", "sft"]
+  assert (workdir / "report" / "report.md").stat().st_size > 0
+  bad = _run(["cai-jax", "stage", "dpo", "--config=tiny", "--workdir=w"], installed)
+  assert bad.returncode == 2 and "no 'dpo' section" in bad.stderr, bad.stderr[-2000:]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from cai_jax import pipeline, report
+from cai_jax.configs import tiny_pipeline
 from cai_jax.evaluation import rl_table
 from cai_jax.phases import paths
-from benchmarks import tiny_pipeline
 
 pytestmark = pytest.mark.slow
 

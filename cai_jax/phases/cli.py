@@ -1,4 +1,10 @@
-"""The absl entry point every phase shares: --config=<file>[:variant] --workdir=<dir>.
+"""The absl entry point every phase shares: --config=<config>[:variant] --workdir=<dir>.
+
+`--config` names a file of your own (`my_config.py:variant`) or a preset shipped in
+`cai_jax.configs` (the repository's configs/) without a path: `sft:cpu` (a config
+file and its variant) or a bare pipeline variant (`cpu`, `tiny+dpo`: configs/
+pipeline.py's). A stage given a pipeline config runs that config's section of it, so
+`--config=cpu` means the same run to the pipeline and to each stage.
 
 Flags are defined only in the process that runs a phase. Bad input (a missing file, a malformed
 constitution, a mesh that does not fit, ...) raises one of the errors below
@@ -17,7 +23,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-from cai_jax import compilation_cache, distributed
+from cai_jax import compilation_cache, configs, distributed
 
 # Errors that mean "the input is wrong", not "the code is wrong".
 # A diverged run (FloatingPointError) is the config's fault too: its message names the
@@ -32,8 +38,19 @@ def error_line(e: BaseException) -> str:
   return "error: " + " ".join(str(message).split("\n"))
 
 
-def main(run: Callable) -> None:
-  config = config_flags.DEFINE_config_file("config", None, "Phase config file[:variant].")
+def is_pipeline_config(config: ml_collections.ConfigDict) -> bool:
+  """True for a pipeline config: every field is a stage's section."""
+  return bool(config) and all(isinstance(v, ml_collections.ConfigDict)
+                              for v in config.values())
+
+
+def main(run: Callable, stage: str | None = None) -> None:
+  """Runs `run(config, workdir)` from the command line. `stage`: the pipeline stage
+  `run` is, which takes its own section of a pipeline config; None: `run` takes a whole
+  pipeline config."""
+  config = config_flags.DEFINE_config_file(
+      "config", None, "A config file[:variant], a preset <name>[:variant] (e.g. sft:cpu),"
+      " or a pipeline variant (tiny, cpu, smoke, full; +dpo, +rloo, +grpo).")
   workdir = flags.DEFINE_string("workdir", None, "Pipeline working directory.", required=True)
   mode = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                            "Multi-process JAX: auto-detects TPU pods and SLURM.")
@@ -58,7 +75,14 @@ def main(run: Callable) -> None:
               " check its path", file=sys.stderr)
         sys.exit(2)
     if value is None:
-      raise app.UsageError("--config is required, e.g. --config=configs/sft.py:cpu")
+      raise app.UsageError("--config is required, e.g. --config=cpu")
+    if stage is not None and is_pipeline_config(value):
+      if stage not in value:
+        print(f"error: --config: that pipeline config has no {stage!r} section (it has"
+              f" {', '.join(value)}); +dpo, +rloo or +grpo after its variant adds one",
+              file=sys.stderr)
+        sys.exit(2)
+      value = value[stage]
     distributed.initialize(mode.value, coordinator.value, num_processes.value,
                            process_id.value)
     compilation_cache.enable(cache.value)
@@ -75,7 +99,9 @@ def main(run: Callable) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config file and override mistakes as one-line errors."""
+  """absl flag parsing, with presets resolved to their files and config file and
+  override mistakes as one-line errors."""
+  argv = _resolve_presets(argv)
   spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
   path = os.path.abspath(spec.split(":", 1)[0]) if spec else ""
   try:
@@ -97,6 +123,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
     print(f"error: bad config override {bad}: {first} is not a field of that config or"
           " has the wrong type; see the config file for its fields", file=sys.stderr)
     sys.exit(2)
+
+
+def _resolve_presets(argv: list[str]) -> list[str]:
+  """argv with `--config X` written `--config=X` and the preset X names resolved."""
+  out, rest = [], iter(argv)
+  for a in rest:
+    if a == "--config":
+      a = "--config=" + next(rest, "")
+    out.append("--config=" + configs.resolve(a[len("--config="):])
+               if a.startswith("--config=") else a)
+  return out
 
 
 def _last_line(e: BaseException) -> str:

@@ -52,4 +52,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-  cli.main(run)
+  cli.main(run, stage="prompts")

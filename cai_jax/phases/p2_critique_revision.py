@@ -35,4 +35,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 if __name__ == "__main__":
-  cli.main(run)
+  cli.main(run, stage="critique_revision")

@@ -50,4 +50,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 if __name__ == "__main__":
-  cli.main(run)
+  cli.main(run, stage="ai_labels")

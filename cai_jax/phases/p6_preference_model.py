@@ -145,4 +145,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 if __name__ == "__main__":
-  cli.main(run)
+  cli.main(run, stage="preference_model")

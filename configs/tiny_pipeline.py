@@ -1,15 +1,18 @@
-"""The tiny pipeline of tests/test_pipeline.py and benchmarks/chaos.py: configs/
+"""The whole pipeline in minutes on a CPU, for tests and fault drills: configs/
 pipeline.py's tiny+grpo+dpo with the generation and feedback stages on one tiny model
-directory (a random Llama with a real BPE tokenizer, tests/conftest.py), SFT and the
-PM on random byte-tokenizer models, every later stage reading the workdir.
+directory (e.g. a random Llama with a real BPE tokenizer, as tests/conftest.py makes),
+SFT and the PM on random byte-tokenizer models, every later stage reading the workdir.
 
-  --config=benchmarks/tiny_pipeline.py:<tiny model HF dir>
+  cai-jax pipeline --config=tiny_pipeline:<tiny model HF dir> --workdir=/tmp/tiny
 """
 
-from configs import pipeline
+from cai_jax.configs import pipeline
 
 
-def get_config(model: str):
+def get_config(model: str = ""):
+  if not model:
+    raise ValueError("configs/tiny_pipeline.py: name the model directory after the colon,"
+                     " --config=tiny_pipeline:<tiny model HF dir>")
   c = pipeline.get_config("tiny+grpo+dpo")
   c.critique_revision.model = model
   c.critique_revision.num_few_shot = 0
