@@ -64,7 +64,7 @@ GENERATION = ("critique_revision", "pairs", "ai_labels", "evaluation")
 
 def command(workdir: str, model: str) -> list[str]:
   return [sys.executable, "-m", "cai_jax.pipeline",
-          f"--config={REPO}/benchmarks/tiny_pipeline.py:{model}", f"--workdir={workdir}",
+          f"--config=tiny_pipeline:{model}", f"--workdir={workdir}",
           "--alsologtostderr"]
 
 
