@@ -174,45 +174,40 @@ def config_from_json(d: dict[str, Any]) -> ModelConfig:
 # 8-device CPU test mesh.
 
 
+# What the tiny presets share; each adds its family's features.
+_TINY = dict(vocab_size=256, dim=64, num_layers=2, num_heads=8, mlp_dim=128,
+             max_seq_len=512, eos_token_ids=(2,), pad_token_id=0)
+
+
+def _tiny(family: str, kw: dict, **features) -> ModelConfig:
+  return ModelConfig(**{**_TINY, "family": family, **features, **kw})
+
+
 def tiny_llama(**kw) -> ModelConfig:
-  base = dict(family="llama", vocab_size=256, dim=64, num_layers=2, num_heads=8,
-              num_kv_heads=4, head_dim=16, mlp_dim=128, norm_eps=1e-5,
-              rope_theta=10_000.0,
-              rope_scaling=Llama3RopeScaling(factor=8.0, low_freq_factor=1.0,
-                                             high_freq_factor=4.0,
-                                             original_max_position_embeddings=64),
-              tie_embeddings=False, max_seq_len=512, bos_token_id=1,
-              eos_token_ids=(2,), pad_token_id=0)
-  return ModelConfig(**{**base, **kw})
+  return _tiny("llama", kw, num_kv_heads=4, head_dim=16, norm_eps=1e-5, rope_theta=10_000.0,
+               rope_scaling=Llama3RopeScaling(factor=8.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0,
+                                              original_max_position_embeddings=64),
+               tie_embeddings=False, bos_token_id=1)
 
 
 def tiny_mistral(**kw) -> ModelConfig:
-  base = dict(family="mistral", vocab_size=256, dim=64, num_layers=2,
-              num_heads=8, num_kv_heads=2, head_dim=16, mlp_dim=128,
-              rope_theta=10_000.0, sliding_window=12, tie_embeddings=False,
-              max_seq_len=512, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
-  return ModelConfig(**{**base, **kw})
+  return _tiny("mistral", kw, num_kv_heads=2, head_dim=16, rope_theta=10_000.0,
+               sliding_window=12, tie_embeddings=False, bos_token_id=1)
 
 
 def tiny_qwen2(**kw) -> ModelConfig:
-  base = dict(family="qwen2", vocab_size=256, dim=64, num_layers=2, num_heads=8,
-              num_kv_heads=2, head_dim=8, mlp_dim=128, norm_eps=1e-6,
-              rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True,
-              max_seq_len=512, bos_token_id=None, eos_token_ids=(2,),
-              pad_token_id=0)
-  return ModelConfig(**{**base, **kw})
+  return _tiny("qwen2", kw, num_kv_heads=2, head_dim=8, norm_eps=1e-6,
+               rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True, bos_token_id=None)
 
 
 def tiny_gemma3(**kw) -> ModelConfig:
-  base = dict(family="gemma3", vocab_size=256, dim=64, num_layers=4,
-              num_heads=8, num_kv_heads=8, head_dim=16, mlp_dim=128,
-              norm_eps=1e-6, rope_theta=1_000_000.0, local_rope_theta=10_000.0,
-              sliding_window=6, layer_types=("local", "local", "global", "local"),
-              qk_norm=True, norm_plus_one=True, post_norms=True,
-              scale_embeddings=True, activation="gelu_tanh", query_scale=16**-0.5,
-              tie_embeddings=True, max_seq_len=512, bos_token_id=2,
-              eos_token_ids=(1,), pad_token_id=0)
-  return ModelConfig(**{**base, **kw})
+  return _tiny("gemma3", kw, num_layers=4, num_kv_heads=8, head_dim=16, norm_eps=1e-6,
+               rope_theta=1_000_000.0, local_rope_theta=10_000.0, sliding_window=6,
+               layer_types=("local", "local", "global", "local"), qk_norm=True,
+               norm_plus_one=True, post_norms=True, scale_embeddings=True,
+               activation="gelu_tanh", query_scale=16**-0.5, tie_embeddings=True,
+               bos_token_id=2, eos_token_ids=(1,))
 
 
 def smollm2_135m(**kw) -> ModelConfig:
