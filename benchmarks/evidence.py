@@ -19,9 +19,8 @@ import json
 import os
 import re
 
-from cai_jax import report
-from cai_jax.evaluation import diagnosis, evidence
-from cai_jax.phases import paths
+from cai_jax import paths
+from cai_jax.evaluation import diagnosis, evidence, report
 
 BEGIN, END = "<!-- evidence:begin -->", "<!-- evidence:end -->"
 

@@ -24,8 +24,8 @@ import types
 
 from absl import app, flags
 
+from cai_jax import paths
 from cai_jax.evaluation import intervals, judges, refusal
-from cai_jax.phases import paths
 
 FLAGS = flags.FLAGS
 

@@ -25,12 +25,11 @@ import os
 
 from absl import app, flags
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.evaluation import answers as ans
 from cai_jax.evaluation import intervals, judges, refusal
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.model.sharding import Sharder, make_mesh
-from cai_jax.phases import paths
 from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 
@@ -103,7 +102,7 @@ def main(argv):
     with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)
-    from cai_jax import report
+    from cai_jax.evaluation import report
     print(report.write_report(FLAGS.workdir))
 
 

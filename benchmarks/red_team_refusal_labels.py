@@ -27,11 +27,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.data import refusals
 from cai_jax.evaluation import intervals
 from cai_jax.feedback import Labeler
-from cai_jax.phases import paths
 
 FLAGS = flags.FLAGS
 

@@ -32,7 +32,7 @@ import os
 
 from absl import app, flags
 
-from cai_jax.phases import paths
+from cai_jax import paths
 
 FLAGS = flags.FLAGS
 

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from cai_jax.phases import paths
+from cai_jax import paths
 
 _CHILD = r"""
 import importlib.util, sys

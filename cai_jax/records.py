@@ -22,9 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from cai_jax import distributed
+from cai_jax import distributed, files
 from cai_jax.constitution import HELPFUL_POINTWISE, HELPFUL_QUESTION
-from cai_jax.data import files
 
 R = TypeVar("R")
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from cai_jax import records
-from cai_jax.phases import cli, p1_prompts, p2_critique_revision, p3_sft, paths
+from cai_jax import paths, records
+from cai_jax.phases import cli, p1_prompts, p2_critique_revision, p3_sft
 from cai_jax.phases import p6_preference_model
 from configs import critique_revision as cr_config
 from configs import preference_model as pm_config

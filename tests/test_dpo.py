@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import distributed
+from cai_jax import distributed, paths
 from cai_jax.checkpoints import hf, load
 from cai_jax.data import comparisons
 from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
-from cai_jax.phases import p7_dpo, paths
+from cai_jax.phases import p7_dpo
 from cai_jax.rl import dpo
 from cai_jax.training import losses, optim
 from cai_jax.training.metrics import read_metrics

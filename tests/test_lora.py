@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax import paths
 from cai_jax.checkpoints import hf
 from cai_jax.model import lora, transformer
-from cai_jax.phases import p3_sft, paths
+from cai_jax.phases import p3_sft
 from cai_jax.training import checkpoint
 from conftest import TINY_PRESETS, left_pad
 from test_sft import make_records, tiny_config

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from cai_jax import pipeline, report
-from cai_jax.phases import paths
+from cai_jax import paths, pipeline
+from cai_jax.evaluation import report
 from benchmarks import rl_table, tiny_pipeline
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax import paths
 from cai_jax.data import prompts
 from cai_jax.checkpoints import load
-from cai_jax.phases import p7_ppo, paths
+from cai_jax.phases import p7_ppo
 from cai_jax.rl import critic_free, ppo
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics

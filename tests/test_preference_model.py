@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.checkpoints import load
 from cai_jax.model import config as model_config
 from cai_jax.model import heads, transformer
@@ -23,7 +23,6 @@ from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax import distributed
 from cai_jax.data import comparisons
 from cai_jax.phases import p6_preference_model as p6
-from cai_jax.phases import paths
 from cai_jax.preference import calibration, saved
 from cai_jax.preference import model as pm
 from cai_jax.preference.scorer import Scorer

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.checkpoints import hf
 from cai_jax.model import config as model_config
 from cai_jax.model import transformer
@@ -21,7 +21,7 @@ from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax.checkpoints import load
 from cai_jax import distributed
 from cai_jax.data import sft as sft_data
-from cai_jax.phases import p3_sft, paths
+from cai_jax.phases import p3_sft
 from cai_jax.text.chat import prompt_response_ids
 from cai_jax.text.tokenizer import Tokenizer
 from cai_jax.training import sft_step

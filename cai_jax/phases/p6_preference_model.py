@@ -36,11 +36,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from cai_jax import distributed
+from cai_jax import distributed, paths
 from cai_jax.data import batching, comparisons
 from cai_jax.model import heads, lora, transformer
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, paths
+from cai_jax.phases import cli
 from cai_jax.preference import calibration, saved
 from cai_jax.preference import model as pm
 from cai_jax.training import loop as train_loop

@@ -35,12 +35,12 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from cai_jax import distributed
+from cai_jax import distributed, paths
 from cai_jax.checkpoints.load import load_model
 from cai_jax.data import batching, comparisons
 from cai_jax.model import lora, transformer
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, paths
+from cai_jax.phases import cli
 from cai_jax.rl import dpo
 from cai_jax.training import loop as train_loop
 from cai_jax.training import losses, setup
