@@ -182,7 +182,7 @@ ADDED_CONFIG_FIELDS = {"reviser": "", "revision_pairs": False, "refusal_pairs": 
                        "helpful_question": HELPFUL_QUESTION,
                        "helpful_pointwise": HELPFUL_POINTWISE}
 # Fields that change how fast records are made, never what they hold (the shared-prefix
-# KV cache gives the same tokens, tests/test_prefix_cache.py): a run may resume with
+# KV cache gives the same tokens, tests/test_prefix.py): a run may resume with
 # another value.
 SPEED_ONLY_FIELDS = frozenset({"min_shared_prefix"})
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_wheel_install_runs_a_stage_from_another_directory(tmp_path):
