@@ -6,7 +6,7 @@
 
 `pipeline` and `stage` are `python -m cai_jax.pipeline` and `python -m
 cai_jax.phases.<stage>` under one name, with the same flags (cai_jax.phases.cli);
-`report` is `python -m cai_jax.report`.
+`report` is `python -m cai_jax.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"cai-jax stage {name}", *rest[1:]]
     cli.main(module.run, stage=name)
   elif command == "report":
-    from cai_jax import report
+    from cai_jax.evaluation import report
     sys.argv = ["cai-jax report", *rest]
     report.main()
   else:

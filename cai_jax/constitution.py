@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from cai_jax.data import files
+from cai_jax import files
 
 Answer = Literal["Yes", "No"]
 Choice = Literal["A", "B"]

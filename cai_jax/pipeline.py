@@ -32,7 +32,8 @@ import time
 
 import ml_collections
 
-from cai_jax.phases import (cli, p1_prompts, paths, p2_critique_revision, p3_sft, p4_pairs,
+from cai_jax import paths
+from cai_jax.phases import (cli, p1_prompts, p2_critique_revision, p3_sft, p4_pairs,
                             p5_ai_labels, p6_preference_model, p7_dpo, p7_ppo,
                             p8_evaluation)
 

@@ -22,9 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from cai_jax import distributed
+from cai_jax import distributed, files
 from cai_jax.constitution import HELPFUL_POINTWISE, HELPFUL_QUESTION
-from cai_jax.data import files
 
 R = TypeVar("R")
 
@@ -183,7 +182,7 @@ ADDED_CONFIG_FIELDS = {"reviser": "", "revision_pairs": False, "refusal_pairs": 
                        "helpful_question": HELPFUL_QUESTION,
                        "helpful_pointwise": HELPFUL_POINTWISE}
 # Fields that change how fast records are made, never what they hold (the shared-prefix
-# KV cache gives the same tokens, tests/test_prefix_cache.py): a run may resume with
+# KV cache gives the same tokens, tests/test_prefix.py): a run may resume with
 # another value.
 SPEED_ONLY_FIELDS = frozenset({"min_shared_prefix"})
 

@@ -1,5 +1,5 @@
 """What the kill-and-resume tests share: a callback that SIGTERMs the run at a step,
-and the bytes of a pytree to compare bit for bit."""
+the bytes of a pytree to compare bit for bit, and the comparison of two train states."""
 
 import hashlib
 import os
@@ -23,3 +23,12 @@ def sigterm_at(stop_step: int):
       os.kill(os.getpid(), signal.SIGTERM)
     return False
   return should_stop
+
+
+def assert_same_state(a, b, names=("params", "opt_state", "key")) -> None:
+  """Train states `a` and `b` hold the same bytes in each of `names`."""
+  for name in names:
+    x, y = getattr(a, name), getattr(b, name)
+    if name == "key":
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    assert tree_hashes(x) == tree_hashes(y), name

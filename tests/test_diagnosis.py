@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from cai_jax import records, report
+from cai_jax import records
+from cai_jax.evaluation import report
 from cai_jax.evaluation import diagnosis, evidence, intervals
 from cai_jax.evaluation.intervals import Estimate
-from cai_jax.phases import paths
 
 REFUSES = "I'm sorry, but I can't help with that."
 ANSWERS = "Sure. First, open the terminal and list the processes with ps."

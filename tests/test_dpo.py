@@ -11,18 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import distributed
+from cai_jax import distributed, paths
 from cai_jax.checkpoints import hf, load
 from cai_jax.data import comparisons
 from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
-from cai_jax.phases import p7_dpo, paths
+from cai_jax.phases import p7_dpo
 from cai_jax.rl import dpo
 from cai_jax.training import losses, optim
 from cai_jax.training.metrics import read_metrics
 from configs import dpo as dpo_config
 from test_preference_model import as_comparisons, marker_records, write_labels
-from resume_helpers import sigterm_at, tree_hashes
+from resume_helpers import assert_same_state, sigterm_at
 
 
 SEQ = 128  # the tiny pairs' conversations, system prompt included
@@ -248,31 +248,6 @@ def test_learns_a_synthetic_preference(tmp_path):
   assert os.path.isdir(paths.hf_export(str(tmp_path), paths.DPO))
 
 
-def test_resume_after_sigterm_is_bit_identical(tmp_path):
-  for name in ("full", "resumed"):
-    write_labels(str(tmp_path / name), marker_records(40, seed=5))
-  config = tiny_config(num_steps=6, save_every=100, eval_every=3)
-  full = p7_dpo.run(config, str(tmp_path / "full"))
-  assert full.status == "done" and full.step == 6
-
-  kill_at_3 = sigterm_at(3)
-
-  part = p7_dpo.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3)
-  assert part.status == "preempted" and part.step == 3
-  ref_file = os.path.join(part.output_dir, p7_dpo.REFERENCE_FILE)
-  written = os.path.getmtime(ref_file)
-  resumed = p7_dpo.run(config, str(tmp_path / "resumed"))
-  assert resumed.status == "done" and resumed.step == 6
-  assert os.path.getmtime(ref_file) == written  # read back, not recomputed
-  for name in ("params", "opt_state"):
-    assert tree_hashes(getattr(full.state, name)) == tree_hashes(
-        getattr(resumed.state, name)), name
-  untimed = lambda m: {k: v for k, v in m.items() if k != "pairs_per_s"}
-  assert untimed(full.metrics) == untimed(resumed.metrics)
-  steps = [m["step"] for m in read_metrics(resumed.output_dir) if "loss" in m]
-  assert steps == list(range(1, 7))
-
-
 def _dpo_steps(sharder, cfg, params, batch_np, steps=3):
   """`steps` jitted DPO updates on `sharder`'s mesh; (state, losses)."""
   c = tiny_config()
@@ -358,9 +333,7 @@ def test_lora_dpo_trains_adapters_on_the_reference_resumes_and_exports_merged(tm
   assert p7_dpo.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
   resumed = p7_dpo.run(config, str(tmp_path / "resumed"))
   assert resumed.status == "done" and resumed.step == 6
-  for name in ("params", "opt_state"):
-    assert tree_hashes(getattr(full.state, name)) == tree_hashes(
-        getattr(resumed.state, name)), name
+  assert_same_state(full.state, resumed.state, ("params", "opt_state"))
   # The export is the adapted policy as an ordinary checkpoint.
   cfg, base, tok = load.load_model(config.model, None, tokenizer="bytes",
                                    key=jax.random.split(jax.random.key(config.seed))[0],

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax import paths
 from cai_jax.checkpoints import hf
 from cai_jax.model import lora, transformer
-from cai_jax.phases import p3_sft, paths
+from cai_jax.phases import p3_sft
 from cai_jax.training import checkpoint
 from conftest import TINY_PRESETS, left_pad
 from test_sft import make_records, tiny_config
-from resume_helpers import sigterm_at, tree_hashes
+from resume_helpers import assert_same_state, sigterm_at
 
 SPEC = lora.LoraSpec(rank=4, alpha=8.0, targets=tuple(lora.TARGETS))
 
@@ -175,8 +176,7 @@ def test_sft_with_lora_resumes_bit_identically_and_names_its_base(tmp_path, reco
   assert p3_sft.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
   resumed = p3_sft.run(config, str(tmp_path / "resumed"))
   assert resumed.status == "done" and resumed.step == 6
-  assert tree_hashes(full.state.params) == tree_hashes(resumed.state.params)
-  assert tree_hashes(full.state.opt_state) == tree_hashes(resumed.state.opt_state)
+  assert_same_state(full.state, resumed.state, ("params", "opt_state"))
   # A checkpoint of rank-4 adapters does not resume as rank 8, nor as full fine-tuning.
   p3_sft.run(config, str(tmp_path / "other"), should_stop=kill_at_3)
   for rank in (8, 0):

@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax import paths
 from cai_jax.data import prompts
 from cai_jax.checkpoints import load
-from cai_jax.phases import p7_ppo, paths
+from cai_jax.phases import p7_ppo
 from cai_jax.rl import critic_free, ppo
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
 from configs import ppo as ppo_config
-from resume_helpers import tree_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,29 +269,6 @@ def test_lora_policy_trains_adapters_on_the_reference(tmp_path, variant):
              for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(ref)))
   for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(merged)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
-
-
-@pytest.mark.parametrize("variant", ["ppo", "rloo", "grpo", "ppo+lora"])
-def test_resume_is_bit_identical(tmp_path, variant):
-  for d in ("full", "resumed"):
-    write_prompts(str(tmp_path / d))
-  c = tiny_config(iterations=3)
-  _with_lora(c, variant)
-  c.kl.target, c.kl.horizon = 1.0, 100  # adaptive beta: it must be restored too
-  full = p7_ppo.run(c, str(tmp_path / "full"), reward_fn=target_frequency)
-  part = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency,
-                    should_stop=lambda it: it == 1)
-  assert part.status == "preempted" and part.step == 1
-  resumed = p7_ppo.run(c, str(tmp_path / "resumed"), reward_fn=target_frequency)
-  assert resumed.status == "done" and resumed.step == 3
-  for name in ("params", "opt_state", "key"):
-    a, b = getattr(full.state, name), getattr(resumed.state, name)
-    if name == "key":
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    assert tree_hashes(a) == tree_hashes(b), name
-  untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
-  assert untimed(full.metrics) == untimed(resumed.metrics)
-  assert [m["step"] for m in read_metrics(resumed.output_dir)] == [1, 2, 3]
 
 
 _ONE_DEVICE_RUN = """

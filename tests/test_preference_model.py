@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.checkpoints import load
 from cai_jax.model import config as model_config
 from cai_jax.model import heads, transformer
@@ -23,7 +23,6 @@ from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax import distributed
 from cai_jax.data import comparisons
 from cai_jax.phases import p6_preference_model as p6
-from cai_jax.phases import paths
 from cai_jax.preference import calibration, saved
 from cai_jax.preference import model as pm
 from cai_jax.preference.scorer import Scorer
@@ -32,7 +31,7 @@ from cai_jax.text.chat import generation_ids, user_turn
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
 from configs import preference_model as pm_config
-from resume_helpers import sigterm_at, tree_hashes
+from resume_helpers import assert_same_state, sigterm_at, tree_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "@"
@@ -297,35 +296,11 @@ def test_learns_a_synthetic_preference(tmp_path):
   assert sum(b["count"] for b in table["bins"]) == 64
   assert table["eval_accuracy"] == result.metrics["eval_accuracy"]
 
-
-def test_resume_after_sigterm_is_bit_identical(tmp_path):
-  write_labels(str(tmp_path / "full"), marker_records(40, seed=5))
-  write_labels(str(tmp_path / "resumed"), marker_records(40, seed=5))
-  config = tiny_config(num_steps=6, save_every=100, eval_every=3)
-  full = p6.run(config, str(tmp_path / "full"))
-  assert full.status == "done" and full.step == 6
-
-  kill_at_3 = sigterm_at(3)
-
-  part = p6.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3)
-  assert part.status == "preempted" and part.step == 3
-  resumed = p6.run(config, str(tmp_path / "resumed"))
-  assert resumed.status == "done" and resumed.step == 6
-  for name in ("params", "opt_state"):
-    assert tree_hashes(getattr(full.state, name)) == tree_hashes(
-        getattr(resumed.state, name)), name
-  np.testing.assert_array_equal(jax.random.key_data(full.state.key),
-                                jax.random.key_data(resumed.state.key))
-  steps = [m["step"] for m in read_metrics(resumed.output_dir) if "loss" in m]
-  assert steps == list(range(1, 7))
-  untimed = lambda m: {k: v for k, v in m.items() if k != "pairs_per_s"}
-  assert untimed(full.metrics) == untimed(resumed.metrics)
-
   # PPO's entry point: the trained PM back on another mesh, and its scores.
   mesh = Sharder(make_mesh((1, 8, 1)))
-  cfg, params, tok = saved.restore_preference_model(
-      paths.preference_model_dir(str(tmp_path / "resumed"), ""), mesh)
-  assert tree_hashes(params) == tree_hashes(resumed.state.params)
+  cfg, params, tok = saved.restore_preference_model(paths.preference_model_dir(workdir, ""),
+                                                    mesh)
+  assert tree_hashes(params) == tree_hashes(result.state.params)
   assert params["head"]["w"].sharding.mesh.shape["fsdp"] == 8
   recs = marker_records(40, seed=5)[:3]
   rewards = Scorer(cfg, params, tok, max_len=64, batch_size=2, sharder=mesh).score_texts(
@@ -333,7 +308,7 @@ def test_resume_after_sigterm_is_bit_identical(tmp_path):
   batch = comparisons.make_batch(
       comparisons.tokenize_pairs(tok, as_comparisons(recs), 64, "truncate"),
       np.arange(3), 64)
-  direct = pm.pair_rewards(resumed.state.params, batch["tokens"], batch["mask"], cfg, None)
+  direct = pm.pair_rewards(result.state.params, batch["tokens"], batch["mask"], cfg, None)
   np.testing.assert_allclose(rewards, np.asarray(direct)[:, 0], rtol=1e-4, atol=1e-5)
 
 
@@ -455,9 +430,7 @@ def test_lora_pm_resumes_bit_identically_and_restores_merged(tmp_path):
   assert p6.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
   resumed = p6.run(config, str(tmp_path / "resumed"))
   assert resumed.status == "done" and resumed.step == 6
-  for name in ("params", "opt_state"):
-    assert tree_hashes(getattr(full.state, name)) == tree_hashes(
-        getattr(resumed.state, name)), name
+  assert_same_state(full.state, resumed.state, ("params", "opt_state"))
   cfg, params, tok = saved.restore_preference_model(
       paths.preference_model_dir(str(tmp_path / "resumed"), ""), single_device_sharder())
   assert set(params) == {"backbone", "head"}

@@ -31,7 +31,7 @@ import sys
 import time
 
 from benchmarks.common import outputs
-from cai_jax.phases import paths
+from cai_jax import paths
 
 _CHILD = r"""
 import importlib.util, sys

@@ -1,6 +1,6 @@
 """Publish a run's claims: copy `<workdir>/p8_evaluation/evidence.json` to `--out` and
 rewrite the claims block of `--doc` from it (between the `<!-- evidence:begin -->` and
-`<!-- evidence:end -->` markers, `cai_jax.report.claims_block`), so the published table
+`<!-- evidence:end -->` markers, `cai_jax.evaluation.report.claims_block`), so the published table
 is generated from the measured run, never typed. The committed table of docs/results.md:
 
   python -m benchmarks.quality.evidence --workdir=runs/cai \
@@ -21,9 +21,9 @@ import os
 from absl import app, flags
 
 from benchmarks.common import outputs
-from cai_jax import report
+from cai_jax.evaluation import report
 from cai_jax.evaluation import diagnosis, evidence
-from cai_jax.phases import paths
+from cai_jax import paths
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline workdir whose stage 8 has run.",
                                required=True)

@@ -31,7 +31,6 @@ from cai_jax.evaluation import answers as ans
 from cai_jax.evaluation import intervals, judges, refusal
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.model.sharding import Sharder, make_mesh
-from cai_jax.phases import paths
 from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 
@@ -101,7 +100,7 @@ def main(argv):
     with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)
-    from cai_jax import report
+    from cai_jax.evaluation import report
     print(report.write_report(_WORKDIR.value))
 
 

@@ -23,8 +23,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from cai_jax import records
-from cai_jax.data import files
+from cai_jax import files, records
 from cai_jax.data import batching
 from cai_jax.data.sft import check_truncation
 from cai_jax.model.sharding import Sharder

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import yaml
 
-from cai_jax.data import files
+from cai_jax import files
 
 if TYPE_CHECKING:
   import datasets

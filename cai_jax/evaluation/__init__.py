@@ -1,2 +1,4 @@
 """Evaluation instruments: win rates and Elo, the judges (the PM and an
-independent judge model), answers of each model, and labeler accuracy."""
+independent judge model), answers of each model, labeler accuracy, the run's
+claims with their intervals (`evidence`, `diagnosis`) and the Markdown report
+that renders them (`report`)."""

@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.evaluation import evidence, intervals, refusal
 from cai_jax.evaluation.intervals import Estimate
-from cai_jax.phases import paths
 
 # Stage 5 pair sources the signals report, as (label, kind or None for every kind, source).
 LABEL_SETS = (

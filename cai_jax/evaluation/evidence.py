@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from cai_jax import paths
 from cai_jax.evaluation import intervals
 from cai_jax.evaluation.intervals import Estimate
-from cai_jax.phases import paths
 
 EVIDENCE_FILE = "evidence.json"
 

@@ -19,7 +19,6 @@ import json
 import types
 
 from cai_jax.evaluation import intervals, judges, refusal
-from cai_jax.phases import paths
 
 KEYS = {"refusal": "refusal_rate", "pm_reward": "pm_reward"}
 

@@ -18,7 +18,7 @@ import numpy as np
 from cai_jax import records
 from cai_jax.data import refusals
 from cai_jax.evaluation import intervals
-from cai_jax.phases import paths
+from cai_jax import paths
 
 
 def contrasts(workdir: str) -> dict[str, list[records.ResponsePair]]:

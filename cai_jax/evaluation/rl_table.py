@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 
-from cai_jax.phases import paths
+from cai_jax import paths
 
 # stage-8 model name -> (pipeline config section, claim label, stage-7 directory)
 # and the label of its reward/KL curve claims.

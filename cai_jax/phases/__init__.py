@@ -15,9 +15,9 @@ Phase 2, RL-CAI (reinforcement learning from AI feedback):
 Each stage module has `run(config, workdir)`, reading top to bottom, and a
 short absl `main`; its config lives in `configs/<stage>.py`. The logic lives
 in the library (`cai_jax.text`, `data`, `training`, `preference`, `rl`,
-`feedback`, `evaluation`, ...); no stage imports another. Shared by the
-stages: `paths` (every stage's outputs, the "run stage N first" errors, the
-one rule for where the SL-CAI model is), `generation` (the sharded,
-resumable generation skeleton) and `cli`. Stages exchange files whose
-schemas are in `cai_jax.records`.
+`feedback`, `evaluation`, ...); no stage imports another, and no library
+module imports a stage. Shared by the stages: `cai_jax.paths` (every stage's
+outputs, the "run stage N first" errors, the one rule for where the SL-CAI
+model is), `generation` (the sharded, resumable generation skeleton) and
+`cli`. Stages exchange files whose schemas are in `cai_jax.records`.
 """

@@ -16,9 +16,9 @@ import os
 
 import ml_collections
 
-from cai_jax import distributed
+from cai_jax import distributed, paths
 from cai_jax.data import prompts
-from cai_jax.phases import cli, paths
+from cai_jax.phases import cli
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from cai_jax import paths
 from cai_jax.constitution import load_constitution
 from cai_jax.critique_revision import MODES, CritiqueReviser
 from cai_jax.data import prompts
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, generation, paths
+from cai_jax.phases import cli, generation
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 
 import jax
 import ml_collections
 
-from cai_jax import distributed, records
+from cai_jax import paths, records
 from cai_jax.checkpoints.load import load_model
 from cai_jax.data import batching, sft
-from cai_jax.model import lora, transformer
+from cai_jax.model import lora
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, paths
+from cai_jax.phases import cli
 from cai_jax.training import loop as train_loop
-from cai_jax.training import setup, sft_step
+from cai_jax.training import setup, sft_step, supervised
 from cai_jax.training.export import export_hf
 
 
@@ -85,61 +84,40 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("model %s: %s, %.1fM params; %r", config.model, cfg.family,
                cfg.num_params() / 1e6, tok)
   train, held = load_data(config, workdir, tok)
-  train_buckets, held_buckets, order, total_steps = batching.plan(
-      train, held, config.data, t, config.seed, "examples")
+  plan = batching.plan(train, held, config.data, t, config.seed, "examples")
 
   # --- What trains: every weight, or LoRA adapters on a frozen base ---
   spec = lora.LoraSpec.from_config(config.get("lora"))
-  param_sh = transformer.param_shardings(cfg, sharder)
   data_info = train.identity(t.batch_size, config.seed)
-  abstract, train_sh, params, frozen = lora.trainable_params(
-      cfg, spec, params, param_sh, sharder, jax.random.fold_in(init_key, 1))
+  trainee = supervised.Trainee.lm(cfg, spec, params, sharder, jax.random.fold_in(init_key, 1))
+  del params  # the trainee holds them until the train state takes them over
   if spec is not None:
     data_info |= spec.identity(config.model)
 
-  # --- Optimizer, state, checkpoints ---
-  s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
-                    train_sh, sharder, t.keep_checkpoints)
-  if s.ckpt.latest_step() is not None:
-    params = None  # superseded by the checkpoint: free it before restoring
-  state, start = setup.start_state(s, abstract, params, state_key, data_info)
-  del params
-
-  # --- Jitted steps (the frozen base, if any, is an argument, never a constant) ---
-  batch_sh = sharder.sharding(("batch", "seq"))
-  step_jit = jax.jit(
-      functools.partial(sft_step.train_step, cfg=cfg, tx=s.tx, schedule=s.schedule,
-                        sharder=sharder, microbatches=t.microbatches, loss_chunk=t.loss_chunk,
-                        lora=spec),
-      in_shardings=(s.state_sh, batch_sh, param_sh if spec else None),
-      out_shardings=(s.state_sh, sharder.replicated), donate_argnums=0)
-  step_fn = lambda state, batch: step_jit(state, batch, frozen)
-  eval_fn = jax.jit(functools.partial(sft_step.eval_step, cfg=cfg, sharder=sharder,
-                                      loss_chunk=t.loss_chunk, lora=spec),
-                    in_shardings=(train_sh, batch_sh, param_sh if spec else None),
-                    out_shardings=sharder.replicated)
-
-  def evaluate(params, step: int) -> dict[str, float]:
+  # --- Train: optimizer, state, jitted steps (`training.supervised`), loop ---
+  def evaluate(outs, step: int) -> dict[str, float]:
     total, count = 0.0, 0.0
-    for T, rows in batching.eval_batches(held_buckets, t.eval_batch_size):
-      batch = distributed.batch_to_global(sft.make_batch(held, rows, T, tok.pad_id), batch_sh)
-      s_, c_ = eval_fn(params, batch, frozen)
-      total, count = total + s_, count + c_
+    for _, (loss_sum, tokens) in outs:
+      total, count = total + loss_sum, count + tokens
     return {"eval_loss": float(total) / max(float(count), 1.0)}
 
-  def export(trained, step: int) -> None:  # LoRA: the adapters merged into the base
-    merged = trained if spec is None else jax.jit(
-        lambda b, a: lora.merge(b, a, spec), out_shardings=param_sh)(frozen, trained)
-    export_hf(merged, cfg, tok, paths.hf_export(workdir, paths.SFT), step)
-
-  loop = train_loop.ordered_loop(
-      "sft", step_fn, order, lambda rows, T: sft.make_batch(train, rows, T, tok.pad_id),
-      batch_sh, total_steps=total_steps, data_info=data_info, train=t,
+  return supervised.fit(
+      "sft", out, config, trainee, plan, sharder=sharder, key=state_key, data_info=data_info,
+      train_step=functools.partial(sft_step.train_step, cfg=cfg, sharder=sharder,
+                                   microbatches=t.microbatches, loss_chunk=t.loss_chunk,
+                                   lora=spec),
+      eval_step=functools.partial(sft_step.eval_step, cfg=cfg, sharder=sharder,
+                                  loss_chunk=t.loss_chunk, lora=spec),
+      batch_sh=sharder.sharding(("batch", "seq")),
+      train_batch=lambda rows, T: sft.make_batch(train, rows, T, tok.pad_id),
+      held_batch=lambda rows, T: sft.make_batch(held, rows, T, tok.pad_id),
+      evaluate=evaluate if held.size else None,
       summarize=train_loop.mean_of(("loss", "grad_norm"), last=("lr",), total=("loss_tokens",)),
       units=lambda fetched: sum(float(m["tokens"]) for m in fetched), rate_name="tokens_per_s",
-      evaluate=evaluate if held.size else None,
-      postfix=lambda last: {"loss": f"{last['loss']:.4f}"})
-  return setup.train(loop, state, start, total_steps, s, out, should_stop, export=export)
+      postfix=lambda last: {"loss": f"{last['loss']:.4f}"},
+      export=lambda trained, step: export_hf(trainee.merged(trained), cfg, tok,
+                                             paths.hf_export(workdir, paths.SFT), step),
+      should_stop=should_stop)
 
 
 if __name__ == "__main__":

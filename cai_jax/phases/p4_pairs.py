@@ -31,10 +31,10 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.data import prompts, refusals
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, generation, paths
+from cai_jax.phases import cli, generation
 from cai_jax.sampling.chat import ChatModel
 from cai_jax.text.chat import user_turn
 

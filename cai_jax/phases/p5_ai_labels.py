@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.data import prompts
 from cai_jax.feedback import Labeler, LabelerSettings
 from cai_jax.feedback.labeler import HELPFUL_LABELS, label_by_kind
-from cai_jax.phases import cli, generation, paths
+from cai_jax.phases import cli, generation
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:

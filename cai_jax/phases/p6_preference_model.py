@@ -29,22 +29,21 @@ Output, under `<workdir>/p6_preference_model/`: `checkpoints/` (Orbax),
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from cai_jax import distributed
+from cai_jax import paths
 from cai_jax.data import batching, comparisons
 from cai_jax.model import heads, lora, transformer
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, paths
+from cai_jax.phases import cli
 from cai_jax.preference import calibration, saved
 from cai_jax.preference import model as pm
 from cai_jax.training import loop as train_loop
-from cai_jax.training import setup
+from cai_jax.training import setup, supervised
 
 
 def load_comparisons(config: ml_collections.ConfigDict, workdir: str
@@ -78,70 +77,54 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                           **dict(config.model_overrides))
   train = comparisons.tokenize_pairs(tok, train_c, d.seq_len, d.truncation)
   held = comparisons.tokenize_pairs(tok, held_c, d.seq_len, d.truncation)
-  train_buckets, held_buckets, order, total_steps = batching.plan(
-      train, held, d, t, config.seed, "pairs")
+  plan = batching.plan(train, held, d, t, config.seed, "pairs")
   # --- What trains: every weight and the head, or LoRA adapters and the head ---
   lora_spec = lora.LoraSpec.from_config(config.get("lora"))
   data_info = train.identity(t.batch_size, config.seed)
-  backbone_sh = transformer.param_shardings(cfg, sharder)
   info = {"source_model": spec, "seq_len": d.seq_len}
   if lora_spec is None:
-    abstract = heads.abstract_scalar_params(cfg)
-    param_sh, frozen = heads.scalar_model_shardings(cfg, sharder), None
+    trainee = supervised.Trainee(heads.abstract_scalar_params(cfg),
+                                 heads.scalar_model_shardings(cfg, sharder), params)
   else:
-    abstract = {"adapters": lora.abstract_adapters(cfg, lora_spec),
-                "head": heads.abstract_head(cfg)}
-    param_sh = {"adapters": lora.adapter_shardings(cfg, lora_spec, sharder),
-                "head": heads.head_shardings(cfg, sharder)}
+    adapter_sh = lora.adapter_shardings(cfg, lora_spec, sharder)
     adapters = jax.jit(lambda k: lora.init_adapters(cfg, lora_spec, k),
-                       out_shardings=param_sh["adapters"])(jax.random.fold_in(init_key, 1))
-    frozen, params = params["backbone"], {"adapters": adapters, "head": params["head"]}
+                       out_shardings=adapter_sh)(jax.random.fold_in(init_key, 1))
+    trainee = supervised.Trainee(
+        {"adapters": lora.abstract_adapters(cfg, lora_spec), "head": heads.abstract_head(cfg)},
+        {"adapters": adapter_sh, "head": heads.head_shardings(cfg, sharder)},
+        {"adapters": adapters, "head": params["head"]},
+        frozen=params["backbone"], frozen_sh=transformer.param_shardings(cfg, sharder))
     data_info |= lora_spec.identity(spec)
     # What `saved.restore_preference_model` needs to rebuild the base and merge.
     info |= {"lora": lora_spec.identity(spec), "tokenizer": config.tokenizer,
              "model_overrides": dict(config.model_overrides)}
+  del params  # the trainee holds them until the train state takes them over
   saved.save_model_files(out, cfg, tok, info)
 
-  # --- Optimizer, state, checkpoints ---
-  s = setup.prepare(os.path.join(out, saved.CHECKPOINTS), config.optim, total_steps,
-                    abstract, param_sh, sharder, t.keep_checkpoints)
-  if s.ckpt.latest_step() is not None:
-    params = None  # superseded by the checkpoint: free it before restoring
-  state, start = setup.start_state(s, abstract, params, state_key, data_info)
-  del params
-
-  # --- Jitted steps (a frozen LoRA base is an argument, never a constant) ---
-  batch_sh = comparisons.batch_shardings(sharder)
-  frozen_sh = backbone_sh if lora_spec else None
-  step_jit = jax.jit(
-      functools.partial(pm.train_step, cfg=cfg, tx=s.tx, schedule=s.schedule, sharder=sharder,
-                        microbatches=t.microbatches, lora=lora_spec),
-      in_shardings=(s.state_sh, batch_sh, frozen_sh),
-      out_shardings=(s.state_sh, sharder.replicated), donate_argnums=0)
-  step_fn = lambda state, batch: step_jit(state, batch, frozen)
-  eval_fn = jax.jit(functools.partial(pm.eval_step, cfg=cfg, sharder=sharder, lora=lora_spec),
-                    in_shardings=(param_sh, batch_sh, frozen_sh),
-                    out_shardings=sharder.replicated)
-
-  def evaluate(params, step: int) -> dict[str, float]:
+  # --- Train: optimizer, state, jitted steps (`training.supervised`), loop ---
+  def evaluate(outs, step: int) -> dict[str, float]:
     rewards_E2 = np.zeros((held.size, 2), np.float32)
-    for T, rows in batching.eval_batches(held_buckets, t.eval_batch_size):
-      batch = distributed.batch_to_global(comparisons.make_batch(held, rows, T), batch_sh)
-      r_B2 = np.asarray(jax.device_get(eval_fn(params, batch, frozen)))
+    for rows, r_B2 in outs:
+      r_B2 = np.asarray(jax.device_get(r_B2))
       rewards_E2[rows[rows >= 0]] = r_B2[rows >= 0]
     metrics, table = calibration.eval_metrics(rewards_E2, held, config.eval.num_bins)
     calibration.write_calibration(paths.calibration_dir(workdir), step, metrics, table)
     return metrics
 
-  loop = train_loop.ordered_loop(
-      "pm", step_fn, order, lambda rows, T: comparisons.make_batch(train, rows, T), batch_sh,
-      total_steps=total_steps, data_info=data_info, train=t,
+  return supervised.fit(
+      "pm", out, config, trainee, plan, sharder=sharder, key=state_key, data_info=data_info,
+      train_step=functools.partial(pm.train_step, cfg=cfg, sharder=sharder,
+                                   microbatches=t.microbatches, lora=lora_spec),
+      eval_step=functools.partial(pm.eval_step, cfg=cfg, sharder=sharder, lora=lora_spec),
+      batch_sh=comparisons.batch_shardings(sharder),
+      train_batch=lambda rows, T: comparisons.make_batch(train, rows, T),
+      held_batch=lambda rows, T: comparisons.make_batch(held, rows, T),
+      evaluate=evaluate if held.size else None,
       summarize=train_loop.mean_of(("loss", "accuracy", "reward_mean", "reward_std",
                                     "grad_norm"), last=("lr",)),
       units=lambda fetched: len(fetched) * t.batch_size, rate_name="pairs_per_s",
-      evaluate=evaluate if held.size else None,
-      postfix=lambda last: {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.2f}"})
-  return setup.train(loop, state, start, total_steps, s, out, should_stop)
+      postfix=lambda last: {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.2f}"},
+      should_stop=should_stop)
 
 
 if __name__ == "__main__":

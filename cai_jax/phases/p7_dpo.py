@@ -35,15 +35,15 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from cai_jax import distributed
+from cai_jax import paths
 from cai_jax.checkpoints.load import load_model
 from cai_jax.data import batching, comparisons
-from cai_jax.model import lora, transformer
+from cai_jax.model import lora
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, paths
+from cai_jax.phases import cli
 from cai_jax.rl import dpo
 from cai_jax.training import loop as train_loop
-from cai_jax.training import losses, setup
+from cai_jax.training import losses, setup, supervised
 from cai_jax.training.export import export_hf
 
 REFERENCE_FILE = "reference_logps.npz"
@@ -77,15 +77,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                cfg.num_params() / 1e6, tok)
   train = comparisons.tokenize_pairs(tok, train_c, d.seq_len, d.truncation)
   held = comparisons.tokenize_pairs(tok, held_c, d.seq_len, d.truncation)
-  train_buckets, held_buckets, order, total_steps = batching.plan(
-      train, held, d, t, config.seed, "pairs")
+  plan = batching.plan(train, held, d, t, config.seed, "pairs")
 
   # --- The reference: the initial policy's log-probs, once ---
   os.makedirs(out, exist_ok=True)
   ref_train, ref_held = dpo.stored_reference_logps(
       os.path.join(out, REFERENCE_FILE),
       functools.partial(dpo.reference_logps, params,
-                        [(train, train_buckets), (held, held_buckets)], cfg=cfg,
+                        [(train, plan.train_buckets), (held, plan.held_buckets)], cfg=cfg,
                         sharder=sharder, batch_size=t.eval_batch_size, chunk=t.logits_chunk),
       {"train_fingerprint": train.fingerprint(), "held_out_fingerprint": held.fingerprint(),
        "reference": spec})
@@ -93,41 +92,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   # --- What trains: every weight, or LoRA adapters on the frozen reference ---
   lspec = lora.LoraSpec.from_config(config.get("lora"))
-  param_sh = transformer.param_shardings(cfg, sharder)
   data_info = {**train.identity(t.batch_size, config.seed), "reference": ref_digest}
-  abstract, train_sh, params, frozen = lora.trainable_params(
-      cfg, lspec, params, param_sh, sharder, jax.random.fold_in(init_key, 1))
+  trainee = supervised.Trainee.lm(cfg, lspec, params, sharder, jax.random.fold_in(init_key, 1))
+  del params  # the trainee holds them until the train state takes them over
   if lspec is not None:
     data_info |= lspec.identity(spec)
 
-  # --- Optimizer, state, checkpoints ---
-  s = setup.prepare(os.path.join(out, "checkpoints"), config.optim, total_steps, abstract,
-                    train_sh, sharder, t.keep_checkpoints)
-  if s.ckpt.latest_step() is not None:
-    params = None  # superseded by the checkpoint: free it before restoring
-  state, start = setup.start_state(s, abstract, params, state_key, data_info)
-  del params
-
-  # --- Jitted steps (the frozen base, if any, is an argument, never a constant) ---
-  batch_sh = dpo.batch_shardings(sharder)
-  frozen_sh = param_sh if lspec else None
-  loss_kw = dict(cfg=cfg, sharder=sharder, beta=config.dpo.beta,
-                 loss_type=config.dpo.loss_type, chunk=t.logits_chunk, lora=lspec)
-  step_jit = jax.jit(
-      functools.partial(dpo.train_step, tx=s.tx, schedule=s.schedule,
-                        microbatches=t.microbatches, **loss_kw),
-      in_shardings=(s.state_sh, batch_sh, frozen_sh),
-      out_shardings=(s.state_sh, sharder.replicated), donate_argnums=0)
-  step_fn = lambda state, batch: step_jit(state, batch, frozen)
-  eval_fn = jax.jit(functools.partial(dpo.eval_step, **loss_kw),
-                    in_shardings=(train_sh, batch_sh, frozen_sh),
-                    out_shardings=sharder.replicated)
-
-  def evaluate(params, step: int) -> dict[str, float]:
+  # --- Train: optimizer, state, jitted steps (`training.supervised`), loop ---
+  def evaluate(outs, step: int) -> dict[str, float]:
     sums: dict[str, float] = {}
-    for T, rows in batching.eval_batches(held_buckets, t.eval_batch_size):
-      batch = distributed.batch_to_global(dpo.make_batch(held, ref_held, rows, T), batch_sh)
-      for k, v in jax.device_get(eval_fn(params, batch, frozen)).items():
+    for _, stats in outs:
+      for k, v in jax.device_get(stats).items():
         sums[k] = sums.get(k, 0.0) + float(v)
     pairs = max(sums["pairs"], 1.0)
     return {"eval_loss": sums["loss_sum"] / pairs,
@@ -135,20 +110,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             "eval_margin": sums["margin_sum"] / max(sums["decided"], 1.0),
             "eval_logratio": sums["logratio_sum"] / (2.0 * pairs)}
 
-  loop = train_loop.ordered_loop(
-      "dpo", step_fn, order, lambda rows, T: dpo.make_batch(train, ref_train, rows, T),
-      batch_sh, total_steps=total_steps, data_info=data_info, train=t,
+  loss_kw = dict(cfg=cfg, sharder=sharder, beta=config.dpo.beta,
+                 loss_type=config.dpo.loss_type, chunk=t.logits_chunk, lora=lspec)
+  return supervised.fit(
+      "dpo", out, config, trainee, plan, sharder=sharder, key=state_key, data_info=data_info,
+      train_step=functools.partial(dpo.train_step, microbatches=t.microbatches, **loss_kw),
+      eval_step=functools.partial(dpo.eval_step, **loss_kw),
+      batch_sh=dpo.batch_shardings(sharder),
+      train_batch=lambda rows, T: dpo.make_batch(train, ref_train, rows, T),
+      held_batch=lambda rows, T: dpo.make_batch(held, ref_held, rows, T),
+      evaluate=evaluate if held.size else None,
       summarize=train_loop.mean_of(("loss", "accuracy", "margin", "logratio", "grad_norm"),
                                    last=("lr",)),
       units=lambda fetched: len(fetched) * t.batch_size, rate_name="pairs_per_s",
-      evaluate=evaluate if held.size else None,
-      postfix=lambda last: {"loss": f"{last['loss']:.4f}", "margin": f"{last['margin']:.3f}"})
-  def export(trained, step: int) -> None:  # LoRA: the adapters merged into the base
-    merged = trained if lspec is None else jax.jit(
-        lambda b, a: lora.merge(b, a, lspec), out_shardings=param_sh)(frozen, trained)
-    export_hf(merged, cfg, tok, paths.hf_export(workdir, paths.DPO), step)
-
-  return setup.train(loop, state, start, total_steps, s, out, should_stop, export=export)
+      postfix=lambda last: {"loss": f"{last['loss']:.4f}", "margin": f"{last['margin']:.3f}"},
+      export=lambda trained, step: export_hf(trainee.merged(trained), cfg, tok,
+                                             paths.hf_export(workdir, paths.DPO), step),
+      should_stop=should_stop)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from cai_jax import paths
 from cai_jax.checkpoints.load import load_model
 from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution, load_constitution
 from cai_jax.data import prompts, rollout_prompts
 from cai_jax.feedback.labeler import FeedbackModel, Labeler, LabelerSettings
 from cai_jax.model import lora
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, paths
+from cai_jax.phases import cli
 from cai_jax.preference import model as pm
 from cai_jax.preference.saved import restore_preference_model
 from cai_jax.preference.scorer import Scorer

@@ -16,7 +16,7 @@
              each labeler setting (Fig. 4; `evaluation.labeler_accuracy`).
 
 Everything goes to `<workdir>/p8_evaluation/results.json` (per-comparison
-detail in `comparisons.jsonl`); then `cai_jax.report` writes the report.
+detail in `comparisons.jsonl`); then `cai_jax.evaluation.report` writes the report.
 
   python -m cai_jax.phases.p8_evaluation --config=configs/evaluation.py:cpu --workdir=runs/cai
 """
@@ -33,14 +33,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cai_jax import assets, records
+from cai_jax import assets, paths, records
 from cai_jax.data import prompts
 from cai_jax.evaluation import answers as ans
 from cai_jax.evaluation import diagnosis, evidence, judges, refusal
 from cai_jax.evaluation.labeler_accuracy import labeler_accuracy
 from cai_jax.feedback import FeedbackModel
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import cli, generation, paths
+from cai_jax.phases import cli, generation
 from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 
@@ -227,7 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   for note in notes:
     logging.warning("evaluation: %s", note)
   if config.report:
-    from cai_jax import report
+    from cai_jax.evaluation import report
     logging.info("report: %s", report.write_report(workdir))
   return path
 

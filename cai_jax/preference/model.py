@@ -71,18 +71,17 @@ def train_step(state: optim.TrainState, batch, frozen=None, *, cfg: ModelConfig,
   `state.params` are `{"adapters", "head"}` on the `frozen` backbone)."""
   loss_fn = lambda p, b: pm_loss_fn(lora_lib.scalar_view(p, frozen, lora), b, cfg=cfg,
                                     sharder=sharder)
-  grads, s = optim.accumulate_gradients(loss_fn, state.params, batch, microbatches, sharder)
-  pairs = jnp.maximum(s["pairs"], 1.0)
-  grads = jax.tree.map(lambda g: g / pairs, grads)
-  new_state = optim.apply_gradients(state, grads, tx)
-  loss = s["loss_sum"] / pairs
-  mean = s["reward_sum"] / (2 * pairs)
-  metrics = {"loss": loss, "accuracy": s["correct"] / jnp.maximum(s["decided"], 1.0),
-             "reward_mean": mean,
-             "reward_std": jnp.sqrt(jnp.maximum(s["reward_sq_sum"] / (2 * pairs) - mean**2, 0.0)),
-             "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-             "finite": jnp.isfinite(loss) & optim.all_finite(new_state.params)}
-  return new_state, metrics
+
+  def metrics(s, pairs):
+    mean = s["reward_sum"] / (2 * pairs)
+    return {"loss": s["loss_sum"] / pairs,
+            "accuracy": s["correct"] / jnp.maximum(s["decided"], 1.0), "reward_mean": mean,
+            "reward_std": jnp.sqrt(jnp.maximum(s["reward_sq_sum"] / (2 * pairs) - mean**2,
+                                               0.0))}
+
+  return optim.gradient_step(state, batch, loss_fn, tx=tx, count="pairs",
+                             microbatches=microbatches, sharder=sharder, metrics=metrics,
+                             schedule=schedule)
 
 
 def eval_step(params, batch, frozen=None, *, cfg: ModelConfig, sharder: Sharder | None,

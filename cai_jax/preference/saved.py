@@ -24,7 +24,7 @@ from cai_jax.text.tokenizer import Tokenizer
 from cai_jax.training import checkpoint
 
 MODEL_DIR = "model"
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # where stage 6 trains them (`training.supervised.fit`)
 
 
 def is_pm_dir(path: str) -> bool:

@@ -97,18 +97,15 @@ def train_step(state: optim.TrainState, batch, frozen=None, *, cfg: ModelConfig,
   loss_fn = lambda p, b: dpo_loss_fn(lora_lib.model_view(p, frozen, lora), b, cfg=cfg,
                                      sharder=sharder, beta=beta, loss_type=loss_type,
                                      chunk=chunk)
-  grads, stats = optim.accumulate_gradients(loss_fn, state.params, batch, microbatches, sharder)
-  count = jnp.maximum(stats["pairs"], 1.0)
-  grads = jax.tree.map(lambda g: g / count, grads)
-  new_state = optim.apply_gradients(state, grads, tx)
-  loss = stats["loss_sum"] / count
-  metrics = {"loss": loss, "accuracy": stats["correct"] / jnp.maximum(stats["decided"], 1.0),
-             "margin": stats["margin_sum"] / jnp.maximum(stats["decided"], 1.0),
-             "logratio": stats["logratio_sum"] / (2.0 * count),
-             "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-             "tokens": stats["tokens"],
-             "finite": jnp.isfinite(loss) & optim.all_finite(new_state.params)}
-  return new_state, metrics
+  decided = lambda s: jnp.maximum(s["decided"], 1.0)
+  metrics = lambda s, pairs: {"loss": s["loss_sum"] / pairs,
+                              "accuracy": s["correct"] / decided(s),
+                              "margin": s["margin_sum"] / decided(s),
+                              "logratio": s["logratio_sum"] / (2.0 * pairs),
+                              "tokens": s["tokens"]}
+  return optim.gradient_step(state, batch, loss_fn, tx=tx, count="pairs",
+                             microbatches=microbatches, sharder=sharder, metrics=metrics,
+                             schedule=schedule)
 
 
 def eval_step(params, batch, frozen=None, *, cfg: ModelConfig, sharder: Sharder | None,

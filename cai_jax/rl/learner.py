@@ -160,18 +160,10 @@ def train_step(state: optim.TrainState, mb, ref=None, *, tx: optax.GradientTrans
   """One AdamW update on the token-mean clipped loss of a minibatch (with LoRA, of
   the adapters on `ref`)."""
   loss = lambda p, b: loss_fn(lora_lib.scalar_view(p, ref, lora), b, sharder=sharder, **loss_kw)
-  grads, stats = optim.accumulate_gradients(loss, state.params, mb, microbatches, sharder)
-  count = jnp.maximum(stats["tokens"], 1.0)
-  grads = jax.tree.map(lambda g: g / count, grads)
-  new_state = optim.apply_gradients(state, grads, tx)
-  metrics = {k: v / count for k, v in stats.items() if k != "tokens"}
-  metrics["grad_norm"] = optax.global_norm(grads)
-  finite = optim.all_finite(new_state.params)
-  for k in ("pg", "vf"):
-    if k in metrics:
-      finite = finite & jnp.isfinite(metrics[k])
-  metrics["finite"] = finite
-  return new_state, metrics
+  return optim.gradient_step(
+      state, mb, loss, tx=tx, count="tokens", microbatches=microbatches, sharder=sharder,
+      metrics=lambda s, tokens: {k: v / tokens for k, v in s.items() if k != "tokens"},
+      finite=("pg", "vf"))
 
 
 def _timed(timings: dict[str, float], name: str, t0: float, value=None):

@@ -1,15 +1,16 @@
-"""The optimizer, the train state, and gradient accumulation inside one step.
+"""The optimizer, the train state, and the one train-step body.
 
-Every phase that trains (SFT, preference model, PPO) builds its optimizer from
-a config section with `make_optimizer` and accumulates microbatch gradients
-with `accumulate_gradients`, a `lax.scan` inside the jitted step: one call of
-the step is one optimizer update, so the step counter, the learning-rate
+Every phase that trains (SFT, preference model, DPO, PPO) builds its optimizer from
+a config section with `make_optimizer` and takes its steps with `gradient_step`:
+microbatch gradients accumulated by `accumulate_gradients` (a `lax.scan` inside
+the jitted step), averaged, one optimizer update, the step's metrics. One call
+of the step is one optimizer update, so the step counter, the learning-rate
 schedule and the checkpoint step all count the same thing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -194,3 +195,35 @@ def apply_gradients(state: TrainState, grads: Params, tx: optax.GradientTransfor
 def all_finite(params: Params) -> jax.Array:
   """True when every parameter is finite (the steps' "finite" metric)."""
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+
+
+# --- The train step ---------------------------------------------------------------------
+
+
+def gradient_step(state: TrainState, batch: Batch, loss_fn: LossFn, *,
+                  tx: optax.GradientTransformation, count: str, microbatches: int,
+                  sharder: Sharder | None,
+                  metrics: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]],
+                  schedule: optax.Schedule | None = None, finite: Sequence[str] = ("loss",)
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update on the mean of `loss_fn`'s summed loss over the whole batch.
+
+  g = (sum over microbatches of grad loss_sum) / max(stats[count], 1), so the loss
+  is averaged over what `count` names (loss tokens, pairs); then one `tx` update.
+  The metrics are `metrics(stats, that count)` plus "grad_norm" (of g), "lr" (the
+  schedule at this step, when given) and "finite": every new parameter and each
+  metric named in `finite` is finite.
+  """
+  grads, stats = accumulate_gradients(loss_fn, state.params, batch, microbatches, sharder)
+  n = jnp.maximum(stats[count], 1.0)
+  grads = jax.tree.map(lambda g: g / n, grads)
+  new_state = apply_gradients(state, grads, tx)
+  out = {**metrics(stats, n), "grad_norm": optax.global_norm(grads)}
+  if schedule is not None:
+    out["lr"] = schedule(state.step)
+  ok = all_finite(new_state.params)
+  for name in finite:
+    if name in out:
+      ok = ok & jnp.isfinite(out[name])
+  out["finite"] = ok
+  return new_state, out

@@ -37,17 +37,11 @@ def train_step(state: optim.TrainState, batch, frozen=None, *, cfg: ModelConfig,
   `state.params` are the adapters and `frozen` the base they adapt."""
   loss_fn = lambda p, b: sft_loss_fn(lora_lib.model_view(p, frozen, lora), b, cfg=cfg,
                                      sharder=sharder, loss_chunk=loss_chunk)
-  grads, stats = optim.accumulate_gradients(loss_fn, state.params, batch, microbatches,
-                                            sharder)
-  count = jnp.maximum(stats["loss_tokens"], 1.0)
-  grads = jax.tree.map(lambda g: g / count, grads)
-  new_state = optim.apply_gradients(state, grads, tx)
-  loss = stats["loss_sum"] / count
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "lr": schedule(state.step), "tokens": stats["tokens"],
-             "loss_tokens": stats["loss_tokens"],
-             "finite": jnp.isfinite(loss) & optim.all_finite(new_state.params)}
-  return new_state, metrics
+  metrics = lambda s, tokens: {"loss": s["loss_sum"] / tokens, "tokens": s["tokens"],
+                               "loss_tokens": s["loss_tokens"]}
+  return optim.gradient_step(state, batch, loss_fn, tx=tx, count="loss_tokens",
+                             microbatches=microbatches, sharder=sharder, metrics=metrics,
+                             schedule=schedule)
 
 
 def eval_step(params, batch, frozen=None, *, cfg: ModelConfig, sharder: Sharder | None,

@@ -11,19 +11,19 @@ import time
 
 import pytest
 
-from cai_jax import records
-from cai_jax.phases import cli, p1_prompts, p2_critique_revision, p3_sft, paths
+from cai_jax import paths, records
+from cai_jax.phases import cli, p1_prompts, p2_critique_revision, p3_sft
 from cai_jax.phases import p6_preference_model
 from configs import critique_revision as cr_config
 from configs import preference_model as pm_config
 from configs import prompts as prompts_config
 from configs import sft as sft_config
 from conftest import TEST_XLA_OPT
-from test_critique_revision import _config, _read_bytes, _write_prompts
+from test_p2_critique_revision import _config, _read_bytes, _write_prompts
 from test_preference_model import label_record
 from test_sft import make_records
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _phase(module: str, config: str, workdir, *overrides, timeout=300):

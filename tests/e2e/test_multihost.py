@@ -7,8 +7,9 @@ import sys
 
 import jax
 
-from cai_jax.phases import p2_critique_revision, paths
-from test_critique_revision import _config, _read_bytes, _write_prompts
+from cai_jax import paths
+from cai_jax.phases import p2_critique_revision
+from test_p2_critique_revision import _config, _read_bytes, _write_prompts
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from cai_jax import records, report
+from cai_jax import paths, records
 from cai_jax.data import prompts
 from cai_jax.checkpoints import hf
 from cai_jax.checkpoints.load import load_model
@@ -17,9 +17,9 @@ from cai_jax.model import transformer
 from cai_jax.evaluation import elo as elo_lib
 from cai_jax.evaluation import diagnosis, evidence, labeler_accuracy
 from cai_jax.evaluation import refusal as refusal_lib
+from cai_jax.evaluation import report
 from cai_jax.phases import p6_preference_model as p6
 from cai_jax.phases import p8_evaluation as p8
-from cai_jax.phases import paths
 from cai_jax.training.metrics import MetricsWriter
 from configs import evaluation as eval_config
 from configs import preference_model as pm_config

@@ -6,10 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from cai_jax import pipeline, report
+from cai_jax import pipeline
+from cai_jax.evaluation import report
 from cai_jax.configs import tiny_pipeline
 from cai_jax.evaluation import rl_table
-from cai_jax.phases import paths
+from cai_jax import paths
 
 pytestmark = pytest.mark.slow
 

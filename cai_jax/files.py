@@ -5,7 +5,8 @@ comparison files) is read through these functions, so a bad file always fails
 the same way: an `InputFileError` (a ValueError, which the binaries print as
 one `error:` line with exit status 2) naming the file, the line where that
 makes sense, what is wrong and how to fix it. Nothing here is specific to a
-stage: callers check their own fields with `require`.
+stage: callers check their own fields with `require`. It imports nothing from
+`cai_jax`, so the records, the constitution and the data readers all build on it.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.data import prompts
-from cai_jax.phases import p2_critique_revision, paths
+from cai_jax.phases import p2_critique_revision
 from configs import critique_revision as cr_config
 
 

@@ -5,7 +5,7 @@ Every number is read from the run's files: stage 8's `results.json`, stage 7's
 is missing says which file is missing instead of being left out, so a report
 of a partial pipeline shows what is still to run.
 
-  python -m cai_jax.report --workdir=runs/cai
+  python -m cai_jax.evaluation.report --workdir=runs/cai
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_jax.phases import paths
+from cai_jax import paths
 
 REPORT_DIR = paths.REPORT
 JUDGES = (("pm", "preference model (stage 6)"), ("judge", "judge model (config `judge`)"))

@@ -10,7 +10,7 @@ import pytest
 
 from cai_jax.data import comparisons, refusals
 from cai_jax.data import prompts as prompt_data
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.constitution import load_constitution
 from cai_jax.feedback import (FeedbackModel, Labeler, LabelerSettings, OptionScorer,
                               OptionTokenError, answer_context, labels, model_label)
@@ -19,7 +19,7 @@ from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution
 from cai_jax.feedback.labeler import label_by_kind
 from cai_jax.model import transformer
 from cai_jax.model.sharding import sharder_from_config
-from cai_jax.phases import p4_pairs, p5_ai_labels, paths
+from cai_jax.phases import p4_pairs, p5_ai_labels
 from configs import ai_labels as labels_config
 from configs import pairs as pairs_config
 

@@ -1,6 +1,7 @@
 """Where every stage writes, what each stage reads, and the one rule for which
 model is SL-CAI. The only module that knows the workdir's layout: phases,
-the pipeline and the report ask it instead of importing each other.
+the pipeline, the evaluation and its report ask it instead of importing each
+other. It sits below all of them and imports nothing from `cai_jax.phases`.
 
   <workdir>/p1_prompts/{red_team,helpful}_{train,held_out}.jsonl
   <workdir>/p2_critique_revision/shard-NNNNN.jsonl

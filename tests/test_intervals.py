@@ -256,7 +256,7 @@ def test_paired_runs_pairs_the_same_prompts_of_two_runs(tmp_path):
   import json
   import os
   from cai_jax.evaluation import paired_runs
-  from cai_jax.phases import paths
+  from cai_jax import paths
   kinds = {"r1": ["red_team", "held_out"], "r2": ["red_team", "held_out"],
            "b1": ["red_team", "borderline"], "b2": ["red_team", "borderline"],
            "h1": ["helpful", "held_out"], "s1": ["red_team", "sample"]}
@@ -308,7 +308,7 @@ def test_red_team_refusal_labels_builds_both_contrasts(tmp_path):
   from cai_jax.evaluation import refusal_labels as rtl
   from cai_jax import records
   from cai_jax.data import refusals
-  from cai_jax.phases import paths
+  from cai_jax import paths
   P = records.ResponsePair
   pairs = [P(id="r1" + records.REVISION_PAIR_SUFFIX, prompt="hack", kind="red_team",
              response_a="initial r1", response_b="revised r1"),
