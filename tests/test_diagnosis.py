@@ -7,9 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from cai_jax import records
-from cai_jax.evaluation import report
-from cai_jax.evaluation import diagnosis, evidence, intervals
+from cai_jax import paths, records
+from cai_jax.evaluation import diagnosis, evidence, intervals, report
 from cai_jax.evaluation.intervals import Estimate
 
 REFUSES = "I'm sorry, but I can't help with that."

@@ -20,7 +20,7 @@ from cai_jax.phases import p7_dpo
 from cai_jax.rl import dpo
 from cai_jax.training import losses, optim
 from cai_jax.training.metrics import read_metrics
-from configs import dpo as dpo_config
+from cai_jax.configs import dpo as dpo_config
 from test_preference_model import as_comparisons, marker_records, write_labels
 from resume_helpers import assert_same_state, sigterm_at
 

@@ -20,8 +20,8 @@ from cai_jax.feedback.labeler import label_by_kind
 from cai_jax.model import transformer
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import p4_pairs, p5_ai_labels
-from configs import ai_labels as labels_config
-from configs import pairs as pairs_config
+from cai_jax.configs import ai_labels as labels_config
+from cai_jax.configs import pairs as pairs_config
 
 
 def _sigmoid(x):
@@ -607,7 +607,7 @@ def test_judge_games_from_answer_scores_equal_labelling_each_pair(tiny_feedback)
   # (judge_measures) equals labelling the pair, without scoring the answers again.
   from cai_jax.evaluation import judges
   from cai_jax.evaluation.answers import AnswerRecord
-  from configs import evaluation as evaluation_config
+  from cai_jax.configs import evaluation as evaluation_config
   c = evaluation_config.get_config("tiny")
   c.judge.mode = "pointwise"
   c.judge.validation_rows = (0, 0)

@@ -4,9 +4,9 @@ tiny model every stage compiles, and the figures add up."""
 import pytest
 
 from cai_jax import memory_plan
-from configs import sft as sft_config
+from cai_jax.configs import common, sft as sft_config
 
-KW = dict(rules=sft_config.FSDP_RULES, optim_config=sft_config.get_config("cpu").optim,
+KW = dict(rules=common.FSDP_RULES, optim_config=sft_config.get_config("cpu").optim,
           batch=4, seq=32, dtype="float32", remat="none", param_dtype="", microbatches=1)
 
 

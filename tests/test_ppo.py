@@ -19,7 +19,7 @@ from cai_jax.phases import p7_ppo
 from cai_jax.rl import critic_free, ppo
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
-from configs import ppo as ppo_config
+from cai_jax.configs import ppo as ppo_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -274,7 +274,7 @@ def test_lora_policy_trains_adapters_on_the_reference(tmp_path, variant):
 _ONE_DEVICE_RUN = """
 import sys
 from cai_jax.phases import p7_ppo
-from configs import ppo as ppo_config
+from cai_jax.configs import ppo as ppo_config
 sys.path.insert(0, sys.argv[2])
 from test_ppo import target_frequency, tiny_config
 c = tiny_config(iterations=1, epochs=2)

@@ -30,7 +30,7 @@ from cai_jax.rl.reward import pm_ids_reward_fn, pm_reward_fn, shares_tokenizer
 from cai_jax.text.chat import generation_ids, user_turn
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
-from configs import preference_model as pm_config
+from cai_jax.configs import preference_model as pm_config
 from resume_helpers import assert_same_state, sigterm_at, tree_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,7 +29,7 @@ from cai_jax.records import CritiqueRevisionRecord, RevisionRound
 from cai_jax.training import checkpoint, losses, optim
 from cai_jax.training.metrics import read_metrics
 from cai_jax.faults import damage
-from configs import sft as sft_config
+from cai_jax.configs import sft as sft_config
 from resume_helpers import tree_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -425,7 +425,7 @@ def test_a_step_keeps_the_train_state_dtypes(param_dtype):
   after a step every leaf of the state has the dtype it started with."""
   import jax.numpy as jnp
   import ml_collections
-  from configs import sft as sft_config
+  from cai_jax.configs import sft as sft_config
   cfg = dataclasses.replace(model_config.tiny_llama(), param_dtype=param_dtype)
   abstract = transformer.abstract_params(cfg)
   tx, schedule = optim.make_optimizer(

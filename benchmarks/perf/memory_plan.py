@@ -47,8 +47,8 @@ def main(argv) -> None:
   import ml_collections
 
   from cai_jax import memory_plan
-  from configs import sft as sft_config
-  rules = sft_config.FSDP_RULES
+  from cai_jax.configs import common, sft as sft_config
+  rules = common.FSDP_RULES
   optim_config = ml_collections.ConfigDict(sft_config.get_config("cpu").optim.to_dict())
   variant = "-".join(([f"lora{_LORA_RANK.value}"] if _LORA_RANK.value else [])
                      + ([f"chunk{_CHUNK.value}"] if _CHUNK.value else []))

@@ -123,7 +123,7 @@ def run_cai_jax(hf_dir: str, max_width: bool = False, algorithm: str = "ppo",
   from cai_jax.rl.reward import pm_ids_reward_fn, pm_reward_fn
   from cai_jax.text.chat import generation_ids
   from cai_jax.training import optim
-  from configs import ppo as ppo_config
+  from cai_jax.configs import ppo as ppo_config
 
   c = ppo_config.get_config("cpu")
   c.model = hf_dir
@@ -293,7 +293,7 @@ def _tunix_cluster(m, *, mini_batch: int, max_steps: int, critic=None, reward=No
   from jax.interpreters import pxla
   from tunix.rl import rl_cluster as rl_cluster_lib
   from tunix.rl.rollout import base_rollout
-  from configs import ppo as ppo_config
+  from cai_jax.configs import ppo as ppo_config
 
   o = ppo_config.get_config("cpu").optim
   mesh = pxla.thread_resources.env.physical_mesh  # empty: one CPU device
@@ -351,7 +351,7 @@ def run_tunix(hf_dir: str) -> dict:
   from flax import nnx
   from tunix.rl import utils as rl_utils
   from tunix.rl.ppo import ppo_learner
-  from configs import ppo as ppo_config
+  from cai_jax.configs import ppo as ppo_config
 
   c = ppo_config.get_config("cpu")
   B, mb, epochs = _BATCH.value, _MINIBATCH.value, _EPOCHS.value
@@ -399,7 +399,7 @@ def run_tunix_grpo(hf_dir: str) -> dict:
   from flax import nnx
   from tunix.rl import common
   from tunix.rl.grpo import grpo_learner
-  from configs import ppo as ppo_config
+  from cai_jax.configs import ppo as ppo_config
 
   c = ppo_config.get_config("cpu")
   G = ppo_config.CRITIC_FREE_SAMPLES  # samples per prompt, as `cai_jax_grpo`

@@ -50,7 +50,7 @@ from cai_jax.sampling.chat import keys_for, sampling_from_config
 from cai_jax.sampling.sampler import DEFAULT_LENGTH_BUCKETS, Sampler, sequence_keys
 from cai_jax.text.padding import bucket
 from cai_jax.text.chat import generation_ids
-from configs import critique_revision
+from cai_jax.configs import critique_revision
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Model spec.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per generate call / scorer batch.")

@@ -26,7 +26,7 @@ import os
 from absl import app, flags
 
 from benchmarks.common import outputs
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.evaluation import answers as ans
 from cai_jax.evaluation import intervals, judges, refusal
 from cai_jax.feedback.eval_data import pyrit_pairs

@@ -38,7 +38,7 @@ _BASELINE = flags.DEFINE_string("baseline", "", "An earlier --out of this script
 
 def main(argv):
   del argv
-  from configs import pipeline
+  from cai_jax.configs import pipeline
   config = pipeline.get_config(_CONFIG.value).ai_labels
   if _FEEDBACK_MODELS.value:
     config.feedback_models = tuple(_FEEDBACK_MODELS.value)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import types
 
+from cai_jax import paths
 from cai_jax.evaluation import intervals, judges, refusal
 
 KEYS = {"refusal": "refusal_rate", "pm_reward": "pm_reward"}

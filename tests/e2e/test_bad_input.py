@@ -14,10 +14,10 @@ import pytest
 from cai_jax import paths, records
 from cai_jax.phases import cli, p1_prompts, p2_critique_revision, p3_sft
 from cai_jax.phases import p6_preference_model
-from configs import critique_revision as cr_config
-from configs import preference_model as pm_config
-from configs import prompts as prompts_config
-from configs import sft as sft_config
+from cai_jax.configs import critique_revision as cr_config
+from cai_jax.configs import preference_model as pm_config
+from cai_jax.configs import prompts as prompts_config
+from cai_jax.configs import sft as sft_config
 from conftest import TEST_XLA_OPT
 from test_p2_critique_revision import _config, _read_bytes, _write_prompts
 from test_preference_model import label_record

@@ -7,7 +7,7 @@ import pytest
 from cai_jax import paths, records
 from cai_jax.data import prompts
 from cai_jax.phases import p2_critique_revision
-from configs import critique_revision as cr_config
+from cai_jax.configs import critique_revision as cr_config
 
 
 def _write_prompts(workdir, n_red=5, n_help=2):

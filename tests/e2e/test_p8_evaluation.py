@@ -21,8 +21,8 @@ from cai_jax.evaluation import report
 from cai_jax.phases import p6_preference_model as p6
 from cai_jax.phases import p8_evaluation as p8
 from cai_jax.training.metrics import MetricsWriter
-from configs import evaluation as eval_config
-from configs import preference_model as pm_config
+from cai_jax.configs import evaluation as eval_config
+from cai_jax.configs import preference_model as pm_config
 
 # --- Win rates and Elo against hand computation ------------------------------------------------
 
@@ -151,7 +151,7 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   other_model(tiny_model_dir, os.path.join(workdir, "p7_ppo", "hf"), seed=2)
   train_tiny_pm(workdir)
   ppo_rows = write_ppo_metrics(workdir)
-  from configs import pipeline as pipeline_config  # what cai_jax.pipeline writes
+  from cai_jax.configs import pipeline as pipeline_config  # what cai_jax.pipeline writes
   with open(paths.pipeline_config(workdir), "w") as f:
     json.dump({k: json.loads(v.to_json()) for k, v in
                pipeline_config.get_config("cpu").items()}, f)
