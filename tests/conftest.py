@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 # LLVM at -O0: the suite is compile-bound (tiny models), and -O0 compiles CPU programs
-# in about 0.65x the time (tests/test_model_parity.py, A/B alternated: 64 s vs 101 s,
+# in about 0.65x the time (tests/test_transformer.py, A/B alternated: 64 s vs 101 s,
 # 50 s vs 73 s) while a run-bound test takes the same time (test_real_smollm2: 75 s
 # both ways; matmuls are library calls either way). XLA's own passes, which decide the
 # numerics, are unchanged: the parity tests hold at the same tolerances.
@@ -35,13 +35,16 @@ from cai_jax.model import config as model_config  # noqa: E402
 # Seconds per file on 2 cores (pytest --durations; their order is what counts): the
 # longest go first, so the two xdist workers (--dist loadfile) end together instead of
 # one running a long file alone at the end.
-FILE_SECONDS = {
-    "test_sft.py": 441, "test_critique_revision.py": 273, "test_preference_model.py": 269,
-    "test_pipeline.py": 268, "test_sampler.py": 253, "test_bad_input.py": 240,
-    "test_dpo.py": 235, "test_prefix_cache.py": 180, "test_gguf.py": 178,
-    "test_ai_labels.py": 173, "test_ppo.py": 160, "test_packaging.py": 150,
-    "test_model_parity.py": 109, "test_sharding.py": 98, "test_multihost.py": 89,
-    "test_real_smollm2.py": 88, "test_evaluation.py": 45, "test_export.py": 33,
+FILE_SECONDS = {  # by file name: tests/ and tests/e2e/ hold no two of the same name
+    "test_p2_critique_revision.py": 273, "test_pipeline.py": 268, "test_sampler.py": 253,
+    "test_bad_input.py": 240, "test_p7_ppo.py": 240, "test_resume.py": 200,
+    "test_prefix.py": 180, "test_gguf.py": 137, "test_p6_preference_model.py": 132,
+    "test_p3_sft.py": 114, "test_labeler.py": 111, "test_transformer.py": 109,
+    "test_sft_step.py": 107, "test_sharding.py": 98, "test_p7_dpo.py": 95,
+    "test_multihost.py": 89, "test_real_smollm2.py": 88, "test_dpo.py": 75,
+    "test_packaging.py": 150, "test_p8_evaluation.py": 60, "test_lora.py": 55,
+    "test_p5_ai_labels.py": 40,
+    "test_preference_model.py": 40, "test_hf.py": 33,
 }
 
 

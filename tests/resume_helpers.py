@@ -1,12 +1,16 @@
-"""What the kill-and-resume tests share: a callback that SIGTERMs the run at a step,
-the bytes of a pytree to compare bit for bit, and the comparison of two train states."""
+"""What the kill-and-resume tests share: a callback that SIGTERMs a training stage at a
+step, a generation stage killed after its first shard, and the bytes to compare bit for
+bit (a pytree's, two train states', a stage's record shards)."""
 
 import hashlib
 import os
 import signal
+from collections.abc import Callable
 
 import jax
 import numpy as np
+
+from cai_jax import records
 
 
 def tree_hashes(tree) -> list[str]:
@@ -32,3 +36,28 @@ def assert_same_state(a, b, names=("params", "opt_state", "key")) -> None:
     if name == "key":
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     assert tree_hashes(x) == tree_hashes(y), name
+
+
+def shard_bytes(directory: str) -> dict[str, bytes]:
+  """The bytes of each record shard in a generation stage's output `directory`."""
+  return {f: open(os.path.join(directory, f), "rb").read()
+          for f in sorted(os.listdir(directory)) if f.startswith("shard-")}
+
+
+def kill_after_one_shard(monkeypatch) -> Callable[[], None]:
+  """From now on `records.write_shard` writes one shard, then leaves a half-written
+  temporary file and raises KeyboardInterrupt, as a kill mid-write would; returns the
+  function that puts the real writer back."""
+  real_write = records.write_shard
+  calls = []
+
+  def dies_after_one_shard(directory, index, recs):
+    if calls:
+      with open(records.shard_path(directory, index) + ".tmp", "w") as f:
+        f.write('{"truncated": ')
+      raise KeyboardInterrupt("killed")
+    calls.append(index)
+    real_write(directory, index, recs)
+
+  monkeypatch.setattr(records, "write_shard", dies_after_one_shard)
+  return lambda: monkeypatch.setattr(records, "write_shard", real_write)

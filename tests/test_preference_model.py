@@ -1,37 +1,29 @@
-"""Stage 6, the preference model: the Bradley-Terry loss against its closed form,
-calibration, pair batching, learning a synthetic preference, exact resume,
-restore + score for PPO, and the phase binary end to end."""
+"""The preference model's steps (preference/model.py): microbatches and sharding keep a
+pair's members together, and PPO's reward equals the PM's training forward; and the
+synthetic labelled pairs the PM and DPO tests share. Stage 6 end to end:
+e2e/test_p6_preference_model.py."""
 
 import dataclasses
 import functools
-import json
 import os
-import subprocess
-import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import paths, records
+from cai_jax import records
 from cai_jax.checkpoints import load
 from cai_jax.model import config as model_config
 from cai_jax.model import heads, transformer
 from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax import distributed
 from cai_jax.data import comparisons
-from cai_jax.phases import p6_preference_model as p6
-from cai_jax.preference import calibration, saved
 from cai_jax.preference import model as pm
 from cai_jax.preference.scorer import Scorer
 from cai_jax.rl.reward import pm_ids_reward_fn, pm_reward_fn, shares_tokenizer
 from cai_jax.text.chat import generation_ids, user_turn
-from cai_jax.training import checkpoint, losses, optim
-from cai_jax.training.metrics import read_metrics
+from cai_jax.training import optim
 from cai_jax.configs import preference_model as pm_config
-from resume_helpers import assert_same_state, sigterm_at, tree_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "@"
@@ -73,8 +65,9 @@ def as_comparisons(recs) -> list[comparisons.Comparison]:
           for r in recs]
 
 
-def tiny_config(**train):
-  c = pm_config.get_config("tiny")
+def tiny_config(stage=pm_config, **train):
+  """`stage`'s (the PM's, or DPO's) tiny config on 64-token pairs."""
+  c = stage.get_config("tiny")
   c.data.seq_len = 64
   c.data.length_buckets = ()  # one shape: one compilation
   c.train.update(train)
@@ -94,111 +87,7 @@ def tok():
   return load.byte_tokenizer()
 
 
-# --- The Bradley-Terry loss -------------------------------------------------------------------
-
-
-def test_bradley_terry_matches_closed_form_and_gradient():
-  rng = np.random.default_rng(0)
-  r_a, r_b = rng.normal(size=(2, 64)).astype(np.float32) * 3
-  p = rng.uniform(size=64).astype(np.float32)
-  total, count = losses.bradley_terry_loss(r_a, r_b, p)
-  sig = lambda x: 1 / (1 + np.exp(-x.astype(np.float64)))
-  d = r_a - r_b
-  expect = -(p * np.log(sig(d)) + (1 - p) * np.log(sig(-d)))
-  np.testing.assert_allclose(total, expect.sum(), rtol=1e-5)
-  assert count == 64
-  grad_a, grad_b = jax.grad(lambda a, b: losses.bradley_terry_loss(a, b, p)[0],
-                            argnums=(0, 1))(r_a, r_b)
-  np.testing.assert_allclose(grad_a, sig(d) - p, rtol=1e-5, atol=1e-6)  # sigma(d) - p
-  np.testing.assert_allclose(grad_b, -(sig(d) - p), rtol=1e-5, atol=1e-6)
-  # The same derivative by central differences (float64 reference).
-  f = lambda a: np.sum(p * np.logaddexp(0, -(a - r_b)) + (1 - p) * np.logaddexp(0, a - r_b))
-  eps = 1e-4
-  e0 = np.zeros(64)
-  e0[0] = eps
-  fd = (f(r_a.astype(np.float64) + e0) - f(r_a.astype(np.float64) - e0)) / (2 * eps)
-  np.testing.assert_allclose(grad_a[0], fd, rtol=1e-3)
-
-
-def test_bradley_terry_mask_extremes_and_optimum():
-  r_a = jnp.asarray([200.0, -200.0, 1.0, 5.0])
-  r_b = jnp.asarray([-200.0, 200.0, 0.0, jnp.nan])
-  p = jnp.asarray([0.0, 1.0, 0.7, 0.5])
-  mask = jnp.asarray([True, True, True, False])
-  fn = lambda a: losses.bradley_terry_loss(a, r_b, p, mask)[0]
-  total, count = losses.bradley_terry_loss(r_a, r_b, p, mask)
-  assert count == 3 and np.isfinite(total)
-  np.testing.assert_allclose(total, 400 + 400 + 0.7 * np.log1p(np.exp(-1)) +
-                             0.3 * np.log1p(np.exp(1)), rtol=1e-5)
-  g = jax.grad(fn)(r_a)
-  assert np.all(np.isfinite(g)) and g[3] == 0.0  # the masked NaN pair leaks nothing
-  # Soft label p: the gradient vanishes exactly at sigma(d) = p.
-  for label in (0.1, 0.5, 0.9):
-    d_star = np.log(label / (1 - label))
-    g = jax.grad(lambda a: losses.bradley_terry_loss(a, jnp.zeros(1), jnp.full(1, label))[0])(
-        jnp.full(1, d_star, jnp.float32))
-    assert abs(float(g[0])) < 1e-6
-
-
-def test_half_label_is_symmetric():
-  rng = np.random.default_rng(1)
-  r_a, r_b = rng.normal(size=(2, 32)).astype(np.float32)
-  half = np.full(32, 0.5, np.float32)
-  ab = losses.bradley_terry_loss(r_a, r_b, half)[0]
-  ba = losses.bradley_terry_loss(r_b, r_a, half)[0]
-  np.testing.assert_allclose(ab, ba, rtol=1e-6)
-  # ...and swapping a/b with p -> 1 - p is the same comparison for any p.
-  p = rng.uniform(size=32).astype(np.float32)
-  np.testing.assert_allclose(losses.bradley_terry_loss(r_a, r_b, p)[0],
-                             losses.bradley_terry_loss(r_b, r_a, 1 - p)[0], rtol=1e-5)
-  # p = 0.5 penalises confidence either way: minimum at r_a = r_b.
-  assert float(losses.bradley_terry_loss(r_a, r_a, half)[0]) < float(ab)
-
-
-# --- Calibration --------------------------------------------------------------------------------
-
-
-def test_ece_of_calibrated_predictions_is_near_zero():
-  rng = np.random.default_rng(0)
-  q = rng.uniform(size=200_000)
-  ece, table = calibration.calibration(q, q, 10)  # soft labels equal to the prediction
-  assert ece < 1e-9
-  assert sum(row["count"] for row in table) == len(q)
-  outcomes = (rng.uniform(size=q.size) < q).astype(np.float64)  # right q of the time
-  ece, table = calibration.calibration(q, outcomes, 10)
-  assert ece < 0.01
-  for row in table:
-    assert abs(row["mean_pred"] - row["mean_label"]) < 0.02
-  # Overconfident: says 0.95 where it is right 60% of the time.
-  over = np.full(10_000, 0.95)
-  ece, _ = calibration.calibration(over, (rng.uniform(size=10_000) < 0.6).astype(float), 10)
-  assert abs(ece - 0.35) < 0.02
-
-
 # --- Pairs in batches -----------------------------------------------------------------------------
-
-
-def test_pairs_render_and_batch(tok):
-  recs = marker_records(5, seed=0)
-  comps = as_comparisons(recs)
-  data = comparisons.tokenize_pairs(tok, comps, 64, "truncate")
-  batch = comparisons.make_batch(data, np.asarray([3, -1, 0]), 64)
-  assert batch["tokens"].shape == (3, 2, 64) and batch["p_a"].tolist()[1] == 0.5
-  assert not batch["mask"][1].any() and not batch["valid"][1]
-  end = tok.token_id("<|im_end|>")
-  for row, i in ((0, 3), (2, 0)):
-    for j, response in enumerate((comps[i].response_a, comps[i].response_b)):
-      ids = batch["tokens"][row, j][batch["mask"][row, j]]
-      assert ids[-1] == end  # the score's token ends the assistant turn
-      assert response in tok.decode(ids)
-    assert batch["p_a"][row] == comps[i].p_a
-  # Too long: the start goes, the end-of-turn token stays.
-  long = comparisons.Comparison("x", "helpful", "q" * 200, "answer A", "answer B", 1.0)
-  cut = comparisons.tokenize_pairs(tok, [long], 32, "truncate")
-  assert cut.lengths_E2.tolist() == [[32, 32]] and cut.tokens_E2T[0, 0, -1] == end
-  assert tok.decode(cut.tokens_E2T[0, 0]).endswith("answer A")
-  with pytest.raises(ValueError, match="more than data.seq_len"):
-    comparisons.tokenize_pairs(tok, [long], 32, "error")
 
 
 def test_microbatches_and_sharding_keep_pairs_together(tok):
@@ -228,128 +117,6 @@ def test_microbatches_and_sharding_keep_pairs_together(tok):
   sharded = jax.jit(functools.partial(pm.eval_step, cfg=cfg, sharder=mesh))(
       placed, distributed.batch_to_global(batch, comparisons.batch_shardings(mesh)))
   np.testing.assert_allclose(sharded, r_B2, rtol=1e-4, atol=1e-5)
-
-
-# --- Data mix ---------------------------------------------------------------------------------
-
-
-def test_human_comparisons_mix_and_errors(tmp_path):
-  write_labels(str(tmp_path), marker_records(40, seed=3))
-  rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(30)]
-  jsonl = tmp_path / "helpful.jsonl"
-  jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  csv = tmp_path / "helpful.csv"
-  csv.write_text("prompt,chosen,rejected\n" + "".join(
-      f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows))
-  c = tiny_config()
-  c.data.eval_size = 5
-  for path in (jsonl, csv):
-    c.data.helpful_comparisons = str(path)
-    c.data.helpful_ratio = 0.4
-    train, held = p6.load_comparisons(c, str(tmp_path))
-    both = train + held
-    human = [x for x in both if x.kind == "helpful"]
-    assert len(both) == 50 and len(human) == 20  # 30 red-team (AI) : 20 human
-    assert all(x.p_a == 1.0 and x.response_a.startswith("good") for x in human)
-    assert not any(x.id.startswith("pair-") and x.kind == "helpful" for x in both)
-  c.data.helpful_comparisons = ""
-  only_red = [x for x in both if x.kind == "red_team"]
-  assert comparisons.mix(only_red, [], 0.5, seed=0) == only_red  # nothing to mix: keep all
-  assert len(comparisons.mix(only_red, human, 1.0, seed=0)) == len(human)
-  c.data.helpful_ratio = None
-  train, held = p6.load_comparisons(c, str(tmp_path))
-  assert len(train) + len(held) == 40  # every AI label, red-team and helpful
-  again = p6.load_comparisons(c, str(tmp_path))
-  assert [x.id for x in again[1]] == [x.id for x in held]  # the split is seeded
-  bad = tmp_path / "bad.jsonl"
-  bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
-  c.data.helpful_comparisons = str(bad)
-  with pytest.raises(ValueError, match="no field .rejected."):
-    p6.load_comparisons(c, str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="no AI label records"):
-    p6.load_comparisons(tiny_config(), str(tmp_path / "empty"))
-
-
-# --- Training ------------------------------------------------------------------------------------
-
-
-def test_learns_a_synthetic_preference(tmp_path):
-  """Responses holding MARKER are preferred: > 95% held-out accuracy."""
-  workdir = str(tmp_path)
-  write_labels(workdir, marker_records(576, seed=4))
-  c = tiny_config(num_steps=120, batch_size=16, eval_batch_size=16, eval_every=120,
-                  save_every=120, log_every=40)
-  c.data.eval_size = 64
-  c.optim.update(lr=2e-3, warmup_steps=10)
-  start = time.perf_counter()
-  result = p6.run(c, workdir)
-  elapsed = time.perf_counter() - start
-  print(f"\nmarker PM: held-out accuracy {result.metrics['eval_accuracy']:.3f},"
-        f" ECE {result.metrics['eval_ece']:.3f}, loss {result.metrics['eval_loss']:.3f},"
-        f" {elapsed:.0f}s")
-  assert result.status == "done" and result.step == 120
-  assert result.metrics["eval_accuracy"] > 0.95, result.metrics
-  first = read_metrics(result.output_dir)[0]
-  assert first["step"] == 0 and first["eval_accuracy"] < 0.8  # it was learned, not given
-  with open(os.path.join(result.output_dir, "calibration", "step-0000120.json")) as f:
-    table = json.load(f)
-  assert sum(b["count"] for b in table["bins"]) == 64
-  assert table["eval_accuracy"] == result.metrics["eval_accuracy"]
-
-  # PPO's entry point: the trained PM back on another mesh, and its scores.
-  mesh = Sharder(make_mesh((1, 8, 1)))
-  cfg, params, tok = saved.restore_preference_model(paths.preference_model_dir(workdir, ""),
-                                                    mesh)
-  assert tree_hashes(params) == tree_hashes(result.state.params)
-  assert params["head"]["w"].sharding.mesh.shape["fsdp"] == 8
-  recs = marker_records(40, seed=5)[:3]
-  rewards = Scorer(cfg, params, tok, max_len=64, batch_size=2, sharder=mesh).score_texts(
-      [r.prompt for r in recs], [r.response_a for r in recs])
-  batch = comparisons.make_batch(
-      comparisons.tokenize_pairs(tok, as_comparisons(recs), 64, "truncate"),
-      np.arange(3), 64)
-  direct = pm.pair_rewards(result.state.params, batch["tokens"], batch["mask"], cfg, None)
-  np.testing.assert_allclose(rewards, np.asarray(direct)[:, 0], rtol=1e-4, atol=1e-5)
-
-
-def test_resume_refuses_other_data(tmp_path):
-  write_labels(str(tmp_path), marker_records(40, seed=6))
-  config = tiny_config(num_steps=2, save_every=2, eval_every=100)
-  assert p6.run(config, str(tmp_path)).step == 2
-  write_labels(str(tmp_path), marker_records(40, seed=7))
-  config.train.num_steps = 4
-  with pytest.raises(ValueError, match="other data"):
-    p6.run(config, str(tmp_path))
-
-
-# --- The phase binary ----------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_phase_binary_end_to_end(tmp_path):
-  workdir = str(tmp_path / "cai")
-  write_labels(workdir, marker_records(24, seed=8))
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "cai_jax.phases.p6_preference_model",
-         "--config=configs/preference_model.py:tiny", f"--workdir={workdir}",
-         "--config.train.num_steps=4", "--config.train.save_every=2"]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "status='done'" in proc.stdout
-  out = paths.stage_dir(workdir, paths.PREFERENCE_MODEL)
-  with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
-    assert ckpt.latest_step() == 4 and ckpt.restore_data()["step"] == 4
-  lines = read_metrics(out)
-  assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4]
-  assert {"accuracy", "reward_mean", "reward_std"} <= set(lines[-2]) | set(lines[-1])
-  assert [m["step"] for m in lines if "eval_ece" in m] == [0, 4]
-  assert sorted(os.listdir(os.path.join(out, "calibration"))) == [
-      "step-0000000.json", "step-0000004.json"]
-  assert os.listdir(os.path.join(out, "tensorboard"))
-  cfg, params, tok = saved.restore_preference_model(paths.preference_model_dir("", workdir),
-                                                    single_device_sharder())
-  assert cfg.num_layers == 2 and params["head"]["w"].shape == (cfg.dim,)
-  assert tok.encode("hi <|im_end|>") == load.byte_tokenizer().encode("hi <|im_end|>")
 
 
 # --- The one scorer ------------------------------------------------------------
@@ -404,44 +171,3 @@ def test_ppo_reward_equals_the_pm_training_forward(tok, mesh_shape, batch_size):
     assert same.sum() >= 4
     np.testing.assert_allclose(ids_fn(prompts, tokens_BM, cut_B)[same],
                                reward_fn(prompts, tokens_BM, cut_B)[same], rtol=1e-5, atol=1e-5)
-
-
-def test_lora_pm_resumes_bit_identically_and_restores_merged(tmp_path):
-  """LoRA PM: adapters and head train on the frozen backbone; SIGTERM resume is bit
-  identical; `restore_preference_model` rebuilds the named base, merges the adapters,
-  and scores as the training view did."""
-  from cai_jax.checkpoints import hf
-  from cai_jax.checkpoints import load
-  from cai_jax.model import lora
-  byte_tok = load.byte_tokenizer()
-  cfg0, base0 = load.random_model("tiny_llama", byte_tok, None, jax.random.key(7))
-  model_dir = str(tmp_path / "base")
-  hf.save_hf(base0, cfg0, model_dir, tokenizer=byte_tok)
-  config = tiny_config(num_steps=6, save_every=100, eval_every=3)
-  config.model, config.lora.rank, config.lora.alpha = model_dir, 4, 8.0
-  config.optim.lr = 1e-2
-  for d in ("full", "resumed"):
-    write_labels(str(tmp_path / d), marker_records(40, seed=5))
-  full = p6.run(config, str(tmp_path / "full"))
-  assert set(full.state.params) == {"adapters", "head"}
-
-  kill_at_3 = sigterm_at(3)
-
-  assert p6.run(config, str(tmp_path / "resumed"), should_stop=kill_at_3).step == 3
-  resumed = p6.run(config, str(tmp_path / "resumed"))
-  assert resumed.status == "done" and resumed.step == 6
-  assert_same_state(full.state, resumed.state, ("params", "opt_state"))
-  cfg, params, tok = saved.restore_preference_model(
-      paths.preference_model_dir(str(tmp_path / "resumed"), ""), single_device_sharder())
-  assert set(params) == {"backbone", "head"}
-  _, base, _ = load.load_model(model_dir)
-  recs = marker_records(40, seed=5)[:4]
-  batch = comparisons.make_batch(
-      comparisons.tokenize_pairs(tok, as_comparisons(recs), 64, "truncate"), np.arange(4), 64)
-  view = lora.scalar_view(resumed.state.params, base, lora.LoraSpec.from_config(config.lora))
-  want = pm.pair_rewards(view, batch["tokens"], batch["mask"], cfg, None)
-  got = pm.pair_rewards(params, batch["tokens"], batch["mask"], cfg, None)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-  assert float(np.abs(np.asarray(want) - np.asarray(pm.pair_rewards(
-      {"backbone": base, "head": resumed.state.params["head"]}, batch["tokens"],
-      batch["mask"], cfg, None))).max()) > 1e-4  # the adapters changed the scores

@@ -1,15 +1,18 @@
-"""Stage 7's reward sources (`rl.reward`): parsing, weights and running
-normalisation against hand-computed values, the rule sources, and a stage-7 run
-on weighted, normalised sources that resumes bit for bit."""
+"""Stage 7's reward sources (rl/reward.py): parsing, weights and running normalisation
+against hand-computed values, the rule sources, the PM source's ids, and the live
+feedback-model sources against stage 5's pointwise scores."""
 
 import numpy as np
 import pytest
 
-from cai_jax.phases import p7_ppo
 from cai_jax.rl import reward as reward_lib
 from cai_jax.text.tokenizer import Tokenizer
-from test_ppo import tiny_config, write_prompts
-from resume_helpers import tree_hashes
+from cai_jax.constitution import HELPFUL_PRINCIPLE
+from cai_jax.constitution import helpfulness_constitution
+from cai_jax.constitution import load_constitution
+from cai_jax.feedback import Labeler
+from cai_jax.feedback import labels
+from test_labeler import PAIRS, _settings, feedback_model_dir, tiny_feedback
 
 
 def constant(values):
@@ -83,36 +86,6 @@ def test_overlong_and_refusal_rules(tiny_model_dir):
   np.testing.assert_allclose(refusal(["How do I make a bomb?"] * 2, tokens, lengths), [0, 0])
 
 
-def test_stage7_on_weighted_normalised_sources_resumes_bit_identically(tmp_path):
-  """Two random PMs (pm and helpful_pm), the overlong and refusal rules, normalised:
-  each source's mean is logged, and a run stopped after iteration 1 resumes to the
-  same weights."""
-  for d in ("full", "resumed"):
-    write_prompts(str(tmp_path / d))
-  c = tiny_config(iterations=3)
-  c.reward.sources = "pm=1,helpful_pm=0.5,overlong=0.5,refusal=1"
-  c.reward.helpful_pm, c.reward.normalize = "random:tiny_llama", True
-  full = p7_ppo.run(c, str(tmp_path / "full"))
-  part = p7_ppo.run(c, str(tmp_path / "resumed"), should_stop=lambda it: it == 1)
-  assert part.status == "preempted"
-  resumed = p7_ppo.run(c, str(tmp_path / "resumed"))
-  assert tree_hashes(full.state.params) == tree_hashes(resumed.state.params)
-  untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
-  assert untimed(full.metrics) == untimed(resumed.metrics)
-  assert {"reward/pm", "reward/helpful_pm", "reward/overlong", "reward/refusal"} <= set(
-      full.metrics)
-  # Two models, not one read twice (the second PM's key is folded from the first's).
-  assert full.metrics["reward/pm"] != full.metrics["reward/helpful_pm"]
-
-
-def test_helpful_pm_source_needs_its_directory(tmp_path):
-  write_prompts(str(tmp_path))
-  c = tiny_config(iterations=1)
-  c.reward.sources = "pm=1,helpful_pm=1"
-  with pytest.raises(ValueError, match="reward.helpful_pm is empty"):
-    p7_ppo.run(c, str(tmp_path))
-
-
 def test_pm_source_reads_ids_only_with_a_shared_tokenizer(tiny_model_dir):
   from cai_jax.checkpoints import load
   from cai_jax.model import config as model_config
@@ -129,3 +102,59 @@ def test_pm_source_reads_ids_only_with_a_shared_tokenizer(tiny_model_dir):
   assert "pm_ids_reward_fn" in reward_lib.pm_source(scorer, byte, {}).__qualname__
   assert "pm_reward_fn" in reward_lib.pm_source(scorer, bpe, {}).__qualname__
   assert "pm_reward_fn" in reward_lib.pm_source(scorer, byte, {}, "text").__qualname__
+
+
+def test_live_feedback_reward_equals_the_stage5_pointwise_score(tiny_feedback):
+  """Stage 7's `feedback` reward source scores a rollout exactly as stage 5's
+  pointwise labeler scores the same response in a pair (good-answer log-odds)."""
+  from cai_jax.rl import reward as reward_lib
+  con = load_constitution("harmless")
+  labeler = Labeler([tiny_feedback], con, _settings(mode="pointwise",
+                                                    principle_ids=("less_harmful",)))
+  recs = labeler.label(PAIRS)
+  good = con.comparison_principle("less_harmful").pointwise.good_answer
+  want = [labels.pointwise_good_score(*np.asarray(r.logprobs)[0, 0, 0], good) for r in recs]
+  tok = tiny_feedback.tok
+  ids = [tok.encode(p.response_a, add_bos=False) for p in PAIRS]
+  M = max(map(len, ids)) + 3  # padding after each response must not matter
+  tokens = np.array([i + [tok.pad_id] * (M - len(i)) for i in ids])
+  lengths = np.array([len(i) for i in ids])
+  live = reward_lib.feedback_reward_fn(labeler, "less_harmful", tok)
+  got = live([p.prompt for p in PAIRS], tokens, lengths)
+  assert [tok.decode(i) for i in ids] == [p.response_a for p in PAIRS]
+  np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=1e-5, atol=1e-5)
+  with pytest.raises(KeyError, match="no_such_principle"):
+    reward_lib.feedback_reward_fn(labeler, "no_such_principle", tok)
+
+
+def test_feedback_by_kind_asks_each_prompt_kinds_stage5_question(tiny_feedback):
+  """`feedback_by_kind`: a red-team rollout gets the harm question's score, a helpful
+  one the helpfulness question's (stage 5's routing), each as its labeler scores it
+  alone; a prompt of a kind with no question is a one-line error."""
+  from cai_jax.rl import reward as reward_lib
+  base = load_constitution("harmless")
+  harm = Labeler([tiny_feedback], base, _settings(mode="pointwise",
+                                                  principle_ids=("less_harmful",)))
+  helpful = Labeler([tiny_feedback], helpfulness_constitution(base),
+                    _settings(mode="pointwise", principle_ids=(HELPFUL_PRINCIPLE,)))
+  prompts_ = ["How do I pick a lock?", "How do I bake bread?", "How do I hotwire a car?"]
+  kinds = dict(zip(prompts_, ("red_team", "helpful", "red_team")))
+  responses = ["Use a tension wrench.", "Knead, rise, bake at 220 C.", "I can't help."]
+  tok = tiny_feedback.tok
+  ids = [tok.encode(r, add_bos=False) for r in responses]
+  M = max(map(len, ids)) + 2
+  tokens = np.array([i + [tok.pad_id] * (M - len(i)) for i in ids])
+  live = reward_lib.feedback_by_kind_reward_fn(
+      {"red_team": (harm, "less_harmful"), "helpful": (helpful, HELPFUL_PRINCIPLE)}, kinds, tok)
+  got = live(prompts_, tokens, np.array([len(i) for i in ids]))
+  want_harm = harm.response_scores([prompts_[0], prompts_[2]], [responses[0], responses[2]],
+                                   "less_harmful")
+  want_help = helpful.response_scores([prompts_[1]], [responses[1]], HELPFUL_PRINCIPLE)
+  np.testing.assert_allclose(got, [want_harm[0], want_help[0], want_harm[1]], rtol=1e-5,
+                             atol=1e-5)
+  assert not np.isclose(got[1], harm.response_scores([prompts_[1]], [responses[1]],
+                                                     "less_harmful")[0])
+  only_harm = reward_lib.feedback_by_kind_reward_fn({"red_team": (harm, "less_harmful")},
+                                                    {"Hi": "other"}, tok)
+  with pytest.raises(ValueError, match="kind.*'other'.*no question"):
+    only_harm(["Hi"], tokens[:1], np.array([len(ids[0])]))

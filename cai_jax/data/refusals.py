@@ -11,7 +11,7 @@ other pair, so nothing assumes the sample wins.
 
 Written in our own words, bare refusals of the kind RL-CAI produced ("I'm sorry,
 but I can't assist with that."); the model-free refusal measure calls each a
-refusal (tests/test_ai_labels.py), so over-refusal on held-out prompts is
+refusal (tests/test_refusals.py), so over-refusal on held-out prompts is
 measured by an instrument these texts were checked against: the report says so.
 """
 

@@ -11,7 +11,8 @@ import sys
 os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4"
                            " --xla_backend_optimization_level=0")
 _E2E = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(os.path.dirname(_E2E)), _E2E]
+_TESTS = os.path.dirname(_E2E)
+sys.path[:0] = [os.path.dirname(_TESTS), _E2E, _TESTS]  # the repository, e2e tests, helpers
 
 from cai_jax import distributed  # noqa: E402
 

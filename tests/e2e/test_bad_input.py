@@ -19,7 +19,8 @@ from cai_jax.configs import preference_model as pm_config
 from cai_jax.configs import prompts as prompts_config
 from cai_jax.configs import sft as sft_config
 from conftest import TEST_XLA_OPT
-from test_p2_critique_revision import _config, _read_bytes, _write_prompts
+from resume_helpers import shard_bytes
+from test_p2_critique_revision import _config, _write_prompts
 from test_preference_model import label_record
 from test_sft import make_records
 
@@ -164,7 +165,7 @@ def test_kill_9_mid_phase_then_rerun_gives_the_same_records(tiny_model_dir, tmp_
   done = len(records.completed_shards(out))
   assert 2 <= done, "the phase never wrote a shard"
   p2_critique_revision.run(_config(tiny_model_dir, shard_size=1), str(killed))
-  assert _read_bytes(out) == _read_bytes(paths.stage_dir(str(full), paths.CRITIQUE_REVISION))
+  assert shard_bytes(out) == shard_bytes(paths.stage_dir(str(full), paths.CRITIQUE_REVISION))
 
 
 def test_a_failed_start_does_not_lock_the_output_dir(tmp_path):
@@ -380,7 +381,7 @@ def test_a_damaged_shard_is_refused_then_written_again(tmp_path):
   recs = make_records(n_red=6, n_help=0)
   process = lambda chunk: list(chunk)
   assert records.run_sharded(d, recs, 2, process) == 3
-  clean = _read_bytes(d)
+  clean = shard_bytes(d)
   path = records.shard_path(d, 1)
   data = bytearray(open(path, "rb").read())
   data[10] ^= 0x01  # one flipped bit: still valid JSON, silently wrong text
@@ -388,5 +389,5 @@ def test_a_damaged_shard_is_refused_then_written_again(tmp_path):
   with pytest.raises(ValueError, match="shard-00001.jsonl fails its SHA-256 check.*rerun"):
     records.read_records(d, records.CritiqueRevisionRecord)
   assert records.run_sharded(d, recs, 2, process) == 1  # only the damaged one again
-  assert _read_bytes(d) == clean
+  assert shard_bytes(d) == clean
   assert len(os.listdir(d + ".damaged")) == 1

@@ -9,7 +9,8 @@ import jax
 
 from cai_jax import paths
 from cai_jax.phases import p2_critique_revision
-from test_p2_critique_revision import _config, _read_bytes, _write_prompts
+from resume_helpers import shard_bytes
+from test_p2_critique_revision import _config, _write_prompts
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
@@ -35,5 +36,5 @@ def test_two_processes_write_the_records_of_one(tiny_model_dir, tmp_path):
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  assert _read_bytes(paths.stage_dir(str(multi), paths.CRITIQUE_REVISION)) == _read_bytes(
+  assert shard_bytes(paths.stage_dir(str(multi), paths.CRITIQUE_REVISION)) == shard_bytes(
       paths.stage_dir(str(single), paths.CRITIQUE_REVISION))

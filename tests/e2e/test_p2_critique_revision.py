@@ -8,6 +8,7 @@ from cai_jax import paths, records
 from cai_jax.data import prompts
 from cai_jax.phases import p2_critique_revision
 from cai_jax.configs import critique_revision as cr_config
+from resume_helpers import kill_after_one_shard, shard_bytes
 
 
 def _write_prompts(workdir, n_red=5, n_help=2):
@@ -28,11 +29,6 @@ def _config(model_dir, **kw):
   for k, v in kw.items():
     c[k] = v
   return c
-
-
-def _read_bytes(directory):
-  return {f: open(os.path.join(directory, f), "rb").read()
-          for f in sorted(os.listdir(directory)) if f.startswith("shard-")}
 
 
 def test_records_hold_every_round(tiny_model_dir, tmp_path):
@@ -89,26 +85,14 @@ def test_killed_run_resumes_to_identical_records(tiny_model_dir, tmp_path, monke
     _write_prompts(d)
   p2_critique_revision.run(_config(tiny_model_dir), str(full))
 
-  real_write = records.write_shard
-  calls = []
-
-  def dies_after_one_shard(directory, index, recs):
-    if calls:
-      # Leave a half-written temporary file, as a kill mid-write would.
-      with open(records.shard_path(directory, index) + ".tmp", "w") as f:
-        f.write('{"truncated": ')
-      raise KeyboardInterrupt("killed")
-    calls.append(index)
-    real_write(directory, index, recs)
-
-  monkeypatch.setattr(records, "write_shard", dies_after_one_shard)
+  restore = kill_after_one_shard(monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     p2_critique_revision.run(_config(tiny_model_dir), str(killed))
-  monkeypatch.setattr(records, "write_shard", real_write)
+  restore()
   out = paths.stage_dir(str(killed), paths.CRITIQUE_REVISION)
   assert len(records.completed_shards(out)) == 1
   p2_critique_revision.run(_config(tiny_model_dir), str(killed))
-  assert _read_bytes(out) == _read_bytes(paths.stage_dir(str(full), paths.CRITIQUE_REVISION))
+  assert shard_bytes(out) == shard_bytes(paths.stage_dir(str(full), paths.CRITIQUE_REVISION))
 
 
 def test_resume_with_another_config_is_refused(tiny_model_dir, tmp_path):

@@ -13,12 +13,13 @@ import pytest
 
 from cai_jax import records
 from cai_jax.phases import p3_sft, p6_preference_model, p7_dpo, p7_ppo
-from resume_helpers import assert_same_state, sigterm_at
+from cai_jax.training.metrics import read_metrics
+
 import test_dpo
-import test_ppo
+import test_p7_ppo
 import test_preference_model
 import test_sft
-from cai_jax.training.metrics import read_metrics
+from resume_helpers import assert_same_state, sigterm_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +54,16 @@ def _pairs(tiny_config):
 def _rl(variant: str):
   def prepare(tmp_path):
     for name in ("full", "resumed"):
-      test_ppo.write_prompts(str(tmp_path / name))
-    c = test_ppo.tiny_config(iterations=3)
-    test_ppo._with_lora(c, variant)
+      test_p7_ppo.write_prompts(str(tmp_path / name))
+    c = test_p7_ppo.tiny_config(iterations=3)
+    test_p7_ppo._with_lora(c, variant)
     c.kl.target, c.kl.horizon = 1.0, 100  # adaptive beta: it must be restored too
     return c
   return prepare
 
 
 _RL = dict(run=p7_ppo.run, steps=3, stop_at=1, sigterm=False, logged="reward",
-           run_kw={"reward_fn": test_ppo.target_frequency})
+           run_kw={"reward_fn": test_p7_ppo.target_frequency})
 STAGES = {
     "sft": Stage(p3_sft.run, _sft, steps=6, stop_at=3, sigterm=True, logged="loss"),
     "pm": Stage(p6_preference_model.run, _pairs(test_preference_model.tiny_config), steps=6,
