@@ -206,3 +206,64 @@ def test_sharded_steps_equal_one_device(tiny_pairs, shape):
   for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
     a, b = np.asarray(a), np.asarray(b)
     assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+
+
+# --- The step, not only the loss: soft labels reach the update ----------------------------------
+
+
+def _dpo_update(cfg, params, batch, beta):
+  """One `dpo.train_step` with SGD at lr 1: (the parameter update, the metrics)."""
+  from test_preference_model import sgd_state, update_of
+  state, tx, schedule = sgd_state(params)
+  new_state, metrics = jax.jit(functools.partial(
+      dpo.train_step, cfg=cfg, tx=tx, schedule=schedule, sharder=None, microbatches=1,
+      beta=beta, loss_type="sigmoid", chunk=16))(state, batch)
+  return update_of(state, new_state), metrics
+
+
+def _dpo_batch(tiny_pairs, p, ref_shift=None):
+  cfg, params, _, comps, data = tiny_pairs
+  batch = comparisons.make_batch(data, np.arange(len(comps)), SEQ, with_responses=True)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  batch["p_a"] = jnp.full_like(batch["p_a"], p)
+  logp = dpo.response_logps(params, batch["tokens"], batch["mask"], batch["response_mask"],
+                            cfg=cfg, sharder=None, chunk=16)
+  batch["ref_logp"] = logp if ref_shift is None else logp - ref_shift
+  return batch
+
+
+@pytest.mark.parametrize("p", [0.9, 0.7, 0.3])
+def test_dpo_step_update_is_the_soft_label_closed_form(tiny_pairs, p):
+  """One `dpo.train_step` with SGD at lr 1, the reference log-probs shifted so the margins
+  m = beta (logratio_a - logratio_b) differ from 0: the update is minus
+  mean_b (sigma(m_b) - p) beta (grad log pi(a_b) - grad log pi(b_b)) (written here)."""
+  from test_preference_model import assert_trees_close
+  cfg, params, *_ = tiny_pairs
+  beta = 0.5
+  shift = jnp.asarray(np.random.default_rng(1).normal(0, 3, (len(tiny_pairs[3]), 2)),
+                      jnp.float32)
+  batch = _dpo_batch(tiny_pairs, p, shift)
+  update, metrics = _dpo_update(cfg, params, batch, beta)
+  logp, vjp = jax.vjp(lambda q: dpo.response_logps(q, batch["tokens"], batch["mask"],
+                                                   batch["response_mask"], cfg=cfg,
+                                                   sharder=None, chunk=16), params)
+  ratio = np.asarray(logp - batch["ref_logp"], np.float64)
+  m = beta * (ratio[:, 0] - ratio[:, 1])
+  w = (1 / (1 + np.exp(-m)) - p) * beta / len(m)
+  (grad,) = vjp(jnp.asarray(np.stack([w, -w], axis=1), jnp.float32))
+  assert_trees_close(update, jax.tree.map(lambda g: -np.asarray(g), grad), rtol=2e-3)
+  loss = np.mean(p * np.logaddexp(0, -m) + (1 - p) * np.logaddexp(0, m))
+  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+
+
+def test_dpo_step_at_the_reference_scales_with_half_minus_p(tiny_pairs):
+  """At policy = reference every margin is 0, so the gradient is (1/2 - p) times one
+  direction: the update at p = 0.8 is 0.6 times the update at p = 1, and at p = 0.3
+  -0.4 times it."""
+  cfg, params, *_ = tiny_pairs
+  hard, _ = _dpo_update(cfg, params, _dpo_batch(tiny_pairs, 1.0), 0.5)
+  for p, ratio in ((0.8, 0.6), (0.3, -0.4)):
+    soft, _ = _dpo_update(cfg, params, _dpo_batch(tiny_pairs, p), 0.5)
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(hard))
+    for s, h in zip(jax.tree.leaves(soft), jax.tree.leaves(hard)):
+      np.testing.assert_allclose(s, ratio * h, rtol=2e-3, atol=2e-3 * scale)

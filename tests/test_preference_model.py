@@ -8,6 +8,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -171,3 +172,53 @@ def test_ppo_reward_equals_the_pm_training_forward(tok, mesh_shape, batch_size):
     assert same.sum() >= 4
     np.testing.assert_allclose(ids_fn(prompts, tokens_BM, cut_B)[same],
                                reward_fn(prompts, tokens_BM, cut_B)[same], rtol=1e-5, atol=1e-5)
+
+
+# --- The step, not only the loss: soft labels reach the update ----------------------------------
+
+
+def sgd_state(params):
+  """A train state whose optimizer is plain SGD at lr 1: an update is minus the gradient."""
+  import optax
+  tx = optax.sgd(1.0)
+  return optim.init_train_state(params, tx, jax.random.key(0)), tx, optax.constant_schedule(1.0)
+
+
+def update_of(state, new_state):
+  return jax.tree.map(lambda new, old: np.asarray(new, np.float64) - np.asarray(old, np.float64),
+                      new_state.params, state.params)
+
+
+def assert_trees_close(got, want, rtol):
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("p", [0.9, 0.7, 0.3])
+def test_pm_step_update_is_the_soft_label_closed_form(tok, p):
+  """One `pm.train_step` with SGD at lr 1 on 4 pairs labelled p: the update is minus
+  mean_b (sigma(d_b) - p) (grad r_a - grad r_b), d = r_a - r_b (the Bradley-Terry
+  gradient, written here); the logged loss is mean_b p softplus(-d) + (1 - p) softplus(d).
+  A step that rounded p to 0 or 1 moves by sigma(d) - 1 instead."""
+  comps = as_comparisons(marker_records(4, seed=3))
+  batch = comparisons.make_batch(comparisons.tokenize_pairs(tok, comps, 64, "truncate"),
+                                 np.arange(4), 64)
+  batch["p_a"] = np.full_like(batch["p_a"], p)
+  cfg, backbone = load.random_model("tiny_llama", tok, None, jax.random.key(4))
+  head = heads.init_head(cfg, jax.random.key(5))
+  params = {"backbone": backbone, "head": {**head, "w": head["w"] * 30}}  # d of order 1
+  state, tx, schedule = sgd_state(params)
+  new_state, metrics = jax.jit(functools.partial(
+      pm.train_step, cfg=cfg, tx=tx, schedule=schedule, sharder=None, microbatches=1))(
+          state, batch)
+  r_B2, vjp = jax.vjp(lambda q: pm.pair_rewards(q, batch["tokens"], batch["mask"], cfg, None),
+                      params)
+  d = np.asarray(r_B2[:, 0] - r_B2[:, 1], np.float64)
+  assert np.ptp(d) > 0.1  # pairs far enough apart for the label's weight to matter
+  w = 1 / (1 + np.exp(-d)) - p
+  (grad,) = vjp(jnp.asarray(np.stack([w, -w], axis=1) / 4, jnp.float32))
+  assert_trees_close(update_of(state, new_state), jax.tree.map(lambda g: -np.asarray(g), grad),
+                     rtol=2e-3)
+  loss = np.mean(p * np.logaddexp(0, -d) + (1 - p) * np.logaddexp(0, d))
+  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
