@@ -14,6 +14,7 @@ from cai_jax.phases import p4_pairs, p5_ai_labels
 from cai_jax.configs import ai_labels as labels_config
 from cai_jax.configs import pairs as pairs_config
 from resume_helpers import kill_after_one_shard, shard_bytes
+from test_labeler import _sigmoid
 
 
 def _write_prompts(workdir, n_red=4, n_help=3):
@@ -62,6 +63,12 @@ def test_pairs_and_labels_end_to_end_with_resume(tiny_model_dir, tmp_path, monke
     assert r.models == [tiny_model_dir] and len(r.principle_ids) == k
     assert (r.principle_ids == [HELPFUL_PRINCIPLE]) == (p.kind == "helpful")
     assert 0 < r.p_a < 1 and np.asarray(r.logprobs).shape == (1, k, 2, 2)
+    # The record's soft label is the labeler's: the principle mean of the two orders'
+    # normalised option probabilities, from the raw log-probs the record keeps.
+    per_principle = [_sigmoid(((lp[0][0] - lp[0][1]) + (lp[1][1] - lp[1][0])) / 2)
+                     for lp in np.asarray(r.logprobs)[0]]
+    assert r.p_a == pytest.approx(np.mean(per_principle), abs=1e-6)
+
 
   # Killed after one shard, then resumed: the same bytes, for both stages.
   restore = kill_after_one_shard(monkeypatch)
