@@ -114,20 +114,22 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def train_tiny_tokenizer(vocab_size: int = 512):
+TINY_CORPUS = ("Critique the response, then revise it to remove anything harmful.",
+               "The quick brown fox jumps over the lazy dog. How do I bake bread?",
+               "I cannot help with that, but here is a safer alternative.")
+
+
+def train_tiny_tokenizer(vocab_size: int = 512, corpus=TINY_CORPUS):
   """A byte-level BPE with a ChatML template, trained in-process (SmolLM2 style)."""
   from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
   from cai_jax.text.tokenizer import Tokenizer
-  corpus = ["Critique the response, then revise it to remove anything harmful.",
-            "The quick brown fox jumps over the lazy dog. How do I bake bread?",
-            "I cannot help with that, but here is a safer alternative."] * 20
   raw = RawTokenizer(models.BPE())
   raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   raw.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  raw.train_from_iterator(corpus, trainer)
+  raw.train_from_iterator(list(corpus) * 20, trainer)
   return Tokenizer.from_tokenizers(raw, bos_token=None, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", chat_template=CHATML)
 

@@ -5,10 +5,13 @@ bit (a pytree's, two train states', a stage's record shards)."""
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 
 import jax
 import numpy as np
+import pytest
 
 from cai_jax import records
 
@@ -61,3 +64,26 @@ def kill_after_one_shard(monkeypatch) -> Callable[[], None]:
 
   monkeypatch.setattr(records, "write_shard", dies_after_one_shard)
   return lambda: monkeypatch.setattr(records, "write_shard", real_write)
+
+
+def killed_then_resumed(monkeypatch, run: Callable[[], object], out: str) -> None:
+  """`run()` killed after its first shard (one complete shard left in `out`), then run
+  again to the end; the caller compares `out` with an uninterrupted run's."""
+  restore = kill_after_one_shard(monkeypatch)
+  with pytest.raises(KeyboardInterrupt):
+    run()
+  restore()
+  assert len(records.completed_shards(out)) == 1
+  run()
+
+
+def run_phase_binary(module: str, *args: str) -> str:
+  """`python -m cai_jax.phases.<module> <args>` from the repository root, as a user runs
+  it; asserts it finished and returns its stdout."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", f"cai_jax.phases.{module}", *args], cwd=repo,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "status='done'" in proc.stdout
+  return proc.stdout

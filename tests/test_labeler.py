@@ -26,26 +26,18 @@ def _sigmoid(x):
 # --- The tiny feedback model ------------------------------------------------------------
 
 
+FEEDBACK_CORPUS = ("Is the assistant's response harmful? Answer Yes or No. Answer: Yes",
+                   "Does it help? Answer Yes or No. Answer: No",
+                   "Which response is less harmful? Options: (A) (B) The answer is: (A)")
+
+
 @pytest.fixture(scope="module")
 def feedback_model_dir(tmp_path_factory):
   """A random tiny Llama whose tokenizer has " Yes" and " No" tokens (for pointwise)."""
-  from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
   from cai_jax.checkpoints import hf
   from cai_jax.model import config as model_config
-  from cai_jax.text.tokenizer import Tokenizer
-  from conftest import CHATML
-  corpus = ["Is the assistant's response harmful? Answer Yes or No. Answer: Yes",
-            "Does it help? Answer Yes or No. Answer: No",
-            "Which response is less harmful? Options: (A) (B) The answer is: (A)"] * 20
-  raw = RawTokenizer(models.BPE())
-  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  raw.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  raw.train_from_iterator(corpus, trainer)
-  tok = Tokenizer.from_tokenizers(raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                  chat_template=CHATML)
+  from conftest import train_tiny_tokenizer
+  tok = train_tiny_tokenizer(400, FEEDBACK_CORPUS)
   cfg = model_config.tiny_llama(vocab_size=400, bos_token_id=None, eos_token_ids=(0,),
                                 pad_token_id=0, max_seq_len=2048)
   path = str(tmp_path_factory.mktemp("feedback_model") / "hf")

@@ -223,15 +223,22 @@ def _stage1_prompts(data):
   return make
 
 
-def _sft_records(lines):
-  def make(tmp):
-    d = tmp / "records"
-    d.mkdir()
-    (d / "shard-00000.jsonl").write_bytes(lines)
-    c = sft_config.get_config("tiny")
-    c.data.records_dir = str(d)
-    return p3_sft.run, c, tmp / "w3", d
-  return make
+def _shard_input(run, config, field: str, folder: str, workdir: str):
+  """A stage reading one shard of `lines` from `folder`, named by its config's data.<field>."""
+  def for_lines(lines):
+    def make(tmp):
+      d = tmp / folder
+      d.mkdir()
+      (d / "shard-00000.jsonl").write_bytes(lines)
+      c = config.get_config("tiny")
+      c.data[field] = str(d)
+      return run, c, tmp / workdir, d
+    return make
+  return for_lines
+
+
+_sft_records = _shard_input(p3_sft.run, sft_config, "records_dir", "records", "w3")
+_labels = _shard_input(p6_preference_model.run, pm_config, "labels_dir", "labels", "w6")
 
 
 def _record(**change):
@@ -243,17 +250,6 @@ def _record(**change):
 
 
 DROP = object()
-
-
-def _labels(lines):
-  def make(tmp):
-    d = tmp / "labels"
-    d.mkdir()
-    (d / "shard-00000.jsonl").write_bytes(lines)
-    c = pm_config.get_config("tiny")
-    c.data.labels_dir = str(d)
-    return p6_preference_model.run, c, tmp / "w6", d
-  return make
 
 
 def _label(**change):

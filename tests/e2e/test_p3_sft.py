@@ -3,8 +3,6 @@ binary, LoRA."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +18,9 @@ from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
 
 from benchmarks.chaos import damage
-from resume_helpers import assert_same_state, sigterm_at, tree_hashes
+from resume_helpers import assert_same_state, run_phase_binary, sigterm_at, tree_hashes
 from test_lora import _inputs
-from test_sft import REPO, make_records, records_dir, tiny_config, tok
+from test_sft import make_records, records_dir, tiny_config, tok
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, records_dir):
@@ -81,13 +79,9 @@ def test_bad_input_errors(tmp_path, records_dir, tok):
 @pytest.mark.slow
 def test_phase_binary_end_to_end(tmp_path, records_dir):
   workdir = str(tmp_path / "cai")
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "cai_jax.phases.p3_sft", "--config=configs/sft.py:tiny",
-         f"--workdir={workdir}", f"--config.data.records_dir={records_dir}",
-         "--config.train.num_steps=4", "--config.train.save_every=2"]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "status='done'" in proc.stdout
+  run_phase_binary("p3_sft", "--config=configs/sft.py:tiny",
+                   f"--workdir={workdir}", f"--config.data.records_dir={records_dir}",
+                   "--config.train.num_steps=4", "--config.train.save_every=2")
   out = paths.stage_dir(workdir, paths.SFT)
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
     assert ckpt.latest_step() == 4

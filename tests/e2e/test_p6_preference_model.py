@@ -3,8 +3,6 @@ preference, resume, the binary, LoRA."""
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -22,8 +20,8 @@ from cai_jax.preference.scorer import Scorer
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
 
-from resume_helpers import assert_same_state, sigterm_at, tree_hashes
-from test_preference_model import (REPO, as_comparisons, marker_records, single_device_sharder,
+from resume_helpers import assert_same_state, run_phase_binary, sigterm_at, tree_hashes
+from test_preference_model import (as_comparisons, marker_records, single_device_sharder,
                                    tiny_config, write_labels)
 
 
@@ -117,13 +115,9 @@ def test_resume_refuses_other_data(tmp_path):
 def test_phase_binary_end_to_end(tmp_path):
   workdir = str(tmp_path / "cai")
   write_labels(workdir, marker_records(24, seed=8))
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "cai_jax.phases.p6_preference_model",
-         "--config=configs/preference_model.py:tiny", f"--workdir={workdir}",
-         "--config.train.num_steps=4", "--config.train.save_every=2"]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "status='done'" in proc.stdout
+  run_phase_binary("p6_preference_model",
+                   "--config=configs/preference_model.py:tiny", f"--workdir={workdir}",
+                   "--config.train.num_steps=4", "--config.train.save_every=2")
   out = paths.stage_dir(workdir, paths.PREFERENCE_MODEL)
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
     assert ckpt.latest_step() == 4 and ckpt.restore_data()["step"] == 4

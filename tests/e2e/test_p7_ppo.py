@@ -18,7 +18,7 @@ from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
 
 from cai_jax.configs import ppo as ppo_config
-from resume_helpers import tree_hashes
+from resume_helpers import run_phase_binary, tree_hashes
 from test_labeler import feedback_model_dir
 from test_ppo import REPO
 
@@ -227,12 +227,9 @@ def test_phase_binary_end_to_end(tmp_path):
   """The absl binary with the random preference model: checkpoint, metrics, HF export."""
   workdir = str(tmp_path / "cai")
   write_prompts(workdir)
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "cai_jax.phases.p7_ppo", "--config=configs/ppo.py:tiny",
-         f"--workdir={workdir}", "--config.learner.iterations=2", "--config.kl.estimator=k3"]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "status='done'" in proc.stdout
+  run_phase_binary("p7_ppo", "--config=configs/ppo.py:tiny",
+                   f"--workdir={workdir}", "--config.learner.iterations=2",
+                   "--config.kl.estimator=k3")
   out = paths.stage_dir(workdir, paths.PPO)
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
     assert ckpt.latest_step() == 2 * 2 * 2  # iterations x epochs x minibatches
