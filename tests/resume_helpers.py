@@ -2,13 +2,14 @@
 step, a generation stage killed after its first shard, and the bytes to compare bit for
 bit (a pytree's, two train states', a stage's record shards)."""
 
+import contextlib
 import hashlib
 import os
 import signal
-from collections.abc import Callable
 
 import jax
 import numpy as np
+import pytest
 
 from cai_jax import records
 
@@ -44,10 +45,11 @@ def shard_bytes(directory: str) -> dict[str, bytes]:
           for f in sorted(os.listdir(directory)) if f.startswith("shard-")}
 
 
-def kill_after_one_shard(monkeypatch) -> Callable[[], None]:
-  """From now on `records.write_shard` writes one shard, then leaves a half-written
-  temporary file and raises KeyboardInterrupt, as a kill mid-write would; returns the
-  function that puts the real writer back."""
+@contextlib.contextmanager
+def killed_after_one_shard(monkeypatch):
+  """Inside the block `records.write_shard` writes one shard, then leaves a half-written
+  temporary file and raises KeyboardInterrupt, as a kill mid-write would; the block must
+  end by that interrupt, and the real writer is back after it."""
   real_write = records.write_shard
   calls = []
 
@@ -60,4 +62,8 @@ def kill_after_one_shard(monkeypatch) -> Callable[[], None]:
     real_write(directory, index, recs)
 
   monkeypatch.setattr(records, "write_shard", dies_after_one_shard)
-  return lambda: monkeypatch.setattr(records, "write_shard", real_write)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      yield
+  finally:
+    monkeypatch.setattr(records, "write_shard", real_write)
