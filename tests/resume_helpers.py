@@ -2,12 +2,12 @@
 step, a generation stage killed after its first shard, and the bytes to compare bit for
 bit (a pytree's, two train states', a stage's record shards)."""
 
+import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -47,10 +47,11 @@ def shard_bytes(directory: str) -> dict[str, bytes]:
           for f in sorted(os.listdir(directory)) if f.startswith("shard-")}
 
 
-def kill_after_one_shard(monkeypatch) -> Callable[[], None]:
-  """From now on `records.write_shard` writes one shard, then leaves a half-written
-  temporary file and raises KeyboardInterrupt, as a kill mid-write would; returns the
-  function that puts the real writer back."""
+@contextlib.contextmanager
+def killed_after_one_shard(monkeypatch):
+  """Inside the block `records.write_shard` writes one shard, then leaves a half-written
+  temporary file and raises KeyboardInterrupt, as a kill mid-write would; the block must
+  end by that interrupt, and the real writer is back after it."""
   real_write = records.write_shard
   calls = []
 
@@ -63,18 +64,11 @@ def kill_after_one_shard(monkeypatch) -> Callable[[], None]:
     real_write(directory, index, recs)
 
   monkeypatch.setattr(records, "write_shard", dies_after_one_shard)
-  return lambda: monkeypatch.setattr(records, "write_shard", real_write)
-
-
-def killed_then_resumed(monkeypatch, run: Callable[[], object], out: str) -> None:
-  """`run()` killed after its first shard (one complete shard left in `out`), then run
-  again to the end; the caller compares `out` with an uninterrupted run's."""
-  restore = kill_after_one_shard(monkeypatch)
-  with pytest.raises(KeyboardInterrupt):
-    run()
-  restore()
-  assert len(records.completed_shards(out)) == 1
-  run()
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      yield
+  finally:
+    monkeypatch.setattr(records, "write_shard", real_write)
 
 
 def run_phase_binary(module: str, *args: str) -> str:
