@@ -4,7 +4,9 @@ a sample (stage 4's `refusal_pairs`).
 The two SL-CAI samples of a helpful prompt seldom refuse, so a PM trained on them
 never sees that refusing an ordinary request is unhelpful, while red-team pairs
 teach it that refusing is harmless; PPO then learns to refuse everything (the
-paper's "evasive" failure, measured in BENCHMARKS.md's second and third runs). The
+paper's "evasive" failure, measured in the second and third runs:
+experiments/2026-12-02-run2-every-stage-free-cores/ and
+experiments/2026-12-03-run3-pm-contrasts-helpfulness-labels/). The
 paper's PM learned the other side from human helpfulness comparisons. Here the
 feedback model labels (sample, refusal) under the helpfulness question like any
 other pair, so nothing assumes the sample wins.

@@ -132,7 +132,7 @@ def test_lora_policy_trains_adapters_on_the_reference(tmp_path, variant):
   policy is the reference exactly; the rollout's merged weights give the trainer's
   log-probs; the policy moves; the export is the reference with the adapters merged.
   (On this random tiny model LoRA does not raise the target-token reward of the test
-  above: 0.004 -> ~0.012 at lr 1e-2, measured; see BENCHMARKS.md, LoRA.)"""
+  above: 0.004 -> ~0.012 at lr 1e-2, measured; experiments/2026-12-03-memory-plan/.)"""
   from cai_jax.checkpoints import hf
   from cai_jax.model import lora as lora_lib
   workdir = str(tmp_path)
