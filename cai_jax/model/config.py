@@ -90,8 +90,7 @@ class ModelConfig:
   # which costs no extra memory but makes XLA copy every layer's weights and
   # cache on each step (1.6-2.3x slower decode at batch >= 8 on an H100, 1.3-1.9x
   # on a CPU; experiments/2026-11-23-decode-unrolled-layers/). "unrolled" holds one
-  # more copy of the layer weights while
-  # sampling and compiles slower.
+  # more copy of the layer weights while sampling and compiles slower.
   decode_layers: Literal["unrolled", "scan"] = "unrolled"
 
   def __post_init__(self):
