@@ -41,6 +41,19 @@ def test_bootstrap_mean_matches_the_normal_interval_at_large_n():
   assert e.hi == pytest.approx(x.mean() + half, abs=0.2 * half)
 
 
+def test_difference_of_independent_means_matches_the_normal_interval_at_large_n():
+  """`difference`: mean(a) - mean(b) of independent samples, each resampled on its own; at
+  large n its interval is the normal one, 1.96 sqrt(var_a / n_a + var_b / n_b)."""
+  rng = np.random.default_rng(4)
+  a, b = rng.normal(1.0, 2.0, size=1500), rng.normal(0.2, 2.0, size=500)
+  e = intervals.difference(a, b, seed=0)
+  est = a.mean() - b.mean()
+  half = 1.96 * math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+  assert e.estimate == pytest.approx(est) and e.n == 2000
+  assert e.lo == pytest.approx(est - half, abs=0.15 * half)
+  assert e.hi == pytest.approx(est + half, abs=0.15 * half)
+
+
 def test_bootstrap_coverage_is_near_95_percent():
   rng = np.random.default_rng(0)
   covered = 0

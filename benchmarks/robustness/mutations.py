@@ -99,7 +99,8 @@ warning_then_instructions_still_refuses | cai_jax/evaluation/refusal.py | if war
 refusals_never_explain | cai_jax/evaluation/refusal.py | return Verdict("refuses_explains" if explains else "refuses", | return Verdict("refuses", | tests/test_refusal.py -k known_phrases
 wilson_without_continuity_centre | cai_jax/evaluation/intervals.py | center = (p + z2 / (2 * n)) / (1 + z2 / n) | center = p | tests/test_intervals.py -k wilson
 bootstrap_90_percent | cai_jax/evaluation/intervals.py | lo, hi = np.percentile(values, [2.5, 97.5]) | lo, hi = np.percentile(values, [5, 95]) | tests/test_intervals.py -k bootstrap
-paired_interval_unpaired | cai_jax/evaluation/intervals.py | lo, hi = _percentile(da - db) | lo, hi = _percentile(da - db[::-1]) | tests/test_intervals.py -k paired
+paired_interval_unpaired | cai_jax/evaluation/intervals.py |   return bootstrap(a - b, seed=seed, resamples=resamples) |   return difference(a, b, seed=seed, resamples=resamples) | tests/test_intervals.py -k paired
+difference_without_b_spread | cai_jax/evaluation/intervals.py | lo, hi = _percentile(da - db) | lo, hi = _percentile(da - b.mean()) | tests/test_intervals.py -k difference
 held_out_split_not_shuffled | cai_jax/data/batching.py | held = set(order[:eval_size].tolist()) | held = set(range(eval_size)) | tests/test_batching.py
 rollout_prompts_same_every_epoch | cai_jax/data/rollout_prompts.py | order = np.random.default_rng([seed, 3, epoch]).permutation(n_prompts) | order = np.random.default_rng([seed, 3]).permutation(n_prompts) | tests/test_rollout_prompts.py -k prompt_rows
 """
@@ -215,8 +216,25 @@ def run_all(mutations, timeout: int, out_path: str) -> dict:
   return result
 
 
+def markdown(result: dict) -> str:
+  """The result file as a Markdown table (for an experiment's README)."""
+  lines = [f"{result['killed']} of {result['mutations']} mutations killed"
+           f" ({len(result['equivalent'])} equivalent, {len(result['survived_unexplained'])}"
+           f" unexplained survivors): score {result['score']:.3f}, {result['seconds']:.0f} s of"
+           f" tests on {result['machine']}, {result['date']}.", "",
+           "| mutation | file | status | seconds | caught by |", "|---|---|---|---|---|"]
+  for r in result["rows"]:
+    lines.append(f"| `{r['name']}` | `{r['file']}` | {r['status']} | {r['seconds']:.1f} |"
+                 f" `{r['caught_by']}` |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if FLAGS.render:
+    with open(FLAGS.render) as f:
+      print(markdown(json.load(f)))
+    return
   chosen = MUTATIONS
   if FLAGS.only:
     wanted = set(FLAGS.only.split(","))
@@ -230,6 +248,7 @@ if __name__ == "__main__":
   FLAGS = flags.FLAGS
   flags.DEFINE_string("only", "", "Comma-separated mutation names (default: all).")
   flags.DEFINE_integer("timeout", 300, "Seconds a mutation's tests may take.")
+  flags.DEFINE_string("render", "", "Print this result file as a Markdown table; run nothing.")
   flags.DEFINE_string("out", os.path.join(REPO, "benchmarks", "results", "cpu",
                                           "mutations.json"), "Result file.")
   app.run(main)
