@@ -13,7 +13,7 @@ from cai_jax.model import transformer
 from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax.training import checkpoint, optim
 
-from benchmarks.chaos import damage
+from cai_jax.faults import damage
 from cai_jax.configs import sft as sft_config
 from resume_helpers import tree_hashes
 from test_sft import single_device_sharder, tiny_model, tok

@@ -17,7 +17,7 @@ from cai_jax.text.tokenizer import Tokenizer
 from cai_jax.training import checkpoint
 from cai_jax.training.metrics import read_metrics
 
-from benchmarks.chaos import damage
+from cai_jax.faults import damage
 from resume_helpers import assert_same_state, run_phase_binary, sigterm_at, tree_hashes
 from test_lora import _inputs
 from test_sft import make_records, records_dir, tiny_config, tok
