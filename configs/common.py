@@ -24,6 +24,7 @@ def training_stage(model: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "seed": 0, "model": model, "tokenizer": "bytes",
       "model_overrides": ml_collections.ConfigDict(SMALL_MODEL), "mesh": (1, -1, 1),
+      "num_devices": 0,  # 0: every device; n: the mesh takes the first n
       "sharding_rules": FSDP_RULES})
 
 

@@ -22,6 +22,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.decode_layers = "unrolled"  # or "scan": no extra copy of the layer weights, slower decode
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): sampling is data-parallel
+  c.num_devices = 0  # 0: every device; n: the mesh takes the first n
   c.constitution = "harmless"
   c.mode = "critique"  # or "direct": revise without a critique (ablation)
   c.num_rounds = 4

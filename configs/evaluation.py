@@ -28,6 +28,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.decode_layers = "unrolled"  # or "scan": no extra copy of the layer weights, slower decode
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor): generation and scoring are data-parallel
+  c.num_devices = 0  # 0: every device; n: the mesh takes the first n
   c.constitution = "harmless"
 
   c.models = ml_collections.ConfigDict()

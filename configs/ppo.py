@@ -61,6 +61,7 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.tokenizer = "bytes"  # only for random:<preset> models
   c.model_overrides = ml_collections.ConfigDict(common.SMALL_MODEL)
   c.mesh = (1, -1, 1)  # (data, fsdp, tensor)
+  c.num_devices = 0  # 0: every device; n: the mesh takes the first n
   c.sharding_rules = common.FSDP_RULES
 
   # LoRA (common.lora): adapters (and PPO's value head) train on the reference's

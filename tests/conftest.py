@@ -32,19 +32,20 @@ import pytest  # noqa: E402
 from cai_jax.checkpoints import hf  # noqa: E402
 from cai_jax.model import config as model_config  # noqa: E402
 
-# Seconds per file on 2 cores (pytest --durations; their order is what counts): the
+# Seconds per file on 2 cores (the junit times of a whole run, 2026-12-07, less what
+# that day's trims took out; their order is what counts): the
 # longest go first, so the two xdist workers (--dist loadfile) end together instead of
 # one running a long file alone at the end.
 FILE_SECONDS = {  # by file name: tests/ and tests/e2e/ hold no two of the same name
-    "test_p2_critique_revision.py": 273, "test_pipeline.py": 268, "test_sampler.py": 253,
-    "test_bad_input.py": 240, "test_p7_ppo.py": 240, "test_resume.py": 200,
-    "test_prefix.py": 180, "test_gguf.py": 137, "test_p6_preference_model.py": 132,
-    "test_p3_sft.py": 114, "test_labeler.py": 111, "test_transformer.py": 109,
-    "test_sft_step.py": 107, "test_sharding.py": 98, "test_p7_dpo.py": 95,
-    "test_multihost.py": 89, "test_real_smollm2.py": 88, "test_dpo.py": 75,
-    "test_packaging.py": 150, "test_p8_evaluation.py": 60, "test_lora.py": 55,
-    "test_p5_ai_labels.py": 40,
-    "test_preference_model.py": 40, "test_hf.py": 33,
+    "test_p7_ppo.py": 254, "test_sampler.py": 158, "test_transformer.py": 130,
+    "test_sft_step.py": 128, "test_p6_preference_model.py": 125, "test_bad_input.py": 123,
+    "test_pipeline.py": 121, "test_resume.py": 116, "test_p2_critique_revision.py": 110,
+    "test_p3_sft.py": 87, "test_p7_dpo.py": 83, "test_dpo.py": 79, "test_gguf.py": 60,
+    "test_labeler.py": 57, "test_memory_plan.py": 55, "test_packaging.py": 55,
+    "test_prefix.py": 52, "test_preference_model.py": 47, "test_real_smollm2.py": 47,
+    "test_lora.py": 43, "test_sharding.py": 34, "test_multihost.py": 34,
+    "test_p8_evaluation.py": 32, "test_p5_ai_labels.py": 23, "test_scoring.py": 22,
+    "test_losses.py": 14,
 }
 
 

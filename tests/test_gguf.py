@@ -9,7 +9,6 @@ models against Hugging Face transformers' own GGUF loader.
 
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -269,9 +268,11 @@ PROBE = [{"role": "user", "content": "What is the capital of France? Answer in o
 
 
 @pytest.fixture(scope="session")
-def real_cache(tmp_path_factory):
-  """One conversion cache for the session, so each GGUF is converted once."""
-  return str(tmp_path_factory.mktemp("cai_jax_cache"))
+def real_cache():
+  """The user's conversion cache ($CAI_JAX_CACHE, else ~/.cache/cai_jax), which the
+  other real-model tests read too: each GGUF is converted once per machine, not once
+  per test (the cache itself: `test_conversion_cache`)."""
+  return assets.cache_root()
 
 
 @pytest.mark.slow
@@ -286,16 +287,8 @@ def test_real_model_matches_transformers(name, real_cache):
   asset = assets.get_asset(name)
   path = assets.gguf_path(name, real_cache)
 
-  start = time.time()
   cfg, params, tok = load_model(name, cache_root=real_cache)
-  first = time.time() - start
-  start = time.time()
-  cfg2, params2, _ = load_model(name, cache_root=real_cache)
-  again = time.time() - start
-  print(f"\n{name}: first load (GGUF -> cache) {first:.1f}s, cached reload {again:.2f}s")
-  assert cfg2 == cfg and again < first / 2  # the cache is used
   assert cfg.family == family
-  del params2
 
   d, fname = os.path.split(path)
   hf_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=fname)

@@ -73,8 +73,8 @@ def _train(tok, sharder, steps: int, lr: float, batch_np, microbatches: int = 1)
 
 def test_sft_memorises_a_small_set(tok):
   _, batch = tiny_batch(tok)
-  _, loss = _train(tok, single_device_sharder(), steps=60, lr=1e-2, batch_np=batch)
-  assert loss[-1] < 0.1 * loss[0], loss[::10]
+  _, loss = _train(tok, single_device_sharder(), steps=40, lr=1e-2, batch_np=batch)
+  assert loss[-1] < 0.1 * loss[0], loss[::10]  # measured: 0.036 of the first loss
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,20 @@ def test_mesh_errors_say_what_to_change():
     Sharder(make_mesh((8, 1, 1))).spec(("nonsense",))
 
 
+
+def test_num_devices_builds_the_mesh_on_the_first_n():
+  import ml_collections
+  from cai_jax.model.sharding import sharder_from_config
+  c = ml_collections.ConfigDict({"mesh": (1, -1, 1), "num_devices": 2})
+  mesh = sharder_from_config(c).mesh
+  assert mesh.shape["fsdp"] == 2 and list(mesh.devices.flat) == jax.devices()[:2]
+  c.num_devices = 0
+  assert sharder_from_config(c).mesh.shape["fsdp"] == len(jax.devices())
+  c.num_devices = 9
+  with pytest.raises(ValueError, match="num_devices=9: 8 devices are available"):
+    sharder_from_config(c)
+
+
 @pytest.mark.parametrize("shape", MESH_SHAPES, ids=str)
 def test_sharded_forward_equals_single_device(shape):
   cfg = TINY_PRESETS["gemma3"]()

@@ -89,6 +89,13 @@ def test_param_count_matches_transformers(tiny_hf):
   assert ours == theirs
 
 
+# The attention paths differ by family only in their windows: mistral (every layer
+# sliding) and gemma3 (local and global layers, soft-capped logits); llama and qwen2's
+# plain causal layers are gemma3's global ones.
+WINDOWED_FAMILIES = pytest.mark.parametrize("tiny_hf", ["gemma3", "mistral"], indirect=True)
+
+
+@WINDOWED_FAMILIES
 def test_chunked_attention_equals_full(tiny_hf):
   """Query-chunked attention: same logits and gradients as the plain path."""
   family, _, cfg, params = tiny_hf
@@ -121,6 +128,7 @@ def _assert_grads_close(got, want, what):
     assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), what
 
 
+@WINDOWED_FAMILIES
 def test_splash_attention_equals_full(tiny_hf):
   """The Pallas splash kernel (interpret mode on CPU): the plain path's logits and
   gradients, with left and right padding, sliding-window layers (mistral, gemma3),

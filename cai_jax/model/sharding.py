@@ -122,7 +122,13 @@ def constrain(sharder: Sharder | None, x: jax.Array, axes: Sequence[str | None])
 
 
 def sharder_from_config(config) -> Sharder:
-  """A stage config's (data, fsdp, tensor) `mesh` over all devices, with its `sharding_rules`."""
-  mesh = make_mesh(tuple(config.mesh))
+  """A stage config's (data, fsdp, tensor) `mesh` over its devices (`num_devices`: the
+  first n of this process's view; 0 or absent: all), with its `sharding_rules`."""
+  n = int(config.get("num_devices", 0) or 0)
+  devices = jax.devices()
+  if not 0 <= n <= len(devices):
+    raise ValueError(f"config num_devices={n}: {len(devices)} devices are available; use"
+                     f" 0 (all) or 1..{len(devices)}")
+  mesh = make_mesh(tuple(config.mesh), devices[:n] if n else devices)
   rules = tuple((k, tuple(v)) for k, v in config.get("sharding_rules", {}).items())
   return Sharder(mesh, rules) if rules else Sharder(mesh)

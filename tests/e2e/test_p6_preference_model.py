@@ -66,17 +66,19 @@ def test_learns_a_synthetic_preference(tmp_path):
   """Responses holding MARKER are preferred: > 95% held-out accuracy."""
   workdir = str(tmp_path)
   write_labels(workdir, marker_records(576, seed=4))
-  c = tiny_config(num_steps=120, batch_size=16, eval_batch_size=16, eval_every=120,
-                  save_every=120, log_every=40)
+  # 60 steps at lr 4e-3 (measured: held-out accuracy 1.00, 28 s alone; 120 at 2e-3 took
+  # twice as long for the same).
+  c = tiny_config(num_steps=60, batch_size=16, eval_batch_size=16, eval_every=60,
+                  save_every=60, log_every=20)
   c.data.eval_size = 64
-  c.optim.update(lr=2e-3, warmup_steps=10)
+  c.optim.update(lr=4e-3, warmup_steps=10)
   start = time.perf_counter()
   result = p6.run(c, workdir)
   elapsed = time.perf_counter() - start
   print(f"\nmarker PM: held-out accuracy {result.metrics['eval_accuracy']:.3f},"
         f" ECE {result.metrics['eval_ece']:.3f}, loss {result.metrics['eval_loss']:.3f},"
         f" {elapsed:.0f}s")
-  assert result.status == "done" and result.step == 120
+  assert result.status == "done" and result.step == 60
   assert result.metrics["eval_accuracy"] > 0.95, result.metrics
   first = read_metrics(result.output_dir)[0]
   assert first["step"] == 0 and first["eval_accuracy"] < 0.8  # it was learned, not given

@@ -85,30 +85,29 @@ def test_console_command_runs_the_tiny_preset(installed, tiny_model_dir):
                "evaluation", "smoke", "tiny_pipeline:<model dir>", "sft:cpu"):
     assert word in help_.stdout, word
   # The pipeline command with a config of the user's own (a path): the shipped tiny
-  # preset's first three stages.
+  # preset's first stage.
   _, elsewhere, _ = installed
-  (elsewhere / "first_stages.py").write_text(
+  (elsewhere / "first_stage.py").write_text(
       "import ml_collections\n"
       "from cai_jax.configs import tiny_pipeline\n\n\n"
       "def get_config(model):\n"
       "  c = tiny_pipeline.get_config(model)\n"
-      "  return ml_collections.ConfigDict(\n"
-      "      {n: c[n] for n in ('prompts', 'critique_revision', 'sft')})\n")
-  first = _run(["cai-jax", "pipeline", f"--config=first_stages.py:{tiny_model_dir}",
+      "  return ml_collections.ConfigDict({'prompts': c.prompts})\n")
+  first = _run(["cai-jax", "pipeline", f"--config=first_stage.py:{tiny_model_dir}",
                 "--workdir=w"], installed)
   assert first.returncode == 0, first.stderr[-3000:]
-  # One stage with the preset named, no path: it reads the SFT model from the workdir.
-  pairs = _run(["cai-jax", "stage", "pairs", f"--config=tiny_pipeline:{tiny_model_dir}",
-                "--workdir=w"], installed)
-  assert pairs.returncode == 0, pairs.stderr[-3000:]
+  # One stage with the preset named, no path: it reads stage 1's prompts from the workdir
+  # and the model from the preset.
+  revise = _run(["cai-jax", "stage", "p2", f"--config=tiny_pipeline:{tiny_model_dir}",
+                 "--workdir=w"], installed)
+  assert revise.returncode == 0, revise.stderr[-3000:]
   report = _run(["cai-jax", "report", "--workdir=w"], installed)
   assert report.returncode == 0, report.stderr[-2000:]
   workdir = elsewhere / "w"
-  for stage_dir in ("p1_prompts", "p2_critique_revision", "p3_sft", "p4_pairs"):
+  for stage_dir in ("p1_prompts", "p2_critique_revision"):
     assert os.listdir(workdir / stage_dir), stage_dir
-  assert (workdir / "p3_sft" / "hf" / "config.json").is_file()
   timings = json.loads((workdir / "pipeline_timings.json").read_text())
-  assert list(timings) == ["prompts", "critique_revision", "sft"]
+  assert list(timings) == ["prompts"]
   assert (workdir / "report" / "report.md").stat().st_size > 0
   bad = _run(["cai-jax", "stage", "dpo", "--config=tiny", "--workdir=w"], installed)
   assert bad.returncode == 2 and "no 'dpo' section" in bad.stderr, bad.stderr[-2000:]
