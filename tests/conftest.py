@@ -32,20 +32,23 @@ import pytest  # noqa: E402
 from cai_jax.checkpoints import hf  # noqa: E402
 from cai_jax.model import config as model_config  # noqa: E402
 
-# Seconds per file on 2 cores (the junit times of a whole run, 2026-12-07, less what
-# that day's trims took out; their order is what counts): the
-# longest go first, so the two xdist workers (--dist loadfile) end together instead of
-# one running a long file alone at the end.
+# Seconds per file on 2 cores (pytest --junitxml of a whole run, summed per file by
+# benchmarks/robustness/suite_time.py; their order is what counts): the longest go first,
+# so the two xdist workers (--dist loadfile) end together instead of one running a long
+# file alone at the end. pyproject's --no-loadscope-reorder keeps this order: by default
+# xdist reorders files by their number of tests, which sent the one-test files (the tiny
+# pipeline, 138 s) to the end.
 FILE_SECONDS = {  # by file name: tests/ and tests/e2e/ hold no two of the same name
-    "test_p7_ppo.py": 254, "test_sampler.py": 158, "test_transformer.py": 130,
-    "test_sft_step.py": 128, "test_p6_preference_model.py": 125, "test_bad_input.py": 123,
-    "test_pipeline.py": 121, "test_resume.py": 116, "test_p2_critique_revision.py": 110,
-    "test_p3_sft.py": 87, "test_p7_dpo.py": 83, "test_dpo.py": 79, "test_gguf.py": 60,
-    "test_labeler.py": 57, "test_memory_plan.py": 55, "test_packaging.py": 55,
-    "test_prefix.py": 52, "test_preference_model.py": 47, "test_real_smollm2.py": 47,
-    "test_lora.py": 43, "test_sharding.py": 34, "test_multihost.py": 34,
-    "test_p8_evaluation.py": 32, "test_p5_ai_labels.py": 23, "test_scoring.py": 22,
-    "test_losses.py": 14,
+    "test_p7_ppo.py": 286, "test_sampler.py": 170, "test_transformer.py": 142,
+    "test_pipeline.py": 138, "test_bad_input.py": 130,
+    "test_p2_critique_revision.py": 122, "test_resume.py": 115,
+    "test_p6_preference_model.py": 110, "test_p3_sft.py": 107, "test_sft_step.py": 102,
+    "test_dpo.py": 78, "test_gguf.py": 74, "test_packaging.py": 73,
+    "test_p7_dpo.py": 70, "test_labeler.py": 58, "test_prefix.py": 56,
+    "test_memory_plan.py": 53, "test_real_smollm2.py": 51,
+    "test_preference_model.py": 50, "test_lora.py": 46, "test_sharding.py": 39,
+    "test_multihost.py": 38, "test_p8_evaluation.py": 36, "test_scoring.py": 35,
+    "test_p5_ai_labels.py": 27, "test_losses.py": 15, "test_hf.py": 13,
 }
 
 

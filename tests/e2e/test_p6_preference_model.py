@@ -82,7 +82,7 @@ def test_learns_a_synthetic_preference(tmp_path):
   assert result.metrics["eval_accuracy"] > 0.95, result.metrics
   first = read_metrics(result.output_dir)[0]
   assert first["step"] == 0 and first["eval_accuracy"] < 0.8  # it was learned, not given
-  with open(os.path.join(result.output_dir, "calibration", "step-0000120.json")) as f:
+  with open(os.path.join(result.output_dir, "calibration", "step-0000060.json")) as f:
     table = json.load(f)
   assert sum(b["count"] for b in table["bins"]) == 64
   assert table["eval_accuracy"] == result.metrics["eval_accuracy"]
