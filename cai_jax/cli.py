@@ -32,7 +32,8 @@ stages:
 
 presets (--config=...):
   tiny, cpu, smoke, full          pipeline variants; +dpo, +rloo, +grpo add stage 7's
-                                  alternatives (cpu+grpo+dpo)
+                                  alternatives (cpu+grpo+dpo); +gated two PMs by
+                                  prompt kind and the gated reward (cpu+gated)
   <config>:<variant>              a shipped config file and its variant (tiny, cpu,
                                   full), e.g. sft:cpu; the files:
 {names}

@@ -106,8 +106,26 @@ def stage_configs(workdir: str) -> tuple[dict[str, dict], str]:
                  " ran one by one)")
 
 
-def calibration_dir(workdir: str) -> str:
-  return os.path.join(workdir, PREFERENCE_MODEL, "calibration")
+# Stage 7's fixed probe: the policy's reward on the same held-out prompts, by iteration.
+PROBE_FILE = "probe.jsonl"
+
+
+def probe_file(workdir: str, stage: str) -> str:
+  return os.path.join(stage_dir(workdir, stage), PROBE_FILE)
+
+
+# Stage 6 with pms="by_kind": the helpfulness PM's directory inside the stage's, beside
+# the harmlessness PM that is the stage's own (what `reward_model` reads by default).
+HELPFUL_PM = "helpful"
+
+
+def pm_out(workdir: str, which: str = "") -> str:
+  """Stage 6's output for one PM: "" the stage's PM, HELPFUL_PM the helpfulness one."""
+  return os.path.join(stage_dir(workdir, PREFERENCE_MODEL), which)
+
+
+def calibration_dir(workdir: str, which: str = "") -> str:
+  return os.path.join(pm_out(workdir, which), "calibration")
 
 
 # --- Inputs a stage needs, with the error that says which stage to run -----------------------
@@ -168,6 +186,20 @@ def preference_model_dir(configured: str, workdir: str) -> str:
   where = configured or stage_dir(workdir, PREFERENCE_MODEL)
   raise FileNotFoundError(f"{where}: no trained preference model; {run_first(PREFERENCE_MODEL)}"
                           " or set --config.reward_model")
+
+
+def helpful_preference_model_dir(configured: str, workdir: str) -> str:
+  """The helpfulness PM (`reward.helpful_pm`): the configured directory (or workdir
+  holding one), else the one stage 6 trained with pms="by_kind"."""
+  from cai_jax.preference.saved import is_pm_dir
+  if configured:
+    return preference_model_dir(configured, workdir)
+  path = pm_out(workdir, HELPFUL_PM)
+  if is_pm_dir(path):
+    return path
+  raise FileNotFoundError(f"{path}: no helpfulness preference model; run stage 6 with"
+                          " --config.pms=by_kind or set --config.reward.helpful_pm to a PM"
+                          " trained on helpfulness pairs")
 
 
 def feedback_model(configured: str, workdir: str) -> str:

@@ -7,7 +7,8 @@ cores), `smoke` (the machinery end to end, fast, shows nothing), `full`
 (accelerators). `+dpo` after a variant (`cpu+dpo`) also trains stage 7's DPO
 alternative on the same pairs, `+rloo` / `+grpo` the critic-free on-policy
 algorithms on the same prompts and PM; stage 8 evaluates each beside the PPO
-model (`cpu+grpo+dpo` trains both). Override any
+model (`cpu+grpo+dpo` trains both). `+gated` trains two PMs by prompt kind and
+rewards each rollout with its kind's PM (`cpu+gated`, with `+grpo` for GRPO too). Override any
 stage field from the command line, e.g. `--config.critique_revision.model=/path/to/hf_dir`.
 """
 
@@ -22,8 +23,10 @@ STAGE_CONFIGS = {"prompts": prompts, "critique_revision": critique_revision, "sf
                  "ppo": ppo, "evaluation": evaluation}
 STAGES = tuple(STAGE_CONFIGS)
 # Stage 7's alternatives to PPO that `+<name>` after a variant adds (trained after
-# PPO, evaluated beside it).
-ADDITIONS = ("rloo", "grpo", "dpo")
+# PPO, evaluated beside it), and `+gated`: Llama 2's separate rewards for every on-policy
+# run (two PMs by prompt kind, stage 4's answer-over-refusal contrasts for the helpful
+# one, the `gated` reward) with the fixed probe every 4 iterations.
+ADDITIONS = ("rloo", "grpo", "dpo", "gated")
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -37,6 +40,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   if arg in ("cpu", "smoke"):
     c.update(_small_common(c))
     c.update(SMALL_EXPERIMENT if arg == "cpu" else SMOKE)
+  if "gated" in extras:  # before the critic-free copies of the PPO section
+    c.pairs.refusal_pairs = True  # contrasts: helpful prompts only, so the helpful PM
+    c.preference_model.pms = "by_kind"
+    c.ppo.reward.sources = "gated"
+    c.ppo.probe.every = 4
   for algorithm in ("rloo", "grpo"):
     if algorithm in extras:
       # Stage 7 again with a critic-free algorithm, from the preset's PPO section:

@@ -80,11 +80,18 @@ def _base(arg: str) -> ml_collections.ConfigDict:
 
   c.reward = ml_collections.ConfigDict()
   # Weighted sources, "name=weight,...": pm (stage 6), helpful_pm (the PM at
-  # reward.helpful_pm), feedback (the feedback model live, pointwise under
+  # reward.helpful_pm), gated (pm on red-team prompts, helpful_pm on helpful ones,
+  # each standardised; reward.gate), feedback (the feedback model live, pointwise under
   # reward.feedback.principle), feedback_by_kind (the same, with stage 5's helpfulness
   # question for helpful prompts), overlong, refusal (rl/reward.py).
   c.reward.sources = "pm=1"
-  c.reward.helpful_pm = ""  # a stage-6 PM dir (or its workdir) trained on helpfulness pairs
+  # A stage-6 PM dir (or its workdir) trained on helpfulness pairs; "": the helpfulness
+  # PM stage 6 trained with pms="by_kind" (<workdir>/p6_preference_model/helpful).
+  c.reward.helpful_pm = ""
+  # "gated": each prompt kind's PM, each standardised (Llama 2's separate rewards); a
+  # prompt of unknown kind takes the harm PM's score when sigmoid(z) < threshold, and
+  # rule "llama2" applies that to helpful prompts too.
+  c.reward.gate = ml_collections.ConfigDict({"threshold": 0.15, "rule": "kind"})
   c.reward.normalize = False  # standardise each source by its running mean / std
   c.reward.max_len = 256  # PM input tokens (prompt + response)
   # "auto": score the sampled token ids when the PM shares the policy's tokenizer,
@@ -100,6 +107,12 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.reward.feedback.max_response_tokens = 256
   c.reward.feedback.batch_size = 8
   c.reward.feedback.dtype = "float32"
+
+  # The fixed probe: the first `num_prompts` held-out prompts of each kind, answered
+  # greedily before training and every `every` iterations (and at the last), scored by
+  # the reward without its running normalisation; written to <stage dir>/probe.jsonl,
+  # the reward curve the evidence reads (paired, same prompts). 0: off.
+  c.probe = ml_collections.ConfigDict({"every": 0, "num_prompts": 8})
 
   # The one KL knob: r_t = -coef * kl_t (+ score at the last token).
   c.kl = ml_collections.ConfigDict()

@@ -28,6 +28,11 @@ from cai_jax.configs import common
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = common.training_stage("")  # "": the SL-CAI model (run stage 3 first)
 
+  # "one": one PM on every comparison; "by_kind": a harmlessness PM on the red-team
+  # comparisons and a helpfulness PM on the helpful ones (in p6_preference_model/helpful),
+  # for stage 7's `gated` reward.
+  c.pms = "one"
+
   # LoRA (common.lora): adapters and the head train on the frozen SL-CAI backbone.
   c.lora = common.lora()
 

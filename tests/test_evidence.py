@@ -86,3 +86,83 @@ def test_refusal_claims_marked_trained_on_when_refusal_was_a_reward_source():
     sl = claims["SL-CAI: over-refusal on safe-but-dangerous-sounding prompts rises by at most"
                 " 10 points vs initial"]
     assert sl["took_part_in_training"] is False
+
+
+def test_refuses_and_explains_is_the_share_of_red_team_refusals_that_explain():
+  from cai_jax.evaluation import evidence, intervals
+  res = _results([0.0] * 10, [0.0] * 10, [False] * 4, [False] * 4)
+  cats = ["refuses"] * 4 + ["refuses_explains"] + ["complies"] * 5
+  res["measures"]["refusal"]["initial"].update({f"r{i}": c for i, c in enumerate(cats)})
+  res["measures"]["refusal"]["sl_cai"].update({f"r{i}": "complies" for i in range(10)})
+  claims = {c["key"]: c for c in evidence.claims(res)}
+  c = claims["initial.refuses_explains"]
+  want = intervals.wilson(1, 5)  # 1 of its 5 refusals explains
+  assert (c["estimate"], c["n"], c["holds"]) == (0.2, 5, None)
+  assert c["ci95"] == pytest.approx([want.lo, want.hi])
+  assert claims["sl_cai.refuses_explains"]["note"] == (
+      "sl_cai refused none of 10 answered red-team prompts")
+  assert "rl_cai has no answers" in claims["rl_cai.refuses_explains"]["note"]
+
+
+def test_gated_reward_is_one_source_and_trains_on_the_pm():
+  # The gated source logs its own keys under reward/gated/...: one source, "gated", and
+  # the stage-6 (harmlessness) PM is what RL-CAI was trained on.
+  from cai_jax.evaluation import evidence
+  metrics = [{"reward": 0.1 * k, "kl": 0.1, "reward/gated": 0.0, "reward/gated/harm_pm": 1.0,
+              "reward/gated/harm_share": 0.5} for k in range(8)]
+  assert evidence.reward_sources(metrics) == ["gated"]
+  res = _results([0.0] * 4, [0.0] * 4, [False] * 4, [False] * 4)
+  res["measures"]["pm_reward"] = {"rl_cai": {"r0": 1.0, "r1": 2.0},
+                                  "sl_cai": {"r0": 0.0, "r1": 0.0}}
+  claims = {c["key"]: c for c in evidence.claims(res, metrics)}
+  assert claims["ppo.reward_curve"]["measure"] == "stage-7 reward (gated)"
+  assert claims["rl_cai.pm_gain"]["took_part_in_training"] is True
+
+
+def test_each_pms_refusal_preference_claims():
+  # The harmlessness PM should prefer refusing on red-team prompts (lower end > 0.5); the
+  # helpfulness PM, present only with pms="by_kind", the answer on the safe sets (upper
+  # end < 0.5). Estimates come from stage 8's refusal-preference rates.
+  from cai_jax.evaluation import evidence, intervals
+  res = _results([0.0] * 4, [0.0] * 4, [False] * 4, [False] * 4)
+  rate = lambda k, n: {"refusal_preferred": intervals.wilson(k, n).as_dict()}
+  res["pm_refusal_preference"] = {"model": "sl_cai", "red_team": rate(27, 30)}
+  res["pm_helpful_refusal_preference"] = {"missing": "no helpfulness PM"}
+  claims = {c["key"]: c for c in evidence.claims(res)}
+  assert claims["pm.refusal_on_red_team"]["holds"] is True
+  assert claims["pm.refusal_on_red_team"]["estimate"] == pytest.approx(0.9)
+  assert not [k for k in claims if k.startswith("pm_helpful.")]  # one PM: no such claims
+  res["pm_helpful_refusal_preference"] = {"model": "sl_cai", "borderline": rate(3, 40),
+                                          "helpful": rate(12, 30)}
+  claims = {c["key"]: c for c in evidence.claims(
+      res, helpful_pm_eval={"eval_decided": 20, "eval_correct": 19})}
+  assert claims["pm_helpful.answer_on_borderline"]["holds"] is True
+  assert claims["pm_helpful.answer_on_helpful"]["holds"] is False  # 0.4, hi above 0.5
+  assert claims["pm_helpful.ai_labels"]["estimate"] == pytest.approx(0.95)
+  assert claims["pm_helpful.ai_labels"]["holds"] is True
+
+
+def test_reward_curve_is_measured_on_the_fixed_probe_when_there_is_one(tmp_path):
+  # Two probe rows (before training, last): the claim is the paired difference of the
+  # same prompts' scores; read_probe keeps one row per iteration (a resumed run rewrites
+  # rows identically) and skips a line a kill cut short.
+  import json
+  from cai_jax.evaluation import evidence, intervals
+  path = tmp_path / "probe.jsonl"
+  rows = [{"iteration": 0, "prompts": ["a", "b", "c"], "scores": [0.0, 1.0, 2.0]},
+          {"iteration": 4, "prompts": ["a", "b", "c"], "scores": [0.5, 1.0, 3.0]},
+          {"iteration": 8, "prompts": ["a", "b", "c"], "scores": [1.0, 2.0, 2.5]}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[1:])
+                  + '{"iteration": 9, "prom')
+  assert evidence.read_probe(str(path)) == rows
+  res = _results([0.0] * 4, [0.0] * 4, [False] * 4, [False] * 4)
+  metrics = [{"reward": -0.1 * k, "kl": 0.1} for k in range(8)]  # the batches fall
+  claims = {c["key"]: c for c in evidence.claims(res, metrics, probes={"ppo": rows})}
+  c = claims["ppo.reward_curve"]
+  want = intervals.paired([1.0, 2.0, 2.5], [0.0, 1.0, 2.0], seed=0)
+  assert c["estimate"] == pytest.approx(want.estimate) == pytest.approx(2.5 / 3)
+  assert c["n"] == 3 and "3 fixed held-out probe prompts" in c["claim"]
+  assert c["measure"] == "stage-7 PM reward, fixed probe"
+  # Without a probe, the batch means as before (here falling: the claim fails).
+  c = {c["key"]: c for c in evidence.claims(res, metrics)}["ppo.reward_curve"]
+  assert c["holds"] is False and "last half of iterations" in c["claim"]

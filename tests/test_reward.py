@@ -2,6 +2,8 @@
 against hand-computed values, the rule sources, the PM source's ids, and the live
 feedback-model sources against stage 5's pointwise scores."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,56 @@ def test_running_normalisation_by_hand():
   np.testing.assert_allclose(again(["p"] * 3, None, np.ones(3)),
                              3.0 * (4.0 - np.mean(seen)) / (np.std(seen) + 1e-6), rtol=1e-6)
 
+
+
+def test_gated_reward_picks_each_prompt_kinds_pm_by_hand():
+  """Two batches by hand: each PM standardised over every rollout it scored so far, a
+  red-team prompt gets the harm PM's z, a helpful one the helpful PM's, a prompt of
+  no known kind the harm z when sigmoid(z) < threshold (Llama 2), else the helpful
+  z; rule "llama2" also sends an unsafe-looking helpful answer to the harm PM. The
+  moments survive the checkpoint's JSON and carry on."""
+  kinds = {"rt": "red_team", "hp": "helpful"}
+  prompts = ["rt", "hp", "other", "other", "hp"]
+  harm = [[-3.0, 1.0, -4.0, 2.0, -5.0], [2.0, 3.0, 4.0, -20.0, -20.0]]
+  helpful = [[7.0, -1.0, 0.5, 3.0, 2.0], [-2.0, 4.0, 1.0, 0.0, 6.0]]
+
+  def by_hand(upto, i, rule):
+    s = np.asarray(harm[:upto + 1]).ravel()
+    h = np.asarray(helpful[:upto + 1]).ravel()
+    z_s = (harm[upto][i] - s.mean()) / (s.std() + 1e-6)
+    z_h = (helpful[upto][i] - h.mean()) / (h.std() + 1e-6)
+    kind = kinds.get(prompts[i])
+    gated = kind is None or (rule == "llama2" and kind == "helpful")
+    unsafe = 1 / (1 + np.exp(-z_s)) < 0.15
+    return z_s if kind == "red_team" or (gated and unsafe) else z_h
+
+  for rule in ("kind", "llama2"):
+    calls = {"harm": iter(harm), "helpful": iter(helpful)}
+    gated = reward_lib.GatedReward(lambda *a: np.asarray(next(calls["harm"])),
+                                   lambda *a: np.asarray(next(calls["helpful"])), kinds,
+                                   threshold=0.15, rule=rule)
+    r = reward_lib.WeightedReward([("gated", 1.0, gated)], normalize=False)
+    assert r.stateful
+    out = r(prompts, None, np.ones(5))
+    np.testing.assert_allclose(out, [by_hand(0, i, rule) for i in range(5)], rtol=1e-5)
+    assert r.last["reward/gated/harm_pm"] == pytest.approx(np.mean(harm[0]))
+    assert r.last["reward/gated/helpful_pm"] == pytest.approx(np.mean(helpful[0]))
+    # A resumed run: a fresh source given the saved state scores batch 2 the same.
+    again = reward_lib.WeightedReward([("gated", 1.0, reward_lib.GatedReward(
+        lambda *a: np.asarray(harm[1]), lambda *a: np.asarray(helpful[1]), kinds,
+        threshold=0.15, rule=rule))], normalize=False)
+    again.load_state(json.loads(json.dumps(r.state())))
+    want = [by_hand(1, i, rule) for i in range(5)]
+    np.testing.assert_allclose(again(prompts, None, np.ones(5)), want, rtol=1e-5)
+    np.testing.assert_allclose(r(prompts, None, np.ones(5)), want, rtol=1e-5)
+  # The hand case takes every branch: batch 2's first "other" prompt is safe (helpful
+  # z), its second unsafe (sigmoid(-1.88) = 0.13: harm z), and under "llama2" its last
+  # helpful answer, as unsafe, goes to the harm PM too.
+  assert gated.last["harm_share"] == pytest.approx(3 / 5)
+  with pytest.raises(ValueError, match="reward.gate.rule='max'"):
+    reward_lib.GatedReward(None, None, kinds, rule="max")
+  with pytest.raises(ValueError, match="reward.gate.threshold=1.5"):
+    reward_lib.GatedReward(None, None, kinds, threshold=1.5)
 
 def test_overlong_and_refusal_rules(tiny_model_dir):
   overlong = reward_lib.overlong_reward_fn(after=8, max_new_tokens=16)

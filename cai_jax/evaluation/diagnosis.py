@@ -125,9 +125,10 @@ def label_signal(workdir: str) -> dict | None:
   return {"sets": sets, "refusal_contrast": contrast}
 
 
-def pm_signal(workdir: str) -> dict | None:
-  """Stage 6: held-out accuracy at the first and last evaluation, and the reward spread."""
-  files = sorted(glob.glob(os.path.join(paths.calibration_dir(workdir), "step-*.json")))
+def pm_signal(workdir: str, which: str = "") -> dict | None:
+  """Stage 6: held-out accuracy at the first and last evaluation, and the reward spread,
+  of the stage's PM ("") or, with pms="by_kind", its helpfulness PM (paths.HELPFUL_PM)."""
+  files = sorted(glob.glob(os.path.join(paths.calibration_dir(workdir, which), "step-*.json")))
   if not files:
     return None
   with open(files[0]) as f:
@@ -164,16 +165,19 @@ def measure(workdir: str, results: dict | None = None) -> dict[str, Any]:
   """Every training stage's signal (a stage that has not run is left out)."""
   out: dict[str, Any] = {}
   for key, value in (("revisions", revision_signal(workdir)), ("labels", label_signal(workdir)),
-                     ("pm", pm_signal(workdir)), ("rl", rl_signal(workdir))):
+                     ("pm", pm_signal(workdir)),
+                     ("pm_helpful", pm_signal(workdir, paths.HELPFUL_PM)),
+                     ("rl", rl_signal(workdir))):
     if value:
       out[key] = value
   temperature = paths.stage_configs(workdir)[0].get("ai_labels", {}).get("pointwise_temperature")
   if "labels" in out and temperature not in (None, 1, 1.0):
     out["labels"]["pointwise_temperature"] = temperature
-  pref = (results or {}).get("pm_refusal_preference", {})
-  found = {k: v for k, v in pref.items() if isinstance(v, dict) and "refusal_preferred" in v}
-  if found:
-    out["pm_refusal_preference"] = {"model": pref.get("model"), **found}
+  for key in ("pm_refusal_preference", "pm_helpful_refusal_preference"):
+    pref = (results or {}).get(key, {})
+    found = {k: v for k, v in pref.items() if isinstance(v, dict) and "refusal_preferred" in v}
+    if found:
+      out[key] = {"model": pref.get("model"), **found}
   return out
 
 

@@ -300,21 +300,23 @@ def signals_section(results: dict | None, workdir: str, lines: list[str]) -> Non
                  " answer preferred (fraction; mean P(refusing answer better))",
                  f"{v['one_refuses']} of {v['pairs']} pairs; {est(v['refuser_preferred'])};"
                  f" {est(v['mean_p_refuser'])}"])
-  pm = s.get("pm")
-  if pm:
-    first, last = pm["accuracy"]
-    kinds = "; ".join(f"{k} {fmt(a)} → {fmt(b)}" for k, (a, b) in pm["by_kind"].items())
-    rows.append(["6 PM", f"held-out accuracy, step {pm['first_step']} → {pm['last_step']}",
-                 f"{fmt(first)} → {fmt(last)} on {pm['decided']} decided pairs ({kinds})"])
-    rows.append(["6 PM", "held-out reward std (the spread PPO's rewards can have)",
-                 fmt(pm["reward_std"])])
-  pref = s.get("pm_refusal_preference")
-  if pref:
-    def said(v):
-      return f"{est(v['refusal_preferred'])}; margin {est(v['mean_margin'])}"
-    rows.append(["6 PM", f"prefers a flat refusal to {pref['model']}'s non-refusing answer"
-                 " (fraction of prompts; mean reward margin)",
-                 "; ".join(f"{k} {said(v)}" for k, v in pref.items() if isinstance(v, dict))])
+  # The stage's PM, and with pms="by_kind" (the harmlessness PM then) its helpfulness PM.
+  for key, label in (("pm", "6 PM"), ("pm_helpful", "6 helpful PM")):
+    pm = s.get(key)
+    if pm:
+      first, last = pm["accuracy"]
+      kinds = "; ".join(f"{k} {fmt(a)} → {fmt(b)}" for k, (a, b) in pm["by_kind"].items())
+      rows.append([label, f"held-out accuracy, step {pm['first_step']} → {pm['last_step']}",
+                   f"{fmt(first)} → {fmt(last)} on {pm['decided']} decided pairs ({kinds})"])
+      rows.append([label, "held-out reward std (the spread PPO's rewards can have)",
+                   fmt(pm["reward_std"])])
+    pref = s.get(f"{key}_refusal_preference")
+    if pref:
+      def said(v):
+        return f"{est(v['refusal_preferred'])}; margin {est(v['mean_margin'])}"
+      rows.append([label, f"prefers a flat refusal to {pref['model']}'s non-refusing answer"
+                   " (fraction of prompts; mean reward margin)",
+                   "; ".join(f"{k} {said(v)}" for k, v in pref.items() if isinstance(v, dict))])
   for name, r in s.get("rl", {}).items():
     label = f"7 {name.upper()}"
     rows.append([label, f"reward, first {r['half']} → last {r['half']} iterations (mean)",

@@ -14,13 +14,20 @@ with p > 0.5; p = 0.5 pairs left out), accuracy per kind, reward mean/std and
 the expected calibration error of sigma(r_a - r_b) against p, with its
 reliability table written to `calibration/step-NNNNNNN.json`.
 
+With `pms="by_kind"` the stage trains two PMs on the same split (Llama 2's
+separate rewards): a harmlessness PM on the red-team comparisons, in the stage's
+directory (the PM every later stage reads by default), and a helpfulness PM on the
+helpful ones (answer-over-refusal contrasts included), in `helpful/`; stage 7's
+`gated` reward scores each prompt with its kind's PM. Each resumes on its own.
+
 With `lora.rank` > 0 only LoRA adapters on the backbone and the head train; the
 checkpoint holds them, `model/pm.json` names the base, and
 `saved.restore_preference_model` rebuilds the base and merges them, so stages 7
 and 8 read a LoRA PM like any other.
 
-Output, under `<workdir>/p6_preference_model/`: `checkpoints/` (Orbax),
-`model/` (`cai_jax.preference.saved`), metrics.jsonl, tensorboard/, calibration/.
+Output, under `<workdir>/p6_preference_model/` (and for pms="by_kind" the same
+under its `helpful/`): `checkpoints/` (Orbax), `model/` (`cai_jax.preference.saved`),
+metrics.jsonl, tensorboard/, calibration/.
 
   python -m cai_jax.phases.p6_preference_model \
       --config=configs/preference_model.py:cpu --workdir=runs/cai
@@ -29,6 +36,7 @@ Output, under `<workdir>/p6_preference_model/`: `checkpoints/` (Orbax),
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import jax
@@ -56,22 +64,55 @@ def load_comparisons(config: ml_collections.ConfigDict, workdir: str
                                 d.eval_size, config.seed)
 
 
+# pms="by_kind": (output under the stage directory, the comparisons' kind), in order.
+BY_KIND = (("", "red_team"), (paths.HELPFUL_PM, "helpful"))
+PMS = ("one", "by_kind")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         should_stop: Callable[[int], bool] | None = None) -> setup.Result:
-  """Train (or resume) the preference model; returns the status, step and metrics.
+  """Train (or resume) the preference model(s); returns the status, step and metrics
+  (of the last PM trained; "preempted" as soon as one is).
 
   `should_stop(step)` is polled after every step, like SIGTERM: True saves a
   checkpoint and returns "preempted". A non-finite loss or parameter raises
   FloatingPointError without saving; the last (finite) checkpoint is kept.
   """
-  out = paths.stage_dir(workdir, paths.PREFERENCE_MODEL)
-  t, d = config.train, config.data
-  init_key, state_key = jax.random.split(jax.random.key(config.seed))
-
-  # --- Mesh, model, comparisons ---
+  pms = config.get("pms", "one")
+  if pms not in PMS:
+    raise ValueError(f"config pms={pms!r}: use one of {list(PMS)}")
   sharder = sharder_from_config(config)
-  setup.check_batch_split(t, sharder, "pairs", {"eval_batch_size": t.eval_batch_size})
+  setup.check_batch_split(config.train, sharder, "pairs",
+                          {"eval_batch_size": config.train.eval_batch_size})
   train_c, held_c = load_comparisons(config, workdir)
+  key = jax.random.key(config.seed)
+  if pms == "one":
+    return train_pm(config, workdir, "", train_c, held_c, sharder, key, should_stop)
+  for i, (which, kind) in enumerate(BY_KIND):
+    kind_train = [c for c in train_c if c.kind == kind]
+    if not kind_train:
+      raise ValueError(f"config pms='by_kind': no {kind} comparisons to train the {kind} PM"
+                       " on; check data.helpful_ratio and stage 5's labels")
+    logging.info("stage 6, %s PM: %d train, %d held-out comparisons", kind, len(kind_train),
+                 sum(c.kind == kind for c in held_c))
+    result = train_pm(config, workdir, which, kind_train,
+                      [c for c in held_c if c.kind == kind], sharder,
+                      jax.random.fold_in(key, i) if i else key, should_stop)
+    if result.status != "done":
+      return result
+  return result
+
+
+def train_pm(config: ml_collections.ConfigDict, workdir: str, which: str,
+             train_c: list[comparisons.Comparison], held_c: list[comparisons.Comparison],
+             sharder, key: jax.Array, should_stop: Callable[[int], bool] | None
+             ) -> setup.Result:
+  """Train (or resume) one PM on `train_c` into `paths.pm_out(workdir, which)`."""
+  out = paths.pm_out(workdir, which)
+  t, d = config.train, config.data
+  init_key, state_key = jax.random.split(key)
+
+  # --- Model, tokenized comparisons ---
   spec = paths.sl_cai_model(config.model, workdir)
   cfg, params, tok = pm.init_scalar_model(spec, sharder, init_key, tokenizer=config.tokenizer,
                                           **dict(config.model_overrides))
@@ -108,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       r_B2 = np.asarray(jax.device_get(r_B2))
       rewards_E2[rows[rows >= 0]] = r_B2[rows >= 0]
     metrics, table = calibration.eval_metrics(rewards_E2, held, config.eval.num_bins)
-    calibration.write_calibration(paths.calibration_dir(workdir), step, metrics, table)
+    calibration.write_calibration(paths.calibration_dir(workdir, which), step, metrics, table)
     return metrics
 
   return supervised.fit(

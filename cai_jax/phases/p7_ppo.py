@@ -5,7 +5,8 @@ GRPO (`config.algorithm`, with `rollout.samples_per_prompt` responses a prompt).
 The policy and the frozen reference start from SL-CAI (`paths.sl_cai_model`)
 (with `lora.rank` > 0 the policy is LoRA adapters on the reference's own weights);
 the reward is stage 6's PM through the one scorer, or a weighted sum of sources
-(the PM, the feedback model live, rules: `rl.reward`, `reward.sources`); one
+(the PM, each prompt kind's PM (`gated`), the feedback model live, rules:
+`rl.reward`, `reward.sources`); one
 iteration of rollout, reward, score pass, advantages and clipped updates is
 `rl.learner.Learner.iterate`, run by the one train loop (`training.loop`), a
 step being an iteration. beta is fixed (`kl.target` = 0) or moved towards the
@@ -16,8 +17,10 @@ uninterrupted run bit for bit.
 
 Output, under `<workdir>/p7_ppo/` (`p7_rloo/`, `p7_grpo/` for those algorithms,
 so that each can be evaluated beside PPO): `checkpoints/` (Orbax),
-`metrics.jsonl`, `tensorboard/` and the final policy as a Hugging Face
-directory `hf/`.
+`metrics.jsonl`, `tensorboard/`, the final policy as a Hugging Face
+directory `hf/`, and with `probe.every` > 0 `probe.jsonl`: the reward of the
+policy's greedy answers to the same held-out prompts, before training and every
+`probe.every` iterations.
 
   python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:cpu --workdir=runs/cai
   python -m cai_jax.phases.p7_ppo --config=configs/ppo.py:cpu --config.algorithm=grpo \
@@ -26,6 +29,8 @@ directory `hf/`.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -34,7 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cai_jax import paths
+from cai_jax import distributed, paths
 from cai_jax.checkpoints.load import load_model
 from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution, load_constitution
 from cai_jax.data import prompts, rollout_prompts
@@ -83,6 +88,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if len(prompt_set.ids) < c.rollout.batch_size:
     raise ValueError(f"{len(prompt_set.ids)} usable prompts, fewer than rollout.batch_size="
                      f"{c.rollout.batch_size}")
+  probe = c.get("probe", {})
+  probe_every = int(probe.get("every", 0))
+  if probe_every:  # the first num_prompts held-out prompts of each kind, never trained on
+    held = [r for path in paths.require_prompts(workdir, "held_out", c.data.kinds)
+            for r in prompts.read_jsonl(path)[:probe.get("num_prompts", 8)]]
+    probe_set = rollout_prompts.render_prompts(tok, [r.prompt for r in held],
+                                               c.data.max_prompt_len)
+    kinds_of = {r.prompt: r.kind for r in records} | {r.prompt: r.kind for r in held}
+  else:
+    kinds_of = {r.prompt: r.kind for r in records}
 
   # --- The reward: weighted sources (`rl.reward`) ---
   reward = None
@@ -93,22 +108,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       if configured.startswith("random:"):  # smoke runs: a random scalar model
         pm_cfg, pm_params, pm_tok = pm.init_scalar_model(
             configured, sharder, key, tokenizer=c.tokenizer, **dict(c.model_overrides))
-      else:
+      else:  # a PM directory, or a workdir holding one
         pm_cfg, pm_params, pm_tok = restore_preference_model(
             paths.preference_model_dir(configured, workdir), sharder)
       return reward_lib.pm_source(
           Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder),
           tok, dict(zip(prompt_set.texts, prompt_set.ids)), c.reward.pm_input)
 
+    @functools.cache  # each PM loaded once, whichever sources read it
+    def harm_pm() -> reward_lib.RewardFn:
+      return pm_source(c.reward_model, pm_key)
+
+    @functools.cache
+    def helpful_pm() -> reward_lib.RewardFn:
+      configured = c.reward.get("helpful_pm", "")
+      return pm_source(configured if configured.startswith("random:")
+                       else paths.helpful_preference_model_dir(configured, workdir),
+                       jax.random.fold_in(pm_key, 1))
+
     for name, _ in sources:
       if name == "pm":
-        fns[name] = pm_source(c.reward_model, pm_key)
+        fns[name] = harm_pm()
       elif name == "helpful_pm":
-        if not c.reward.get("helpful_pm"):
-          raise ValueError("config reward.helpful_pm is empty but reward.sources names"
-                           " helpful_pm: set it to a stage-6 PM trained on helpfulness pairs"
-                           " (its directory, or the workdir holding it)")
-        fns[name] = pm_source(c.reward.helpful_pm, jax.random.fold_in(pm_key, 1))
+        fns[name] = helpful_pm()
+      elif name == "gated":  # each prompt kind's PM (stage 6 with pms="by_kind")
+        gate = c.reward.get("gate", {})
+        fns[name] = reward_lib.GatedReward(
+            harm_pm(), helpful_pm(), kinds_of,
+            threshold=gate.get("threshold", 0.15), rule=gate.get("rule", "kind"))
       elif name in ("feedback", "feedback_by_kind"):
         f = c.reward.feedback
         model = FeedbackModel.load(paths.feedback_model(f.model, workdir), sharder, f.dtype)
@@ -124,12 +151,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
               principle_ids=(HELPFUL_PRINCIPLE,), **settings))
           fns[name] = reward_lib.feedback_by_kind_reward_fn(
               {"red_team": (labeler, f.principle), "helpful": (helpful, HELPFUL_PRINCIPLE)},
-              {r.prompt: r.kind for r in records}, tok)
+              kinds_of, tok)
       elif name == "overlong":
         fns[name] = reward_lib.overlong_reward_fn(c.reward.overlong_after,
                                                   c.rollout.max_new_tokens)
       else:  # refusal
-        fns[name] = reward_lib.refusal_reward_fn(tok, {r.prompt: r.kind for r in records})
+        fns[name] = reward_lib.refusal_reward_fn(tok, kinds_of)
     reward_fn = reward = reward_lib.WeightedReward([(n, w, fns[n]) for n, w in sources],
                                                    c.reward.normalize)
   iterations = c.learner.iterations
@@ -142,8 +169,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   s = setup.prepare(os.path.join(out, "checkpoints"), c.optim, updates, abstract,
                     learner_lib.policy_shardings(cfg, sharder, critic, lora_spec), sharder,
                     c.train.keep_checkpoints)
-  learner = learner_lib.Learner(c, cfg, tok, sharder, reward_fn, s.tx,
-                                prompt_set.width(c.data.max_prompt_len))
+  width = prompt_set.width(c.data.max_prompt_len)
+  if probe_every:  # one prompt width for both: one compiled sampler
+    width = max(width, probe_set.width(c.data.max_prompt_len))
+  learner = learner_lib.Learner(c, cfg, tok, sharder, reward_fn, s.tx, width)
   data_info = {"fingerprint": prompt_set.fingerprint(), "num_prompts": len(prompt_set.ids),
                "batch_size": c.rollout.batch_size, "seed": c.seed}
   if c.rollout.samples_per_prompt != 1:  # absent at K = 1: PPO workdirs of before resume
@@ -162,12 +191,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     start, kl["coef"] = int(saved["iteration"]), float(saved["kl_coef"])
     if reward is not None and "reward_norm" in saved:
       reward.load_state(saved["reward_norm"])
-  normalized = reward is not None and reward.normalize
+  normalized = reward is not None and reward.stateful
+
+  # --- The probe: the same held-out prompts, answered greedily, scored without state ---
+  probe_file = paths.probe_file(workdir, stage)
+
+  def run_probe(state, iteration: int) -> float:
+    tokens, lengths = learner.answer(state, ref_params, probe_set.ids)
+    score = getattr(reward_fn, "raw", reward_fn)
+    scores = np.asarray(score(probe_set.texts, tokens, lengths), np.float64)
+    if distributed.is_leader():
+      with open(probe_file, "a") as f:
+        f.write(json.dumps({"iteration": iteration, "prompts": probe_set.texts,
+                            "scores": scores.tolist()}) + "\n")
+    return float(scores.mean())
 
   # --- Iterations: a loop step is one RL iteration ---
+  position = {"iteration": start}
+
   def step_fn(state, rows):
+    it = position["iteration"]
+    probed = {"probe/reward_before": run_probe(state, 0)} if probe_every and it == 0 else {}
     state, metrics = learner.iterate(state, ref_params, [prompt_set.texts[i] for i in rows],
                                      [prompt_set.ids[i] for i in rows], kl["coef"])
+    position["iteration"] = it + 1
+    if probe_every and ((it + 1) % probe_every == 0 or it + 1 == iterations):
+      metrics["probe/reward"] = run_probe(state, it + 1)
+    metrics.update(probed)
     metrics["finite"] = bool(metrics["finite"]) and bool(np.isfinite(metrics["policy_loss"]))
     if metrics["finite"] and c.kl.target:
       kl["coef"] = ppo.adaptive_kl_coef(kl["coef"], metrics["kl"], c.kl.target, c.kl.horizon,

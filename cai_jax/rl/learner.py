@@ -276,6 +276,15 @@ class Learner:
     """The weights the rollout samples from."""
     return params["backbone"] if self.lora is None else self._merged(params, ref_params)
 
+  def answer(self, state: optim.TrainState, ref_params, prompt_ids: Sequence[Sequence[int]]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The policy's greedy answers (tokens [B, M], lengths [B]) to `prompt_ids`, with
+    no change to `state`: the fixed probe set's answers (`probe` in stage 7)."""
+    keys = sequence_keys(jax.random.key(0), list(range(len(prompt_ids))))  # unused: greedy
+    out = self.sampler.generate(self.rollout_params(state.params, ref_params), prompt_ids,
+                                keys, SamplingParams(temperature=0.0))
+    return np.asarray(out.tokens), np.asarray(out.lengths)
+
   def iterate(self, state: optim.TrainState, ref_params, prompt_texts: Sequence[str],
               prompt_ids: Sequence[Sequence[int]], kl_coef: float
               ) -> tuple[optim.TrainState, dict[str, float]]:

@@ -13,6 +13,15 @@
              the paper's mixture of a helpfulness and a harmlessness signal, where a
              PM was trained on helpfulness pairs alone (stage 6 in another workdir,
              e.g. on `data.helpful_comparisons` with human labels);
+  gated      the two PMs of stage 6's `pms="by_kind"` (Llama 2, Sec. 3.2.3): every
+             rollout is scored by the harmlessness PM (`reward_model`) and the
+             helpfulness PM (`reward.helpful_pm`), each standardised by its own
+             running mean and std over every rollout it scored; a red-team prompt's
+             reward is the harmlessness score, a helpful prompt's the helpfulness
+             score, and a prompt of unknown kind takes the harmlessness score when
+             sigmoid(it) < `reward.gate.threshold` (the unsafe case), else the
+             helpfulness score (`reward.gate.rule="llama2"` applies that rule to
+             helpful prompts too, as Llama 2 does); `GatedReward`;
   feedback   the feedback model itself, live (RLAIF without a distilled PM, an
              ablation of it): each rollout's pointwise Yes/No log-odds under one
              constitution principle, exactly the stage-5 labeler's pointwise
@@ -54,7 +63,7 @@ from cai_jax.text.tokenizer import Tokenizer
 
 # reward_fn(prompt texts, response tokens [B, M], lengths [B]) -> scores [B] float32.
 RewardFn = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
-SOURCES = ("pm", "helpful_pm", "feedback", "feedback_by_kind", "overlong", "refusal")
+SOURCES = ("pm", "helpful_pm", "gated", "feedback", "feedback_by_kind", "overlong", "refusal")
 NORM_EPS = 1e-6
 
 
@@ -238,16 +247,78 @@ class Moments:
     self.mean += delta * n / total
     self.count = total
 
+  @classmethod
+  def from_state(cls, state: Mapping[str, float]) -> "Moments":
+    return cls(**{k: float(v) for k, v in state.items()})
+
   @property
   def std(self) -> float:
     return math.sqrt(self.m2 / self.count) if self.count else 0.0
 
 
+GATE_RULES = ("kind", "llama2")
+GATED_KINDS = ("red_team", "helpful")
+
+
+class GatedReward:
+  """The `gated` source: each prompt kind's PM, each standardised (module docstring).
+
+  Both PMs score every rollout, so both running moments see the same rollouts and the
+  threshold rule can read the harmlessness score of any prompt. `moments` ride in the
+  checkpoint through `WeightedReward.state`; `last` holds the batch's raw mean of each
+  PM and the share of rollouts the harmlessness PM judged."""
+
+  def __init__(self, harm: RewardFn, helpful: RewardFn, kinds: Mapping[str, str],
+               threshold: float = 0.15, rule: str = "kind"):
+    if rule not in GATE_RULES:
+      raise ValueError(f"reward.gate.rule={rule!r}: use one of {list(GATE_RULES)}")
+    if not 0.0 <= threshold <= 1.0:
+      raise ValueError(f"reward.gate.threshold={threshold}: a probability in [0, 1]")
+    self.harm, self.helpful, self.kinds = harm, helpful, kinds
+    self.threshold, self.rule = threshold, rule
+    self.moments = {"harm": Moments(), "helpful": Moments()}
+    self.last: dict[str, float] = {}
+
+  def __call__(self, prompt_texts, tokens_BM, lengths_B) -> np.ndarray:
+    z = {}
+    for name, fn in (("harm", self.harm), ("helpful", self.helpful)):
+      s = np.asarray(fn(prompt_texts, tokens_BM, lengths_B), np.float64)
+      self.last[f"{name}_pm"] = float(s.mean())
+      m = self.moments[name]
+      m.update(s)
+      z[name] = (s - m.mean) / (m.std + NORM_EPS)
+    kind_B = np.array([self.kinds.get(p, "") for p in prompt_texts])
+    unsafe_B = 1.0 / (1.0 + np.exp(-z["harm"])) < self.threshold
+    thresholded_B = ~np.isin(kind_B, GATED_KINDS)
+    if self.rule == "llama2":
+      thresholded_B |= kind_B == "helpful"
+    use_harm_B = (kind_B == "red_team") | (thresholded_B & unsafe_B)
+    self.last["harm_share"] = float(use_harm_B.mean())
+    return np.where(use_harm_B, z["harm"], z["helpful"]).astype(np.float32)
+
+  def raw(self, prompt_texts, tokens_BM, lengths_B) -> np.ndarray:
+    """Each rollout's score by its kind's PM, unstandardised, touching no state (the
+    probe's reward): the harmlessness PM's for red-team prompts and prompts of no known
+    kind, the helpfulness PM's for helpful ones."""
+    harm = np.asarray(self.harm(prompt_texts, tokens_BM, lengths_B), np.float32)
+    helpful = np.asarray(self.helpful(prompt_texts, tokens_BM, lengths_B), np.float32)
+    return np.where([self.kinds.get(p) == "helpful" for p in prompt_texts], helpful, harm)
+
+  def state(self) -> dict[str, dict[str, float]]:
+    return {name: dataclasses.asdict(m) for name, m in self.moments.items()}
+
+  def load_state(self, state: Mapping[str, Mapping[str, float]]) -> None:
+    self.moments |= {name: Moments.from_state(m) for name, m in state.items()
+                     if name in self.moments}
+
+
 class WeightedReward:
   """A `RewardFn` summing weighted (optionally normalised) sources.
 
-  `state()` / `load_state()` carry the running moments through checkpoints;
-  `last` holds the latest batch's raw mean of each source (for the metrics)."""
+  `state()` / `load_state()` carry the running moments through checkpoints (a
+  source with its own, `GatedReward`, under "<name>/<its key>"); `last` holds the
+  latest batch's raw mean of each source and what a source logs of its own, under
+  "reward/<name>/<key>" (for the metrics)."""
 
   def __init__(self, sources: Sequence[tuple[str, float, RewardFn]], normalize: bool):
     if not sources:
@@ -261,6 +332,8 @@ class WeightedReward:
     for name, weight, fn in self.sources:
       s = np.asarray(fn(prompt_texts, tokens_BM, lengths_B), np.float32)
       self.last[f"reward/{name}"] = float(s.mean())
+      for key, value in getattr(fn, "last", {}).items():
+        self.last[f"reward/{name}/{key}"] = value
       x = s.astype(np.float64)
       if self.normalize:
         m = self.moments[name]
@@ -270,10 +343,34 @@ class WeightedReward:
       total = weight * x if total is None else total + weight * x
     return total.astype(np.float32)
 
+  def raw(self, prompt_texts, tokens_BM, lengths_B) -> np.ndarray:
+    """sum_i w_i * s_i without normalisation, touching no state: the reward of the fixed
+    probe prompts (stage 7's `probe`), comparable across iterations, which the running
+    moments are not (a stateful source gives its own `raw`)."""
+    total = np.zeros(len(prompt_texts), np.float64)
+    for _, weight, fn in self.sources:
+      score = getattr(fn, "raw", fn)
+      total += weight * np.asarray(score(prompt_texts, tokens_BM, lengths_B), np.float64)
+    return total.astype(np.float32)
+
+  @property
+  def stateful(self) -> bool:
+    """Whether `state()` holds anything a resumed run needs."""
+    return self.normalize or any(hasattr(fn, "state") for _, _, fn in self.sources)
+
   def state(self) -> dict[str, dict[str, float]]:
-    return {name: dataclasses.asdict(m) for name, m in self.moments.items()}
+    out = ({name: dataclasses.asdict(m) for name, m in self.moments.items()}
+           if self.normalize else {})
+    for name, _, fn in self.sources:
+      if hasattr(fn, "state"):
+        out |= {f"{name}/{key}": m for key, m in fn.state().items()}
+    return out
 
   def load_state(self, state: Mapping[str, Mapping[str, float]]) -> None:
+    fns = {name: fn for name, _, fn in self.sources}
     for name, m in state.items():
-      if name in self.moments:
-        self.moments[name] = Moments(**{k: float(v) for k, v in m.items()})
+      source, _, key = name.partition("/")
+      if key and hasattr(fns.get(source), "load_state"):
+        fns[source].load_state({key: m})
+      elif name in self.moments:
+        self.moments[name] = Moments.from_state(m)

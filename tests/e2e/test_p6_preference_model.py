@@ -11,7 +11,7 @@ import pytest
 
 from cai_jax import paths
 from cai_jax.checkpoints import load
-from cai_jax.data import comparisons
+from cai_jax.data import comparisons, rollout_prompts
 from cai_jax.model.sharding import Sharder, make_mesh
 from cai_jax.phases import p6_preference_model as p6
 from cai_jax.preference import model as pm
@@ -175,3 +175,100 @@ def test_lora_pm_resumes_bit_identically_and_restores_merged(tmp_path):
   assert float(np.abs(np.asarray(want) - np.asarray(pm.pair_rewards(
       {"backbone": base, "head": resumed.state.params["head"]}, batch["tokens"],
       batch["mask"], cfg, None))).max()) > 1e-4  # the adapters changed the scores
+
+
+def test_two_pms_by_kind_then_the_gated_reward_resume_bit_identically(tmp_path):
+  """pms="by_kind": a harmlessness PM on the red-team comparisons (the stage's own
+  directory) and a helpfulness PM on the helpful ones (`helpful/`), each held out on
+  its kind only; a run stopped inside the second PM resumes to both PMs of the
+  uninterrupted run. Stage 7's `gated` reward reads both, logs each, and a stopped RL
+  run resumes bit-identically (its running moments ride in the checkpoint)."""
+  import itertools
+
+  import test_p7_ppo
+  from cai_jax.data import prompts
+  from cai_jax.evaluation import evidence
+  from cai_jax.phases import p7_ppo
+  c = tiny_config(num_steps=4, save_every=100, eval_every=4)
+  c.pms, c.data.eval_size = "by_kind", 12
+  for d in ("full", "resumed"):
+    write_labels(str(tmp_path / d), marker_records(48, seed=5))
+    test_p7_ppo.write_prompts(str(tmp_path / d), n=8)
+  full = p6.run(c, str(tmp_path / "full"))
+  calls = itertools.count(1)  # 4 steps of the harm PM, then the helpful PM's second
+  part = p6.run(c, str(tmp_path / "resumed"), should_stop=lambda step: next(calls) == 6)
+  assert part.status == "preempted" and part.step == 2
+  assert part.output_dir == paths.pm_out(str(tmp_path / "resumed"), paths.HELPFUL_PM)
+  resumed = p6.run(c, str(tmp_path / "resumed"))
+  assert resumed.status == "done" and resumed.step == 4
+  assert_same_state(full.state, resumed.state)
+  sharder = single_device_sharder()
+  train_c, held_c = p6.load_comparisons(c, str(tmp_path / "full"))
+  for which, kind, other in (("", "red_team", "helpful"),
+                             (paths.HELPFUL_PM, "helpful", "red_team")):
+    dirs = [paths.pm_out(str(tmp_path / d), which) for d in ("full", "resumed")]
+    a, b = (saved.restore_preference_model(d, sharder)[1] for d in dirs)
+    assert tree_hashes(a) == tree_hashes(b), which
+    (cal,) = os.listdir(paths.calibration_dir(str(tmp_path / "full"), which))
+    with open(os.path.join(paths.calibration_dir(str(tmp_path / "full"), which), cal)) as f:
+      metrics = json.load(f)
+    assert metrics["eval_pairs"] == sum(x.kind == kind for x in held_c) > 0
+    assert f"eval_accuracy_{kind}" in metrics and f"eval_accuracy_{other}" not in metrics
+  assert paths.preference_model_dir("", str(tmp_path / "full")) == paths.pm_out(
+      str(tmp_path / "full"))
+  # Stage 8 and the report read each: the diagnosis's signal per PM, and the helpful
+  # PM's refusal preference on SL-CAI's answers (here: helpful prompts, hand-written).
+  from cai_jax.evaluation import diagnosis
+  from cai_jax.evaluation.answers import AnswerRecord
+  from cai_jax.configs import evaluation as eval_config
+  from cai_jax.phases import p8_evaluation
+  signals = diagnosis.measure(str(tmp_path / "full"))
+  assert set(signals["pm"]["by_kind"]) == {"red_team"}
+  assert set(signals["pm_helpful"]["by_kind"]) == {"helpful"}
+  answers = {"sl_cai": {f"h{i}": AnswerRecord(f"h{i}", f"How do I bake bread {i}?", "helpful",
+                                              "held_out", "sl_cai", f"Mix flour {i} and bake.")
+                        for i in range(3)}}
+  pref = p8_evaluation.run_helpful_pm(eval_config.get_config("tiny"), str(tmp_path / "full"),
+                                      sharder, answers, ["sl_cai"])
+  assert pref["model"] == "sl_cai" and pref["helpful"]["refusal_preferred"]["n"] == 3
+  assert "missing" in p8_evaluation.run_helpful_pm(
+      eval_config.get_config("tiny"), str(tmp_path / "nowhere"), sharder, answers, ["sl_cai"])
+
+  rl = test_p7_ppo.tiny_config(iterations=2)
+  rl.reward_model, rl.reward.sources = "", "gated"
+  rl.rollout.batch_size = 8
+  rl.probe.every, rl.probe.num_prompts = 1, 3  # before training and after each iteration
+  held = {}
+  for kind in ("red_team", "helpful"):
+    held[kind] = [prompts.PromptRecord(id=f"{kind}-held-{i}", prompt=f"held {kind} {i}?",
+                                       source="test", kind=kind) for i in range(5)]
+    for d in ("full", "resumed"):
+      prompts.write_jsonl(held[kind], paths.prompts_file(str(tmp_path / d), kind, "held_out"))
+  rl_full = p7_ppo.run(rl, str(tmp_path / "full"))
+  assert p7_ppo.run(rl, str(tmp_path / "resumed"), should_stop=lambda it: it == 1).step == 1
+  rl_resumed = p7_ppo.run(rl, str(tmp_path / "resumed"))
+  assert rl_resumed.status == "done" and rl_resumed.step == 2
+  assert_same_state(rl_full.state, rl_resumed.state)
+  untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}
+  assert untimed(rl_full.metrics) == untimed(rl_resumed.metrics)
+  # The harm PM judged exactly each batch's red-team prompts (write_prompts: rows 0-7
+  # of the 16 are red-team).
+  logged = read_metrics(rl_full.output_dir)
+  shares = [m["reward/gated/harm_share"] for m in logged if "reward/gated/harm_share" in m]
+  want = [np.mean(rollout_prompts.prompt_rows(16, 8, rl.seed, it) < 8) for it in range(2)]
+  assert shares == pytest.approx(want)
+  assert all("reward/gated/helpful_pm" in m for m in logged if "reward" in m)
+  # The probe: the first 3 held-out prompts of each kind at iterations 0, 1, 2, the same
+  # prompts each time; the resumed run's rows (its rerun after the checkpoint deduped)
+  # are the uninterrupted run's; the probe's answers touch no running moment (each PM's
+  # count is the 16 rollouts of the 2 iterations).
+  rows = evidence.read_probe(paths.probe_file(str(tmp_path / "full"), paths.PPO))
+  want_prompts = [r.prompt for kind in ("red_team", "helpful") for r in held[kind][:3]]
+  assert [r["iteration"] for r in rows] == [0, 1, 2]
+  assert all(r["prompts"] == want_prompts and len(r["scores"]) == 6 for r in rows)
+  assert rows == evidence.read_probe(paths.probe_file(str(tmp_path / "resumed"), paths.PPO))
+  assert [m["probe/reward"] for m in logged if "probe/reward" in m] == pytest.approx(
+      [np.mean(r["scores"]) for r in rows[1:]])
+  with checkpoint.Checkpointer(os.path.join(rl_full.output_dir, "checkpoints")) as ckpt:
+    norm = ckpt.restore_data()["reward_norm"]
+  assert norm["gated/harm"]["count"] == norm["gated/helpful"]["count"] == 16

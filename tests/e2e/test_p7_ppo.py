@@ -262,11 +262,13 @@ def test_stage7_on_weighted_normalised_sources_resumes_bit_identically(tmp_path)
   assert full.metrics["reward/pm"] != full.metrics["reward/helpful_pm"]
 
 
-def test_helpful_pm_source_needs_its_directory(tmp_path):
+@pytest.mark.parametrize("sources", ["pm=1,helpful_pm=1", "gated=1"])
+def test_helpful_pm_source_needs_its_directory(tmp_path, sources):
   write_prompts(str(tmp_path))
   c = tiny_config(iterations=1)
-  c.reward.sources = "pm=1,helpful_pm=1"
-  with pytest.raises(ValueError, match="reward.helpful_pm is empty"):
+  c.reward.sources = sources
+  with pytest.raises(FileNotFoundError, match="no helpfulness preference model; run stage 6"
+                                              " with --config.pms=by_kind or set"):
     p7_ppo.run(c, str(tmp_path))
 
 

@@ -98,3 +98,17 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   assert all(again[n] >= timings[n] for n in timings)
   with open(os.path.join(workdir, "pipeline_timings.json")) as f:
     assert json.load(f) == again
+
+
+def test_gated_addition_sets_two_pms_contrasts_and_the_gated_reward():
+  from cai_jax.configs import pipeline as pipeline_config
+  c = pipeline_config.get_config("tiny+gated+grpo")
+  assert c.preference_model.pms == "by_kind" and c.pairs.refusal_pairs
+  for rl in (c.ppo, c.grpo):  # the critic-free copy carries the reward and the probe
+    assert rl.reward.sources == "gated" and rl.probe.every == 4
+  assert c.grpo.algorithm == "grpo"
+  plain = pipeline_config.get_config("tiny")
+  assert (plain.preference_model.pms, plain.ppo.reward.sources, plain.ppo.probe.every) == (
+      "one", "pm=1", 0)
+  with pytest.raises(ValueError, match=r"unknown addition\(s\) \['gate'\]"):
+    pipeline_config.get_config("tiny+gate")
