@@ -121,7 +121,8 @@ HELPFUL_PM = "helpful"
 
 def pm_out(workdir: str, which: str = "") -> str:
   """Stage 6's output for one PM: "" the stage's PM, HELPFUL_PM the helpfulness one."""
-  return os.path.join(stage_dir(workdir, PREFERENCE_MODEL), which)
+  out = stage_dir(workdir, PREFERENCE_MODEL)
+  return os.path.join(out, which) if which else out
 
 
 def calibration_dir(workdir: str, which: str = "") -> str:

@@ -98,6 +98,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     kinds_of = {r.prompt: r.kind for r in records} | {r.prompt: r.kind for r in held}
   else:
     kinds_of = {r.prompt: r.kind for r in records}
+  # Every prompt the reward may see (rollouts and probe), as the policy rendered it.
+  ids_of = dict(zip(prompt_set.texts, prompt_set.ids))
+  if probe_every:
+    ids_of |= dict(zip(probe_set.texts, probe_set.ids))
 
   # --- The reward: weighted sources (`rl.reward`) ---
   reward = None
@@ -113,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             paths.preference_model_dir(configured, workdir), sharder)
       return reward_lib.pm_source(
           Scorer(pm_cfg, pm_params, pm_tok, max_len=c.reward.max_len, sharder=sharder),
-          tok, dict(zip(prompt_set.texts, prompt_set.ids)), c.reward.pm_input)
+          tok, ids_of, c.reward.pm_input)
 
     @functools.cache  # each PM loaded once, whichever sources read it
     def harm_pm() -> reward_lib.RewardFn:

@@ -209,8 +209,9 @@ def test_two_pms_by_kind_then_the_gated_reward_resume_bit_identically(tmp_path):
     dirs = [paths.pm_out(str(tmp_path / d), which) for d in ("full", "resumed")]
     a, b = (saved.restore_preference_model(d, sharder)[1] for d in dirs)
     assert tree_hashes(a) == tree_hashes(b), which
-    (cal,) = os.listdir(paths.calibration_dir(str(tmp_path / "full"), which))
-    with open(os.path.join(paths.calibration_dir(str(tmp_path / "full"), which), cal)) as f:
+    cal_dir = paths.calibration_dir(str(tmp_path / "full"), which)
+    assert sorted(os.listdir(cal_dir)) == ["step-0000000.json", "step-0000004.json"]
+    with open(os.path.join(cal_dir, "step-0000004.json")) as f:
       metrics = json.load(f)
     assert metrics["eval_pairs"] == sum(x.kind == kind for x in held_c) > 0
     assert f"eval_accuracy_{kind}" in metrics and f"eval_accuracy_{other}" not in metrics
