@@ -11,6 +11,7 @@ cai_jax.phases.<stage>` under one name, with the same flags (cai_jax.phases.cli)
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   command, rest = (argv[0], argv[1:]) if argv else ("", [])
   if command in ("-h", "--help", "help"):
-    print(usage())
+    try:
+      print(usage(), flush=True)
+    except BrokenPipeError:  # `cai-jax --help | head`: the reader left; no traceback
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   elif command == "pipeline":
     from cai_jax import pipeline
     from cai_jax.phases import cli

@@ -275,19 +275,38 @@ def real_cache():
   return assets.cache_root()
 
 
+@pytest.fixture(scope="module")
+def real_models(real_cache):
+  """name -> ((cfg, params, tok) ours, the transformers model of the same GGUF), each
+  loaded once for this file's real-model tests and let go after them."""
+  loaded = {}
+
+  def get(name):
+    if name not in loaded:
+      if not assets.is_available(name):
+        pytest.skip(f"{name} not installed: {assets.get_asset(name).pip_command}")
+      torch = pytest.importorskip("torch")
+      transformers = pytest.importorskip("transformers")
+      pytest.importorskip("accelerate")
+      d, fname = os.path.split(assets.gguf_path(name, real_cache))
+      loaded[name] = (load_model(name, cache_root=real_cache),
+                      transformers.AutoModelForCausalLM.from_pretrained(
+                          d, gguf_file=fname, dtype=torch.float32).eval())
+    return loaded[name]
+
+  yield get
+  loaded.clear()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REAL))
-def test_real_model_matches_transformers(name, real_cache):
-  if not assets.is_available(name):
-    pytest.skip(f"{name} not installed: {assets.get_asset(name).pip_command}")
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  pytest.importorskip("accelerate")
+def test_real_model_matches_transformers(name, real_cache, real_models):
+  (cfg, params, tok), model = real_models(name)
+  import torch
+  import transformers
   tol, family = REAL[name]
   asset = assets.get_asset(name)
   path = assets.gguf_path(name, real_cache)
-
-  cfg, params, tok = load_model(name, cache_root=real_cache)
   assert cfg.family == family
 
   d, fname = os.path.split(path)
@@ -305,8 +324,6 @@ def test_real_model_matches_transformers(name, real_cache):
   ids = tok.encode(prompt)
 
   ours = _logits(params, cfg, np.asarray([ids]))[0]
-  model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=fname,
-                                                            dtype=torch.float32).eval()
   with torch.no_grad():
     ref = model(torch.tensor([ids])).logits[0].float().numpy()
   diff = np.abs(ours - ref).max()
@@ -342,3 +359,37 @@ def test_real_model_matches_transformers(name, real_cache):
   for k, v in saved.items():
     assert v.shape == theirs[k].shape, k
     np.testing.assert_allclose(v.astype(np.float32), theirs[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+GREEDY_QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better at night, with a short reason for each one.",
+    "Hi!",
+    "Explain in two sentences why the sky looks blue during the day but red at sunset.",
+]
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_generation_matches_transformers(real_models):
+  """32 greedy tokens of 4 left-padded prompts of different lengths: our sampler on the
+  real SmolLM2-135M-Instruct weights against transformers' `generate` on the same GGUF."""
+  import torch
+  from cai_jax.sampling.sampler import Sampler, sequence_keys
+  from cai_jax.text.chat import generation_ids
+  from conftest import left_pad
+  (cfg, params, tok), model = real_models("smollm2-135m-instruct")
+  prompts = [generation_ids(tok, [{"role": "user", "content": q}]) for q in GREEDY_QUESTIONS]
+  assert len({len(p) for p in prompts}) == 4, "prompts of different lengths"
+  sampler = Sampler(cfg, max_new_tokens=32, stop_ids=(), pad_id=tok.pad_id)
+  ours = sampler.generate(params, prompts, sequence_keys(0, range(4)))
+  ids, mask = left_pad(prompts, tok.pad_id)
+  model.generation_config.eos_token_id = None  # neither side stops at EOS: 32 tokens
+  with torch.no_grad():
+    ref = model.generate(
+        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
+        max_new_tokens=32, do_sample=False,
+        pad_token_id=tok.pad_id)[:, ids.shape[1]:].numpy()
+  assert ref.shape == (4, 32)
+  np.testing.assert_array_equal(ours.tokens, ref)
+  answer = tok.decode(ours.tokens[0])
+  assert "Paris" in answer, answer

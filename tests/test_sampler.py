@@ -8,7 +8,7 @@ import pytest
 from cai_jax.model import transformer
 from cai_jax.sampling import sampler as sampler_lib
 from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
-from conftest import TINY_PRESETS, left_pad
+from conftest import TINY_PRESETS, WINDOWED_FAMILIES, left_pad
 
 torch = pytest.importorskip("torch")
 
@@ -70,6 +70,7 @@ def test_cached_decode_equals_full_forward(tiny_hf, unstacked):
   np.testing.assert_allclose(cached, expected, atol=1e-4, rtol=1e-4, err_msg=family)
 
 
+@WINDOWED_FAMILIES
 def test_sequence_alone_equals_inside_batch(tiny_hf):
   """A sampled sequence depends on its key only, not batch-mates or batch size."""
   family, _, cfg, params = tiny_hf

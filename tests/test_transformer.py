@@ -7,7 +7,7 @@ import pytest
 
 from cai_jax.checkpoints import hf
 from cai_jax.model import transformer
-from conftest import TINY_PRESETS, left_pad
+from conftest import TINY_PRESETS, WINDOWED_FAMILIES, left_pad
 
 torch = pytest.importorskip("torch")
 
@@ -87,12 +87,6 @@ def test_param_count_matches_transformers(tiny_hf):
   assert ours == cfg.num_params()
   theirs = sum(p.numel() for p in model.parameters())
   assert ours == theirs
-
-
-# The attention paths differ by family only in their windows: mistral (every layer
-# sliding) and gemma3 (local and global layers, soft-capped logits); llama and qwen2's
-# plain causal layers are gemma3's global ones.
-WINDOWED_FAMILIES = pytest.mark.parametrize("tiny_hf", ["gemma3", "mistral"], indirect=True)
 
 
 @WINDOWED_FAMILIES

@@ -71,9 +71,9 @@ STAGES = {
     "dpo": Stage(p7_dpo.run, _pairs(test_dpo.tiny_config), steps=6, stop_at=3, sigterm=True,
                  logged="loss", kept=(p7_dpo.REFERENCE_FILE,)),
     # RLOO resumes through GRPO's code (critic-free: the same state, loop and data
-    # position; only the advantage differs, tested in test_p7_ppo).
-    **{variant: Stage(prepare=_rl(variant), **_RL)
-       for variant in ("ppo", "grpo", "ppo+lora")},
+    # position; only the advantage differs, tested in test_p7_ppo); plain PPO's resume is
+    # test_p7_ppo's weighted-sources run (and the two-PM test's gated one).
+    **{variant: Stage(prepare=_rl(variant), **_RL) for variant in ("grpo", "ppo+lora")},
 }
 
 
