@@ -39,16 +39,15 @@ from cai_jax.model import config as model_config  # noqa: E402
 # xdist reorders files by their number of tests, which sent the one-test files (the tiny
 # pipeline, 138 s) to the end.
 FILE_SECONDS = {  # by file name: tests/ and tests/e2e/ hold no two of the same name
-    "test_p7_ppo.py": 286, "test_sampler.py": 170, "test_transformer.py": 142,
-    "test_pipeline.py": 138, "test_bad_input.py": 130,
-    "test_p2_critique_revision.py": 122, "test_resume.py": 115,
-    "test_p6_preference_model.py": 170, "test_p3_sft.py": 107, "test_sft_step.py": 102,
-    "test_dpo.py": 78, "test_gguf.py": 90, "test_packaging.py": 73,
-    "test_p7_dpo.py": 70, "test_labeler.py": 58, "test_prefix.py": 56,
-    "test_memory_plan.py": 53,
-    "test_preference_model.py": 50, "test_lora.py": 46, "test_sharding.py": 39,
-    "test_multihost.py": 38, "test_p8_evaluation.py": 36, "test_scoring.py": 35,
-    "test_p5_ai_labels.py": 27, "test_losses.py": 15, "test_hf.py": 13,
+    "test_p7_ppo.py": 253, "test_pipeline.py": 168, "test_p6_preference_model.py": 168,
+    "test_p2_critique_revision.py": 163, "test_sampler.py": 160,
+    "test_transformer.py": 138, "test_gguf.py": 118, "test_bad_input.py": 106,
+    "test_p3_sft.py": 97, "test_dpo.py": 95, "test_resume.py": 88,
+    "test_sft_step.py": 86, "test_p7_dpo.py": 85, "test_prefix.py": 78,
+    "test_packaging.py": 60, "test_multihost.py": 59, "test_labeler.py": 56,
+    "test_memory_plan.py": 56, "test_preference_model.py": 49, "test_lora.py": 46,
+    "test_p8_evaluation.py": 33, "test_sharding.py": 32, "test_p5_ai_labels.py": 25,
+    "test_scoring.py": 20, "test_hf.py": 11, "test_losses.py": 10,
 }
 
 

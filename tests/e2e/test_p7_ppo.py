@@ -68,10 +68,12 @@ def _with_lora(c, variant: str):
   return algorithm, bool(lora)
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+# RLOO's run differs from GRPO's only in the advantage (tests/test_critic_free.py,
+# tests/test_learner.py); it learns end to end in the large-KL test's beta = 0 run.
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_raises_a_programmatic_reward_with_bounded_kl(tmp_path, algorithm):
-  """PPO (value head), and RLOO / GRPO: 4 responses to each of 4 prompts, no value
-  head, the group is the baseline."""
+  """PPO (value head), and GRPO: 4 responses to each of 4 prompts, no value head, the
+  group is the baseline."""
   workdir = str(tmp_path)
   write_prompts(workdir)
   c = tiny_config(iterations=14, epochs=4)
@@ -100,7 +102,7 @@ def test_raises_a_programmatic_reward_with_bounded_kl(tmp_path, algorithm):
         f" ({rise / se:.1f} standard errors); KL per sequence {[round(m['kl'], 2) for m in log]}")
   np.testing.assert_allclose([m["reward"] for m in log], [b.mean() for b in reward.batches],
                              rtol=1e-6)
-  assert rise > 3 * se  # measured: 4.5, 8.0 and 4.2 standard errors (ppo, rloo, grpo)
+  assert rise > 3 * se  # measured: 4.5 and 4.2 standard errors (ppo, grpo)
   assert max(m["kl"] for m in log) < 40.0  # 16 tokens: < 2.5 nats a token
   assert all(m["logprob_gap_max"] < 1e-3 for m in log)
   assert os.path.exists(os.path.join(result.output_dir, "hf", "config.json"))

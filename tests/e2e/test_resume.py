@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from cai_jax import records
-from cai_jax.phases import p3_sft, p6_preference_model, p7_dpo, p7_ppo
+from cai_jax.phases import p3_sft, p7_dpo, p7_ppo
 from cai_jax.training.metrics import read_metrics
 
 import test_dpo
@@ -66,8 +66,7 @@ _RL = dict(run=p7_ppo.run, steps=3, stop_at=1, sigterm=False, logged="reward",
            run_kw={"reward_fn": test_p7_ppo.target_frequency})
 STAGES = {
     "sft": Stage(p3_sft.run, _sft, steps=6, stop_at=3, sigterm=True, logged="loss"),
-    "pm": Stage(p6_preference_model.run, _pairs(test_preference_model.tiny_config), steps=6,
-                stop_at=3, sigterm=True, logged="loss"),
+    # The PM: the two-PM test in test_p6_preference_model stops inside its second PM.
     "dpo": Stage(p7_dpo.run, _pairs(test_dpo.tiny_config), steps=6, stop_at=3, sigterm=True,
                  logged="loss", kept=(p7_dpo.REFERENCE_FILE,)),
     # RLOO resumes through GRPO's code (critic-free: the same state, loop and data
