@@ -11,7 +11,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cai_jax import records
+from cai_jax import paths, records
 from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution, load_constitution
 from cai_jax.data.refusals import refusal_for
 from cai_jax.evaluation.answers import AnswerRecord, spec_exists
@@ -20,6 +20,7 @@ from cai_jax.evaluation import harm_judge, intervals, refusal
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings, labels
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.feedback.prompts import OptionTokenError
+from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 
 # (results key, prompt kind): which prompts each axis is measured on.
@@ -145,6 +146,23 @@ def refusal_preference(score: Callable[[Sequence[str], Sequence[str]], np.ndarra
                  "mean_margin": intervals.bootstrap(margin, seed=seed).as_dict(),
                  "answers_refusing": len(recs) - len(kept)}
   return out
+
+
+def helpful_pm_refusal_preference(config, workdir, sharder, answers, names) -> dict:
+  """With stage 6's pms="by_kind": the helpfulness PM's refusal preference by prompt set
+  on the answers of the policy RL starts from (it should prefer answering the safe sets);
+  {"missing": why} without one."""
+  pm_dir = paths.pm_out(workdir, paths.HELPFUL_PM)
+  if not config.pm.enabled or not saved.is_pm_dir(pm_dir):
+    return {"missing": f"{pm_dir}: no helpfulness PM (stage 6 with pms='by_kind')"}
+  cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
+  scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
+                  max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
+  start = "sl_cai" if "sl_cai" in answers else (names or [None])[0]
+  if not start:
+    return {"missing": "no model answered"}
+  return {"model": start, **refusal_preference(scorer.score_texts, answers[start],
+                                               seed=config.seed)}
 
 
 def revision_round_scores(recs: Sequence[records.CritiqueRevisionRecord],

@@ -113,23 +113,6 @@ def run_pm(config, workdir, sharder, answers, names, notes):
   return comparisons, rounds, rows, human, refusals, reward
 
 
-def run_helpful_pm(config, workdir, sharder, answers, names) -> dict:
-  """With stage 6's pms="by_kind": the helpfulness PM's refusal preference by prompt set
-  on the answers of the policy RL starts from (it should prefer answering the safe sets);
-  {"missing": why} without one."""
-  pm_dir = paths.pm_out(workdir, paths.HELPFUL_PM)
-  if not config.pm.enabled or not saved.is_pm_dir(pm_dir):
-    return {"missing": f"{pm_dir}: no helpfulness PM (stage 6 with pms='by_kind')"}
-  cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
-  scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
-                  max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
-  start = "sl_cai" if "sl_cai" in answers else (names or [None])[0]
-  if not start:
-    return {"missing": "no model answered"}
-  return {"model": start, **judges.refusal_preference(scorer.score_texts, answers[start],
-                                                      seed=config.seed)}
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Answers, comparisons, revision-round scores and labeler accuracy; returns results.json."""
   out = paths.stage_dir(workdir, paths.EVALUATION)
@@ -179,7 +162,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   t0 = time.perf_counter()
   pm, rounds, pm_rows, pm_human, pm_refusals, pm_reward = run_pm(config, workdir, sharder,
                                                                  answers, names, notes)
-  helpful_refusals = run_helpful_pm(config, workdir, sharder, answers, names)
+  helpful_refusals = judges.helpful_pm_refusal_preference(config, workdir, sharder, answers,
+                                                          names)
   gc.collect()  # the PMs' params, before the judge model loads
   seconds["pm"], t0 = time.perf_counter() - t0, time.perf_counter()
   spec, independent, why = judges.choose_judge(config, used_in_training(config, workdir))

@@ -222,18 +222,19 @@ def test_two_pms_by_kind_then_the_gated_reward_resume_bit_identically(tmp_path):
   from cai_jax.evaluation import diagnosis
   from cai_jax.evaluation.answers import AnswerRecord
   from cai_jax.configs import evaluation as eval_config
-  from cai_jax.phases import p8_evaluation
+  from cai_jax.evaluation import judges
   signals = diagnosis.measure(str(tmp_path / "full"))
   assert set(signals["pm"]["by_kind"]) == {"red_team"}
   assert set(signals["pm_helpful"]["by_kind"]) == {"helpful"}
   answers = {"sl_cai": {f"h{i}": AnswerRecord(f"h{i}", f"How do I bake bread {i}?", "helpful",
                                               "held_out", "sl_cai", f"Mix flour {i} and bake.")
                         for i in range(3)}}
-  pref = p8_evaluation.run_helpful_pm(eval_config.get_config("tiny"), str(tmp_path / "full"),
-                                      sharder, answers, ["sl_cai"])
+  tiny_eval = eval_config.get_config("tiny")
+  pref = judges.helpful_pm_refusal_preference(tiny_eval, str(tmp_path / "full"), sharder,
+                                              answers, ["sl_cai"])
   assert pref["model"] == "sl_cai" and pref["helpful"]["refusal_preferred"]["n"] == 3
-  assert "missing" in p8_evaluation.run_helpful_pm(
-      eval_config.get_config("tiny"), str(tmp_path / "nowhere"), sharder, answers, ["sl_cai"])
+  assert "missing" in judges.helpful_pm_refusal_preference(
+      tiny_eval, str(tmp_path / "nowhere"), sharder, answers, ["sl_cai"])
 
   rl = test_p7_ppo.tiny_config(iterations=2)
   rl.reward_model, rl.reward.sources = "", "gated"
