@@ -148,6 +148,11 @@ def refusal_preference(score: Callable[[Sequence[str], Sequence[str]], np.ndarra
   return out
 
 
+def rl_start_model(answers: dict, names: Sequence[str]) -> str | None:
+  """The model RL starts from among those that answered: SL-CAI, else the first."""
+  return "sl_cai" if "sl_cai" in answers else (list(names) or [None])[0]
+
+
 def helpful_pm_refusal_preference(config, workdir, sharder, answers, names) -> dict:
   """With stage 6's pms="by_kind": the helpfulness PM's refusal preference by prompt set
   on the answers of the policy RL starts from (it should prefer answering the safe sets);
@@ -158,7 +163,7 @@ def helpful_pm_refusal_preference(config, workdir, sharder, answers, names) -> d
   cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
   scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
                   max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
-  start = "sl_cai" if "sl_cai" in answers else (names or [None])[0]
+  start = rl_start_model(answers, names)
   if not start:
     return {"missing": "no model answered"}
   return {"model": start, **refusal_preference(scorer.score_texts, answers[start],

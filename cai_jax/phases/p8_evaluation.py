@@ -106,7 +106,7 @@ def run_pm(config, workdir, sharder, answers, names, notes):
             {"missing": f"{paths.stage_dir(workdir, paths.CRITIQUE_REVISION)}: no red-team"
                         " records with revision rounds"})
   # The PM's own refusal preference on the policy PPO starts from (SL-CAI's answers).
-  start = "sl_cai" if "sl_cai" in answers else (names or [None])[0]
+  start = judges.rl_start_model(answers, names)
   refusals = ({"model": start, **judges.refusal_preference(scorer.score_texts, answers[start],
                                                           seed=config.seed)}
               if start else {"missing": "no model answered"})
