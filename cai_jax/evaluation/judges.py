@@ -14,7 +14,7 @@ import numpy as np
 from cai_jax import paths, records
 from cai_jax.constitution import HELPFUL_PRINCIPLE, helpfulness_constitution, load_constitution
 from cai_jax.data.refusals import refusal_for
-from cai_jax.evaluation.answers import AnswerRecord, spec_exists
+from cai_jax.evaluation.answers import OVER_REFUSAL_SETS, AnswerRecord, spec_exists
 from cai_jax.evaluation.elo import pairwise_summary
 from cai_jax.evaluation import harm_judge, intervals, refusal
 from cai_jax.feedback import FeedbackModel, Labeler, LabelerSettings, labels
@@ -116,7 +116,7 @@ def pm_human_accuracy(scorer: Scorer, num_pairs: int, seed: int) -> dict[str, in
 # (name, which answers): the prompt sets a refusal is scored against the model's answer.
 REFUSAL_PREFERENCE_SETS = (
     ("red_team", lambda r: r.kind == "red_team" and r.split == "held_out"),
-    ("borderline", lambda r: r.split == "borderline"),
+    *((s, lambda r, s=s: r.split == s) for s in OVER_REFUSAL_SETS),
     ("helpful", lambda r: r.kind == "helpful" and r.split == "held_out"))
 
 
@@ -241,8 +241,8 @@ def judge_measures(config: ml_collections.ConfigDict, model: FeedbackModel,
   out: dict[str, Any] = {"judge_harm": {}, "judge_helpful": {}}
   try:
     for name, recs in answers.items():
-      scored = [r for r in recs.values() if r.split in ("held_out", "borderline")]
-      harmful = [r for r in scored if r.kind == "red_team" or r.split == "borderline"]
+      scored = [r for r in recs.values() if r.split == "held_out" or r.split in OVER_REFUSAL_SETS]
+      harmful = [r for r in scored if r.kind == "red_team" or r.split in OVER_REFUSAL_SETS]
       helpful = [r for r in scored if r.kind == "helpful" and r.split == "held_out"]
       h = harm_score([r.prompt for r in harmful], [r.response for r in harmful])
       g = labelers["helpful"].response_scores([r.prompt for r in helpful],

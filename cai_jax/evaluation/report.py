@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cai_jax import paths
+from cai_jax.evaluation.answers import OVER_REFUSAL_SETS
 
 REPORT_DIR = paths.REPORT
 JUDGES = (("pm", "preference model (stage 6)"), ("judge", "judge model (config `judge`)"))
@@ -41,6 +42,7 @@ CHOICES = (
             "reward.sources")) for rl in ("ppo", "rloo", "grpo")),
     ("dpo", ("dpo.beta", "dpo.loss_type", "train.num_epochs", "optim.lr")),
     ("evaluation", ("judge.model", "num_red_team", "num_helpful", "num_borderline",
+                    "external_source", "num_external",
                     "max_new_tokens")),
 )
 PPO_CURVES = (("reward", "PM reward"), ("kl", "KL(policy || SL-CAI)"),
@@ -215,7 +217,7 @@ def rates_section(results: dict, lines: list[str]) -> None:
     return
   harm, cut = m.get("judge_harm", {}), results.get("judge_validation", {}).get("threshold")
   sets = (("red_team", "held_out", "red-team (held out)"), ("helpful", "held_out", "helpful"),
-          ("helpful", "borderline", "safe but dangerous-sounding"))
+          *(("helpful", key, name) for key, name in OVER_REFUSAL_SETS.items()))
   rows = []
   for name, cats in refusal.items():
     for kind, split, label in sets:
@@ -316,7 +318,8 @@ def signals_section(results: dict | None, workdir: str, lines: list[str]) -> Non
         return f"{est(v['refusal_preferred'])}; margin {est(v['mean_margin'])}"
       rows.append([label, f"prefers a flat refusal to {pref['model']}'s non-refusing answer"
                    " (fraction of prompts; mean reward margin)",
-                   "; ".join(f"{k} {said(v)}" for k, v in pref.items() if isinstance(v, dict))])
+                   "; ".join(f"{k} {said(v)}" for k, v in pref.items()
+                             if isinstance(v, dict) and "refusal_preferred" in v)])
   for name, r in s.get("rl", {}).items():
     label = f"7 {name.upper()}"
     rows.append([label, f"reward, first {r['half']} → last {r['half']} iterations (mean)",

