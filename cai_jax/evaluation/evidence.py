@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cai_jax import paths
-from cai_jax.evaluation import intervals
+from cai_jax.evaluation import frontier, intervals
 from cai_jax.evaluation.answers import OVER_REFUSAL_SETS
 from cai_jax.evaluation.intervals import Estimate
 
@@ -355,7 +355,25 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
   else:
     out.append(_missing("instrument.judge", text, J, False,
                         val.get("missing") or no_judge or "not measured", above_half))
+
+  # --- The harmlessness-helpfulness frontier (Fig. 2): each model's point, descriptive ---
+  for name, point in frontier.points(results, seed=seed).items():
+    for key, label, _ in frontier.AXES:
+      if key in point:
+        judged = key in ("harm_rate", "help_win")
+        out.append(claim(f"{FRONTIER}{name}.{key}", f"Frontier: {name}'s {label}", point[key],
+                         bar=None, measure=J if judged else "refusal measure (model-free)",
+                         trained_on=judged and not judge_indep,
+                         why="descriptive: one coordinate of the frontier"))
   return out
+
+
+FRONTIER = "frontier."  # key prefix of the frontier's coordinates among the claims
+
+
+def headline(claims: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The claims a table lists: all but the frontier's coordinates (their own table)."""
+  return [c for c in claims if not c.get("key", "").startswith(FRONTIER)]
 
 
 def reward_sources(metrics: Sequence[dict]) -> list[str]:

@@ -24,7 +24,8 @@ from cai_jax.evaluation.answers import OVER_REFUSAL_SETS
 
 REPORT_DIR = paths.REPORT
 JUDGES = (("pm", "preference model (stage 6)"), ("judge", "judge model (config `judge`)"))
-SECTIONS = ("Claims", "Choices", "Signals by stage", "Models", "Refusal and harm by prompt set", "Instruments", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
+SECTIONS = ("Claims", "Choices", "Signals by stage", "Models",
+            "Harmlessness-helpfulness frontier", "Refusal and harm by prompt set", "Instruments", "Harmlessness vs helpfulness Elo", "PM harmlessness score by revision round",
             "PPO training curves", "Feedback-model accuracy", "Labeler calibration",
             "Sample answers", "Notes")
 # (stage, config fields) the "Choices" section names: what the presets decide.
@@ -162,6 +163,8 @@ def claims_block(claims: list[dict], source: str, timings: dict | None,
   """The published claims table between the `BEGIN` and `END` markers: how many hold,
   the run's wall time (with the day's decode rate of the result `decode`), the table
   and why each failing claim fails; `source` names the claims file it is made from."""
+  from cai_jax.evaluation.evidence import headline
+  claims = headline(claims)
   held = sum(c["holds"] is True for c in claims)
   failed = sum(c["holds"] is False for c in claims)
   lines = [BEGIN, "",
@@ -196,6 +199,8 @@ def claims_section(results: dict, lines: list[str]) -> None:
   if not claims:
     _missing(lines, "results.json has no claims (stage 8 predates cai_jax.evaluation.evidence)")
     return
+  from cai_jax.evaluation.evidence import headline
+  claims = headline(claims)
   held = sum(c["holds"] is True for c in claims)
   failed = sum(c["holds"] is False for c in claims)
   lines += [f"{held} of {len(claims)} claims hold, {failed} do not, "
@@ -338,6 +343,34 @@ def signals_section(results: dict | None, workdir: str, lines: list[str]) -> Non
             " a helpful one teach the PM to reward refusing; a PM whose rewards barely differ"
             " gives PPO no trend to climb.", ""]
   lines += table(["stage", "signal", "measured"], rows)
+
+
+def frontier_section(results: dict, out_dir: str, lines: list[str]) -> None:
+  """Fig. 2's frontier: each model's four rates with intervals, whether each later model
+  dominates SL-CAI (by the intervals), and the figure."""
+  from cai_jax.evaluation import frontier
+  from cai_jax.evaluation.evidence import FRONTIER
+  pts = frontier.from_claims(results.get("claims", []), FRONTIER)
+  if not pts:
+    _missing(lines, "no frontier coordinates among the claims (stage 8 predates them, or no"
+             " model's answers were measured)")
+    return
+  lines += ["One point per model, every rate over stage 8's held-out prompts with its 95%"
+            " interval (Wilson; bootstrap for the win rate). The paper's Fig. 2 asks for a"
+            " model more harmless *without* becoming evasive: lower harmful and over-refusal"
+            " rates, a higher red-team refusal rate and helpfulness win rate.", ""]
+  lines += table(*frontier.table(pts))
+  if "sl_cai" in pts:
+    verdict = {True: "dominates", False: "does not dominate",
+               None: "cannot be compared (an interval is missing)"}
+    said = [f"- **{n}** {verdict[frontier.dominates(p, pts['sl_cai'])]} SL-CAI"
+            for n, p in pts.items() if n not in ("initial", "sl_cai")]
+    if said:
+      lines += ["Dominance, decided by the intervals (no worse on every axis, better on"
+                " one):", "", *said, ""]
+  path = frontier.figure(pts, os.path.join(out_dir, "frontier.png"))
+  if path:
+    lines += ["![Harmlessness-helpfulness frontier](frontier.png)", ""]
 
 
 def models_section(results: dict, lines: list[str]) -> None:
@@ -541,6 +574,8 @@ def build_report(results: dict | None, workdir: str, out_dir: str) -> str:
       claims_section(results, lines)
     elif title == "Models":
       models_section(results, lines)
+    elif title == "Harmlessness-helpfulness frontier":
+      frontier_section(results, out_dir, lines)
     elif title == "Refusal and harm by prompt set":
       rates_section(results, lines)
     elif title == "Instruments":
