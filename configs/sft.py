@@ -36,6 +36,16 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.data.seq_len = 512
   c.data.length_buckets = (128, 256)  # batches padded to the smallest that fits
   c.data.truncation = "truncate"  # or "error"
+  # Keep only red-team revisions worth learning (cai_jax.evaluation.revision_filter):
+  # drops empty, degenerate, request-echoing, unchanged and off-topic revisions, and any
+  # whose refusal-measure category is not in `categories`; the kept share and what was
+  # dropped go to <workdir>/p3_sft/revision_filter.json.
+  c.data.revision_filter = ml_collections.ConfigDict({
+      "enabled": False,
+      "categories": ("complies", "refuses", "refuses_explains"),
+      "echo_words": 6,  # a run of this many words shared with a revision request
+      "min_compression": 0.2,  # zlib ratio below which a text is a repeated phrase
+      "constitution": "harmless"})  # whose revision requests an echo copies
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8  # sequences per optimizer step

@@ -1,7 +1,8 @@
 """Publish a run's claims: copy `<workdir>/p8_evaluation/evidence.json` to `--out` and
 rewrite the claims block of `--doc` from it (between the `<!-- evidence:begin -->` and
 `<!-- evidence:end -->` markers, `cai_jax.evaluation.report.claims_block`), so the published table
-is generated from the measured run, never typed. The committed table of docs/results.md:
+is generated from the measured run, never typed; the report's frontier figure
+(`report/frontier.png`) is copied beside `--out`. The committed table of docs/results.md:
 
   python -m benchmarks.quality.evidence --workdir=runs/cai \
       --out=experiments/2026-12-06-run10-fresh-clone/evidence_cpu.json \
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from absl import app, flags
 
@@ -51,6 +53,11 @@ def main(argv) -> None:
     out = outputs.path("evidence", _OUT.value)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     print(evidence.write(out, claims))
+    # The frontier figure the report drew from these claims, beside them (docs link it).
+    fig = os.path.join(paths.stage_dir(_WORKDIR.value, paths.REPORT), "frontier.png")
+    if os.path.exists(fig):
+      shutil.copyfile(fig, os.path.join(os.path.dirname(out) or ".", "frontier.png"))
+      print(os.path.join(os.path.dirname(out) or ".", "frontier.png"))
     if _DOC.value:
       timings, note = report.pipeline_seconds(_WORKDIR.value)
       report.rewrite_block(_DOC.value, report.claims_block(claims, out, timings, note,

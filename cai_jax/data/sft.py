@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -34,11 +34,15 @@ class Example:
 
 
 def build_examples(recs: Sequence[records.CritiqueRevisionRecord], revision_round: int,
-                   helpful_ratio: float | None, seed: int) -> list[Example]:
+                   helpful_ratio: float | None, seed: int,
+                   drop_reason: Callable[[str, str, str], str | None] | None = None
+                   ) -> list[Example]:
   """Red-team (prompt, revision `revision_round`) + helpful (prompt, initial answer).
 
   `helpful_ratio` is the fraction of helpful examples in the mix (None: use
   every record). The larger side is subsampled, with `seed`, to hit it.
+  `drop_reason(prompt, initial answer, revision)`, when given, names why a red-team
+  revision is not worth learning (None keeps it; `evaluation.revision_filter`).
   """
   red, helpful, skipped = [], [], collections.Counter()
   for r in recs:
@@ -48,6 +52,10 @@ def build_examples(recs: Sequence[records.CritiqueRevisionRecord], revision_roun
         continue
       response = r.response_at(revision_round)
       bucket = red
+      why = drop_reason(r.prompt, r.initial_response, response) if drop_reason else None
+      if why:
+        skipped[f"red-team revision dropped by the revision filter ({why})"] += 1
+        continue
     elif r.kind == "helpful":
       response = r.initial_response
       bucket = helpful

@@ -26,21 +26,53 @@ alone, and `hf/` is the base with the adapters merged in.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 from collections.abc import Callable
 
 import jax
 import ml_collections
 
 from cai_jax import paths, records
+from cai_jax.constitution import load_constitution
 from cai_jax.checkpoints.load import load_model
 from cai_jax.data import batching, sft
+from cai_jax.evaluation import refusal
+from cai_jax.evaluation import revision_filter as rf
 from cai_jax.model import lora
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli
 from cai_jax.training import loop as train_loop
 from cai_jax.training import setup, sft_step, supervised
 from cai_jax.training.export import export_hf
+
+
+def revision_filter(config: ml_collections.ConfigDict,
+                    recs: list[records.CritiqueRevisionRecord], workdir: str):
+  """The filter's `reason` when `data.revision_filter.enabled` (None otherwise), after
+  writing what it keeps and drops of `recs` to `<workdir>/p3_sft/revision_filter.json`."""
+  f = config.data.revision_filter
+  if not f.enabled:
+    return None
+  flt = rf.RevisionFilter(
+      rf.FilterConfig(True, tuple(f.categories), f.echo_words, f.min_compression),
+      [p.revision for p in load_constitution(f.constitution).critique_revision])
+  round_ = config.data.revision_round
+  red = [r for r in recs if r.kind == "red_team" and r.rounds]
+  verdicts = [(flt.reason(r.prompt, r.initial_response, r.response_at(round_)),
+               refusal.classify(r.prompt, r.response_at(round_)).category) for r in red]
+  summary = {**rf.summary(verdicts), "config": f.to_dict(),
+             "dropped": {r.id: why for r, (why, _) in zip(red, verdicts) if why}}
+  out = paths.stage_dir(workdir, paths.SFT)
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, rf.SUMMARY_FILE)
+  with open(path + ".tmp", "w") as fh:
+    json.dump(summary, fh, indent=1, ensure_ascii=False)
+  os.replace(path + ".tmp", path)
+  logging.info("revision filter: kept %d of %d red-team revisions (%s)", summary["kept"],
+               summary["revisions"], summary["dropped_by_reason"])
+  return flt.reason
 
 
 def load_data(config: ml_collections.ConfigDict, workdir: str, tok
@@ -51,7 +83,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str, tok
       d.records_dir or paths.stage_dir(workdir, paths.CRITIQUE_REVISION),
       paths.CRITIQUE_REVISION, "critique-revision records", "data.records_dir")
   recs = records.read_records(records_dir, records.CritiqueRevisionRecord)
-  examples = sft.build_examples(recs, d.revision_round, d.helpful_ratio, config.seed)
+  examples = sft.build_examples(recs, d.revision_round, d.helpful_ratio, config.seed,
+                                revision_filter(config, recs, workdir))
   if len(examples) <= d.eval_size:
     raise ValueError(f"{records_dir}: {len(recs)} records give {len(examples)} usable SFT"
                      f" examples, need more than data.eval_size={d.eval_size}")
