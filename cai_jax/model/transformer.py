@@ -186,10 +186,12 @@ def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def attention_mask(q_slot_T, q_pos_BT, k_pos_BS, window: int | None) -> jax.Array:
-  """[B, T, S] bool: key is a real token, not in the future, inside the window."""
+  """[B, T, S] bool: key is a real token, not in the future, inside the window.
+  `q_slot_T`: the queries' cache slots, [T], or [B, T] when each row writes its own."""
   S = k_pos_BS.shape[1]
   k_slot_S = jnp.arange(S, dtype=jnp.int32)
-  mask = (k_pos_BS[:, None, :] >= 0) & (k_slot_S[None, None, :] <= q_slot_T[None, :, None])
+  q_slot_BT = q_slot_T if q_slot_T.ndim == 2 else q_slot_T[None, :]
+  mask = (k_pos_BS[:, None, :] >= 0) & (k_slot_S[None, None, :] <= q_slot_BT[:, :, None])
   if window is not None:
     mask &= (q_pos_BT[:, :, None] - k_pos_BS[:, None, :]) < window
   return mask
@@ -235,9 +237,13 @@ def _attention(lp, x_BTD, sin_cos, mask_BTS, layer_kv, index, cfg, sharder, keys
       new_k, k_start = jnp.swapaxes(k_BKTH, 2, 3), (0, 0, 0, index)
     else:
       new_k, k_start = k_BKTH, (0, 0, index, 0)
-    updated_kv = (
-        jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), k_start),
-        jax.lax.dynamic_update_slice(cache_v, v_BKTH.astype(cache_v.dtype), (0, 0, index, 0)))
+    if jnp.ndim(index):  # a write slot per row (the engine's slots)
+      updated_kv = (write_rows(cache_k, new_k.astype(cache_k.dtype), index, 3 if keys_HS else 2),
+                    write_rows(cache_v, v_BKTH.astype(cache_v.dtype), index, 2))
+    else:
+      updated_kv = (
+          jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), k_start),
+          jax.lax.dynamic_update_slice(cache_v, v_BKTH.astype(cache_v.dtype), (0, 0, index, 0)))
     k_BKSH, v_BKSH = (c.astype(dt) for c in updated_kv)  # keys: [B, K, H, S] if keys_HS
   C = cfg.attention_chunk
   if cfg.attention_impl == "splash" and layer_kv is None:
@@ -392,6 +398,16 @@ def _mlp(lp, x_BTD, cfg, sharder):
 # --- The model -------------------------------------------------------------------
 
 
+def write_rows(cache_x: jax.Array, new_x: jax.Array, index_B: jax.Array, axis: int,
+               batch_axis: int = 0) -> jax.Array:
+  """`cache_x` with row b's `new_x` written at slot `index_B[b]` of `axis` (an axis of the
+  full array): each row its own write position, as the engine's slots have."""
+  inner = axis - (axis > batch_axis)
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, inner),
+                  in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(
+                      cache_x, new_x, index_B)
+
+
 def unstack_layers(params: Params) -> Params:
   """`params` with "layers" as a tuple of per-layer trees (runs unrolled)."""
   layers = params["layers"]
@@ -465,10 +481,13 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
   if cache is None:
     index = jnp.zeros((), jnp.int32)
     k_pos_BS = new_pos_BT
+  elif cache["index"].ndim:  # [B]: each row writes at its own slot (the engine's slots)
+    index = cache["index"]
+    k_pos_BS = write_rows(cache["pos"], new_pos_BT, index, 1)
   else:
     index = cache["index"]
     k_pos_BS = jax.lax.dynamic_update_slice(cache["pos"], new_pos_BT, (0, index))
-  q_slot_T = index + jnp.arange(T, dtype=jnp.int32)
+  q_slot_T = (index[:, None] if jnp.ndim(index) else index) + jnp.arange(T, dtype=jnp.int32)
 
   if cfg.attention_impl == "splash" and cache is None:
     # The kernel builds its masks from the slots; it gets padding as segment ids and
@@ -540,7 +559,11 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
 
     kv = None if cache is None else (cache["k"], cache["v"])
     x_BTD, new_kv = jax.lax.scan(scan_fn, x_BTD, (layers, jnp.asarray(is_local_L), kv))
-    if cache is not None:
+    if cache is not None and jnp.ndim(index):  # [L, B, K, S, H], a slot per row
+      new_cache = {"k": write_rows(cache["k"], new_kv[0].astype(cache["k"].dtype), index, 3, 1),
+                   "v": write_rows(cache["v"], new_kv[1].astype(cache["v"].dtype), index, 3, 1),
+                   "pos": k_pos_BS, "index": index + T}
+    elif cache is not None:
       start = (0, 0, 0, index, 0)
       new_cache = {
           "k": jax.lax.dynamic_update_slice(cache["k"], new_kv[0].astype(cache["k"].dtype), start),
