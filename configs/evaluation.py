@@ -56,6 +56,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.max_prompt_tokens = 1024
   c.sampling = dict(temperature=0.7, top_k=0, top_p=0.9)
   c.shard_size = 32
+  # > 0: answer with the continuous-batching engine (sampling/engine.py) of this many
+  # slots, refilled as answers end; the same tokens as the static sampler's batches.
+  c.engine_slots = 0
 
   c.pm = ml_collections.ConfigDict()
   c.pm.enabled = True

@@ -156,3 +156,35 @@ def test_per_row_cache_writes_equal_shared_index_writes(unrolled):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(row_c["pos"], shared_c["pos"])
   np.testing.assert_array_equal(row_c["index"], [T + 1] * B)
+
+
+def test_chat_model_with_engine_slots_writes_the_static_samplers_texts(tiny_model_dir):
+  # The stages' switch (`engine_slots`, stage 8's answers): the same text per named
+  # sequence as the static sampler, with the tiny model's real tokenizer and stop token.
+  import ml_collections
+  from cai_jax.model.sharding import Sharder, make_mesh
+  from cai_jax.sampling.chat import ChatModel
+  from cai_jax.text.chat import user_turn
+  config = ml_collections.ConfigDict({
+      "dtype": "float32", "decode_layers": "unrolled", "max_new_tokens": 10,
+      "max_prompt_tokens": 256, "seed": 3, "engine_slots": 0,
+      "sampling": {"temperature": 0.7, "top_k": 0, "top_p": 0.9}})
+  sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))  # the engine is one-device
+  convs = [user_turn(p) for p in ("Hi there", "Name three colours please", "Why?",
+                                  "Tell me a story about a cat", "Count to five")]
+  names = [f"p{i}/answer" for i in range(len(convs))]
+  static = ChatModel(tiny_model_dir, sharder, config).generate(convs, names)
+  config.engine_slots = 2
+  engine = ChatModel(tiny_model_dir, sharder, config)
+  assert isinstance(engine.sampler, Engine)
+  assert engine.generate(convs, names) == static
+
+
+def test_a_multi_device_mesh_is_refused_with_the_fix():
+  from cai_jax.model.sharding import Sharder, make_mesh
+  cfg = TINY_PRESETS["llama"]()
+  if len(jax.devices()) < 2:
+    pytest.skip("needs the forced CPU devices")
+  with pytest.raises(ValueError, match="set engine_slots=0"):
+    Engine(cfg, slots=8, max_new_tokens=4, stop_ids=(), pad_id=0,
+           sharder=Sharder(make_mesh((-1, 1, 1))))

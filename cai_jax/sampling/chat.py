@@ -17,6 +17,7 @@ import numpy as np
 
 from cai_jax.model.sharding import Sharder
 
+from cai_jax.sampling.engine import Engine
 from cai_jax.sampling.prefix import DEFAULT_MIN_SHARED_PREFIX
 from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
 from cai_jax.text.chat import Message, generation_ids
@@ -33,7 +34,7 @@ def keys_for(seed: int, names: Sequence[str]) -> jax.Array:
   return sequence_keys(seed, [stable_id(n) for n in names])
 
 
-def generate_chat(sampler: Sampler, params, tok: Tokenizer,
+def generate_chat(sampler: Sampler | Engine, params, tok: Tokenizer,
                   conversations: Sequence[Sequence[Message]], *, seed: int,
                   names: Sequence[str], sampling: SamplingParams,
                   max_prompt_tokens: int) -> list[str]:
@@ -69,7 +70,8 @@ class ChatModel:
 
   Built from a generation stage's config (`dtype`, `decode_layers`,
   `max_new_tokens`, `max_prompt_tokens`, `sampling`, `seed`, optionally
-  `min_shared_prefix`: see `Sampler`).
+  `min_shared_prefix`: see `Sampler`; `engine_slots` > 0: the continuous-batching engine
+  with that many slots instead, `sampling/engine.py`).
   """
 
   def __init__(self, spec: str, sharder: Sharder, config: ml_collections.ConfigDict):
@@ -79,10 +81,16 @@ class ChatModel:
                                                  decode_layers=config.decode_layers)
     logging.info("loaded %s: %s, %.1fM params on %d device(s)", spec, self.cfg.family,
                  self.cfg.num_params() / 1e6, len(jax.devices()))
-    self.sampler = Sampler(
-        self.cfg, max_new_tokens=config.max_new_tokens, stop_ids=self.cfg.eos_token_ids,
-        pad_id=self.tok.pad_id, sharder=sharder,
-        min_shared_prefix=config.get("min_shared_prefix", DEFAULT_MIN_SHARED_PREFIX))
+    slots = int(config.get("engine_slots", 0))
+    if slots:  # continuous batching (sampling/engine.py): same tokens, refilled slots
+      self.sampler = Engine(self.cfg, slots=slots, max_new_tokens=config.max_new_tokens,
+                            stop_ids=self.cfg.eos_token_ids, pad_id=self.tok.pad_id,
+                            sharder=sharder)
+    else:
+      self.sampler = Sampler(
+          self.cfg, max_new_tokens=config.max_new_tokens, stop_ids=self.cfg.eos_token_ids,
+          pad_id=self.tok.pad_id, sharder=sharder,
+          min_shared_prefix=config.get("min_shared_prefix", DEFAULT_MIN_SHARED_PREFIX))
     self.sampling = sampling_from_config(config.sampling)
 
   def generate(self, conversations: Sequence[Sequence[Message]], names: Sequence[str]

@@ -230,10 +230,10 @@ class Engine:
                steps_per_call: int = 16):
     if slots < 1 or steps_per_call < 1:
       raise ValueError(f"slots ({slots}) and steps_per_call ({steps_per_call}) must be >= 1")
-    multiple = 1 if sharder is None else sharder.batch_shards
-    if slots % multiple:
-      raise ValueError(f"slots={slots} must be a multiple of the mesh's {multiple} batch"
-                       " shards")
+    if sharder is not None and sharder.mesh.size > 1:
+      raise ValueError(f"engine_slots={slots}: the continuous-batching engine runs on one"
+                       f" device so far, this mesh has {sharder.mesh.size}; set engine_slots=0"
+                       " (the static sampler, sharded) or num_devices=1")
     self.cfg = cfg
     self.slots = slots
     self.max_new_tokens = max_new_tokens
