@@ -36,6 +36,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.data.seq_len = 512
   c.data.length_buckets = (128, 256)  # batches padded to the smallest that fits
   c.data.truncation = "truncate"  # or "error"
+  # Pack each step's conversations several to a row (segment-masked attention, positions
+  # restarting per conversation): the same loss and gradients on fewer padded tokens.
+  c.data.pack = False
   # Keep only red-team revisions worth learning (cai_jax.evaluation.revision_filter):
   # drops empty, degenerate, request-echoing, unchanged and off-topic revisions, and any
   # whose refusal-measure category is not in `categories`; the kept share and what was

@@ -157,3 +157,58 @@ def make_batch(data: TokenizedData, rows: np.ndarray, T: int, pad_id: int
   loss_mask = input_mask & (t >= (prompt - 1)[:, None])
   return {"inputs": tokens[:, :T], "targets": tokens[:, 1:], "input_mask": input_mask,
           "loss_mask": loss_mask}
+
+
+def pack(lengths: Sequence[int], T: int) -> list[list[int]]:
+  """First-fit decreasing: the indices of `lengths` grouped into rows of at most T tokens
+  (each length <= T), longest first, each row's members in their input order."""
+  rows: list[list[int]] = []
+  room: list[int] = []
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    for r, left in enumerate(room):
+      if lengths[i] <= left:
+        rows[r].append(i)
+        room[r] -= lengths[i]
+        break
+    else:
+      rows.append([i])
+      room.append(T - lengths[i])
+  return [sorted(r) for r in rows]
+
+
+def make_packed_batch(data: TokenizedData, rows: np.ndarray, T: int, pad_id: int,
+                      row_multiple: int = 1) -> dict[str, np.ndarray]:
+  """`make_batch`'s conversations packed several to a row of T inputs: the same tokens,
+  targets and loss mask, with `segments` (1, 2, ... per conversation, 0 on padding) and
+  `positions` restarting at 0 in each conversation, so attention and RoPE stay within
+  one conversation (`transformer.hidden_states(segment_ids_BT=...)`). The number of rows
+  is a power of two, and a multiple of `row_multiple` (microbatches x batch shards), so
+  a few shapes compile."""
+  valid = rows[rows >= 0]
+  n_in = [int(data.lengths_E[r]) - 1 for r in valid]  # model inputs per conversation
+  groups = pack(n_in, T)
+  R = 1
+  while R < len(groups):
+    R *= 2
+  R = -(-R // row_multiple) * row_multiple
+  inputs = np.full((R, T), pad_id, np.int32)
+  targets = np.full((R, T), pad_id, np.int32)
+  input_mask = np.zeros((R, T), bool)
+  loss_mask = np.zeros((R, T), bool)
+  segments = np.zeros((R, T), np.int32)
+  positions = np.zeros((R, T), np.int32)
+  for r, group in enumerate(groups):
+    at = 0
+    for seg, i in enumerate(group, start=1):
+      e, n = valid[i], n_in[i]
+      tok = data.tokens_ET[e]
+      inputs[r, at:at + n] = tok[:n]
+      targets[r, at:at + n] = tok[1:n + 1]
+      input_mask[r, at:at + n] = True
+      t = np.arange(n)
+      loss_mask[r, at:at + n] = t >= int(data.prompt_lens_E[e]) - 1
+      segments[r, at:at + n] = seg
+      positions[r, at:at + n] = t
+      at += n
+  return {"inputs": inputs, "targets": targets, "input_mask": input_mask,
+          "loss_mask": loss_mask, "segments": segments, "positions": positions}

@@ -458,7 +458,8 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
                   mask_BT: jax.Array | None = None,
                   positions_BT: jax.Array | None = None,
                   cache: Cache | None = None,
-                  sharder: Sharder | None = None) -> tuple[jax.Array, Cache | None]:
+                  sharder: Sharder | None = None,
+                  segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
   """Final-normed hidden states [B, T, D] and the updated cache.
 
   Args:
@@ -468,6 +469,8 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     cache: a KV cache; the T tokens are written at slots [index, index + T)
       and attend to every earlier filled slot. Without a cache, the T tokens
       attend causally to each other.
+    segment_ids_BT: packed rows (no cache): a token attends only to earlier tokens of
+      its own segment (ids > 0; pass `positions_BT` restarting in each segment).
   """
   B, T = tokens_BT.shape
   dt = cfg.compute_dtype
@@ -489,13 +492,20 @@ def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *,
     k_pos_BS = jax.lax.dynamic_update_slice(cache["pos"], new_pos_BT, (0, index))
   q_slot_T = (index[:, None] if jnp.ndim(index) else index) + jnp.arange(T, dtype=jnp.int32)
 
+  if segment_ids_BT is not None and cache is not None:
+    raise ValueError("segment_ids_BT packs rows for training; a KV cache decodes one"
+                     " sequence per row")
   if cfg.attention_impl == "splash" and cache is None:
-    # The kernel builds its masks from the slots; it gets padding as segment ids and
-    # whether the layer is local (see _attend_splash).
-    global_mask, local_mask = (mask_BT, False), (mask_BT, True)
+    # The kernel builds its masks from the slots; it gets padding (or the packed
+    # segments) as segment ids and whether the layer is local (see _attend_splash).
+    seg = mask_BT if segment_ids_BT is None else jnp.where(mask_BT, segment_ids_BT, 0)
+    global_mask, local_mask = (seg, False), (seg, True)
   else:
     global_mask = attention_mask(q_slot_T, positions_BT, k_pos_BS, None)
     local_mask = attention_mask(q_slot_T, positions_BT, k_pos_BS, cfg.sliding_window)
+    if segment_ids_BT is not None:
+      same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+      global_mask, local_mask = global_mask & same_BTS, local_mask & same_BTS
   global_rope = rope_sin_cos(positions_BT, rope_inv_freq(cfg, cfg.rope_theta))
   local_rope = rope_sin_cos(
       positions_BT, rope_inv_freq(cfg.replace(rope_scaling=None),

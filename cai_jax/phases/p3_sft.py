@@ -4,10 +4,10 @@ Reads stage 2's `CritiqueRevisionRecord`s and trains on them as chats
 (`cai_jax.data.sft`): the loss is the token cross entropy on the response and
 its end-of-turn token only (`training.losses.sft_loss`).
 
-Batches are padded to a small set of length buckets (default: one,
-`seq_len`) rather than packed: packing needs segment-aware attention, which
-`transformer.hidden_states` does not have, and with buckets every shape
-compiles once. The data order is a function of (seed, epoch), so the data
+Batches are padded to a small set of length buckets, so every shape compiles
+once; with `data.pack` each step's conversations are packed several to a row
+(`sft.make_packed_batch`: segment-masked attention, positions restarting per
+conversation), the same loss and gradients on fewer padded tokens. The data order is a function of (seed, epoch), so the data
 position is just the step and a resumed run reproduces the uninterrupted run
 bit for bit.
 
@@ -73,6 +73,11 @@ def revision_filter(config: ml_collections.ConfigDict,
   logging.info("revision filter: kept %d of %d red-team revisions (%s)", summary["kept"],
                summary["revisions"], summary["dropped_by_reason"])
   return flt.reason
+
+
+def _packed(data: sft.TokenizedData, rows, T: int, *, pad_id: int, row_multiple: int):
+  """A step's conversations packed into rows of T inputs (`sft.make_packed_batch`)."""
+  return sft.make_packed_batch(data, rows, T, pad_id, row_multiple)
 
 
 def load_data(config: ml_collections.ConfigDict, workdir: str, tok
@@ -142,7 +147,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       eval_step=functools.partial(sft_step.eval_step, cfg=cfg, sharder=sharder,
                                   loss_chunk=t.loss_chunk, lora=spec),
       batch_sh=sharder.sharding(("batch", "seq")),
-      train_batch=lambda rows, T: sft.make_batch(train, rows, T, tok.pad_id),
+      train_batch=(functools.partial(_packed, train, pad_id=tok.pad_id,
+                                     row_multiple=t.microbatches * sharder.batch_shards)
+                   if config.data.pack else
+                   lambda rows, T: sft.make_batch(train, rows, T, tok.pad_id)),
       held_batch=lambda rows, T: sft.make_batch(held, rows, T, tok.pad_id),
       evaluate=evaluate if held.size else None,
       summarize=train_loop.mean_of(("loss", "grad_norm"), last=("lr",), total=("loss_tokens",)),

@@ -17,7 +17,9 @@ def sft_loss_fn(params, batch, *, cfg: ModelConfig, sharder: Sharder | None,
                 loss_chunk: int) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss sum, stats) of one microbatch; `loss_chunk` > 0 avoids [B,T,V] logits."""
   x_BTD, _ = transformer.hidden_states(params, batch["inputs"], cfg,
-                                       mask_BT=batch["input_mask"], sharder=sharder)
+                                       mask_BT=batch["input_mask"], sharder=sharder,
+                                       positions_BT=batch.get("positions"),
+                                       segment_ids_BT=batch.get("segments"))
   unembed = lambda x: transformer.logits_from_hidden(params, x, cfg, sharder)
   if loss_chunk:
     total, count = losses.chunked_sft_loss(x_BTD, unembed, batch["targets"],
