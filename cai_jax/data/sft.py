@@ -182,15 +182,14 @@ def make_packed_batch(data: TokenizedData, rows: np.ndarray, T: int, pad_id: int
   targets and loss mask, with `segments` (1, 2, ... per conversation, 0 on padding) and
   `positions` restarting at 0 in each conversation, so attention and RoPE stay within
   one conversation (`transformer.hidden_states(segment_ids_BT=...)`). The number of rows
-  is a power of two, and a multiple of `row_multiple` (microbatches x batch shards), so
-  a few shapes compile."""
+  is the packer's, rounded up to a multiple of `row_multiple` (microbatches x batch
+  shards): at most batch_size / row_multiple shapes per length bucket compile. (Rounding
+  to a power of two instead, fewer shapes, kept 0.34 of a real run's SFT tokens padding
+  against 0.24 exact and 0.42 unpacked.)"""
   valid = rows[rows >= 0]
   n_in = [int(data.lengths_E[r]) - 1 for r in valid]  # model inputs per conversation
   groups = pack(n_in, T)
-  R = 1
-  while R < len(groups):
-    R *= 2
-  R = -(-R // row_multiple) * row_multiple
+  R = -(-len(groups) // row_multiple) * row_multiple
   inputs = np.full((R, T), pad_id, np.int32)
   targets = np.full((R, T), pad_id, np.int32)
   input_mask = np.zeros((R, T), bool)
