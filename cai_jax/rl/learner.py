@@ -67,6 +67,7 @@ from cai_jax.model.sharding import Sharder
 from cai_jax.rl import critic_free, ppo
 from cai_jax.rl.reward import RewardFn
 from cai_jax.sampling.sampler import Sampler, SamplingParams, sequence_keys
+from cai_jax.sampling.engine import Engine
 from cai_jax.text import padding
 from cai_jax.text.tokenizer import Tokenizer
 from cai_jax.training import optim
@@ -238,8 +239,14 @@ class Learner:
     r, lc = c.rollout, c.learner
     self.critic, self.C = has_critic(c), int(r.samples_per_prompt)
     self.P, self.M = self.prompt_len, r.max_new_tokens
-    self.sampler = Sampler(cfg, max_new_tokens=self.M, stop_ids=cfg.eos_token_ids,
-                           pad_id=self.tok.pad_id, sharder=sharder, length_buckets=(self.P,))
+    slots = int(r.get("engine_slots", 0))
+    if slots:  # continuous batching (sampling/engine.py): the same rollouts, refilled slots
+      self.sampler = Engine(cfg, slots=slots, max_new_tokens=self.M,
+                            stop_ids=cfg.eos_token_ids, pad_id=self.tok.pad_id,
+                            sharder=sharder, length_buckets=(self.P,))
+    else:
+      self.sampler = Sampler(cfg, max_new_tokens=self.M, stop_ids=cfg.eos_token_ids,
+                             pad_id=self.tok.pad_id, sharder=sharder, length_buckets=(self.P,))
     self.sampling = SamplingParams(temperature=float(r.temperature))
     self.lora = lora_lib.LoraSpec.from_config(c.get("lora"))
     abstract = abstract_policy(cfg, self.critic, self.lora)
