@@ -32,9 +32,10 @@ def test_first_fit_decreasing_rows():
   assert all(sum(lengths[i] for i in r) <= 32 for r in rows)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_packed_loss_and_gradients_equal_the_unpacked_ones(family):
-  cfg = TINY_PRESETS[family]()
+def test_packed_loss_and_gradients_equal_the_unpacked_ones():
+  # (The segment mask joins the causal and, in local layers, the window mask in one
+  # function for every family; one family is enough here.)
+  cfg = TINY_PRESETS["llama"]()
   params = transformer.init_params(cfg, jax.random.key(0))
   data = _data([12, 7, 20, 5, 9, 15, 3, 11], [4, 3, 6, 2, 5, 7, 2, 4])
   rows, T = np.arange(8), 32
