@@ -77,8 +77,9 @@ def _base(arg: str) -> ml_collections.ConfigDict:
   c.rollout.samples_per_prompt = 1  # K responses a prompt; rloo and grpo need >= 2
   c.rollout.max_new_tokens = 64
   c.rollout.temperature = 1.0  # no top-k / top-p: log-probs must be the policy's
-  # > 0: roll out with the continuous-batching engine of this many slots (one device;
-  # sampling/engine.py): the same tokens and behaviour log-probs, finished rows refilled.
+  # > 0: roll out with the continuous-batching engine of this many slots (a multiple of
+  # the batch shards; sampling/engine.py): the same tokens and behaviour log-probs,
+  # finished rows refilled.
   c.rollout.engine_slots = 0
 
   c.reward = ml_collections.ConfigDict()

@@ -168,7 +168,7 @@ def test_chat_model_with_engine_slots_writes_the_static_samplers_texts(tiny_mode
       "dtype": "float32", "decode_layers": "unrolled", "max_new_tokens": 10,
       "max_prompt_tokens": 256, "seed": 3, "engine_slots": 0,
       "sampling": {"temperature": 0.7, "top_k": 0, "top_p": 0.9}})
-  sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))  # the engine is one-device
+  sharder = Sharder(make_mesh((1, 1, 1), jax.devices()[:1]))
   convs = [user_turn(p) for p in ("Hi there", "Name three colours please", "Why?",
                                   "Tell me a story about a cat", "Count to five")]
   names = [f"p{i}/answer" for i in range(len(convs))]
@@ -179,11 +179,23 @@ def test_chat_model_with_engine_slots_writes_the_static_samplers_texts(tiny_mode
   assert engine.generate(convs, names) == static
 
 
-def test_a_multi_device_mesh_is_refused_with_the_fix():
+def test_slots_split_over_eight_devices_equal_one_device():
+  # The slots spread over the mesh's batch axis (8 forced CPU devices) sample what one
+  # device samples; the slot count must be a multiple of the batch shards.
   from cai_jax.model.sharding import Sharder, make_mesh
-  cfg = TINY_PRESETS["llama"]()
-  if len(jax.devices()) < 2:
-    pytest.skip("needs the forced CPU devices")
-  with pytest.raises(ValueError, match="set engine_slots=0"):
-    Engine(cfg, slots=8, max_new_tokens=4, stop_ids=(), pad_id=0,
-           sharder=Sharder(make_mesh((-1, 1, 1))))
+  if len(jax.devices()) < 8:
+    pytest.skip("needs the 8 forced CPU devices")
+  cfg, params = _model()
+  sharder = Sharder(make_mesh((-1, 1, 1)))
+  prompts, keys = _prompts(seed=6), sequence_keys(4, range(len(LENGTHS)))
+  limits = [M, 3, M, 7, M, 1, M, 5, M, M, 2]
+  one = Engine(cfg, slots=8, max_new_tokens=M, stop_ids=(), pad_id=0).generate(
+      params, prompts, keys, SAMPLED, limits)
+  sharded_params = jax.device_put(params, transformer.param_shardings(cfg, sharder))
+  eight = Engine(cfg, slots=8, max_new_tokens=M, stop_ids=(), pad_id=0, sharder=sharder,
+                 steps_per_call=4).generate(sharded_params, prompts, keys, SAMPLED, limits)
+  np.testing.assert_array_equal(eight.tokens, one.tokens)
+  np.testing.assert_array_equal(eight.lengths, one.lengths)
+  np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-4)
+  with pytest.raises(ValueError, match="multiple of the mesh's 8 batch shards"):
+    Engine(cfg, slots=4, max_new_tokens=4, stop_ids=(), pad_id=0, sharder=sharder)

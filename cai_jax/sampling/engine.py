@@ -63,6 +63,15 @@ class DecodeState:
   lengths_B: jax.Array  # [B] int32, tokens emitted including the stop token
 
 
+def _rows_sharded(tree, sharder: Sharder | None):
+  """Every array of `tree` split over the mesh's batch axis by its first (row) axis: the
+  slots are spread over the data-parallel devices as the static sampler's rows are."""
+  if sharder is None:
+    return tree
+  return jax.tree.map(lambda x: sharder.constrain(x, ("batch",) + (None,) * (x.ndim - 1)),
+                      tree)
+
+
 def _pick_rows(logits_BV: jax.Array, keys_B: jax.Array, step_B: jax.Array,
                sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
   """Next token and its log-prob per row, row b drawing with fold_in(key_b, step_b)."""
@@ -101,7 +110,8 @@ def prefill(params, prompt_PT: jax.Array, mask_PT: jax.Array, source_R: jax.Arra
 
 def insert(state: DecodeState, prompt_cache: dict, next_pos_P: jax.Array, source_R: jax.Array,
            slot_R: jax.Array, first_R: jax.Array, logp_R: jax.Array, keys_R: jax.Array,
-           limit_R: jax.Array, *, stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
+           limit_R: jax.Array, *, stop_ids: tuple[int, ...], pad_id: int,
+           sharder: Sharder | None = None) -> DecodeState:
   """Write request r (prompt `source_R[r]` of the prefill) into slot `slot_R[r]`; a slot
   index of B or more (a padding request) writes nothing."""
   S = state.cache["pos"].shape[1]
@@ -118,7 +128,7 @@ def insert(state: DecodeState, prompt_cache: dict, next_pos_P: jax.Array, source
   index = put(state.cache["index"], jnp.full(slot_R.shape, T, jnp.int32))
   stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
   done_R = jnp.isin(first_R, stop) | (limit_R <= 1)
-  return DecodeState(
+  return _rows_sharded(DecodeState(
       cache={"k": k, "v": v, "pos": pos, "index": index},
       last_B=put(state.last_B, first_R),
       positions_B=put(state.positions_B, next_pos_P[source_R]),
@@ -130,7 +140,7 @@ def insert(state: DecodeState, prompt_cache: dict, next_pos_P: jax.Array, source
                     jnp.full((slot_R.shape[0], M), pad_id, jnp.int32).at[:, 0].set(first_R)),
       logprobs_BM=put(state.logprobs_BM,
                       jnp.zeros((slot_R.shape[0], M), jnp.float32).at[:, 0].set(logp_R)),
-      lengths_B=put(state.lengths_B, jnp.ones(slot_R.shape, jnp.int32)))
+      lengths_B=put(state.lengths_B, jnp.ones(slot_R.shape, jnp.int32))), sharder)
 
 
 def generate_steps(params, state: DecodeState, max_steps: jax.Array, leave_early: jax.Array,
@@ -168,9 +178,9 @@ def generate_steps(params, state: DecodeState, max_steps: jax.Array, leave_early
         logprobs_BM=s.logprobs_BM.at[rows_B, col_B].set(logp_B, mode="drop"),
         lengths_B=lengths_B), n + 1, jnp.any(now_done_B & ~s.done_B))
 
-  state, _, _ = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32),
-                                                jnp.zeros((), bool)))
-  return state
+  state, _, _ = jax.lax.while_loop(cond, body, (_rows_sharded(state, sharder),
+                                                jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+  return _rows_sharded(state, sharder)
 
 
 _TRACES: collections.Counter = collections.Counter()
@@ -194,7 +204,8 @@ def _compiled(cfg: ModelConfig, sampling: SamplingParams, stop_ids: tuple[int, .
 
   def ins(state, prompt_cache, next_pos, source, slot, first, logp, key_data, limit):
     return insert(state, transformer.unstack_cache(prompt_cache), next_pos, source, slot,
-                  first, logp, key_data, limit, stop_ids=stop_ids, pad_id=pad_id)
+                  first, logp, key_data, limit, stop_ids=stop_ids, pad_id=pad_id,
+                  sharder=sharder)
 
   gen = functools.partial(generate_steps, cfg=cfg, sampling=sampling, stop_ids=stop_ids,
                           pad_id=pad_id, sharder=sharder)
@@ -230,10 +241,10 @@ class Engine:
                steps_per_call: int = 16):
     if slots < 1 or steps_per_call < 1:
       raise ValueError(f"slots ({slots}) and steps_per_call ({steps_per_call}) must be >= 1")
-    if sharder is not None and sharder.mesh.size > 1:
-      raise ValueError(f"engine_slots={slots}: the continuous-batching engine runs on one"
-                       f" device so far, this mesh has {sharder.mesh.size}; set engine_slots=0"
-                       " (the static sampler, sharded) or num_devices=1")
+    self.multiple = 1 if sharder is None else sharder.batch_shards
+    if slots % self.multiple:
+      raise ValueError(f"engine_slots={slots} must be a multiple of the mesh's"
+                       f" {self.multiple} batch shards (its data-parallel devices)")
     self.cfg = cfg
     self.slots = slots
     self.max_new_tokens = max_new_tokens
@@ -253,7 +264,7 @@ class Engine:
     cfg, B, M = self.cfg, self.slots, self.max_new_tokens
     K, H, dt = cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype
     key_shape = jax.random.key_data(jax.random.key(0)).shape
-    return DecodeState(
+    return self._place(DecodeState(
         cache={"k": tuple(jnp.zeros((B, K, H, S), dt) for _ in range(cfg.num_layers)),
                "v": tuple(jnp.zeros((B, K, S, H), dt) for _ in range(cfg.num_layers)),
                "pos": jnp.full((B, S), -1, jnp.int32), "index": jnp.zeros((B,), jnp.int32)},
@@ -262,7 +273,14 @@ class Engine:
         keys_B=jnp.zeros((B, *key_shape), jnp.uint32), done_B=jnp.ones((B,), bool),
         limit_B=jnp.zeros((B,), jnp.int32),
         tokens_BM=jnp.full((B, M), self.pad_id, jnp.int32),
-        logprobs_BM=jnp.zeros((B, M), jnp.float32), lengths_B=jnp.zeros((B,), jnp.int32))
+        logprobs_BM=jnp.zeros((B, M), jnp.float32), lengths_B=jnp.zeros((B,), jnp.int32)))
+
+  def _place(self, tree):
+    """Arrays with rows split over the batch axis (as committed inputs of the jits)."""
+    if self.sharder is None:
+      return tree
+    return jax.tree.map(lambda x: jax.device_put(x, self.sharder.sharding(
+        ("batch",) + (None,) * (x.ndim - 1), x.shape)), tree)
 
   def generate(self, params, prompts: Sequence[Sequence[int]], keys: jax.Array,
                sampling: SamplingParams = SamplingParams(),
@@ -327,8 +345,8 @@ class Engine:
     source = [unique.setdefault(tuple(prompts[r]), len(unique)) for r in take]
     rows = list(unique)
     self.stats.prefill_rows += len(rows)
-    P = batch_bucket(len(rows))
-    R = batch_bucket(len(take))
+    P = batch_bucket(len(rows), self.multiple)
+    R = batch_bucket(len(take), self.multiple)
     T = bucket(max(len(p) for p in rows), self.length_buckets)
     prompt, mask = left_pad(rows, T, self.pad_id, num_rows=P)
     pad = R - len(take)
@@ -336,5 +354,6 @@ class Engine:
     kd = np.concatenate([key_data[take], np.repeat(key_data[take[:1]], pad, axis=0)])
     slot = np.asarray(free[:len(take)] + [self.slots] * pad, np.int32)  # B: dropped
     limit = np.asarray([limits[r] for r in take] + [1] * pad, np.int32)
+    prompt, mask, src, kd, slot, limit = self._place((prompt, mask, src, kd, slot, limit))
     cache, first, logp, next_pos = fns["prefill"](params, prompt, mask, src, kd)
     return fns["insert"](state, cache, next_pos, src, slot, first, logp, kd, limit)

@@ -302,7 +302,7 @@ def test_engine_rollouts_equal_the_static_samplers(tmp_path):
     write_prompts(d)
     c = tiny_config(iterations=1, epochs=1)
     ppo_config.critic_free(c, "grpo")
-    c.num_devices, c.rollout.engine_slots = 1, slots  # the engine is one-device
+    c.num_devices, c.rollout.engine_slots = 1, slots
     reward = RecordedReward()
     p7_ppo.run(c, d, reward_fn=reward)
     runs[slots] = (reward.batches, read_metrics(paths.stage_dir(d, paths.GRPO))[0])
