@@ -5,7 +5,8 @@
 
 Workloads (each request: prompt token ids and the number of tokens it generates):
 - `stage8` / `stage2` (with `--workdir`): the prompts and answer lengths a real run's
-  stage 8 (every model's answers) and stage 2 (revisions) produced, in the order written;
+  stage 8 (the first `--max_requests` / models answers of each model) and stage 2
+  (revisions) produced, in the order written;
 - `longtail`: `--longtail_requests` random prompts of 16-96 tokens with output lengths
   drawn log-normal (median 48) and capped at `--longtail_max` (512 by default).
 
@@ -48,7 +49,7 @@ _WORKLOADS = flags.DEFINE_list("workloads", ["stage8", "stage2", "longtail"], "W
 _SLOTS = flags.DEFINE_integer("slots", 8, "Engine slots = static batch size.")
 _STEPS = flags.DEFINE_integer("steps_per_call", 16, "Engine decode steps per device call.")
 _MAX_REQUESTS = flags.DEFINE_integer("max_requests", 96, "Requests per real workload (first N).")
-_LONGTAIL_N = flags.DEFINE_integer("longtail_requests", 48, "Requests of the long-tail workload.")
+_LONGTAIL_N = flags.DEFINE_integer("longtail_requests", 32, "Requests of the long-tail workload.")
 _LONGTAIL_MAX = flags.DEFINE_integer("longtail_max", 512, "Longest output of the long tail.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers generate.")
 _OUT = flags.DEFINE_string("out", "", "Write results JSON here (default:"
@@ -57,10 +58,12 @@ _OUT = flags.DEFINE_string("out", "", "Write results JSON here (default:"
 
 def _real(workdir: str, stage: str, tok, n: int) -> tuple[list[list[int]], list[int]]:
   """(prompt ids, output lengths) of a run's stage-8 answers or stage-2 revisions."""
-  if stage == "stage8":
+  if stage == "stage8":  # the same share of each model's answers, in the order written
     root = os.path.join(paths.stage_dir(workdir, paths.EVALUATION), "answers")
-    rows = [(r.prompt, r.response) for name in sorted(os.listdir(root))
-            for r in records.read_records(os.path.join(root, name), ans.AnswerRecord)]
+    names = sorted(os.listdir(root))
+    rows = [(r.prompt, r.response) for name in names
+            for r in records.read_records(os.path.join(root, name),
+                                          ans.AnswerRecord)[:-(-n // len(names))]]
   else:
     rows = [(r.prompt, r.response_at(-1)) for r in records.read_records(
         paths.stage_dir(workdir, paths.CRITIQUE_REVISION), records.CritiqueRevisionRecord)
