@@ -214,8 +214,10 @@ def test_stage_end_to_end_on_a_tiny_workdir(tiny_model_dir, tmp_path):
               "| 7 PPO | reward, first 2 → last 2 iterations (mean) |"):
     assert row in signals
   claims_md = section(text, "Claims")
-  for c in claims:
+  from cai_jax.evaluation.evidence import headline
+  for c in headline(claims):  # the frontier's coordinates have their own section
     assert report.cell(c["claim"]) in claims_md
+  assert "## Harmlessness-helpfulness frontier" in text
   # Each failed claim names the stage whose signal failed, measured from the run's files.
   assert res["signals"] == diagnosis.measure(workdir, res)
   failed = [c for c in claims if c["holds"] is False]
