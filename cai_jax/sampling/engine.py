@@ -43,7 +43,7 @@ from cai_jax.model import transformer
 from cai_jax.model.config import ModelConfig
 from cai_jax.model.sharding import Sharder, constrain
 from cai_jax.sampling.sampler import (DEFAULT_LENGTH_BUCKETS, SampleOutput, SamplingParams,
-                                      _filter_logits, _argmax)
+                                      _pick)
 from cai_jax.text.padding import batch_bucket, bucket, left_pad
 
 
@@ -72,24 +72,6 @@ def _rows_sharded(tree, sharder: Sharder | None):
                       tree)
 
 
-def _pick_rows(logits_BV: jax.Array, keys_B: jax.Array, step_B: jax.Array,
-               sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
-  """Next token and its log-prob per row, row b drawing with fold_in(key_b, step_b)."""
-  if sampling.greedy:
-    scaled_BV = logits_BV
-    tokens_B = _argmax(logits_BV)
-  else:
-    scaled_BV = logits_BV / sampling.temperature
-
-    def row(scaled_V, key, step):
-      return jax.random.categorical(jax.random.fold_in(key, step),
-                                    _filter_logits(scaled_V, sampling))
-
-    tokens_B = jax.vmap(row)(scaled_BV, keys_B, step_B).astype(jnp.int32)
-  picked_B = jnp.take_along_axis(scaled_BV, tokens_B[:, None], axis=-1)[:, 0]
-  return tokens_B, picked_B - jax.nn.logsumexp(scaled_BV, axis=-1)
-
-
 def prefill(params, prompt_PT: jax.Array, mask_PT: jax.Array, source_R: jax.Array,
             keys_R: jax.Array, *, cfg: ModelConfig, sampling: SamplingParams,
             sharder: Sharder | None):
@@ -103,7 +85,7 @@ def prefill(params, prompt_PT: jax.Array, mask_PT: jax.Array, source_R: jax.Arra
                                                 positions_BT=positions_PT, cache=cache,
                                                 sharder=sharder)
   logits_PV = transformer.logits_from_hidden(params, hidden_PTD[:, -1], cfg)
-  first_R, logp_R = _pick_rows(logits_PV[source_R], keys_R,
+  first_R, logp_R = _pick(logits_PV[source_R], keys_R,
                                jnp.zeros(source_R.shape, jnp.int32), sampling)
   return cache, first_R, logp_R, positions_PT[:, -1] + 1
 
@@ -161,7 +143,7 @@ def generate_steps(params, state: DecodeState, max_steps: jax.Array, leave_early
                                               cache=s.cache, sharder=sharder)
     logits_BV = transformer.logits_from_hidden(params, hidden[:, 0], cfg)
     logits_BV = constrain(sharder, logits_BV, ("batch", "vocab"))
-    tok_B, logp_B = _pick_rows(logits_BV, jax.random.wrap_key_data(s.keys_B), s.step_B,
+    tok_B, logp_B = _pick(logits_BV, jax.random.wrap_key_data(s.keys_B), s.step_B,
                                sampling)
     tok_B = jnp.where(s.done_B, pad_id, tok_B)
     logp_B = jnp.where(s.done_B, 0.0, logp_B)

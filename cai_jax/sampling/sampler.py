@@ -121,11 +121,13 @@ def _pick(logits_BV: jax.Array, keys_B: jax.Array, step: jax.Array,
   else:
     scaled_BV = logits_BV / sampling.temperature
 
-    def row(scaled_V, key):
+    def row(scaled_V, key, step):
       key = jax.random.fold_in(key, step)
       return jax.random.categorical(key, _filter_logits(scaled_V, sampling))
 
-    tokens_B = jax.vmap(row)(scaled_BV, keys_B).astype(jnp.int32)
+    # `step`: one decode step for every row, or each row's own ([B]: the engine's slots).
+    step_B = jnp.broadcast_to(step, scaled_BV.shape[:1])
+    tokens_B = jax.vmap(row)(scaled_BV, keys_B, step_B).astype(jnp.int32)
   # log_softmax at one token: no [B, V] array of log-probs.
   picked_B = jnp.take_along_axis(scaled_BV, tokens_B[:, None], axis=-1)[:, 0]
   return tokens_B, picked_B - jax.nn.logsumexp(scaled_BV, axis=-1)
