@@ -43,13 +43,13 @@ def measure(workdir: str, config: rf.FilterConfig, constitution: str) -> dict:
           if r.kind == "red_team" and r.rounds]
   flt = rf.RevisionFilter(config, [p.revision for p in
                                    load_constitution(constitution).critique_revision])
-  why = {r.id: flt.reason(r.prompt, r.initial_response, r.response_at(-1)) for r in recs}
-  cat = {r.id: refusal.classify(r.prompt, r.response_at(-1)).category for r in recs}
+  reviewed = rf.review(flt, recs)
+  why = {r.id: reviewed["dropped"].get(r.id) for r in recs}
   out = {"workdir": workdir, "config": {"categories": list(config.categories),
                                         "echo_words": config.echo_words,
                                         "min_compression": config.min_compression,
                                         "constitution": constitution},
-         **rf.summary([(why[r.id], cat[r.id]) for r in recs])}
+         **{k: v for k, v in reviewed.items() if k != "dropped"}}
   out["initial_categories"] = rf.summary(
       [(None, refusal.classify(r.prompt, r.initial_response).category) for r in recs]
   )["kept_categories"]

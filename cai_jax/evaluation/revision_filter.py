@@ -98,6 +98,17 @@ class RevisionFilter:
     return None
 
 
+def review(flt: RevisionFilter, recs: Sequence[Any], round_: int = -1) -> dict[str, Any]:
+  """What `flt` keeps of the red-team revisions in `recs` (stage 2's
+  CritiqueRevisionRecords; `round_` picks the revision): `summary` of the verdicts, plus
+  `dropped`, each dropped record's id and reason."""
+  red = [r for r in recs if r.kind == "red_team" and r.rounds]
+  why = [flt.reason(r.prompt, r.initial_response, r.response_at(round_)) for r in red]
+  cats = [refusal.classify(r.prompt, r.response_at(round_)).category for r in red]
+  return {**summary(list(zip(why, cats))),
+          "dropped": {r.id: w for r, w in zip(red, why) if w}}
+
+
 def summary(verdicts: Sequence[tuple[str | None, str]]) -> dict[str, Any]:
   """(drop reason or None, refusal-measure category) per red-team revision -> the kept
   share, the count per reason, and the category shares of what was kept and dropped."""

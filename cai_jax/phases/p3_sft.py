@@ -38,7 +38,6 @@ from cai_jax import paths, records
 from cai_jax.constitution import load_constitution
 from cai_jax.checkpoints.load import load_model
 from cai_jax.data import batching, sft
-from cai_jax.evaluation import refusal
 from cai_jax.evaluation import revision_filter as rf
 from cai_jax.model import lora
 from cai_jax.model.sharding import sharder_from_config
@@ -58,12 +57,7 @@ def revision_filter(config: ml_collections.ConfigDict,
   flt = rf.RevisionFilter(
       rf.FilterConfig(True, tuple(f.categories), f.echo_words, f.min_compression),
       [p.revision for p in load_constitution(f.constitution).critique_revision])
-  round_ = config.data.revision_round
-  red = [r for r in recs if r.kind == "red_team" and r.rounds]
-  verdicts = [(flt.reason(r.prompt, r.initial_response, r.response_at(round_)),
-               refusal.classify(r.prompt, r.response_at(round_)).category) for r in red]
-  summary = {**rf.summary(verdicts), "config": f.to_dict(),
-             "dropped": {r.id: why for r, (why, _) in zip(red, verdicts) if why}}
+  summary = {**rf.review(flt, recs, config.data.revision_round), "config": f.to_dict()}
   out = paths.stage_dir(workdir, paths.SFT)
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, rf.SUMMARY_FILE)
