@@ -98,6 +98,8 @@ def time_engine(cfg, params, prompts, lengths, slots, steps) -> dict:
   s = eng.stats
   return {"seconds": secs, "decode_steps": s.decode_steps, "device_calls": s.generate_calls,
           "prefills": s.prefills,
+          # wall time outside the waits for the device: the host loop's scheduling
+          "host_share": max(0.0, 1 - s.wait_seconds / secs),
           "idle_share": 1 - s.busy_slot_steps / max(s.decode_steps * slots, 1)}
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 
 import flax.struct
@@ -200,12 +201,15 @@ def _compiled(cfg: ModelConfig, sampling: SamplingParams, stop_ids: tuple[int, .
 @dataclasses.dataclass
 class EngineStats:
   """What one `generate` call did: decode steps run, slot-steps that carried a live
-  sequence, device calls (the idle share is 1 - busy / (steps * slots))."""
+  sequence, device calls (the idle share is 1 - busy / (steps * slots)), and the seconds the
+  host waited for the device (the rest of a call's wall time is host scheduling: the
+  share the host loop costs)."""
   decode_steps: int = 0
   busy_slot_steps: int = 0
   prefills: int = 0
   prefill_rows: int = 0  # distinct prompts prefilled (the K samples of one prompt: one)
   generate_calls: int = 0
+  wait_seconds: float = 0.0
 
 
 class Engine:
@@ -303,11 +307,13 @@ class Engine:
         for r, s in zip(take, free):
           request_in[s] = r
         stats.prefills += 1
-      before = np.asarray(state.step_B)
+      t = time.perf_counter()
+      before = np.asarray(state.step_B)  # waits for the prefill and insert
       state = fns["generate"](unrolled, state, jnp.int32(self.steps_per_call),
                               jnp.asarray(bool(queue)))
       stats.generate_calls += 1
       done = np.asarray(state.done_B)
+      stats.wait_seconds += time.perf_counter() - t
       lengths = np.asarray(state.lengths_B)
       steps = np.asarray(state.step_B) - before
       stats.decode_steps += int(steps.max(initial=0))
