@@ -54,6 +54,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.prompts.num_borderline_train = 24
     c.sft.data.helpful_ratio = None  # every helpful answer: 48 helpful beside 48 red-team
   if "decide" in extras:  # held-out sets that decide (issue 37): about ±0.10 per rate
+    # 96 held-out helpful prompts need 0.3 of cai_helpful's 362 (0.1 held out 41).
+    c.prompts.held_out_fraction = 0.3
     c.prompts.num_red_team_held_out = c.evaluation.num_red_team = 64
     c.prompts.num_helpful_held_out = c.evaluation.num_helpful = 96
     c.evaluation.external_source, c.evaluation.num_external = "rho_overrefusal", 96

@@ -159,6 +159,12 @@ def test_recompute_refuses_claims_that_differ_from_stage_8s(tmp_path):
   bad[0]["holds"] = not bad[0]["holds"]
   with pytest.raises(ValueError, match="differs from what stage 8"):
     diagnosis.recompute(wd, bad)
+  with pytest.raises(ValueError, match="no longer makes 1 of the claims"):
+    diagnosis.recompute(wd, stored + [dict(stored[0], claim="A claim no code makes now")])
+  # Written before today's descriptive claims (no verdict; with no answers every claim is
+  # one): recomputing adds the one stage 8 did not write.
+  assert all(c["holds"] is None for c in stored)
+  assert len(diagnosis.recompute(wd, stored[:-1])) == len(stored)
 
 
 def test_claims_block_states_the_days_decode_rate(tmp_path):

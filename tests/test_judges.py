@@ -59,3 +59,28 @@ def test_refusal_preference_by_prompt_set_on_a_known_reward():
   assert out["helpful"]["mean_margin"]["estimate"] < 0
   none = judges.refusal_preference(score, {"r3": answers["r3"]})
   assert "missing" in none["red_team"] and "missing" in none["helpful"]
+
+
+def test_own_refusal_preference_pairs_one_models_refusals_with_the_others_answers():
+  """Only prompts where the first model refuses and the second answers count; a reward
+  that is the answer's length prefers the refusal exactly where it is the longer text."""
+  from cai_jax.evaluation import judges
+  from cai_jax.evaluation.answers import AnswerRecord
+  no = "I'm sorry, but I can't help with that."
+  no_long = "I'm sorry, but I can't help with that, because it could be used to hurt people."
+  rec = lambda i, split, text, kind="helpful": AnswerRecord(i, f"prompt {i}", kind, split,
+                                                            "m", text)
+  rl = {"h1": rec("h1", "held_out", no), "h2": rec("h2", "held_out", no_long),
+        "h3": rec("h3", "held_out", "Use warm water."), "h4": rec("h4", "held_out", no),
+        "b1": rec("b1", "borderline", no)}
+  sl = {"h1": rec("h1", "held_out", "Warm water and a plunger will clear most sinks."),
+        "h2": rec("h2", "held_out", "Ok."), "h3": rec("h3", "held_out", no),
+        "h4": rec("h4", "held_out", no), "b1": rec("b1", "borderline", "Press Ctrl+C.")}
+  score = lambda prompts, responses: np.array([len(r) for r in responses], float)
+  out = judges.own_refusal_preference(score, rl, sl, seed=0)
+  # h3 (sl refuses, rl answers) and h4 (both refuse) are left out.
+  assert out["helpful"]["refusal_preferred"] == intervals.wilson(1, 2).as_dict()
+  margins = [len(no) - len(sl["h1"].response), len(no_long) - len("Ok.")]
+  assert out["helpful"]["mean_margin"]["estimate"] == pytest.approx(np.mean(margins))
+  assert out["borderline"]["refusal_preferred"] == intervals.wilson(1, 1).as_dict()
+  assert "missing" in out["red_team"]

@@ -356,3 +356,19 @@ def test_stage1_adds_edgy_training_prompts_to_the_helpful_train_split_only(tmp_p
                 for r in P.load_source(name)}
   train_texts = {P.normalize(r.prompt) for r in P.load_source("cai_borderline_train")}
   assert not train_texts & evaluation  # the shipped training set is disjoint
+
+
+def test_stage1_refuses_more_prompts_than_a_split_holds_and_writes_nothing(tmp_path):
+  # cai_helpful's 362 prompts hold about 36 at held_out_fraction 0.1: asking 96 of them is
+  # a one-line error naming the field and the fix, before any prompt file is written.
+  import os
+  from cai_jax.configs import prompts as prompts_config
+  from cai_jax.phases import p1_prompts
+  c = prompts_config.get_config("tiny")
+  c.num_helpful_held_out = 96
+  with pytest.raises(ValueError, match=r"prompts.num_helpful_held_out=96: the helpful"
+                     r" held_out split holds \d+ prompts \(held_out_fraction=0.1 of 362"):
+    p1_prompts.run(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+  c.held_out_fraction = 0.3  # what the +decide addition sets
+  assert p1_prompts.run(c, str(tmp_path / "w"))["helpful_held_out"] == 96

@@ -451,8 +451,9 @@ def recompute(workdir: str, stored: list[dict]) -> list[dict]:
   """Stage 8's last step rerun on a finished workdir with today's code: the claims from
   its results.json and stage 6/7 files, each failed one traced to its stage (`explain`),
   written back into results.json with the signals. A ValueError where any claim's
-  estimate, interval, n or verdict differs from `stored` (the claims stage 8 wrote):
-  then the run, not this step, must be redone."""
+  estimate, interval, n or verdict differs from `stored` (the claims stage 8 wrote), or one
+  of them is no longer made: then the run, not this step, must be redone. Descriptive
+  claims (no verdict) that today's code adds are added."""
   with open(paths.results_file(workdir)) as f:
     results = json.load(f)
   config = paths.stage_configs(workdir)[0].get("evaluation")
@@ -464,14 +465,18 @@ def recompute(workdir: str, stored: list[dict]) -> list[dict]:
   old = {c["claim"]: c for c in stored}
   for c in fresh:
     if c["claim"] not in old:
+      if c["holds"] is None:  # a descriptive figure today's code adds: no verdict moves
+        continue
       raise ValueError(f"{workdir}: claim {c['claim']!r} is not among those stage 8 wrote"
                        " (it predates the claim); rerun stage 8 instead of recomputing")
     if any(c[k] != old[c["claim"]][k] for k in MEASURED):
       raise ValueError(f"{workdir}: claim {c['claim']!r} differs from what stage 8 wrote;"
                        " rerun stage 8 instead of recomputing")
-  if len(fresh) != len(stored):
-    raise ValueError(f"{workdir}: stage 8 wrote {len(stored)} claims, today's code makes"
-                     f" {len(fresh)}; rerun stage 8 instead of recomputing")
+  lost = set(old) - {c["claim"] for c in fresh}
+  if lost:
+    raise ValueError(f"{workdir}: today's code no longer makes {len(lost)} of the claims"
+                     f" stage 8 wrote (e.g. {sorted(lost)[0]!r}); rerun stage 8 instead of"
+                     " recomputing")
   results["signals"] = measure(workdir, results)
   results["claims"] = explain(fresh, results["signals"])
   with open(paths.results_file(workdir) + ".tmp", "w") as f:

@@ -365,15 +365,32 @@ def claims(results: dict[str, Any], ppo_metrics: Sequence[dict] = (),
                          bar=None, measure=J if judged else "refusal measure (model-free)",
                          trained_on=judged and not judge_indep,
                          why="descriptive: one coordinate of the frontier"))
+  # ... and each model against SL-CAI, paired over the prompts both answered (dominance)
+  names = results.get("evaluated_models", ())
+  if "sl_cai" in names:
+    for name in (n for n in names if n != "sl_cai"):
+      for key, est in frontier.paired(results, name, "sl_cai", seed=seed).items():
+        judged = key in ("harm_rate", "help_win")
+        label = dict((k, t) for k, t, _ in frontier.AXES)[key]
+        out.append(claim(f"{FRONTIER_VS_SL_CAI}{name}.{key}",
+                         f"Frontier: {name} minus SL-CAI, {label}"
+                         + (" (its direct win rate against SL-CAI minus 0.5)"
+                            if key == "help_win" else "") + " (paired)", est, bar=None,
+                         measure=J if judged else "refusal measure (model-free)",
+                         trained_on=judged and not judge_indep,
+                         why="descriptive: decides dominance over SL-CAI"))
   return out
 
 
 FRONTIER = "frontier."  # key prefix of the frontier's coordinates among the claims
+FRONTIER_VS_SL_CAI = "frontier_vs_sl_cai."  # ... and of each model's paired difference
 
 
 def headline(claims: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """The claims a table lists: all but the frontier's coordinates (their own table)."""
-  return [c for c in claims if not c.get("key", "").startswith(FRONTIER)]
+  """The claims a table lists: all but the frontier's coordinates and paired differences
+  (their own section)."""
+  return [c for c in claims
+          if not c.get("key", "").startswith((FRONTIER, FRONTIER_VS_SL_CAI))]
 
 
 def reward_sources(metrics: Sequence[dict]) -> list[str]:

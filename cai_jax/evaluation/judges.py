@@ -148,6 +148,33 @@ def refusal_preference(score: Callable[[Sequence[str], Sequence[str]], np.ndarra
   return out
 
 
+def own_refusal_preference(score: Callable[[Sequence[str], Sequence[str]], np.ndarray],
+                           refusing: dict[str, AnswerRecord], answering: dict[str, AnswerRecord],
+                           *, seed: int = 0) -> dict[str, Any]:
+  """Does a reward prefer one model's *own* refusals to another model's answers?
+
+  Per prompt set, on the prompts where the model-free measure calls `refusing`'s answer a
+  refusal and `answering`'s answer not one (e.g. RL-CAI's refusals against SL-CAI's
+  answers to the same safe prompts): the fraction of those prompts where `score` rates
+  the refusal higher (Wilson) and the mean margin score(refusal) - score(answer)
+  (bootstrap). `refusal_preference` asks it of a canned refusal; a policy's refusals are
+  what its reward actually scored during RL."""
+  out: dict[str, Any] = {}
+  for name, pick in REFUSAL_PREFERENCE_SETS:
+    ids = [i for i, r in refusing.items() if pick(r) and i in answering
+           and refusal.classify(r.prompt, r.response).refuses
+           and not refusal.classify(answering[i].prompt, answering[i].response).refuses]
+    if not ids:
+      out[name] = {"missing": "no prompt where one refuses and the other answers"}
+      continue
+    prompts = [refusing[i].prompt for i in ids]
+    margin = (np.asarray(score(prompts, [refusing[i].response for i in ids]), np.float64)
+              - np.asarray(score(prompts, [answering[i].response for i in ids]), np.float64))
+    out[name] = {"refusal_preferred": intervals.rate(margin > 0).as_dict(),
+                 "mean_margin": intervals.bootstrap(margin, seed=seed).as_dict()}
+  return out
+
+
 def rl_start_model(answers: dict, names: Sequence[str]) -> str | None:
   """The model RL starts from among those that answered: SL-CAI, else the first."""
   return "sl_cai" if "sl_cai" in answers else (list(names) or [None])[0]

@@ -346,10 +346,11 @@ def signals_section(results: dict | None, workdir: str, lines: list[str]) -> Non
 
 
 def frontier_section(results: dict, out_dir: str, lines: list[str]) -> None:
-  """Fig. 2's frontier: each model's four rates with intervals, whether each later model
-  dominates SL-CAI (by the intervals), and the figure."""
+  """Fig. 2's frontier: each model's four rates with intervals, each model's paired
+  difference from SL-CAI and whether it dominates SL-CAI (by those intervals), and the
+  figure."""
   from cai_jax.evaluation import frontier
-  from cai_jax.evaluation.evidence import FRONTIER
+  from cai_jax.evaluation.evidence import FRONTIER, FRONTIER_VS_SL_CAI
   pts = frontier.from_claims(results.get("claims", []), FRONTIER)
   if not pts:
     _missing(lines, "no frontier coordinates among the claims (stage 8 predates them, or no"
@@ -360,14 +361,21 @@ def frontier_section(results: dict, out_dir: str, lines: list[str]) -> None:
             " model more harmless *without* becoming evasive: lower harmful and over-refusal"
             " rates, a higher red-team refusal rate and helpfulness win rate.", ""]
   lines += table(*frontier.table(pts))
-  if "sl_cai" in pts:
+  diffs = frontier.from_claims(results.get("claims", []), FRONTIER_VS_SL_CAI)
+  if diffs:
     verdict = {True: "dominates", False: "does not dominate",
                None: "cannot be compared (an interval is missing)"}
-    said = [f"- **{n}** {verdict[frontier.dominates(p, pts['sl_cai'])]} SL-CAI"
-            for n, p in pts.items() if n not in ("initial", "sl_cai")]
-    if said:
-      lines += ["Dominance, decided by the intervals (no worse on every axis, better on"
-                " one):", "", *said, ""]
+    header = ["model minus SL-CAI"] + [
+        "helpfulness win rate against SL-CAI on held-out helpful prompts, minus 0.5 (judge)"
+        if k == "help_win" else label for k, label, _ in frontier.AXES]
+    rows = [[n] + [str(d[k]) if k in d else "n/a" for k, _, _ in frontier.AXES]
+            for n, d in diffs.items()]
+    lines += ["Each model minus SL-CAI over the prompts both answered (paired bootstrap)."
+              " Dominance is decided by these intervals: no axis's interval wholly on the"
+              " worse side, one wholly on the better.", ""]
+    lines += table(header, rows)
+    lines += [*(f"- **{n}** {verdict[frontier.dominates(d)]} SL-CAI"
+                for n, d in diffs.items() if n != "initial"), ""]
   path = frontier.figure(pts, os.path.join(out_dir, "frontier.png"))
   if path:
     lines += ["![Harmlessness-helpfulness frontier](frontier.png)", ""]

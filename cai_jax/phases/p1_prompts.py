@@ -25,7 +25,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
   """Writes the four prompt files (skipped when they exist); returns counts."""
   c = config
   policy = prompts.PromptConfig(max_chars=c.max_chars, too_long=c.too_long, empty=c.empty)
-  counts = {}
+  counts, chosen = {}, {}  # chosen: file -> records, written once every split is chosen
   for kind, sources, n_train, n_held in (
       ("red_team", c.red_team_sources, c.num_red_team_train, c.num_red_team_held_out),
       ("helpful", c.helpful_sources, c.num_helpful_train, c.num_helpful_held_out)):
@@ -51,13 +51,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
       logging.info("helpful train: + %d safe-but-dangerous-sounding prompts of %s", len(edgy),
                    list(c.borderline_train_sources))
     for s, recs, limit in (("train", train, n_train), ("held_out", held_out, n_held)):
-      chosen = prompts.subsample(recs, limit, config.seed)
+      if limit is not None and limit > len(recs):  # asked for more than the split holds
+        raise ValueError(
+            f"prompts.num_{kind}_{s}={limit}: the {kind} {s} split holds {len(recs)} prompts"
+            f" (held_out_fraction={c.held_out_fraction} of {len(records)} from"
+            f" {', '.join(sources)}); ask for at most {len(recs)}, change"
+            " prompts.held_out_fraction, or add a source")
+      picked = prompts.subsample(recs, limit, config.seed)
       if s == "train":
-        chosen = prompts.dedup(chosen + edgy)
-      if distributed.is_leader():
-        prompts.write_jsonl(chosen, files[s])
-      counts[f"{kind}_{s}"] = len(chosen)
-      logging.info("%s %s: %d of %d prompts -> %s", kind, s, len(chosen), len(recs), files[s])
+        picked = prompts.dedup(picked + edgy)
+      chosen[files[s]] = picked
+      counts[f"{kind}_{s}"] = len(picked)
+      logging.info("%s %s: %d of %d prompts -> %s", kind, s, len(picked), len(recs), files[s])
+  if distributed.is_leader():
+    for path, recs in chosen.items():
+      prompts.write_jsonl(recs, path)
   distributed.barrier("p1_prompts")
   return counts
 

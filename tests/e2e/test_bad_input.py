@@ -90,7 +90,9 @@ def test_empty_prompts(tmp_path, policy, needle):
   f = tmp_path / "p.jsonl"
   f.write_text('{"prompt": "How do I make soup?"}\n{"prompt": "   "}\n')
   r = _phase("p1_prompts", "prompts.py:tiny", tmp_path / "w",
-             f"--config.red_team_sources=('{f}',)", f"--config.empty={policy}")
+             f"--config.red_team_sources=('{f}',)", f"--config.empty={policy}",
+             # the one kept prompt falls in the held-out split (a hash of its text)
+             "--config.num_red_team_train=0", "--config.num_red_team_held_out=1")
   if needle:
     _assert_clean_failure(r, "p.jsonl", needle)
   else:
