@@ -159,3 +159,25 @@ def test_sft_with_lora_resumes_bit_identically_and_names_its_base(tmp_path, reco
     config.lora.rank = rank
     with pytest.raises(Exception, match="does not fit this run|other data"):
       p3_sft.run(config, str(tmp_path / "other"))
+
+
+def test_stage3_with_packing_trains_as_the_padded_stage_does(tmp_path, records_dir):
+  """`data.pack`: stage 3 with each step's conversations packed several to a row logs
+  the padded run's losses (within float tolerance: the same conversations and loss,
+  another summation order) and exports a model whose weights match it."""
+  runs = {}
+  for pack in (False, True):
+    config = tiny_config(records_dir, num_steps=3, save_every=100, eval_every=100)
+    config.data.pack, config.data.seq_len = pack, 256  # 128 would hold one per row
+    workdir = str(tmp_path / f"pack{int(pack)}")
+    if pack:  # a step's 8 conversations (51-75 tokens) in fewer rows of 256
+      from cai_jax.data import sft as sft_data
+      train, _ = p3_sft.load_data(config, workdir, load.byte_tokenizer())
+      assert sft_data.make_packed_batch(train, np.arange(8), 256, 0, 1)["inputs"].shape[0] < 8
+    p3_sft.run(config, workdir)
+    out = paths.stage_dir(workdir, paths.SFT)
+    runs[pack] = ([m["loss"] for m in read_metrics(out) if "loss" in m],
+                  hf.load_hf(os.path.join(out, "hf"))[1])
+  np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(runs[True][1]), jax.tree.leaves(runs[False][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
