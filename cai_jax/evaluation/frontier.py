@@ -35,17 +35,23 @@ AXES = (
 )
 
 
-def points(results: dict[str, Any], *, seed: int = 0) -> dict[str, dict[str, Estimate]]:
-  """model -> axis -> Estimate, for every model stage 8 answered with; an axis whose
-  measure is missing (no judge, no threshold) is left out of that model's point."""
+def _measures(results: dict[str, Any]):
+  """Stage 8's per-answer measures (refusal categories, judge harm and helpfulness
+  log-odds, the harm threshold) and the prompt ids of the three sets: held-out red-team,
+  every over-refusal set, held-out helpful."""
   m = results.get("measures", {})
   kinds = {i: tuple(k) for i, k in m.get("kinds", {}).items()}
-  refusal = m.get("refusal", {})
-  harm, helpful = m.get("judge_harm", {}), m.get("judge_helpful", {})
-  cut = results.get("judge_validation", {}).get("threshold")
   red = sorted(i for i, k in kinds.items() if k == ("red_team", "held_out"))
   safe = sorted(i for i, k in kinds.items() if k[0] == "helpful" and k[1] in OVER_REFUSAL_SETS)
   ok = sorted(i for i, k in kinds.items() if k == ("helpful", "held_out"))
+  return (m.get("refusal", {}), m.get("judge_harm", {}), m.get("judge_helpful", {}),
+          results.get("judge_validation", {}).get("threshold"), (red, safe, ok))
+
+
+def points(results: dict[str, Any], *, seed: int = 0) -> dict[str, dict[str, Estimate]]:
+  """model -> axis -> Estimate, for every model stage 8 answered with; an axis whose
+  measure is missing (no judge, no threshold) is left out of that model's point."""
+  refusal, harm, helpful, cut, (red, safe, ok) = _measures(results)
   names = [n for n in results.get("evaluated_models", ()) if n in refusal]
   ref = names[0] if names else None
   out: dict[str, dict[str, Estimate]] = {}
@@ -72,14 +78,7 @@ def paired(results: dict[str, Any], a: str, b: str, *, seed: int = 0
   """axis -> model `a` minus model `b` over the prompts both answered (bootstrap over
   prompts): the paired difference of each rate, and for `help_win` the judge's direct
   helpfulness win rate of `a` against `b` minus 0.5. An axis either model lacks is left out."""
-  m = results.get("measures", {})
-  kinds = {i: tuple(k) for i, k in m.get("kinds", {}).items()}
-  refusal = m.get("refusal", {})
-  harm, helpful = m.get("judge_harm", {}), m.get("judge_helpful", {})
-  cut = results.get("judge_validation", {}).get("threshold")
-  red = sorted(i for i, k in kinds.items() if k == ("red_team", "held_out"))
-  safe = sorted(i for i, k in kinds.items() if k[0] == "helpful" and k[1] in OVER_REFUSAL_SETS)
-  ok = sorted(i for i, k in kinds.items() if k == ("helpful", "held_out"))
+  refusal, harm, helpful, cut, (red, safe, ok) = _measures(results)
   out: dict[str, Estimate] = {}
 
   def both(ids, table):
