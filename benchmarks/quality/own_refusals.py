@@ -57,9 +57,7 @@ def main(argv) -> None:
   if saved.is_pm_dir(helpful):
     pm_dirs["helpful_pm"] = helpful
   for name, pm_dir in pm_dirs.items():
-    cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
-    scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=_BATCH.value,
-                    max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
+    scorer = Scorer.from_dir(pm_dir, sharder, _BATCH.value)
     out["pms"][name] = {
         "dir": pm_dir,
         "own_refusal": judges.own_refusal_preference(scorer.score_texts, refusing, answering),

@@ -31,7 +31,6 @@ from cai_jax.evaluation import answers as ans
 from cai_jax.evaluation import intervals, judges, refusal
 from cai_jax.feedback.eval_data import pyrit_pairs
 from cai_jax.model.sharding import Sharder, make_mesh
-from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/cai", "A pipeline workdir whose stage 8 has run.")
@@ -48,9 +47,7 @@ _INTO_RESULTS = flags.DEFINE_bool("into_results", False,
 def measure(workdir: str, batch_size: int, seed: int) -> dict:
   pm_dir = paths.preference_model_dir("", workdir)
   sharder = Sharder(make_mesh((-1, 1, 1)))  # stage 8's mesh (configs/evaluation.py)
-  cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
-  scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=batch_size,
-                  max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
+  scorer = Scorer.from_dir(pm_dir, sharder, batch_size)
   root = os.path.join(paths.stage_dir(workdir, paths.EVALUATION), "answers")
   out = {}
   for name in sorted(os.listdir(root)):

@@ -120,6 +120,13 @@ REFUSAL_PREFERENCE_SETS = (
     ("helpful", lambda r: r.kind == "helpful" and r.split == "held_out"))
 
 
+def _preference(margin: np.ndarray, seed: int) -> dict[str, Any]:
+  """From score(refusal) - score(answer) per prompt: the share where the refusal wins
+  (Wilson) and the mean margin (bootstrap)."""
+  return {"refusal_preferred": intervals.rate(margin > 0).as_dict(),
+          "mean_margin": intervals.bootstrap(margin, seed=seed).as_dict()}
+
+
 def refusal_preference(score: Callable[[Sequence[str], Sequence[str]], np.ndarray],
                        answers: dict[str, AnswerRecord], *, seed: int = 0) -> dict[str, Any]:
   """Does a reward prefer a flat refusal to the model's own answer, per prompt set?
@@ -142,9 +149,7 @@ def refusal_preference(score: Callable[[Sequence[str], Sequence[str]], np.ndarra
     prompts = [r.prompt for r in kept]
     margin = (np.asarray(score(prompts, [refusal_for(r.id) for r in kept]), np.float64)
               - np.asarray(score(prompts, [r.response for r in kept]), np.float64))
-    out[name] = {"refusal_preferred": intervals.rate(margin > 0).as_dict(),
-                 "mean_margin": intervals.bootstrap(margin, seed=seed).as_dict(),
-                 "answers_refusing": len(recs) - len(kept)}
+    out[name] = {**_preference(margin, seed), "answers_refusing": len(recs) - len(kept)}
   return out
 
 
@@ -170,8 +175,7 @@ def own_refusal_preference(score: Callable[[Sequence[str], Sequence[str]], np.nd
     prompts = [refusing[i].prompt for i in ids]
     margin = (np.asarray(score(prompts, [refusing[i].response for i in ids]), np.float64)
               - np.asarray(score(prompts, [answering[i].response for i in ids]), np.float64))
-    out[name] = {"refusal_preferred": intervals.rate(margin > 0).as_dict(),
-                 "mean_margin": intervals.bootstrap(margin, seed=seed).as_dict()}
+    out[name] = _preference(margin, seed)
   return out
 
 
@@ -187,9 +191,7 @@ def helpful_pm_refusal_preference(config, workdir, sharder, answers, names) -> d
   pm_dir = paths.pm_out(workdir, paths.HELPFUL_PM)
   if not config.pm.enabled or not saved.is_pm_dir(pm_dir):
     return {"missing": f"{pm_dir}: no helpfulness PM (stage 6 with pms='by_kind')"}
-  cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
-  scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
-                  max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
+  scorer = Scorer.from_dir(pm_dir, sharder, config.pm.batch_size)
   start = rl_start_model(answers, names)
   if not start:
     return {"missing": "no model answered"}

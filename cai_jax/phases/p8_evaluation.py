@@ -41,7 +41,6 @@ from cai_jax.evaluation.labeler_accuracy import labeler_accuracy
 from cai_jax.feedback import FeedbackModel
 from cai_jax.model.sharding import sharder_from_config
 from cai_jax.phases import cli, generation
-from cai_jax.preference import saved
 from cai_jax.preference.scorer import Scorer
 
 
@@ -89,14 +88,12 @@ def run_pm(config, workdir, sharder, answers, names, notes):
     return ({"missing": "disabled (pm.enabled=False)"}, {"missing": "disabled"}, [],
             {"missing": "disabled"}, {"missing": "disabled"}, {})
   try:
-    pm_dir = paths.preference_model_dir("", workdir)
-    cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
+    scorer = Scorer.from_dir(paths.preference_model_dir("", workdir), sharder,
+                             config.pm.batch_size)
   except FileNotFoundError as e:
     notes.append(f"preference model: {e}")
     return ({"missing": str(e)}, {"missing": str(e)}, [], {"missing": str(e)},
             {"missing": str(e)}, {})
-  scorer = Scorer(cfg, params, tok, sharder=sharder, batch_size=config.pm.batch_size,
-                  max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
   comparisons, rows, reward = judges.pm_comparisons(config, scorer, answers, names)
   human = (judges.pm_human_accuracy(scorer, config.pm.num_human_pairs, config.seed)
            if config.pm.num_human_pairs else {"missing": "disabled (pm.num_human_pairs=0)"})

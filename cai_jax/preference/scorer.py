@@ -55,6 +55,15 @@ class Scorer:
     self._score = _compiled(cfg, sharder)
     self._row_sh = None if sharder is None else sharder.sharding(("batch", None))
 
+  @classmethod
+  def from_dir(cls, pm_dir: str, sharder: Sharder, batch_size: int | None = None
+               ) -> "Scorer":
+    """The scorer of a saved PM (stage 6's output dir), at the length it trained on."""
+    from cai_jax.preference import saved
+    cfg, params, tok = saved.restore_preference_model(pm_dir, sharder)
+    return cls(cfg, params, tok, sharder=sharder, batch_size=batch_size,
+               max_len=saved.read_info(pm_dir).get("seq_len") or cfg.max_seq_len)
+
   def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
     """[N] float32 scores of token-id conversations (each ends at its scored token)."""
     rows = [list(r)[-self.max_len:] for r in rows]

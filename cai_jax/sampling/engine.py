@@ -87,7 +87,7 @@ def prefill(params, prompt_PT: jax.Array, mask_PT: jax.Array, source_R: jax.Arra
                                                 sharder=sharder)
   logits_PV = transformer.logits_from_hidden(params, hidden_PTD[:, -1], cfg)
   first_R, logp_R = _pick(logits_PV[source_R], keys_R,
-                               jnp.zeros(source_R.shape, jnp.int32), sampling)
+                          jnp.zeros(source_R.shape, jnp.int32), sampling)
   return cache, first_R, logp_R, positions_PT[:, -1] + 1
 
 
@@ -145,7 +145,7 @@ def generate_steps(params, state: DecodeState, max_steps: jax.Array, leave_early
     logits_BV = transformer.logits_from_hidden(params, hidden[:, 0], cfg)
     logits_BV = constrain(sharder, logits_BV, ("batch", "vocab"))
     tok_B, logp_B = _pick(logits_BV, jax.random.wrap_key_data(s.keys_B), s.step_B,
-                               sampling)
+                          sampling)
     tok_B = jnp.where(s.done_B, pad_id, tok_B)
     logp_B = jnp.where(s.done_B, 0.0, logp_B)
     # A finished or empty row writes nothing (its column is out of range: dropped).
